@@ -1,0 +1,228 @@
+"""The array backend: the only module in cpnet that imports cupy.
+
+`CPNET_DEVICE` chooses where arrays live:
+
+- ``auto`` (default): CuPy when it imports and sees a CUDA device, else NumPy on the host.
+- ``cpu``: NumPy on the host, even when a GPU is present.
+- ``gpu``: CuPy; a clear error when CuPy or a GPU is missing.
+
+A `Device` is a tower's home: the host or one GPU. ``with device:`` makes it current (a no-op on the host), and
+arrays cross between devices only through `transfer`, which counts the bytes it moves.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import CpnetError
+
+_MODES = ("auto", "cpu", "gpu")
+_cupy = None  # the cupy module once imported; False when it cannot be used
+_transfer_stats = {"bytes": 0, "count": 0}
+
+
+def _load_cupy():
+    """Import cupy once; return the module, or None when it is missing or sees no GPU."""
+    global _cupy
+    if _cupy is None:
+        try:
+            import cupy
+
+            _cupy = cupy if cupy.is_available() else False
+        except Exception:  # ImportError, or a CUDA driver/runtime error at import
+            _cupy = False
+    return _cupy or None
+
+
+def requested_mode() -> str:
+    """The value of CPNET_DEVICE, checked."""
+    mode = os.environ.get("CPNET_DEVICE", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise CpnetError(f"CPNET_DEVICE={mode!r}: expected one of {', '.join(_MODES)}")
+    return mode
+
+
+def use_gpu() -> bool:
+    """True when computation should run on CuPy arrays (per CPNET_DEVICE and what is installed)."""
+    mode = requested_mode()
+    if mode == "cpu":
+        return False
+    cp = _load_cupy()
+    if mode == "gpu" and cp is None:
+        raise CpnetError(
+            "CPNET_DEVICE=gpu but no CUDA GPU is usable: install the CuPy wheel for your CUDA "
+            "(pip install cupy-cuda12x or cupy-cuda13x) on a machine with an NVIDIA GPU, or set CPNET_DEVICE=cpu"
+        )
+    return cp is not None
+
+
+def cupy_module():
+    """The cupy module (for GPU-only code paths and tests); an error when it is not usable."""
+    cp = _load_cupy()
+    if cp is None:
+        raise CpnetError("CuPy with a CUDA GPU is not available on this machine")
+    return cp
+
+
+def gpu_count() -> int:
+    """Number of CUDA devices CuPy can use (0 without CuPy or a GPU). Ignores CPNET_DEVICE."""
+    cp = _load_cupy()
+    if cp is None:
+        return 0
+    try:
+        return int(cp.cuda.runtime.getDeviceCount())
+    except Exception:
+        return 0
+
+
+@dataclass(frozen=True)
+class Device:
+    """A place where a tower's arrays live: the host (``kind='host'``) or GPU ``index``.
+
+    ``with device:`` makes a GPU current for allocations and kernel launches; on the host it does nothing.
+    """
+
+    kind: str = "host"
+    index: int = 0
+
+    def __post_init__(self):
+        if self.kind not in ("host", "gpu"):
+            raise ValueError(f"Device kind must be 'host' or 'gpu', got {self.kind!r}")
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind == "gpu"
+
+    @property
+    def xp(self):
+        """The array module for this device: numpy on the host, cupy on a GPU."""
+        return cupy_module() if self.is_gpu else np
+
+    def __enter__(self):
+        if self.is_gpu:
+            ctx = cupy_module().cuda.Device(self.index)
+            ctx.__enter__()
+            _gpu_context_stack.append(ctx)
+        return self
+
+    def __exit__(self, *exc):
+        if self.is_gpu:
+            _gpu_context_stack.pop().__exit__(*exc)
+        return False
+
+    def synchronize(self):
+        """Wait for all work queued on this device (no-op on the host)."""
+        if self.is_gpu:
+            cupy_module().cuda.Device(self.index).synchronize()
+
+    def __str__(self):
+        return "host" if not self.is_gpu else f"gpu:{self.index}"
+
+
+_gpu_context_stack: list = []
+HOST = Device("host", 0)
+
+
+def parse_device(spec: str) -> Device:
+    """'host'/'cpu' -> HOST, 'gpu' or 'gpu:N' -> that GPU."""
+    s = spec.strip().lower()
+    if s in ("host", "cpu"):
+        return HOST
+    if s == "gpu":
+        return Device("gpu", 0)
+    if s.startswith("gpu:") and s[4:].isdigit():
+        return Device("gpu", int(s[4:]))
+    raise CpnetError(f"device {spec!r}: expected 'host', 'gpu' or 'gpu:N'")
+
+
+def default_placement(towers: int = 2) -> list[Device]:
+    """Tower i -> device: all on the host without a GPU, all on GPU 0 with one, tower i on GPU i with enough."""
+    if not use_gpu():
+        return [HOST] * towers
+    n = gpu_count()
+    if n >= towers:
+        return [Device("gpu", i) for i in range(towers)]
+    return [Device("gpu", 0)] * towers
+
+
+def is_gpu_array(x) -> bool:
+    if not _cupy and not type(x).__module__.startswith("cupy"):
+        return False
+    cp = _load_cupy()
+    return cp is not None and isinstance(x, cp.ndarray)
+
+
+def get_array_module(*arrays):
+    """numpy or cupy, whichever the arrays belong to (numpy for plain numbers and numpy arrays)."""
+    for a in arrays:
+        if is_gpu_array(a):
+            return _cupy
+    return np
+
+
+def device_of(x) -> Device:
+    """The Device an array lives on."""
+    if is_gpu_array(x):
+        return Device("gpu", int(x.device.id))
+    return HOST
+
+
+def to_host(x) -> np.ndarray:
+    """A NumPy copy (or the array itself when it is already on the host)."""
+    if is_gpu_array(x):
+        return _cupy.asnumpy(x)
+    return np.asarray(x)
+
+
+def to_device(x, device: Device):
+    """Put a host or device array on `device` (no copy when it is already there)."""
+    if not device.is_gpu:
+        return to_host(x)
+    cp = cupy_module()
+    with cp.cuda.Device(device.index):
+        return cp.asarray(x)
+
+
+def transfer(x, device: Device):
+    """Move an activation or gradient between towers, counting the bytes that really move.
+
+    A no-op (and no bytes counted) when `x` already lives on `device`, as when both towers share one GPU or the host.
+    """
+    if device_of(x) == device:
+        return x
+    _transfer_stats["bytes"] += int(x.nbytes)
+    _transfer_stats["count"] += 1
+    return to_device(x, device)
+
+
+def transfer_stats() -> dict:
+    """Bytes and number of arrays moved by `transfer` since the last reset."""
+    return dict(_transfer_stats)
+
+
+def reset_transfer_stats():
+    _transfer_stats["bytes"] = 0
+    _transfer_stats["count"] = 0
+
+
+def synchronize_all():
+    """Wait for every GPU (no-op on the host); benchmarks call this before reading a clock."""
+    for i in range(gpu_count()):
+        cupy_module().cuda.Device(i).synchronize()
+
+
+def raw_module(code: str, options: tuple = ()):
+    """Compile CUDA source with cupy.RawModule on the current device (kernels/ caches the result)."""
+    return cupy_module().RawModule(code=code, options=tuple(options))
+
+
+def memory_pool_bytes() -> dict:
+    """Per-GPU bytes held by CuPy's default memory pool ({} on the host)."""
+    cp = _load_cupy()
+    if cp is None:
+        return {}
+    pool = cp.get_default_memory_pool()
+    return {"used": int(pool.used_bytes()), "total": int(pool.total_bytes())}

@@ -1,0 +1,31 @@
+import numpy as np
+import pytest
+
+from cpnet import backend
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CuPy and a CUDA GPU (skipped otherwise)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def pytest_collection_modifyitems(config, items):
+    if backend.gpu_count() > 0:
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU with CuPy on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _xp_params():
+    """numpy always; cupy (marker gpu) as a second parameter, skipped without a GPU."""
+    return [pytest.param("numpy", id="numpy"), pytest.param("cupy", id="cupy", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=_xp_params())
+def xp(request):
+    """The array module under test: one test body runs on numpy and, with a GPU, on cupy."""
+    if request.param == "numpy":
+        return np
+    return backend.cupy_module()
