@@ -1,0 +1,133 @@
+"""2-D convolution (cross-correlation, as in every CNN library) by im2col + one GEMM per group.
+
+    y[n, f, oy, ox] = b[f] + sum_{c in group(f), i, j} W[f, c, i, j] * x_pad[n, g*Cg + c, oy*sy + i, ox*sx + j]
+
+Output size floor((H + 2ph - kh) / sy) + 1 (likewise for the width). `groups` splits the channels into
+independent blocks: AlexNet's conv2, conv4 and conv5 see only their own tower's maps (Krizhevsky et al. 2012,
+§3.2 and Figure 2), which is groups=2 when both towers live in one array.
+
+The im2col layout (shared with the CUDA kernel in cpnet/kernels):
+``col`` has shape (C*kh*kw, N*Ho*Wo); row c*kh*kw + i*kw + j, column n*Ho*Wo + oy*Wo + ox holds
+x[n, c, oy*sy - ph + i, ox*sx - pw + j], zero where that falls in the padding. Group g's rows are the contiguous
+block [g*Cg*kh*kw, (g+1)*Cg*kh*kw), so ``col.reshape(G, Cg*kh*kw, -1)`` is a view, and
+
+    y_g = W_g.reshape(Fg, Cg*kh*kw) @ col_g          (Fg, N*Ho*Wo), then transposed to NCHW.
+
+Backward: dW_g = dy_g @ col_g.T, dcol_g = W_g.T @ dy_g, dx = col2im(dcol), db = sum of dy over (n, y, x).
+col2im is the adjoint of im2col: it adds every column entry back onto the pixel it came from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cpnet.backend import get_array_module
+
+from . import _check
+
+OP_F = "conv2d_forward"
+OP_B = "conv2d_backward"
+
+
+def _out_hw(H, W, kh, kw, sy, sx, ph, pw):
+    return (H + 2 * ph - kh) // sy + 1, (W + 2 * pw - kw) // sx + 1
+
+
+def im2col_cpu(x, kh, kw, sy, sx, ph, pw):
+    """(N, C, H, W) -> col (C*kh*kw, N*Ho*Wo) in the layout above; one strided copy per kernel offset."""
+    N, C, H, W = x.shape
+    Ho, Wo = _out_hw(H, W, kh, kw, sy, sx, ph, pw)
+    xp_ = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
+    col = np.empty((C, kh, kw, N, Ho, Wo), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            win = xp_[:, :, i : i + sy * (Ho - 1) + 1 : sy, j : j + sx * (Wo - 1) + 1 : sx]
+            col[:, i, j] = win.transpose(1, 0, 2, 3)
+    return col.reshape(C * kh * kw, N * Ho * Wo)
+
+
+def col2im_cpu(col, x_shape, kh, kw, sy, sx, ph, pw):
+    """The adjoint of im2col_cpu: col (C*kh*kw, N*Ho*Wo) -> x (N, C, H, W), overlapping entries summed."""
+    N, C, H, W = x_shape
+    Ho, Wo = _out_hw(H, W, kh, kw, sy, sx, ph, pw)
+    c6 = col.reshape(C, kh, kw, N, Ho, Wo)
+    xp_ = np.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=col.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            win = xp_[:, :, i : i + sy * (Ho - 1) + 1 : sy, j : j + sx * (Wo - 1) + 1 : sx]
+            win += c6[:, i, j].transpose(1, 0, 2, 3)
+    return np.ascontiguousarray(xp_[:, :, ph : ph + H, pw : pw + W])
+
+
+def _im2col(x, *geom):
+    if get_array_module(x) is np:
+        return im2col_cpu(x, *geom)
+    from cpnet import kernels
+
+    return kernels.im2col_gpu(x, *geom)
+
+
+def _col2im(col, x_shape, *geom):
+    if get_array_module(col) is np:
+        return col2im_cpu(col, x_shape, *geom)
+    from cpnet import kernels
+
+    return kernels.col2im_gpu(col, x_shape, *geom)
+
+
+def conv2d_forward(x, W, b, stride=1, pad=0, groups=1):
+    """y = conv(x, W) + b on NCHW arrays; returns (y, cache). W is (F, C/groups, kh, kw), b is (F,) or None."""
+    xp = get_array_module(x)
+    _check.ndim(OP_F, "x", x, 4, "(N, C, H, W)")
+    _check.floating(OP_F, "x", x, kernel=True)
+    G = _check.positive_int(OP_F, "groups", groups)
+    N, C, H, Wd = x.shape
+    if C % G:
+        _check.fail(OP_F, f"x has C={C} channels, not divisible by groups={G}")
+    Cg = C // G
+    _check.ndim(OP_F, "W", W, 4, f"(F, C/groups={Cg}, kh, kw)")
+    F, Cw, kh, kw = W.shape
+    if Cw != Cg or F % G or kh < 1 or kw < 1:
+        _check.fail(OP_F, f"W must have shape (F, C/groups={Cg}, kh, kw) with F divisible by groups={G}, "
+                          f"got {tuple(W.shape)}")
+    _check.same_dtype(OP_F, "W", W, x)
+    if b is not None:
+        _check.same_shape(OP_F, "b", b, (F,), f"(F,)=({F},)")
+        _check.same_dtype(OP_F, "b", b, x)
+    sy, sx = _check.pair(OP_F, "stride", stride, 1)
+    ph, pw = _check.pair(OP_F, "pad", pad, 0)
+    Ho = _check.out_size(OP_F, H, kh, sy, ph, "height")
+    Wo = _check.out_size(OP_F, Wd, kw, sx, pw, "width")
+
+    geom = (kh, kw, sy, sx, ph, pw)
+    col = _im2col(x, *geom)
+    K, M = Cg * kh * kw, N * Ho * Wo
+    Wm = xp.ascontiguousarray(W).reshape(G, F // G, K)
+    y = xp.matmul(Wm, col.reshape(G, K, M)).reshape(F, M)
+    if b is not None:
+        y += b[:, None]
+    y = xp.ascontiguousarray(y.reshape(F, N, Ho, Wo).transpose(1, 0, 2, 3))
+    cache = (col, Wm, tuple(x.shape), tuple(W.shape), b is not None, geom)
+    return y, cache
+
+
+def conv2d_backward(dy, cache):
+    """(dx, dW, db) for conv2d_forward; db is None when the forward had no bias."""
+    xp = get_array_module(dy)
+    col, Wm, x_shape, W_shape, has_b, geom = cache
+    G, Fg, K = Wm.shape
+    N = x_shape[0]
+    M = col.shape[1]
+    Ho_Wo = M // N if N else 0
+    _check.ndim(OP_B, "dy", dy, 4, "(N, F, Ho, Wo)")
+    if dy.shape[:2] != (N, G * Fg) or dy.shape[2] * dy.shape[3] != Ho_Wo:
+        _check.fail(OP_B, f"dy must have the forward output's shape (N={N}, F={G * Fg}, Ho, Wo), got {tuple(dy.shape)}")
+    _check.same_dtype(OP_B, "dy", dy, col, "the forward input")
+
+    db = dy.sum(axis=(0, 2, 3)) if has_b else None
+    d = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(G, Fg, M)
+    cg = col.reshape(G, K, M)
+    dW = xp.matmul(d, cg.transpose(0, 2, 1)).reshape(W_shape)
+    dcol = xp.matmul(Wm.transpose(0, 2, 1), d).reshape(G * K, M)
+    dx = _col2im(dcol, x_shape, *geom)
+    return dx, dW, db

@@ -1,0 +1,46 @@
+"""Fully connected layer: y = x @ W.T + b, with W of shape (out, in) (AlexNet's fc6, fc7, fc8).
+
+x of shape (N, d1, d2, ...) is flattened to (N, d1*d2*...) first, and dx comes back in x's shape.
+Backward: dx = dy @ W, dW = dy.T @ x, db = sum of dy over the batch.
+"""
+
+from __future__ import annotations
+
+from cpnet.backend import get_array_module
+
+from . import _check
+
+OP_F = "linear_forward"
+OP_B = "linear_backward"
+
+
+def linear_forward(x, W, b):
+    """Returns (y (N, out), cache); b is (out,) or None."""
+    xp = get_array_module(x)
+    _check.floating(OP_F, "x", x)
+    if x.ndim < 2:
+        _check.fail(OP_F, f"x must have shape (N, in) or (N, ...), got {tuple(x.shape)}")
+    x2 = x.reshape(x.shape[0], -1)
+    d = x2.shape[1]
+    _check.ndim(OP_F, "W", W, 2, f"(out, in={d})")
+    if W.shape[1] != d:
+        _check.fail(OP_F, f"W must have shape (out, in={d}), got {tuple(W.shape)}")
+    _check.same_dtype(OP_F, "W", W, x)
+    if b is not None:
+        _check.same_shape(OP_F, "b", b, (W.shape[0],), f"(out,)=({W.shape[0]},)")
+        _check.same_dtype(OP_F, "b", b, x)
+    y = x2 @ W.T
+    if b is not None:
+        y += b
+    return y, (x2, W, tuple(x.shape), b is not None)
+
+
+def linear_backward(dy, cache):
+    """(dx, dW, db); db is None when the forward had no bias."""
+    x2, W, x_shape, has_b = cache
+    _check.same_shape(OP_B, "dy", dy, (x2.shape[0], W.shape[0]), f"(N, out)=({x2.shape[0]}, {W.shape[0]})")
+    _check.same_dtype(OP_B, "dy", dy, x2, "the forward input")
+    dx = (dy @ W).reshape(x_shape)
+    dW = dy.T @ x2
+    db = dy.sum(axis=0) if has_b else None
+    return dx, dW, db

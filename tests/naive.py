@@ -1,0 +1,70 @@
+"""Plain-Python-loop references for the fast ops: slow, obviously right, small inputs only."""
+
+import math
+
+import numpy as np
+
+
+def conv2d(x, W, b, stride, pad, groups):
+    N, C, H, Wd = x.shape
+    F, Cg, kh, kw = W.shape
+    sy, sx = stride
+    ph, pw = pad
+    Fg = F // groups
+    Ho = (H + 2 * ph - kh) // sy + 1
+    Wo = (Wd + 2 * pw - kw) // sx + 1
+    y = np.zeros((N, F, Ho, Wo))
+    for n in range(N):
+        for f in range(F):
+            g = f // Fg
+            for oy in range(Ho):
+                for ox in range(Wo):
+                    acc = 0.0 if b is None else float(b[f])
+                    for c in range(Cg):
+                        for i in range(kh):
+                            for j in range(kw):
+                                h, w = oy * sy - ph + i, ox * sx - pw + j
+                                if 0 <= h < H and 0 <= w < Wd:
+                                    acc += float(W[f, c, i, j]) * float(x[n, g * Cg + c, h, w])
+                    y[n, f, oy, ox] = acc
+    return y
+
+
+def max_pool2d(x, k, s, p):
+    """Returns (y, argmax): first maximum in row-major window order, padding ignored."""
+    N, C, H, W = x.shape
+    Ho = (H + 2 * p - k) // s + 1
+    Wo = (W + 2 * p - k) // s + 1
+    y = np.zeros((N, C, Ho, Wo))
+    arg = np.zeros((N, C, Ho, Wo), dtype=np.int64)
+    for n in range(N):
+        for c in range(C):
+            for oy in range(Ho):
+                for ox in range(Wo):
+                    best, where = None, None
+                    for i in range(k):
+                        for j in range(k):
+                            h, w = oy * s - p + i, ox * s - p + j
+                            if 0 <= h < H and 0 <= w < W:
+                                v = float(x[n, c, h, w])
+                                if best is None or v > best:
+                                    best, where = v, h * W + w
+                    y[n, c, oy, ox] = best
+                    arg[n, c, oy, ox] = where
+    return y, arg
+
+
+def lrn(x, size, k, alpha, beta, convention):
+    N, C, H, W = x.shape
+    a = alpha if convention == "sum" else alpha / size
+    y = np.zeros(x.shape)
+    for n in range(N):
+        for c in range(C):
+            for h in range(H):
+                for w in range(W):
+                    s = 0.0
+                    for cc in range(c - (size - 1) // 2, c + size // 2 + 1):
+                        if 0 <= cc < C:
+                            s += float(x[n, cc, h, w]) ** 2
+                    y[n, c, h, w] = float(x[n, c, h, w]) * math.pow(k + a * s, -beta)
+    return y

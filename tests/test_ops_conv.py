@@ -1,0 +1,151 @@
+import numpy as np
+import pytest
+
+import naive
+from cpnet.backend import to_host
+from cpnet.ops import conv2d_backward, conv2d_forward
+from cpnet.ops.conv import col2im_cpu, im2col_cpu
+from gradcheck import numerical_grad, projected, rel_error
+
+EPS = 1e-3
+
+# (N, C, H, W, F, kh, kw, stride, pad, groups)
+CASES = [
+    (2, 3, 7, 7, 4, 3, 3, 1, 0, 1),
+    (2, 4, 9, 8, 6, 3, 2, (2, 1), (1, 2), 2),
+    (1, 6, 11, 11, 4, 5, 5, 2, 2, 2),
+    (2, 2, 8, 8, 3, 3, 3, 2, 0, 1),  # stride does not divide: floor output size
+    (1, 2, 5, 5, 2, 5, 5, 3, 0, 1),  # the window is the whole input
+    (2, 6, 6, 5, 6, 1, 1, 1, 0, 3),  # 1x1, three groups
+    (1, 4, 12, 12, 4, 11, 11, 4, 2, 1),  # conv1-like: 11x11 at stride 4
+]
+
+
+def _arrays(xp, case, dtype=np.float64, seed=0, bias=True):
+    N, C, H, W, F, kh, kw, stride, pad, groups = case
+    r = np.random.default_rng(seed)
+    x = r.standard_normal((N, C, H, W))
+    Wt = r.standard_normal((F, C // groups, kh, kw))
+    b = r.standard_normal(F) if bias else None
+    cast = lambda a: None if a is None else xp.asarray(a.astype(dtype))
+    return cast(x), cast(Wt), cast(b), dict(stride=stride, pad=pad, groups=groups)
+
+
+def _pairs(kw):
+    p = lambda v: v if isinstance(v, tuple) else (v, v)
+    return p(kw["stride"]), p(kw["pad"]), kw["groups"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_matches_naive_loops(xp, case):
+    x, W, b, kw = _arrays(xp, case)
+    y, _ = conv2d_forward(x, W, b, **kw)
+    ref = naive.conv2d(to_host(x), to_host(W), to_host(b), *_pairs(kw))
+    assert y.shape == ref.shape and y.flags.c_contiguous
+    np.testing.assert_allclose(to_host(y), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_forward_float32_stays_float32(xp):
+    case = CASES[1]
+    x, W, b, kw = _arrays(xp, case, dtype=np.float32)
+    y, cache = conv2d_forward(x, W, b, **kw)
+    assert y.dtype == np.float32
+    ref = naive.conv2d(to_host(x), to_host(W), to_host(b), *_pairs(kw))
+    np.testing.assert_allclose(to_host(y), ref, rtol=1e-4, atol=1e-4)
+    dx, dW, db = conv2d_backward(xp.ones_like(y), cache)
+    assert dx.dtype == dW.dtype == db.dtype == np.float32
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients_grouped_strided_padded(xp, bias):
+    """Max relative error of dx, dW, db against central differences in float64 below 1e-6.
+
+    conv is linear in each argument, so a large step (eps 1e-3) has no truncation error and little rounding."""
+    case = (2, 4, 7, 6, 4, 3, 3, 2, 1, 2)
+    x, W, b, kw = _arrays(xp, case, seed=1, bias=bias)
+    y, cache = conv2d_forward(x, W, b, **kw)
+    dy = xp.asarray(np.random.default_rng(2).standard_normal(y.shape))
+    dx, dW, db = conv2d_backward(dy, cache)
+    f = projected(xp, lambda: conv2d_forward(x, W, b, **kw)[0], dy)
+    assert dx.shape == x.shape and dW.shape == W.shape
+    assert rel_error(dx, numerical_grad(f, x, EPS)) < 1e-6
+    assert rel_error(dW, numerical_grad(f, W, EPS)) < 1e-6
+    if bias:
+        assert rel_error(db, numerical_grad(f, b, EPS)) < 1e-6
+    else:
+        assert db is None
+
+
+def test_gradients_rectangular_stride_and_pad(xp):
+    case = (1, 2, 6, 7, 2, 2, 3, (1, 2), (2, 1), 1)
+    x, W, b, kw = _arrays(xp, case, seed=3)
+    y, cache = conv2d_forward(x, W, b, **kw)
+    dy = xp.asarray(np.random.default_rng(4).standard_normal(y.shape))
+    dx, dW, db = conv2d_backward(dy, cache)
+    f = projected(xp, lambda: conv2d_forward(x, W, b, **kw)[0], dy)
+    for a, p in ((dx, x), (dW, W), (db, b)):
+        assert rel_error(a, numerical_grad(f, p, EPS)) < 1e-6
+
+
+# The im2col layout is a contract with cpnet/kernels: row c*kh*kw + i*kw + j, column n*Ho*Wo + oy*Wo + ox.
+@pytest.mark.parametrize("geom", [(3, 3, 1, 1, 0, 0), (3, 2, 2, 1, 1, 2), (5, 5, 3, 2, 2, 1), (1, 1, 2, 2, 0, 0)])
+def test_im2col_layout(geom):
+    kh, kw, sy, sx, ph, pw = geom
+    x = np.random.default_rng(5).standard_normal((2, 3, 8, 7))
+    N, C, H, W = x.shape
+    Ho, Wo = (H + 2 * ph - kh) // sy + 1, (W + 2 * pw - kw) // sx + 1
+    col = im2col_cpu(x, *geom)
+    assert col.shape == (C * kh * kw, N * Ho * Wo) and col.flags.c_contiguous
+    for c in range(C):
+        for i in range(kh):
+            for j in range(kw):
+                for n in range(N):
+                    for oy in range(Ho):
+                        for ox in range(Wo):
+                            h, w = oy * sy - ph + i, ox * sx - pw + j
+                            want = x[n, c, h, w] if 0 <= h < H and 0 <= w < W else 0.0
+                            assert col[c * kh * kw + i * kw + j, n * Ho * Wo + oy * Wo + ox] == want
+
+
+@pytest.mark.parametrize("geom", [(3, 3, 1, 1, 0, 0), (3, 2, 2, 1, 1, 2), (5, 5, 3, 2, 2, 1), (11, 11, 4, 4, 2, 2)])
+def test_col2im_is_the_adjoint_of_im2col(geom):
+    r = np.random.default_rng(6)
+    x = r.standard_normal((2, 3, 13, 12))
+    col = im2col_cpu(x, *geom)
+    c = r.standard_normal(col.shape)
+    back = col2im_cpu(c, x.shape, *geom)
+    assert back.shape == x.shape
+    assert np.isclose(np.vdot(back, x), np.vdot(c, col), rtol=1e-12)
+
+
+def test_col2im_counts_overlaps():
+    x = np.ones((1, 1, 5, 5))
+    col = im2col_cpu(x, 3, 3, 1, 1, 0, 0)
+    back = col2im_cpu(np.ones_like(col), x.shape, 3, 3, 1, 1, 0, 0)
+    per_axis = np.array([1, 2, 3, 2, 1])
+    np.testing.assert_array_equal(back[0, 0], np.outer(per_axis, per_axis))
+
+
+def test_errors_name_the_op_and_shape(xp):
+    x = xp.zeros((2, 3, 8, 8))
+    W = xp.zeros((96, 4, 11, 11))
+    msg = r"conv2d_forward: W must have shape \(F, C/groups=3, kh, kw\).*got \(96, 4, 11, 11\)"
+    with pytest.raises(ValueError, match=msg):
+        conv2d_forward(x, W, None)
+    with pytest.raises(ValueError, match=r"conv2d_forward: x must have shape \(N, C, H, W\), got \(3, 8, 8\)"):
+        conv2d_forward(x[0], xp.zeros((4, 3, 3, 3)), None)
+    with pytest.raises(ValueError, match="conv2d_forward: x has C=3 channels, not divisible by groups=2"):
+        conv2d_forward(x, xp.zeros((4, 1, 3, 3)), None, groups=2)
+    with pytest.raises(ValueError, match="conv2d_forward: window 11 is larger than the padded input height"):
+        conv2d_forward(x, xp.zeros((4, 3, 11, 3)), None, pad=1)
+    with pytest.raises(ValueError, match="conv2d_forward: x must be float32 or float64, got int64"):
+        conv2d_forward(xp.zeros((2, 3, 8, 8), dtype=np.int64), xp.zeros((4, 3, 3, 3)), None)
+    with pytest.raises(ValueError, match=r"conv2d_forward: b must have shape \(F,\)=\(4,\), got \(5,\)"):
+        conv2d_forward(x, xp.zeros((4, 3, 3, 3)), xp.zeros(5))
+    with pytest.raises(ValueError, match="conv2d_forward: W must have x's dtype float64, got float32"):
+        conv2d_forward(x, xp.zeros((4, 3, 3, 3), dtype=np.float32), None)
+    with pytest.raises(ValueError, match="conv2d_forward: stride must be >= 1"):
+        conv2d_forward(x, xp.zeros((4, 3, 3, 3)), None, stride=0)
+    y, cache = conv2d_forward(x, xp.zeros((4, 3, 3, 3)), None)
+    with pytest.raises(ValueError, match="conv2d_backward: dy must have the forward output's shape"):
+        conv2d_backward(y[:, :2], cache)
