@@ -36,7 +36,7 @@ def same_dtype(op: str, name: str, a, ref, ref_name: str = "x"):
 def same_shape(op: str, name: str, a, shape, expected: str | None = None):
     if tuple(getattr(a, "shape", ())) != tuple(shape):
         got = tuple(a.shape) if hasattr(a, "shape") else type(a).__name__
-        fail(op, f"{name} must have shape {expected or tuple(shape)}, got {got}")
+        fail(op, f"{name} must have {expected or f'shape {tuple(shape)}'}, got {got}")
 
 
 def pair(op: str, name: str, v, minimum: int) -> tuple[int, int]:

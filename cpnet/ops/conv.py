@@ -92,7 +92,7 @@ def conv2d_forward(x, W, b, stride=1, pad=0, groups=1):
                           f"got {tuple(W.shape)}")
     _check.same_dtype(OP_F, "W", W, x)
     if b is not None:
-        _check.same_shape(OP_F, "b", b, (F,), f"(F,)=({F},)")
+        _check.same_shape(OP_F, "b", b, (F,), f"shape (F,)=({F},)")
         _check.same_dtype(OP_F, "b", b, x)
     sy, sx = _check.pair(OP_F, "stride", stride, 1)
     ph, pw = _check.pair(OP_F, "pad", pad, 0)

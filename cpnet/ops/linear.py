@@ -27,7 +27,7 @@ def linear_forward(x, W, b):
         _check.fail(OP_F, f"W must have shape (out, in={d}), got {tuple(W.shape)}")
     _check.same_dtype(OP_F, "W", W, x)
     if b is not None:
-        _check.same_shape(OP_F, "b", b, (W.shape[0],), f"(out,)=({W.shape[0]},)")
+        _check.same_shape(OP_F, "b", b, (W.shape[0],), f"shape (out,)=({W.shape[0]},)")
         _check.same_dtype(OP_F, "b", b, x)
     y = x2 @ W.T
     if b is not None:
@@ -38,7 +38,7 @@ def linear_forward(x, W, b):
 def linear_backward(dy, cache):
     """(dx, dW, db); db is None when the forward had no bias."""
     x2, W, x_shape, has_b = cache
-    _check.same_shape(OP_B, "dy", dy, (x2.shape[0], W.shape[0]), f"(N, out)=({x2.shape[0]}, {W.shape[0]})")
+    _check.same_shape(OP_B, "dy", dy, (x2.shape[0], W.shape[0]), f"shape (N, out)=({x2.shape[0]}, {W.shape[0]})")
     _check.same_dtype(OP_B, "dy", dy, x2, "the forward input")
     dx = (dy @ W).reshape(x_shape)
     dW = dy.T @ x2
