@@ -1,0 +1,168 @@
+"""Parameter holders that call the ops: each layer keeps its parameters, its cache and its gradients.
+
+A layer's arrays live on one device (its tower's); `forward(x, train)` keeps the op's cache, `backward(dy)`
+stores gradients for the parameters in `self.grads` (same keys as `self.params`) and returns dx.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import ops
+from .backend import get_array_module
+
+
+class Layer:
+    """No parameters, no state: subclasses override forward/backward."""
+
+    params: dict
+    grads: dict
+
+    def __init__(self):
+        self.params = {}
+        self.grads = {}
+        self._cache = None
+
+    def forward(self, x, train=False):
+        raise NotImplementedError
+
+    def backward(self, dy):
+        raise NotImplementedError
+
+    def clear(self):
+        """Drop the cache (frees activations held for backward)."""
+        self._cache = None
+
+
+class Conv2D(Layer):
+    def __init__(self, W, b, stride=1, pad=0, groups=1):
+        super().__init__()
+        self.params = {"W": W, "b": b}
+        self.stride, self.pad, self.groups = stride, pad, groups
+
+    def forward(self, x, train=False):
+        y, self._cache = ops.conv2d_forward(x, self.params["W"], self.params["b"], self.stride, self.pad, self.groups)
+        return y
+
+    def backward(self, dy):
+        dx, self.grads["W"], self.grads["b"] = ops.conv2d_backward(dy, self._cache)
+        self._cache = None
+        return dx
+
+
+class Linear(Layer):
+    def __init__(self, W, b):
+        super().__init__()
+        self.params = {"W": W, "b": b}
+
+    def forward(self, x, train=False):
+        y, self._cache = ops.linear_forward(x, self.params["W"], self.params["b"])
+        return y
+
+    def backward(self, dy):
+        dx, self.grads["W"], self.grads["b"] = ops.linear_backward(dy, self._cache)
+        self._cache = None
+        return dx
+
+
+class _Stateless(Layer):
+    """A layer wrapping a (forward, backward) op pair with fixed keyword arguments."""
+
+    _fwd = None
+    _bwd = None
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, x, train=False):
+        y, self._cache = type(self)._fwd(x, **self.kw)
+        return y
+
+    def backward(self, dy):
+        dx = type(self)._bwd(dy, self._cache)
+        self._cache = None
+        return dx
+
+
+class ReLU(_Stateless):
+    _fwd = staticmethod(ops.relu_forward)
+    _bwd = staticmethod(ops.relu_backward)
+
+
+class Tanh(_Stateless):
+    _fwd = staticmethod(ops.tanh_forward)
+    _bwd = staticmethod(ops.tanh_backward)
+
+
+class LRN(_Stateless):
+    _fwd = staticmethod(ops.lrn_forward)
+    _bwd = staticmethod(ops.lrn_backward)
+
+
+class MaxPool(_Stateless):
+    _fwd = staticmethod(ops.max_pool2d_forward)
+    _bwd = staticmethod(ops.max_pool2d_backward)
+
+
+class Flatten(Layer):
+    def forward(self, x, train=False):
+        self._cache = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy):
+        shape, self._cache = self._cache, None
+        return dy.reshape(shape)
+
+
+class Dropout(Layer):
+    """Inverted dropout whose mask is a pure function of (seed, step): a resumed run draws the same masks.
+
+    `step` is set by the model before each training forward pass (the training iteration number).
+    """
+
+    def __init__(self, p, seed):
+        super().__init__()
+        self.p, self.seed, self.step = p, int(seed), 0
+
+    def forward(self, x, train=False):
+        if not train or self.p == 0:
+            self._cache = None
+            return x
+        xp = get_array_module(x)
+        key = np.random.SeedSequence([self.seed, int(self.step)]).generate_state(1, np.uint64)[0]
+        rng = xp.random.default_rng(int(key))
+        y, self._cache = ops.dropout_forward(x, self.p, rng, True)
+        return y
+
+    def backward(self, dy):
+        if self._cache is None:
+            return dy
+        dx = ops.dropout_backward(dy, self._cache)
+        self._cache = None
+        return dx
+
+
+class Sequential(Layer):
+    """Layers applied in order; `layers` is a list of (name, layer)."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = list(layers)
+
+    def forward(self, x, train=False):
+        for _, layer in self.layers:
+            x = layer.forward(x, train)
+        return x
+
+    def backward(self, dy):
+        for _, layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+    def clear(self):
+        for _, layer in self.layers:
+            layer.clear()
+
+    def named(self):
+        return list(self.layers)

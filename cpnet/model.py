@@ -1,0 +1,400 @@
+"""AlexNet with the paper's two towers (Krizhevsky, Sutskever & Hinton 2012, §3.2 and Figure 2).
+
+Each tower holds half of every layer's kernels. Tower t's parameters and activations live on its own device
+(`placement[t]`); activations cross towers only at the paper's exchanges:
+
+    conv1 -> conv2                         own tower only
+    conv3                                  reads BOTH towers' pool2 maps
+    conv4 -> conv5                         own tower only
+    fc6, fc7                               read BOTH towers' previous outputs
+    fc8                                    reads both towers' fc7 (lives on tower 0)
+
+Backward sends the gradients back along the same edges. Every crossing goes through `backend.transfer`, which is
+a no-op when both towers share a device (one GPU, or the host).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import ops
+from .backend import HOST, Device, default_placement, device_of, to_device, to_host, transfer
+from .errors import CpnetError
+from .layers import LRN, Conv2D, Dropout, Flatten, Linear, MaxPool, ReLU, Sequential, Tanh
+
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+
+# Per-tower convolution geometry (out channels per tower, kernel, stride, pad) and per-tower FC widths.
+PRESETS = {
+    # The paper's net: 227x227 crops (or 224 with conv1 padding 2), fc6 fan-in 6*6*256 = 9216.
+    "alexnet": dict(
+        conv=[(48, 11, 4, 0), (128, 5, 1, 2), (192, 3, 1, 1), (192, 3, 1, 1), (128, 3, 1, 1)],
+        fc=(2048, 2048), crop=227, min_crop=None,
+    ),
+    # The same 8-layer two-tower topology scaled for 32x32 inputs (CIFAR-sized images stored at 36).
+    "alexnet-small": dict(
+        conv=[(32, 5, 1, 2), (64, 5, 1, 2), (96, 3, 1, 1), (96, 3, 1, 1), (64, 3, 1, 1)],
+        fc=(256, 256), crop=32, min_crop=None,
+    ),
+    # Small enough for whole-network float64 gradient checks.
+    "alexnet-tiny": dict(
+        conv=[(3, 3, 1, 1), (4, 3, 1, 1), (4, 3, 1, 1), (4, 3, 1, 1), (3, 3, 1, 1)],
+        fc=(6, 6), crop=15, min_crop=None,
+    ),
+}
+
+# LRN and where it sits, per convention; each convention also names its default initialisation.
+CONVENTIONS = {
+    # The paper's text (§3.3): k=2, n=5, alpha=1e-4 times the plain sum, beta=0.75; ReLU -> LRN -> pool.
+    "paper": dict(lrn=dict(size=5, k=2.0, alpha=1e-4, beta=0.75, alpha_convention="sum"),
+                  lrn_position="before_pool", init="paper"),
+    # cuda-convnet(2)'s cmrnorm layer: alpha divided by the window size, k=2; LRN before pooling.
+    "ccn2": dict(lrn=dict(size=5, k=2.0, alpha=1e-4, beta=0.75, alpha_convention="mean"),
+                 lrn_position="before_pool", init="paper"),
+    # Caffe's CaffeNet reference model: alpha/size, k=1, pooling BEFORE LRN, biases 0.1.
+    "caffe": dict(lrn=dict(size=5, k=1.0, alpha=1e-4, beta=0.75, alpha_convention="mean"),
+                  lrn_position="after_pool", init="caffe"),
+}
+
+INITS = ("paper", "caffe", "he")
+ACTIVATIONS = ("relu", "tanh")
+
+
+@dataclass
+class NetConfig:
+    """Everything that defines the network; stored as JSON in checkpoints."""
+
+    preset: str
+    num_classes: int
+    crop: int
+    conv: list
+    fc: list
+    conventions: str = "paper"
+    init: str = "paper"
+    lrn: dict | None = None
+    lrn_position: str = "before_pool"
+    pool: list = field(default_factory=lambda: [3, 2])
+    activation: str = "relu"
+    dropout: float = 0.5
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "NetConfig":
+        d = json.loads(text)
+        d["conv"] = [list(c) for c in d["conv"]]
+        return cls(**d)
+
+
+def make_config(preset="alexnet", num_classes=1000, crop=None, conventions="paper", init=None, activation="relu",
+                lrn=True, pool=(3, 2), dropout=0.5, seed=0) -> NetConfig:
+    """A checked NetConfig for a preset, with the conventions' LRN and initialisation unless overridden."""
+    if preset not in PRESETS:
+        raise CpnetError(f"--model {preset!r}: expected one of {', '.join(PRESETS)}")
+    if conventions not in CONVENTIONS:
+        raise CpnetError(f"--conventions {conventions!r}: expected one of {', '.join(CONVENTIONS)}")
+    init = init or CONVENTIONS[conventions]["init"]
+    if init not in INITS:
+        raise CpnetError(f"--init {init!r}: expected one of {', '.join(INITS)}")
+    if activation not in ACTIVATIONS:
+        raise CpnetError(f"activation {activation!r}: expected one of {', '.join(ACTIVATIONS)}")
+    if num_classes < 2:
+        raise CpnetError(f"the dataset has {num_classes} class(es); a classifier needs at least 2")
+    p = PRESETS[preset]
+    crop = int(crop or p["crop"])
+    conv = [list(c) for c in p["conv"]]
+    if preset == "alexnet" and crop == 224:
+        conv[0][3] = 2  # 224 crops with conv1 padding 2 give the same 55x55 maps as 227 crops without
+    cfg = NetConfig(preset=preset, num_classes=int(num_classes), crop=crop, conv=conv, fc=list(p["fc"]),
+                    conventions=conventions, init=init,
+                    lrn=dict(CONVENTIONS[conventions]["lrn"]) if lrn else None,
+                    lrn_position=CONVENTIONS[conventions]["lrn_position"], pool=list(pool),
+                    activation=activation, dropout=float(dropout), seed=int(seed))
+    check_crop(cfg)
+    return cfg
+
+
+def _out(n, k, s, p):
+    return (n + 2 * p - k) // s + 1
+
+
+def feature_shapes(cfg: NetConfig, crop=None) -> dict:
+    """Per-layer output shapes (whole network, both towers) for one image: {name: (C, H, W) or (D,)}."""
+    n = int(crop or cfg.crop)
+    pk, ps = cfg.pool
+    shapes = {"input": (3, n, n)}
+    for i, (f, k, s, p) in enumerate(cfg.conv):
+        n = _out(n, k, s, p)
+        shapes[f"conv{i + 1}"] = (2 * f, n, n)
+        if i in (0, 1, 4):
+            n = _out(n, pk, ps, 0)
+            shapes[f"pool{i + 1}"] = (2 * f, n, n)
+    shapes["fc6"] = (2 * cfg.fc[0],)
+    shapes["fc7"] = (2 * cfg.fc[1],)
+    shapes["fc8"] = (cfg.num_classes,)
+    return shapes
+
+
+def min_crop(cfg: NetConfig) -> int:
+    """The smallest crop for which every layer still has at least a 1x1 output."""
+    for c in range(1, 1024):
+        if all(min(s[1:] or (1,)) >= 1 for s in feature_shapes(cfg, c).values()):
+            return c
+    raise CpnetError(f"preset {cfg.preset}: no crop up to 1023 fits")
+
+
+def fc6_fan_in(cfg: NetConfig, crop=None) -> int:
+    c, h, w = feature_shapes(cfg, crop)["pool5"]
+    return c * h * w
+
+
+def check_crop(cfg: NetConfig, stored_size=None):
+    lo = min_crop(cfg)
+    if cfg.crop < lo:
+        raise CpnetError(f"--crop {cfg.crop}: model {cfg.preset} needs crops of at least {lo}")
+    if stored_size is not None and cfg.crop > stored_size:
+        raise CpnetError(f"--crop {cfg.crop}: larger than the stored image size {stored_size}")
+    if cfg.preset == "alexnet" and cfg.crop in (224, 227) and fc6_fan_in(cfg) != 9216:
+        raise AssertionError(f"alexnet fc6 fan-in is {fc6_fan_in(cfg)}, expected 9216")
+
+
+def _init_params(cfg: NetConfig, dtype) -> list[dict]:
+    """Host arrays for every layer of every tower, drawn from one generator in a fixed order.
+
+    paper: W ~ N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7 (to give ReLUs positive inputs), 0 elsewhere.
+    caffe: as bvlc_alexnet: W ~ N(0, 0.01), fc6/fc7 N(0, 0.005); biases 0.1 where the paper has 1.
+    he:    W ~ N(0, sqrt(2 / fan_in)); biases 0.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x1A1E]))
+    ones = {"conv2", "conv4", "conv5", "fc6", "fc7"}
+    chans_in = [3] + [c[0] for c in cfg.conv[:-1]]
+    towers = [{}, {}]
+
+    def draw(name, shape, fan_in):
+        if cfg.init == "he":
+            std, bias = np.sqrt(2.0 / fan_in), 0.0
+        elif cfg.init == "caffe":
+            std = 0.005 if name in ("fc6", "fc7") else 0.01
+            bias = 0.1 if name in ones else 0.0
+        else:
+            std, bias = 0.01, (1.0 if name in ones else 0.0)
+        W = (rng.standard_normal(shape) * std).astype(dtype)
+        b = np.full(shape[0], bias, dtype=dtype)
+        return {"W": W, "b": b}
+
+    for t in range(2):
+        for i, (f, k, _, _) in enumerate(cfg.conv):
+            cin = chans_in[i] * (2 if i == 2 else 1)  # conv3 reads both towers
+            towers[t][f"conv{i + 1}"] = draw(f"conv{i + 1}", (f, cin, k, k), cin * k * k)
+        fin = fc6_fan_in(cfg)
+        towers[t]["fc6"] = draw("fc6", (cfg.fc[0], fin), fin)
+        towers[t]["fc7"] = draw("fc7", (cfg.fc[1], 2 * cfg.fc[0]), 2 * cfg.fc[0])
+    towers[0]["fc8"] = draw("fc8", (cfg.num_classes, 2 * cfg.fc[1]), 2 * cfg.fc[1])
+    return towers
+
+
+class AlexNet:
+    """The two-tower network. `forward` takes a batch (host or device array), returns logits on tower 0's device."""
+
+    def __init__(self, cfg: NetConfig, placement: list[Device] | None = None, dtype=np.float32, params=None,
+                 check_devices: bool | None = None):
+        self.cfg = cfg
+        self.dtype = np.dtype(dtype)
+        self.devices = list(placement or default_placement(2))
+        if len(self.devices) != 2:
+            raise ValueError("AlexNet needs a placement of 2 devices (one per tower)")
+        self.check_devices = bool(int(os.environ.get("CPNET_DEBUG_DEVICES", "0"))) if check_devices is None \
+            else check_devices
+        host = _init_params(cfg, self.dtype) if params is None else _split_params(params, self.dtype)
+        act = ReLU if cfg.activation == "relu" else Tanh
+        pk, ps = cfg.pool
+        self.stem, self.mid, self.fc6, self.fc7 = [], [], [], []
+        for t, dev in enumerate(self.devices):
+            with dev:
+                P = {name: {k: to_device(v, dev) for k, v in d.items()} for name, d in host[t].items()}
+            conv = [Conv2D(P[f"conv{i + 1}"]["W"], P[f"conv{i + 1}"]["b"], stride=c[2], pad=c[3])
+                    for i, c in enumerate(cfg.conv)]
+
+            def norm_pool(tag):
+                pool = (f"pool{tag}", MaxPool(ksize=pk, stride=ps))
+                if cfg.lrn is None:
+                    return [pool]
+                lrn = (f"lrn{tag}", LRN(**cfg.lrn))
+                return [lrn, pool] if cfg.lrn_position == "before_pool" else [pool, lrn]
+
+            self.stem.append(Sequential(
+                [("conv1", conv[0]), ("act1", act())] + norm_pool(1)
+                + [("conv2", conv[1]), ("act2", act())] + norm_pool(2)))
+            self.mid.append(Sequential([
+                ("conv3", conv[2]), ("act3", act()), ("conv4", conv[3]), ("act4", act()),
+                ("conv5", conv[4]), ("act5", act()), ("pool5", MaxPool(ksize=pk, stride=ps)), ("flat", Flatten())]))
+            self.fc6.append(Sequential([("fc6", Linear(P["fc6"]["W"], P["fc6"]["b"])), ("act6", act()),
+                                        ("drop6", Dropout(cfg.dropout, seed=cfg.seed * 4 + 2 * t))]))
+            self.fc7.append(Sequential([("fc7", Linear(P["fc7"]["W"], P["fc7"]["b"])), ("act7", act()),
+                                        ("drop7", Dropout(cfg.dropout, seed=cfg.seed * 4 + 2 * t + 1))]))
+            if t == 0:
+                self.fc8 = Linear(P["fc8"]["W"], P["fc8"]["b"])
+        self._widths = {}
+
+    # ---- parameters -------------------------------------------------------------------------------------------
+    def param_slots(self):
+        """[(name, layer, key, tower)] for every parameter, in a fixed order ('t0.conv1.W', ..., 'fc8.b')."""
+        slots = []
+        for t in range(2):
+            for seq in (self.stem[t], self.mid[t], self.fc6[t], self.fc7[t]):
+                for lname, layer in seq.named():
+                    for key in layer.params:
+                        slots.append((f"t{t}.{lname}.{key}", layer, key, t))
+        for key in self.fc8.params:
+            slots.append((f"fc8.{key}", self.fc8, key, 0))
+        return slots
+
+    def params(self) -> dict:
+        return {name: layer.params[key] for name, layer, key, _ in self.param_slots()}
+
+    def grads(self) -> dict:
+        return {name: layer.grads.get(key) for name, layer, key, _ in self.param_slots()}
+
+    def host_params(self) -> dict:
+        return {name: to_host(v) for name, v in self.params().items()}
+
+    def num_params(self) -> int:
+        return int(sum(v.size for v in self.params().values()))
+
+    def set_params(self, host_params: dict):
+        missing = [n for n, *_ in self.param_slots() if n not in host_params]
+        if missing:
+            raise CpnetError(f"parameters missing: {', '.join(missing[:5])}")
+        for name, layer, key, t in self.param_slots():
+            v = np.asarray(host_params[name])
+            if v.shape != layer.params[key].shape:
+                raise CpnetError(f"parameter {name}: shape {v.shape}, the model expects {layer.params[key].shape}")
+            with self.devices[t]:
+                layer.params[key][...] = to_device(v.astype(self.dtype, copy=False), self.devices[t])
+
+    def conv1_weights(self):
+        """conv1 kernels as a host array (2*F, 3, k, k): tower 0's first, then tower 1's (the paper's Figure 3)."""
+        return np.concatenate([to_host(self.stem[t].layers[0][1].params["W"]) for t in range(2)], axis=0)
+
+    # ---- exchanges --------------------------------------------------------------------------------------------
+    def _check(self, a, t):
+        if self.check_devices and device_of(a) != self.devices[t]:
+            raise AssertionError(f"tower {t}: array on {device_of(a)}, expected {self.devices[t]}")
+        return a
+
+    def _gather(self, parts, t):
+        """Concatenate both towers' activations (channels / features) on tower t's device."""
+        dev = self.devices[t]
+        with dev:
+            return self._check(dev.xp.concatenate([transfer(p, dev) for p in parts], axis=1), t)
+
+    def _scatter(self, d, widths, into):
+        """Split a gradient w.r.t. a gathered input and add each piece into its source tower's accumulator."""
+        start = 0
+        for s, w in enumerate(widths):
+            dev = self.devices[s]
+            piece = d[:, start:start + w]
+            start += w
+            with dev:
+                piece = transfer(piece, dev)
+                into[s] = piece.copy() if into[s] is None else into[s] + piece
+        return into
+
+    # ---- forward / backward -----------------------------------------------------------------------------------
+    def set_step(self, step: int):
+        """The training iteration: dropout masks are a function of (seed, step)."""
+        for t in range(2):
+            for seq in (self.fc6[t], self.fc7[t]):
+                seq.layers[-1][1].step = step
+
+    def forward(self, x, train=False, upto=None):
+        """Logits (N, classes) on tower 0's device; `upto='fc7'` returns both towers' fc7 outputs (features)."""
+        if x.ndim != 4 or x.shape[1:] != (3, self.cfg.crop, self.cfg.crop):
+            raise CpnetError(f"input batch has shape {tuple(x.shape)}, the model expects (N, 3, {self.cfg.crop}, "
+                             f"{self.cfg.crop})")
+        h = []
+        for t, dev in enumerate(self.devices):
+            with dev:
+                xt = transfer(x, dev)
+                if xt.dtype != self.dtype:
+                    xt = xt.astype(self.dtype)
+                h.append(self._check(self.stem[t].forward(xt, train), t))
+        self._widths["p2"] = [a.shape[1] for a in h]
+        h = [self._check(self.mid[t].forward(self._gather(h, t), train), t) for t in range(2)]
+        for name, seqs in (("p5", self.fc6), ("f6", self.fc7)):
+            self._widths[name] = [a.shape[1] for a in h]
+            h = [self._check(seqs[t].forward(self._gather(h, t), train), t) for t in range(2)]
+        self._widths["f7"] = [a.shape[1] for a in h]
+        if upto == "fc7":
+            return self._gather(h, 0)
+        with self.devices[0]:
+            return self.fc8.forward(self._gather(h, 0), train)
+
+    def backward(self, dlogits):
+        """Gradients for every parameter (in each layer's .grads) from d loss / d logits."""
+        with self.devices[0]:
+            d = self.fc8.backward(dlogits)
+        d = self._scatter(d, self._widths["f7"], [None, None])
+        for name, seqs in (("f6", self.fc7), ("p5", self.fc6)):
+            acc = [None, None]
+            for t in range(2):
+                with self.devices[t]:
+                    dt = seqs[t].backward(d[t])
+                self._scatter(dt, self._widths[name], acc)
+            d = acc
+        acc = [None, None]
+        for t in range(2):
+            with self.devices[t]:
+                dt = self.mid[t].backward(d[t])
+            self._scatter(dt, self._widths["p2"], acc)
+        for t in range(2):
+            with self.devices[t]:
+                self.stem[t].backward(acc[t])
+
+    def loss(self, x, labels, train=True):
+        """Forward pass and mean softmax cross-entropy; returns (loss, logits) and keeps what backward needs."""
+        logits = self.forward(x, train)
+        with self.devices[0]:
+            labels = to_device(labels, self.devices[0])
+            loss, self._loss_cache = ops.softmax_cross_entropy_forward(logits, labels)
+        return loss, logits
+
+    def loss_backward(self):
+        with self.devices[0]:
+            dlogits = ops.softmax_cross_entropy_backward(self._loss_cache)
+        self._loss_cache = None
+        self.backward(dlogits)
+
+    def clear(self):
+        for t in range(2):
+            for seq in (self.stem[t], self.mid[t], self.fc6[t], self.fc7[t]):
+                seq.clear()
+        self.fc8.clear()
+
+
+def _split_params(flat: dict, dtype) -> list[dict]:
+    """{'t0.conv1.W': ...} -> [{'conv1': {'W': ...}}, {...}] as host arrays of `dtype`."""
+    towers = [{}, {}]
+    for name, v in flat.items():
+        if name.startswith("fc8."):
+            t, layer, key = 0, "fc8", name.split(".")[1]
+        else:
+            tt, layer, key = name.split(".")
+            t = int(tt[1:])
+        towers[t].setdefault(layer, {})[key] = np.asarray(v).astype(dtype)
+    # layer names inside Sequential are conv1.., fc6.. ; both match the parameter names
+    return towers
+
+
+def build_model(cfg: NetConfig, placement=None, dtype=np.float32, params=None, check_devices=None) -> AlexNet:
+    return AlexNet(cfg, placement=placement, dtype=dtype, params=params, check_devices=check_devices)
+
+
+__all__ = ["AlexNet", "NetConfig", "PRESETS", "CONVENTIONS", "INITS", "make_config", "build_model", "feature_shapes",
+           "min_crop", "fc6_fan_in", "HOST"]

@@ -1,0 +1,260 @@
+"""The two-tower AlexNet: shapes, presets, the exchanges against a grouped single-stream reference, whole-network
+gradient check, and overfitting a small batch."""
+
+import math
+
+import numpy as np
+import pytest
+
+from cpnet import backend, ops
+from cpnet.errors import CpnetError
+from cpnet.model import build_model, fc6_fan_in, feature_shapes, make_config, min_crop
+from cpnet.optim import MomentumSGD
+
+from gradcheck import rel_error
+
+
+def tiny(classes=5, **kw):
+    kw.setdefault("conventions", "paper")
+    return make_config("alexnet-tiny", classes, **kw)
+
+
+def test_alexnet_fc6_fan_in_is_9216_for_227_and_224():
+    assert fc6_fan_in(make_config("alexnet", 1000, 227)) == 9216
+    cfg224 = make_config("alexnet", 1000, 224)
+    assert cfg224.conv[0][3] == 2 and fc6_fan_in(cfg224) == 9216
+    s = feature_shapes(make_config("alexnet", 1000, 227))
+    assert s["conv1"] == (96, 55, 55) and s["pool1"] == (96, 27, 27) and s["pool2"] == (256, 13, 13)
+    assert s["pool5"] == (256, 6, 6) and s["fc6"] == (4096,) and s["fc8"] == (1000,)
+
+
+def test_alexnet_parameter_count_matches_paper_scale():
+    m = build_model(make_config("alexnet", 1000, 227), placement=[backend.HOST, backend.HOST])
+    # the paper: "60 million parameters"
+    assert 60e6 < m.num_params() < 61.5e6
+
+
+def test_small_preset_shapes_and_crop_limits():
+    cfg = make_config("alexnet-small", 10, 32)
+    s = feature_shapes(cfg)
+    assert s["pool1"] == (64, 15, 15) and s["pool2"] == (128, 7, 7) and s["pool5"] == (128, 3, 3)
+    assert fc6_fan_in(cfg) == 1152
+    lo = min_crop(cfg)
+    with pytest.raises(CpnetError, match="at least"):
+        make_config("alexnet-small", 10, lo - 1)
+    make_config("alexnet-small", 10, 40)  # larger crops work: the fc fan-in follows
+
+
+def test_bad_names_are_clear_errors():
+    with pytest.raises(CpnetError, match="--model"):
+        make_config("vgg", 10)
+    with pytest.raises(CpnetError, match="--conventions"):
+        make_config("alexnet-tiny", 10, conventions="torch")
+    with pytest.raises(CpnetError, match="--init"):
+        make_config("alexnet-tiny", 10, init="xavier")
+
+
+def test_init_presets():
+    cfg = make_config("alexnet-tiny", 4, init="paper")
+    p = build_model(cfg).host_params()
+    assert np.all(p["t0.conv2.b"] == 1) and np.all(p["t1.fc7.b"] == 1) and np.all(p["t0.conv1.b"] == 0)
+    assert np.all(p["t0.conv3.b"] == 0) and np.all(p["fc8.b"] == 0)
+    assert abs(p["t0.fc6.W"].std() - 0.01) < 0.01
+    p = build_model(make_config("alexnet-tiny", 4, init="caffe")).host_params()
+    assert np.all(p["t0.conv4.b"] == np.float32(0.1))
+    w = build_model(make_config("alexnet-small", 4, init="he")).host_params()["t0.conv2.W"]
+    std = math.sqrt(2 / (w.shape[1] * w.shape[2] * w.shape[3]))
+    assert abs(w.std() - std) < 0.05 * std
+
+
+# ---- the exchanges: two towers == one stream with grouped convolutions -------------------------------------------
+
+def _cat(p, name):
+    return np.concatenate([p[f"t0.{name}"], p[f"t1.{name}"]], axis=0)
+
+
+def _lrn_grouped(x, cfg):
+    """LRN normalises within a tower: split the channels, normalise each half, concatenate."""
+    h = x.shape[1] // 2
+    outs, caches = zip(*(ops.lrn_forward(x[:, g * h:(g + 1) * h], **cfg.lrn) for g in range(2)))
+    return np.concatenate(outs, axis=1), caches
+
+
+def _lrn_grouped_back(dy, caches):
+    h = dy.shape[1] // 2
+    return np.concatenate([ops.lrn_backward(dy[:, g * h:(g + 1) * h], caches[g]) for g in range(2)], axis=1)
+
+
+def reference_forward_backward(p, cfg, x, labels):
+    """A single stream: conv2, conv4, conv5 as groups=2 convolutions; conv1 (both towers see the image), conv3 and
+    the FC layers full."""
+    pk, ps = cfg.pool
+    tape = []
+
+    def push(kind, cache):
+        tape.append((kind, cache))
+
+    h = x
+    for i, groups in ((0, 1), (1, 2)):
+        name = f"conv{i + 1}"
+        h, c = ops.conv2d_forward(h, _cat(p, f"{name}.W"), _cat(p, f"{name}.b"), cfg.conv[i][2], cfg.conv[i][3], groups)
+        push(("conv", name), c)
+        h, c = ops.relu_forward(h)
+        push(("relu",), c)
+        h, c = _lrn_grouped(h, cfg)
+        push(("lrn",), c)
+        h, c = ops.max_pool2d_forward(h, pk, ps)
+        push(("pool",), c)
+    for i, groups in ((2, 1), (3, 2), (4, 2)):
+        name = f"conv{i + 1}"
+        h, c = ops.conv2d_forward(h, _cat(p, f"{name}.W"), _cat(p, f"{name}.b"), cfg.conv[i][2], cfg.conv[i][3], groups)
+        push(("conv", name), c)
+        h, c = ops.relu_forward(h)
+        push(("relu",), c)
+    h, c = ops.max_pool2d_forward(h, pk, ps)
+    push(("pool",), c)
+    shape = h.shape
+    h = h.reshape(len(h), -1)
+    for name in ("fc6", "fc7"):
+        h, c = ops.linear_forward(h, _cat(p, f"{name}.W"), _cat(p, f"{name}.b"))
+        push(("fc", name), c)
+        h, c = ops.relu_forward(h)
+        push(("relu",), c)
+    logits, c = ops.linear_forward(h, p["fc8.W"], p["fc8.b"])
+    push(("fc", "fc8"), c)
+    loss, lc = ops.softmax_cross_entropy_forward(logits, labels)
+    grads = {}
+    d = ops.softmax_cross_entropy_backward(lc)
+    for kind, c in reversed(tape):
+        if kind[0] in ("conv", "fc"):
+            d, gW, gb = (ops.conv2d_backward if kind[0] == "conv" else ops.linear_backward)(d, c)
+            grads[kind[1]] = (gW, gb)
+        elif kind[0] == "relu":
+            d = ops.relu_backward(d, c)
+        elif kind[0] == "lrn":
+            d = _lrn_grouped_back(d, c)
+        else:
+            d = ops.max_pool2d_backward(d, c)
+        if kind == ("fc", "fc6"):
+            d = d.reshape(shape)
+    return float(loss), logits, grads
+
+
+@pytest.mark.parametrize("preset,crop", [("alexnet-tiny", 15), ("alexnet-small", 32)])
+def test_two_towers_equal_grouped_single_stream_float64(preset, crop):
+    cfg = make_config(preset, 7, crop, dropout=0.0, seed=3)
+    m = build_model(cfg, dtype=np.float64, check_devices=True)
+    p = m.host_params()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, crop, crop)) * 50
+    y = rng.integers(0, 7, 4)
+    loss, logits = m.loss(x, y, train=True)
+    m.loss_backward()
+    ref_loss, ref_logits, ref_grads = reference_forward_backward(p, cfg, x, y)
+    np.testing.assert_allclose(backend.to_host(logits), ref_logits, rtol=1e-10, atol=1e-12)
+    assert abs(float(loss) - ref_loss) < 1e-10
+    g = {k: backend.to_host(v) for k, v in m.grads().items()}
+    for name, (gW, gb) in ref_grads.items():
+        if name == "fc8":
+            np.testing.assert_allclose(g["fc8.W"], gW, rtol=1e-9, atol=1e-12)
+            continue
+        np.testing.assert_allclose(_cat(g, f"{name}.W"), gW, rtol=1e-9, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(_cat(g, f"{name}.b"), gb, rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_transfers_count_bytes_only_between_distinct_devices():
+    cfg = tiny()
+    m = build_model(cfg, placement=[backend.HOST, backend.HOST])
+    backend.reset_transfer_stats()
+    m.loss(np.zeros((2, 3, 15, 15), np.float32), np.array([0, 1]))
+    m.loss_backward()
+    assert backend.transfer_stats()["bytes"] == 0  # one device: exchanges are no-ops
+
+
+# ---- whole-network gradient check ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("conventions", ["paper", "caffe"])
+def test_whole_network_gradient_check_float64(conventions):
+    """Central differences through both towers and every exchange, dropout on (masks fixed by the step)."""
+    cfg = make_config("alexnet-tiny", 5, 15, conventions=conventions, init="he", seed=1)
+    m = build_model(cfg, dtype=np.float64)
+    m.set_step(7)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 3, 15, 15))
+    y = np.array([0, 3, 4])
+
+    def f():
+        loss, _ = m.loss(x, y, train=True)
+        m.clear()
+        return float(loss)
+
+    m.loss(x, y, train=True)
+    m.loss_backward()
+    grads = {k: backend.to_host(v).copy() for k, v in m.grads().items()}
+    eps = 1e-5
+    worst = 0.0
+    for name, layer, key, t in m.param_slots():
+        w = layer.params[key]
+        flat = w.reshape(-1)
+        for i in rng.choice(flat.size, size=min(6, flat.size), replace=False):
+            old = flat[i]
+            flat[i] = old + eps
+            fp = f()
+            flat[i] = old - eps
+            fm = f()
+            flat[i] = old
+            num = (fp - fm) / (2 * eps)
+            ana = grads[name].reshape(-1)[i]
+            if abs(num) < 1e-9 and abs(ana) < 1e-9:
+                continue
+            worst = max(worst, rel_error(ana, num))
+            assert rel_error(ana, num) < 1e-5, (name, i, ana, num)
+    assert worst < 1e-5
+
+
+def test_overfits_a_small_batch():
+    cfg = make_config("alexnet-tiny", 4, 15, init="he", dropout=0.0, seed=0)
+    m = build_model(cfg)
+    opt = MomentumSGD(m, lr=0.02, momentum=0.9, weight_decay=0.0)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((8, 3, 15, 15)) * 1.0).astype(np.float32)
+    y = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    first = None
+    for it in range(300):
+        loss, _ = m.loss(x, y)
+        first = first if first is not None else float(loss)
+        m.loss_backward()
+        opt.step()
+        m.clear()
+    assert first > 1.0
+    assert float(loss) < 0.05, float(loss)
+
+
+def test_momentum_sgd_matches_the_papers_rule():
+    cfg = tiny()
+    m = build_model(cfg, dtype=np.float64)
+    opt = MomentumSGD(m, lr=0.1, momentum=0.9, weight_decay=0.0005)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 15, 15))
+    y = np.array([1, 2])
+    w0 = {k: v.copy() for k, v in m.host_params().items()}
+    v = {k: np.zeros_like(a) for k, a in w0.items()}
+    w = dict(w0)
+    for _ in range(2):
+        m.loss(x, y)
+        m.loss_backward()
+        g = {k: backend.to_host(a).copy() for k, a in m.grads().items()}
+        opt.step()
+        m.clear()
+        for k in w:
+            wd = 0.0005 if k.endswith(".W") else 0.0
+            v[k] = 0.9 * v[k] - wd * 0.1 * w[k] - 0.1 * g[k]
+            w[k] = w[k] + v[k]
+    for k, a in m.host_params().items():
+        np.testing.assert_allclose(a, w[k], rtol=1e-12, atol=1e-14, err_msg=k)
+
+
+def test_input_shape_error_names_the_expected_shape():
+    m = build_model(tiny())
+    with pytest.raises(CpnetError, match=r"\(N, 3, 15, 15\)"):
+        m.forward(np.zeros((2, 3, 16, 16), np.float32))
