@@ -37,12 +37,12 @@ def im2col_cpu(x, kh, kw, sy, sx, ph, pw):
     """(N, C, H, W) -> col (C*kh*kw, N*Ho*Wo) in the layout above; one strided copy per kernel offset."""
     N, C, H, W = x.shape
     Ho, Wo = _out_hw(H, W, kh, kw, sy, sx, ph, pw)
-    xp_ = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
+    xt = np.zeros((C, N, H + 2 * ph, W + 2 * pw), dtype=x.dtype)
+    xt[:, :, ph : ph + H, pw : pw + W] = x.transpose(1, 0, 2, 3)
     col = np.empty((C, kh, kw, N, Ho, Wo), dtype=x.dtype)
     for i in range(kh):
         for j in range(kw):
-            win = xp_[:, :, i : i + sy * (Ho - 1) + 1 : sy, j : j + sx * (Wo - 1) + 1 : sx]
-            col[:, i, j] = win.transpose(1, 0, 2, 3)
+            col[:, i, j] = xt[:, :, i : i + sy * (Ho - 1) + 1 : sy, j : j + sx * (Wo - 1) + 1 : sx]
     return col.reshape(C * kh * kw, N * Ho * Wo)
 
 
@@ -51,12 +51,11 @@ def col2im_cpu(col, x_shape, kh, kw, sy, sx, ph, pw):
     N, C, H, W = x_shape
     Ho, Wo = _out_hw(H, W, kh, kw, sy, sx, ph, pw)
     c6 = col.reshape(C, kh, kw, N, Ho, Wo)
-    xp_ = np.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=col.dtype)
+    xt = np.zeros((C, N, H + 2 * ph, W + 2 * pw), dtype=col.dtype)
     for i in range(kh):
         for j in range(kw):
-            win = xp_[:, :, i : i + sy * (Ho - 1) + 1 : sy, j : j + sx * (Wo - 1) + 1 : sx]
-            win += c6[:, i, j].transpose(1, 0, 2, 3)
-    return np.ascontiguousarray(xp_[:, :, ph : ph + H, pw : pw + W])
+            xt[:, :, i : i + sy * (Ho - 1) + 1 : sy, j : j + sx * (Wo - 1) + 1 : sx] += c6[:, i, j]
+    return np.ascontiguousarray(xt[:, :, ph : ph + H, pw : pw + W].transpose(1, 0, 2, 3))
 
 
 def _im2col(x, *geom):

@@ -38,31 +38,52 @@ def _offsets(H, W, Ho, Wo, k, s, p):
 
 
 def maxpool_forward_cpu(x, ksize, stride, pad):
-    """(N, C, H, W) -> (y (N, C, Ho, Wo), argmax int32 (N, C, Ho, Wo)); vectorised over the k*k offsets."""
+    """(N, C, H, W) -> (y (N, C, Ho, Wo), argmax int32 (N, C, Ho, Wo)); vectorised over the k*k offsets.
+
+    Branch-free: fmax keeps y (it also skips NaN, as a strict `>` does), and the winner's offset i*W + j from
+    the window's corner is updated arithmetically where v > y."""
     N, C, H, W = x.shape
     k, s, p = ksize, stride, pad
     Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
-    xp_ = np.full((N, C, H + 2 * p, W + 2 * p), -np.inf, dtype=x.dtype)
-    xp_[:, :, p : p + H, p : p + W] = x
+    if p:
+        xp_ = np.full((N, C, H + 2 * p, W + 2 * p), -np.inf, dtype=x.dtype)
+        xp_[:, :, p : p + H, p : p + W] = x
+    else:
+        xp_ = x
     y = np.full((N, C, Ho, Wo), -np.inf, dtype=x.dtype)
-    arg = np.full((N, C, Ho, Wo), -1, dtype=np.int32)
-    for sl, flat in _offsets(H, W, Ho, Wo, k, s, p):
-        v = xp_[(slice(None), slice(None)) + sl]
-        take = (v > y) | ((arg < 0) & (flat >= 0))
-        np.copyto(y, v, where=take)
-        np.copyto(arg, np.broadcast_to(flat, arg.shape), where=take)
-    return y, arg
+    t = np.full((N, C, Ho, Wo), -1, dtype=np.int32)
+    take = np.empty(y.shape, dtype=bool)
+    d = np.empty(y.shape, dtype=np.int32)
+    for i in range(k):
+        for j in range(k):
+            v = xp_[:, :, i : i + s * (Ho - 1) + 1 : s, j : j + s * (Wo - 1) + 1 : s]
+            np.greater(v, y, out=take)
+            np.fmax(y, v, out=y)
+            np.subtract(i * W + j, t, out=d)
+            d *= take
+            t += d
+    oy = np.arange(Ho)[:, None] * s - p
+    ox = np.arange(Wo)[None, :] * s - p
+    if (t < 0).any():  # a window of -inf (or NaN) only: its first real element
+        t = np.where(t < 0, np.maximum(-oy, 0) * W + np.maximum(-ox, 0), t)
+    t += (oy * W + ox).astype(np.int32)
+    return y, t
 
 
 def maxpool_backward_cpu(dy, argmax, x_shape, ksize, stride, pad):
-    """dx (x_shape) from dy and argmax, summing over the k*k window offsets that can reach each input."""
+    """dx (x_shape) from dy and argmax: for each of the k*k window offsets, every output adds its dy to the
+    input it sees there if that input was its winner (an ordered, deterministic sum)."""
     N, C, H, W = x_shape
     k, s, p = ksize, stride, pad
     Ho, Wo = dy.shape[2:]
     dxp = np.zeros((N, C, H + 2 * p, W + 2 * p), dtype=dy.dtype)
+    hit = np.empty(dy.shape, dtype=bool)
+    g = np.empty(dy.shape, dtype=dy.dtype)
     for sl, flat in _offsets(H, W, Ho, Wo, k, s, p):
-        dxp[(slice(None), slice(None)) + sl] += np.where(argmax == flat, dy, 0)
-    return np.ascontiguousarray(dxp[:, :, p : p + H, p : p + W])
+        np.equal(argmax, flat, out=hit)
+        np.multiply(hit, dy, out=g)
+        dxp[(slice(None), slice(None)) + sl] += g
+    return np.ascontiguousarray(dxp[:, :, p : p + H, p : p + W]) if p else dxp
 
 
 def max_pool2d_forward(x, ksize=3, stride=2, pad=0):
