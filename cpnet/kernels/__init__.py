@@ -1,0 +1,350 @@
+"""CUDA kernels for the GPU path of the ops, and the plumbing shared with their host shim.
+
+The sources (`*.cu` beside this file) are plain CUDA C++: `extern "C"` kernels, one thread per output element in a
+grid-stride loop, no shared memory, no atomics. The element type `T` is not in the files: `kernel_source` puts a
+line `typedef float T;` (or double) before the text. A command-line `-DT=float` would be the obvious way, but NVRTC
+and nvcc pre-include headers whose templates are written `template <typename T>`, and a macro named T breaks them.
+
+GPU entry points (`im2col_gpu`, `col2im_gpu`, `maxpool_forward_gpu`, `maxpool_backward_gpu`, `lrn_forward_gpu`,
+`lrn_backward_gpu`) take and return CuPy arrays. Each compiles its source with `backend.raw_module` on first use,
+cached per (device, dtype, file). The same Python bodies drive the host shim (`cpnet.kernels.shim`), which runs
+the very same kernel text on the CPU, so the tests without a GPU check everything but the CUDA compiler.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .. import backend
+
+KERNEL_DIR = Path(__file__).resolve().parent
+SOURCES = ("im2col.cu", "maxpool.cu", "lrn.cu")
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+GPU_BLOCK = 256
+GPU_GRID_CAP = 65535  # blocks per launch; the grid-stride loop covers any remaining elements
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources and signatures
+
+
+@dataclass(frozen=True)
+class Param:
+    """One kernel parameter: kind is 'ptr_T', 'ptr_int', 'int' or 'T'."""
+
+    name: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    source: str  # file name under KERNEL_DIR
+    params: tuple
+
+
+_KERNEL_RE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)')
+
+
+def _strip_comments(text: str) -> str:
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    return re.sub(r"//[^\n]*", " ", text)
+
+
+def _parse_param(kernel: str, decl: str) -> Param:
+    words = decl.replace("*", " * ").split()
+    name = words[-1]
+    rest = [w for w in words[:-1] if w not in ("const", "__restrict__")]
+    if rest == ["T", "*"]:
+        return Param(name, "ptr_T")
+    if rest == ["int", "*"]:
+        return Param(name, "ptr_int")
+    if rest == ["int"]:
+        return Param(name, "int")
+    if rest == ["T"]:
+        return Param(name, "T")
+    raise ValueError(f"kernel {kernel}: parameter {decl.strip()!r} has a type the launchers do not handle")
+
+
+def read_source(filename: str) -> str:
+    return (KERNEL_DIR / filename).read_text()
+
+
+def parse_kernels(text: str, filename: str = "<text>") -> list[Kernel]:
+    """Every `extern "C" __global__` kernel in CUDA source text, with its parameters, in file order."""
+    found = []
+    for m in _KERNEL_RE.finditer(_strip_comments(text)):
+        params = tuple(_parse_param(m.group(1), p) for p in m.group(2).split(",") if p.strip())
+        found.append(Kernel(m.group(1), filename, params))
+    return found
+
+
+@lru_cache(maxsize=None)
+def kernels() -> dict:
+    """name -> Kernel for every `extern "C"` kernel in every source file."""
+    table = {}
+    for filename in SOURCES:
+        for k in parse_kernels(read_source(filename), filename):
+            if k.name in table:
+                raise ValueError(f"kernel {k.name} defined in both {table[k.name].source} and {filename}")
+            table[k.name] = k
+    return table
+
+
+def list_kernels() -> list[str]:
+    """Names of every `extern "C"` kernel in cpnet/kernels/*.cu (parsed from the source text)."""
+    return list(kernels())
+
+
+def kernel_source(filename: str, dtype) -> str:
+    """The text compiled for `dtype` (float32 or float64): a typedef for T, then the file as written."""
+    ctype = _CTYPE[np.dtype(dtype)]
+    return f'typedef {ctype} T;\n#line 1 "{filename}"\n' + read_source(filename)
+
+
+def pack_args(name: str, dtype, args, array_check) -> list:
+    """Check `args` against kernel `name`'s parameters and convert scalars to the exact C types.
+
+    `array_check(param, array, expected_dtype)` validates array arguments (contiguity, device) and returns the
+    value to pass. Scalars become np.int32 for `int` and the element type (np.float32 / np.float64) for `T`.
+    """
+    kernel = kernels()[name]
+    if len(args) != len(kernel.params):
+        raise TypeError(f"{name}: {len(kernel.params)} arguments expected, got {len(args)}")
+    dtype = np.dtype(dtype)
+    out = []
+    for p, a in zip(kernel.params, args):
+        if p.kind == "ptr_T":
+            out.append(array_check(p, a, dtype))
+        elif p.kind == "ptr_int":
+            out.append(array_check(p, a, np.dtype(np.int32)))
+        elif p.kind == "int":
+            v = int(a)
+            if not -(2**31) <= v < 2**31:
+                raise ValueError(f"{name}: {p.name}={v} does not fit in a 32-bit int")
+            out.append(np.int32(v))
+        else:
+            out.append(dtype.type(a))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The six operations, written once for any launcher.
+# `run(name, dtype, n, *args)` launches kernel `name` for `n` output elements; xp is numpy or cupy.
+
+
+def _float_dtype(op: str, *arrays):
+    dt = np.dtype(arrays[0].dtype)
+    if dt not in DTYPES:
+        raise ValueError(f"{op}: expected float32 or float64 arrays, got {dt}")
+    for a in arrays[1:]:
+        if np.dtype(a.dtype) != dt:
+            raise ValueError(f"{op}: all float inputs must share one dtype, got {dt} and {a.dtype}")
+    return dt
+
+
+def _nchw(op: str, shape) -> tuple:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 4:
+        raise ValueError(f"{op}: expected a 4-d (N, C, H, W) shape, got {shape}")
+    return shape
+
+
+def out_size(op: str, size: int, k: int, s: int, p: int) -> int:
+    """floor((size + 2p - k) / s) + 1, with a clear error when the window does not fit."""
+    if k < 1 or s < 1 or p < 0:
+        raise ValueError(f"{op}: need kernel >= 1, stride >= 1, pad >= 0, got kernel={k} stride={s} pad={p}")
+    if size + 2 * p < k:
+        raise ValueError(f"{op}: kernel {k} larger than the padded input {size} + 2*{p}")
+    return (size + 2 * p - k) // s + 1
+
+
+def _im2col(run, xp, x, kh, kw, sy, sx, ph, pw):
+    N, C, H, W = _nchw("im2col", x.shape)
+    dt = _float_dtype("im2col", x)
+    Ho, Wo = out_size("im2col", H, kh, sy, ph), out_size("im2col", W, kw, sx, pw)
+    x = xp.ascontiguousarray(x)
+    col = xp.empty((C * kh * kw, N * Ho * Wo), dtype=dt)
+    run("im2col_kernel", dt, col.size, x, col, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo)
+    return col
+
+
+def _col2im(run, xp, col, x_shape, kh, kw, sy, sx, ph, pw):
+    N, C, H, W = _nchw("col2im", x_shape)
+    dt = _float_dtype("col2im", col)
+    Ho, Wo = out_size("col2im", H, kh, sy, ph), out_size("col2im", W, kw, sx, pw)
+    if tuple(col.shape) != (C * kh * kw, N * Ho * Wo):
+        raise ValueError(f"col2im: expected col of shape {(C * kh * kw, N * Ho * Wo)}, got {tuple(col.shape)}")
+    col = xp.ascontiguousarray(col)
+    x = xp.empty((N, C, H, W), dtype=dt)
+    run("col2im_kernel", dt, x.size, col, x, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo)
+    return x
+
+
+def _check_pool(op, ksize, pad):
+    # pad < ksize guarantees every window holds at least one input element.
+    if not 0 <= pad < ksize:
+        raise ValueError(f"{op}: pad must be in [0, ksize={ksize}), got {pad}")
+
+
+def _maxpool_forward(run, xp, x, ksize, stride, pad):
+    _check_pool("maxpool_forward", ksize, pad)
+    N, C, H, W = _nchw("maxpool_forward", x.shape)
+    dt = _float_dtype("maxpool_forward", x)
+    Ho, Wo = out_size("maxpool_forward", H, ksize, stride, pad), out_size("maxpool_forward", W, ksize, stride, pad)
+    x = xp.ascontiguousarray(x)
+    y = xp.empty((N, C, Ho, Wo), dtype=dt)
+    argmax = xp.empty((N, C, Ho, Wo), dtype=np.int32)
+    run("maxpool_forward_kernel", dt, y.size, x, y, argmax, N, C, H, W, ksize, stride, pad, Ho, Wo)
+    return y, argmax
+
+
+def _maxpool_backward(run, xp, dy, argmax, x_shape, ksize, stride, pad):
+    _check_pool("maxpool_backward", ksize, pad)
+    N, C, H, W = _nchw("maxpool_backward", x_shape)
+    dt = _float_dtype("maxpool_backward", dy)
+    Ho, Wo = out_size("maxpool_backward", H, ksize, stride, pad), out_size("maxpool_backward", W, ksize, stride, pad)
+    if tuple(dy.shape) != (N, C, Ho, Wo) or tuple(argmax.shape) != (N, C, Ho, Wo):
+        raise ValueError(
+            f"maxpool_backward: expected dy and argmax of shape {(N, C, Ho, Wo)}, "
+            f"got {tuple(dy.shape)} and {tuple(argmax.shape)}"
+        )
+    if not np.issubdtype(np.dtype(argmax.dtype), np.integer):
+        raise ValueError(f"maxpool_backward: argmax must hold integers, got {argmax.dtype}")
+    dy = xp.ascontiguousarray(dy)
+    argmax = xp.ascontiguousarray(argmax, dtype=np.int32)
+    dx = xp.empty((N, C, H, W), dtype=dt)
+    run("maxpool_backward_kernel", dt, dx.size, dy, argmax, dx, N, C, H, W, ksize, stride, pad, Ho, Wo)
+    return dx
+
+
+def _check_lrn_size(op, size):
+    if int(size) < 1:
+        raise ValueError(f"{op}: size must be >= 1, got {size}")
+
+
+def _lrn_forward(run, xp, x, size, k, alpha_eff, beta):
+    N, C, H, W = _nchw("lrn_forward", x.shape)
+    dt = _float_dtype("lrn_forward", x)
+    _check_lrn_size("lrn_forward", size)
+    x = xp.ascontiguousarray(x)
+    y = xp.empty_like(x)
+    scale = xp.empty_like(x)
+    run("lrn_forward_kernel", dt, x.size, x, y, scale, N, C, H * W, size, k, alpha_eff, beta)
+    return y, scale
+
+
+def _lrn_backward(run, xp, x, y, scale, dy, size, alpha_eff, beta):
+    N, C, H, W = _nchw("lrn_backward", x.shape)
+    dt = _float_dtype("lrn_backward", x, y, scale, dy)
+    _check_lrn_size("lrn_backward", size)
+    for nm, a in (("y", y), ("scale", scale), ("dy", dy)):
+        if tuple(a.shape) != (N, C, H, W):
+            raise ValueError(f"lrn_backward: expected {nm} of shape {(N, C, H, W)}, got {tuple(a.shape)}")
+    x, y, scale, dy = (xp.ascontiguousarray(a) for a in (x, y, scale, dy))
+    dx = xp.empty_like(x)
+    run("lrn_backward_kernel", dt, x.size, x, y, scale, dy, dx, N, C, H * W, size, alpha_eff, beta)
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU launcher
+
+_modules: dict = {}  # (device id, dtype name, source file) -> cupy.RawModule
+_functions: dict = {}  # (device id, dtype name, kernel name) -> cupy.RawKernel
+
+
+def _gpu_function(name: str, dtype):
+    cp = backend.cupy_module()
+    dev = cp.cuda.Device().id
+    dt = np.dtype(dtype)
+    fkey = (dev, dt.name, name)
+    fn = _functions.get(fkey)
+    if fn is None:
+        filename = kernels()[name].source
+        mkey = (dev, dt.name, filename)
+        module = _modules.get(mkey)
+        if module is None:
+            module = backend.raw_module(code=kernel_source(filename, dt), options=())
+            _modules[mkey] = module
+        fn = _functions[fkey] = module.get_function(name)
+    return fn
+
+
+def _gpu_array(kernel_name):
+    cp = backend.cupy_module()
+    dev = cp.cuda.Device().id
+
+    def check(p, a, dtype):
+        if not isinstance(a, cp.ndarray):
+            raise TypeError(f"{kernel_name}: {p.name} must be a cupy array, got {type(a).__name__}")
+        if a.dtype != dtype or not a.flags.c_contiguous:
+            raise ValueError(f"{kernel_name}: {p.name} must be C-contiguous {dtype}, got {a.dtype}")
+        if a.device.id != dev:
+            raise ValueError(f"{kernel_name}: {p.name} lives on GPU {a.device.id}, the launch on GPU {dev}")
+        return a
+
+    return check
+
+
+def _gpu_run(name, dtype, n, *args):
+    packed = pack_args(name, dtype, args, _gpu_array(name))
+    if n == 0:
+        return
+    grid = min(math.ceil(n / GPU_BLOCK), GPU_GRID_CAP)
+    _gpu_function(name, dtype)((grid,), (GPU_BLOCK,), tuple(packed))
+
+
+def _on_device_of(x):
+    """Make x's GPU current, so outputs are allocated and kernels run where the input lives."""
+    return backend.device_of(x)
+
+
+def im2col_gpu(x, kh, kw, sy, sx, ph, pw):
+    """x (N, C, H, W) -> col (C*kh*kw, N*Ho*Wo); row c*kh*kw + i*kw + j, column n*Ho*Wo + oy*Wo + ox."""
+    with _on_device_of(x):
+        return _im2col(_gpu_run, backend.cupy_module(), x, kh, kw, sy, sx, ph, pw)
+
+
+def col2im_gpu(col, x_shape, kh, kw, sy, sx, ph, pw):
+    """The adjoint of im2col_gpu: sums each col entry back onto the input position it came from."""
+    with _on_device_of(col):
+        return _col2im(_gpu_run, backend.cupy_module(), col, x_shape, kh, kw, sy, sx, ph, pw)
+
+
+def maxpool_forward_gpu(x, ksize, stride, pad):
+    """-> (y, argmax int32 = h*W + w in the (n, c) plane); floor size, padding never wins, ties to the first max."""
+    with _on_device_of(x):
+        return _maxpool_forward(_gpu_run, backend.cupy_module(), x, ksize, stride, pad)
+
+
+def maxpool_backward_gpu(dy, argmax, x_shape, ksize, stride, pad):
+    """dx: each input gathers dy from the outputs whose argmax it is."""
+    with _on_device_of(dy):
+        return _maxpool_backward(_gpu_run, backend.cupy_module(), dy, argmax, x_shape, ksize, stride, pad)
+
+
+def lrn_forward_gpu(x, size, k, alpha_eff, beta):
+    """-> (y, scale): scale = k + alpha_eff * (sum of x^2 over the channel window), y = x * scale^-beta."""
+    with _on_device_of(x):
+        return _lrn_forward(_gpu_run, backend.cupy_module(), x, size, k, alpha_eff, beta)
+
+
+def lrn_backward_gpu(x, y, scale, dy, size, alpha_eff, beta):
+    """dx = dy * scale^-beta - 2 alpha_eff beta x * sum over the windows containing c of dy * y / scale."""
+    with _on_device_of(x):
+        return _lrn_backward(_gpu_run, backend.cupy_module(), x, y, scale, dy, size, alpha_eff, beta)
+
+
+def clear_cache():
+    """Forget compiled modules (e.g. after editing a .cu file in a running session)."""
+    _modules.clear()
+    _functions.clear()
+    kernels.cache_clear()

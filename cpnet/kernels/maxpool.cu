@@ -1,0 +1,69 @@
+// Max pooling over (possibly overlapping) ksize x ksize windows, NCHW.
+//
+// Output size is floor((H + 2*pad - ksize) / stride) + 1. Padding never wins: only positions inside the
+// input are compared. Ties go to the first maximum in row-major window order (strict >), and argmax holds
+// the flat index h*W + w of the winner inside its (n, c) plane (-1 if a window covers no input at all).
+
+extern "C" __global__ void maxpool_forward_kernel(const T* __restrict__ x, T* __restrict__ y,
+                                                  int* __restrict__ argmax,
+                                                  int N, int C, int H, int W, int ksize, int stride,
+                                                  int pad, int Ho, int Wo)
+{
+    const long long total = (long long)N * C * Ho * Wo;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+         e += (long long)blockDim.x * gridDim.x) {
+        const int ox = (int)(e % Wo);
+        const int oy = (int)((e / Wo) % Ho);
+        const long long nc = e / ((long long)Wo * Ho);
+        const T* plane = x + nc * H * W;
+        const int h0 = oy * stride - pad;
+        const int w0 = ox * stride - pad;
+        const int hs = max(h0, 0), he = min(h0 + ksize, H);
+        const int ws = max(w0, 0), we = min(w0 + ksize, W);
+        int best_at = -1;
+        T best = T(0);
+        for (int h = hs; h < he; ++h) {
+            for (int w = ws; w < we; ++w) {
+                const T v = plane[h * W + w];
+                if (best_at < 0 || v > best) {
+                    best = v;
+                    best_at = h * W + w;
+                }
+            }
+        }
+        y[e] = best;
+        argmax[e] = best_at;
+    }
+}
+
+// dx[n, c, h, w] = sum of dy over the outputs whose window covers (h, w) and whose argmax is (h, w).
+// One thread per input element gathers from those outputs (oy, ox ascending): no atomics, deterministic.
+extern "C" __global__ void maxpool_backward_kernel(const T* __restrict__ dy, const int* __restrict__ argmax,
+                                                   T* __restrict__ dx,
+                                                   int N, int C, int H, int W, int ksize, int stride,
+                                                   int pad, int Ho, int Wo)
+{
+    const long long total = (long long)N * C * H * W;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+         e += (long long)blockDim.x * gridDim.x) {
+        const int w = (int)(e % W);
+        const int h = (int)((e / W) % H);
+        const long long nc = e / ((long long)W * H);
+        // Output oy covers rows [oy*stride - pad, oy*stride - pad + ksize): those with
+        // (h + pad - ksize) / stride < oy <= (h + pad) / stride.
+        const int oy0 = (h + pad < ksize) ? 0 : (h + pad - ksize) / stride + 1;
+        const int oy1 = min((h + pad) / stride + 1, Ho);
+        const int ox0 = (w + pad < ksize) ? 0 : (w + pad - ksize) / stride + 1;
+        const int ox1 = min((w + pad) / stride + 1, Wo);
+        const int here = h * W + w;
+        const long long obase = nc * Ho * Wo;
+        T acc = T(0);
+        for (int oy = oy0; oy < oy1; ++oy) {
+            for (int ox = ox0; ox < ox1; ++ox) {
+                const long long o = obase + (long long)oy * Wo + ox;
+                if (argmax[o] == here) acc += dy[o];
+            }
+        }
+        dx[e] = acc;
+    }
+}

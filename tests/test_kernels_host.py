@@ -1,0 +1,480 @@
+"""Every CUDA kernel, run on the CPU through the host shim, against naive loops and the NumPy ops.
+
+The shim compiles the same text CuPy compiles (cpnet/kernels/*.cu after a `typedef float T;` line) with g++ and
+launches it block by block, thread by thread, so these tests execute each kernel's indexing and bounds logic
+without a GPU. Where nvcc (or libnvrtc) exists, the same text is also compiled for sm_90.
+"""
+
+import ctypes.util
+import math
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from cpnet import kernels
+
+shim_module = pytest.importorskip("cpnet.kernels.shim")
+
+DTYPES = [np.float32, np.float64]
+TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
+
+
+@pytest.fixture(scope="session")
+def shim():
+    """The host shim with every library built once per session (skips, with the reason, without g++)."""
+    try:
+        shim_module.build_all()
+    except shim_module.ShimUnavailable as e:
+        pytest.skip(str(e))
+    return shim_module
+
+
+def _ops(module, name):
+    """A NumPy `_cpu` reference from cpnet.ops, or skip when the ops are not there."""
+    try:
+        mod = __import__(f"cpnet.ops.{module}", fromlist=[name])
+        return getattr(mod, name)
+    except (ImportError, AttributeError) as e:
+        pytest.skip(f"cpnet.ops.{module}.{name} not available: {e}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Naive loop references: slow, obviously right, small inputs only.
+
+
+def _outs(H, W, kh, kw, sy, sx, ph, pw):
+    return (H + 2 * ph - kh) // sy + 1, (W + 2 * pw - kw) // sx + 1
+
+
+def naive_im2col(x, kh, kw, sy, sx, ph, pw):
+    N, C, H, W = x.shape
+    Ho, Wo = _outs(H, W, kh, kw, sy, sx, ph, pw)
+    col = np.zeros((C * kh * kw, N * Ho * Wo), dtype=x.dtype)
+    for c in range(C):
+        for i in range(kh):
+            for j in range(kw):
+                for n in range(N):
+                    for oy in range(Ho):
+                        for ox in range(Wo):
+                            h, w = oy * sy - ph + i, ox * sx - pw + j
+                            if 0 <= h < H and 0 <= w < W:
+                                col[c * kh * kw + i * kw + j, n * Ho * Wo + oy * Wo + ox] = x[n, c, h, w]
+    return col
+
+
+def naive_col2im(col, x_shape, kh, kw, sy, sx, ph, pw):
+    N, C, H, W = x_shape
+    Ho, Wo = _outs(H, W, kh, kw, sy, sx, ph, pw)
+    x = np.zeros(x_shape, dtype=np.float64)
+    for c in range(C):
+        for i in range(kh):
+            for j in range(kw):
+                for n in range(N):
+                    for oy in range(Ho):
+                        for ox in range(Wo):
+                            h, w = oy * sy - ph + i, ox * sx - pw + j
+                            if 0 <= h < H and 0 <= w < W:
+                                x[n, c, h, w] += col[c * kh * kw + i * kw + j, n * Ho * Wo + oy * Wo + ox]
+    return x
+
+
+def naive_maxpool_forward(x, k, s, p):
+    N, C, H, W = x.shape
+    Ho, Wo = _outs(H, W, k, k, s, s, p, p)
+    y = np.zeros((N, C, Ho, Wo), dtype=x.dtype)
+    arg = np.zeros((N, C, Ho, Wo), dtype=np.int32)
+    for n in range(N):
+        for c in range(C):
+            for oy in range(Ho):
+                for ox in range(Wo):
+                    best, where = None, -1
+                    for i in range(k):
+                        for j in range(k):
+                            h, w = oy * s - p + i, ox * s - p + j
+                            if 0 <= h < H and 0 <= w < W and (best is None or x[n, c, h, w] > best):
+                                best, where = x[n, c, h, w], h * W + w
+                    y[n, c, oy, ox], arg[n, c, oy, ox] = best, where
+    return y, arg
+
+
+def naive_maxpool_backward(dy, arg, x_shape):
+    N, C, H, W = x_shape
+    dx = np.zeros((N, C, H * W), dtype=np.float64)
+    for n in range(N):
+        for c in range(C):
+            for o, a in zip(dy[n, c].ravel(), arg[n, c].ravel()):
+                dx[n, c, a] += o
+    return dx.reshape(x_shape)
+
+
+def naive_lrn_forward(x, size, k, alpha, beta):
+    N, C, H, W = x.shape
+    x64 = x.astype(np.float64)
+    scale = np.zeros(x.shape)
+    for c in range(C):
+        for cc in range(c - (size - 1) // 2, c + size // 2 + 1):
+            if 0 <= cc < C:
+                scale[:, c] += x64[:, cc] ** 2
+    scale = k + alpha * scale
+    return x64 * scale**-beta, scale
+
+
+def naive_lrn_backward(x, y, scale, dy, size, alpha, beta):
+    """From the chain rule term by term: dx[i] = sum_j dy[j] * dy[j]/dx[i], with y[j] = x[j] * scale[j]^-beta."""
+    x, y, scale, dy = (a.astype(np.float64) for a in (x, y, scale, dy))
+    N, C, H, W = x.shape
+    dx = dy * scale**-beta
+    for i in range(C):
+        for j in range(C):
+            if j - (size - 1) // 2 <= i <= j + size // 2:  # x[i] is inside j's window
+                dx[:, i] -= dy[:, j] * x[:, j] * beta * scale[:, j] ** (-beta - 1) * 2 * alpha * x[:, i]
+    return dx
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Cases: hand-picked edge cases first, then random shapes.
+
+# (N, C, H, W, kh, kw, sy, sx, ph, pw)
+CONV_CASES = [
+    (2, 3, 7, 6, 3, 3, 1, 1, 1, 1),  # "same" padding
+    (2, 2, 9, 8, 3, 2, 2, 3, 1, 0),  # non-square kernel and strides
+    (1, 3, 23, 23, 11, 11, 4, 4, 0, 0),  # conv1-like
+    (2, 2, 5, 5, 5, 5, 1, 1, 2, 2),  # window as large as the input, heavy padding
+    (1, 1, 6, 7, 2, 3, 3, 2, 1, 2),  # stride larger than the kernel: some inputs are never read
+    (3, 1, 4, 4, 1, 1, 1, 1, 0, 0),  # 1x1
+    (1, 2, 1, 5, 1, 3, 1, 2, 0, 1),  # a single row
+]
+# (N, C, H, W, ksize, stride, pad)
+POOL_CASES = [
+    (2, 3, 7, 7, 3, 2, 0),  # AlexNet's overlapping pool
+    (2, 2, 8, 8, 3, 2, 1),  # padding on both sides
+    (1, 2, 6, 5, 3, 2, 1),  # partial windows, floor size leaves a row unread
+    (2, 2, 9, 9, 2, 2, 0),  # non-overlapping
+    (1, 1, 5, 7, 3, 3, 2),  # windows mostly in the padding
+    (1, 2, 4, 4, 4, 1, 3),  # large pad: corner windows see one input element
+]
+# (N, C, H, W, size)
+LRN_CASES = [
+    (2, 7, 3, 4, 5),  # the paper's size, C > size
+    (2, 3, 2, 2, 5),  # C < size: both edges clipped at once
+    (1, 4, 3, 3, 4),  # even size: the window is lopsided
+    (1, 2, 2, 3, 6),  # even size larger than C
+    (2, 5, 1, 1, 1),  # size 1: a per-element normalisation
+    (1, 6, 2, 2, 3),
+]
+LRN_PARAMS = [(2.0, 1e-4, 0.75), (1.5, 0.1, 0.75), (1.0, 0.3, 0.5)]  # (k, alpha_eff, beta); the paper's first
+
+
+def _random_conv_cases(seed, count=4):
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < count:
+        kh, kw, sy, sx = (int(v) for v in rng.integers(1, 5, 4))
+        ph, pw = int(rng.integers(0, kh)), int(rng.integers(0, kw))
+        H, W = int(rng.integers(max(1, kh - 2 * ph), 10)), int(rng.integers(max(1, kw - 2 * pw), 10))
+        out.append((int(rng.integers(1, 3)), int(rng.integers(1, 4)), H, W, kh, kw, sy, sx, ph, pw))
+    return out
+
+
+def _random_pool_cases(seed, count=4):
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < count:
+        k, s = int(rng.integers(1, 5)), int(rng.integers(1, 4))
+        p = int(rng.integers(0, k))
+        H, W = int(rng.integers(max(1, k - 2 * p), 10)), int(rng.integers(max(1, k - 2 * p), 10))
+        out.append((int(rng.integers(1, 3)), int(rng.integers(1, 4)), H, W, k, s, p))
+    return out
+
+
+def _random_lrn_cases(seed, count=4):
+    rng = np.random.default_rng(seed)
+    return [tuple(int(v) for v in (rng.integers(1, 3), rng.integers(1, 9), rng.integers(1, 4),
+                                   rng.integers(1, 4), rng.integers(1, 8))) for _ in range(count)]
+
+
+ALL_CONV = CONV_CASES + _random_conv_cases(1)
+ALL_POOL = POOL_CASES + _random_pool_cases(2)
+ALL_LRN = LRN_CASES + _random_lrn_cases(3)
+
+
+def _x(shape, dtype, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def _distinct(shape, dtype, seed=0):
+    """A random permutation of well-separated values: no ties anywhere."""
+    return (np.random.default_rng(seed).permutation(math.prod(shape)).reshape(shape) * 0.5 - 7.0).astype(dtype)
+
+
+def _close(actual, expected, dtype):
+    np.testing.assert_allclose(actual, expected, **TOL[dtype])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One test per kernel (KERNEL_TESTS below maps each parsed kernel to its test).
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ALL_CONV, ids=str)
+def test_im2col(shim, case, dtype):
+    N, C, H, W, *geom = case
+    x = _x((N, C, H, W), dtype)
+    col = shim.im2col_host(x, *geom)
+    assert col.dtype == dtype and col.flags.c_contiguous
+    np.testing.assert_array_equal(col, naive_im2col(x, *geom))
+    np.testing.assert_array_equal(col, _ops("conv", "im2col_cpu")(x, *geom))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ALL_CONV, ids=str)
+def test_col2im(shim, case, dtype):
+    N, C, H, W, kh, kw, sy, sx, ph, pw = case
+    Ho, Wo = _outs(H, W, kh, kw, sy, sx, ph, pw)
+    col = _x((C * kh * kw, N * Ho * Wo), dtype, seed=1)
+    x = shim.col2im_host(col, (N, C, H, W), kh, kw, sy, sx, ph, pw)
+    assert x.shape == (N, C, H, W) and x.dtype == dtype
+    _close(x, naive_col2im(col, (N, C, H, W), kh, kw, sy, sx, ph, pw), dtype)
+    _close(x, _ops("conv", "col2im_cpu")(col, (N, C, H, W), kh, kw, sy, sx, ph, pw), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_col2im_is_the_adjoint_of_im2col(shim, dtype):
+    """<im2col(x), c> == <x, col2im(c)> for every geometry."""
+    for N, C, H, W, *geom in ALL_CONV:
+        x = _x((N, C, H, W), dtype, seed=2)
+        c = _x(shim.im2col_host(x, *geom).shape, dtype, seed=3)
+        lhs = float(np.vdot(shim.im2col_host(x, *geom).astype(np.float64), c))
+        rhs = float(np.vdot(x.astype(np.float64), shim.col2im_host(c, x.shape, *geom)))
+        assert lhs == pytest.approx(rhs, rel=1e-4 if dtype == np.float32 else 1e-12, abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ALL_POOL, ids=str)
+def test_maxpool_forward(shim, case, dtype):
+    N, C, H, W, k, s, p = case
+    for x in (_distinct((N, C, H, W), dtype), np.round(_x((N, C, H, W), dtype, seed=4))):  # no ties, many ties
+        y, arg = shim.maxpool_forward_host(x, k, s, p)
+        assert arg.dtype == np.int32
+        y_ref, arg_ref = naive_maxpool_forward(x, k, s, p)
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(arg, arg_ref)
+        y_ops, arg_ops = _ops("pool", "maxpool_forward_cpu")(x, k, s, p)
+        np.testing.assert_array_equal(y, y_ops)
+        np.testing.assert_array_equal(arg, arg_ops)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_maxpool_ties_go_to_the_first_maximum_and_padding_never_wins(shim, dtype):
+    x = np.full((1, 1, 5, 5), -3.0, dtype=dtype)  # all equal and negative: zero padding would win if it counted
+    y, arg = shim.maxpool_forward_host(x, 3, 2, 1)
+    np.testing.assert_array_equal(y, -3.0)
+    # The first valid element of each window in row-major order: window rows/cols start at max(o*2 - 1, 0).
+    first = [max(o * 2 - 1, 0) for o in range(3)]
+    np.testing.assert_array_equal(arg[0, 0], [[h * 5 + w for w in first] for h in first])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ALL_POOL, ids=str)
+def test_maxpool_backward(shim, case, dtype):
+    N, C, H, W, k, s, p = case
+    for x in (_distinct((N, C, H, W), dtype), np.round(_x((N, C, H, W), dtype, seed=5))):
+        y, arg = shim.maxpool_forward_host(x, k, s, p)
+        dy = _x(y.shape, dtype, seed=6)
+        dx = shim.maxpool_backward_host(dy, arg, x.shape, k, s, p)
+        assert dx.shape == x.shape and dx.dtype == dtype
+        _close(dx, naive_maxpool_backward(dy, arg, x.shape), dtype)
+        _close(dx, _ops("pool", "maxpool_backward_cpu")(dy, arg, x.shape, k, s, p), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("params", LRN_PARAMS, ids=str)
+@pytest.mark.parametrize("case", ALL_LRN, ids=str)
+def test_lrn_forward(shim, case, params, dtype):
+    N, C, H, W, size = case
+    x = _x((N, C, H, W), dtype, seed=7)
+    y, scale = shim.lrn_forward_host(x, size, *params)
+    assert y.dtype == scale.dtype == dtype
+    y_ref, scale_ref = naive_lrn_forward(x, size, *params)
+    _close(scale, scale_ref, dtype)
+    _close(y, y_ref, dtype)
+    y_ops, scale_ops = _ops("lrn", "lrn_forward_cpu")(x, size, *params)
+    _close(scale, scale_ops, dtype)
+    _close(y, y_ops, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("params", LRN_PARAMS, ids=str)
+@pytest.mark.parametrize("case", ALL_LRN, ids=str)
+def test_lrn_backward(shim, case, params, dtype):
+    N, C, H, W, size = case
+    k, alpha, beta = params
+    x = _x((N, C, H, W), dtype, seed=8)
+    y, scale = shim.lrn_forward_host(x, size, k, alpha, beta)
+    dy = _x(x.shape, dtype, seed=9)
+    dx = shim.lrn_backward_host(x, y, scale, dy, size, alpha, beta)
+    assert dx.dtype == dtype
+    _close(dx, naive_lrn_backward(x, y, scale, dy, size, alpha, beta), dtype)
+    _close(dx, _ops("lrn", "lrn_backward_cpu")(x, y, scale, dy, size, alpha, beta), dtype)
+
+
+KERNEL_TESTS = {
+    "im2col_kernel": test_im2col,
+    "col2im_kernel": test_col2im,
+    "maxpool_forward_kernel": test_maxpool_forward,
+    "maxpool_backward_kernel": test_maxpool_backward,
+    "lrn_forward_kernel": test_lrn_forward,
+    "lrn_backward_kernel": test_lrn_backward,
+}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The kernel inventory, launch shapes, and the compilers.
+
+
+def test_every_kernel_has_a_host_test():
+    cu_files = sorted(p.name for p in kernels.KERNEL_DIR.glob("*.cu"))
+    assert cu_files == sorted(kernels.SOURCES), "a .cu file is missing from cpnet.kernels.SOURCES"
+    for filename in kernels.SOURCES:
+        assert kernels.parse_kernels(kernels.read_source(filename)), f"{filename} has no extern \"C\" kernel"
+    names = kernels.list_kernels()
+    missing = sorted(set(names) - set(KERNEL_TESTS))
+    assert not missing, f"kernels without a host test (add them to KERNEL_TESTS): {missing}"
+    stale = sorted(set(KERNEL_TESTS) - set(names))
+    assert not stale, f"KERNEL_TESTS names kernels that no longer exist: {stale}"
+    for test in KERNEL_TESTS.values():
+        assert test.__name__.startswith("test_") and globals()[test.__name__] is test
+
+
+def test_parse_kernels_reads_signatures_and_skips_comments():
+    src = """
+    // extern "C" __global__ void commented_out(int a)
+    /* extern "C" __global__ void also_commented(int a) */
+    extern "C" __global__ void k1(const T* __restrict__ x, int* arg, int n, T alpha) { }
+    extern "C"
+    __global__ void k2(T *y) { }
+    """
+    found = kernels.parse_kernels(src)
+    assert [k.name for k in found] == ["k1", "k2"]
+    assert [p.kind for p in found[0].params] == ["ptr_T", "ptr_int", "int", "T"]
+    assert [(p.name, p.kind) for p in found[1].params] == [("y", "ptr_T")]
+    with pytest.raises(ValueError, match="unsigned"):
+        kernels.parse_kernels('extern "C" __global__ void k3(unsigned n) { }')
+
+
+def test_sources_keep_the_kernel_rules():
+    """No includes (NVRTC compiles them without a search path), no shared memory, no atomics, T left open."""
+    for filename in kernels.SOURCES:
+        text = kernels.read_source(filename)
+        code = re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.S)
+        for banned in ("#include", "__shared__", "__syncthreads", "atomic", "#define T", "typedef"):
+            assert banned not in code, f"{filename} uses {banned}"
+        assert kernels.kernel_source(filename, np.float64).startswith("typedef double T;\n")
+
+
+_LAUNCHES = [(1, 1), (7, 3), (32, 1), (64, 10**6)]  # one thread; odd shape; one block; more threads than elements
+
+
+@pytest.mark.parametrize("launch", _LAUNCHES, ids=str)
+def test_results_do_not_depend_on_the_launch_shape(shim, launch):
+    """Each output element is one thread's work in a fixed order: any grid gives bit-identical results."""
+    x = _x((2, 5, 6, 7), np.float32, seed=10)
+    dy_pool = _x((2, 5, 2, 3), np.float32, seed=11)
+    dy = _x(x.shape, np.float32, seed=12)
+
+    def run_all():
+        col = shim.im2col_host(x, 3, 2, 2, 1, 1, 1)
+        y, arg = shim.maxpool_forward_host(x, 3, 2, 0)
+        ly, ls = shim.lrn_forward_host(x, 5, 2.0, 0.1, 0.75)
+        return [
+            col,
+            shim.col2im_host(col, x.shape, 3, 2, 2, 1, 1, 1),
+            y,
+            arg,
+            shim.maxpool_backward_host(dy_pool, arg, x.shape, 3, 2, 0),
+            ly,
+            ls,
+            shim.lrn_backward_host(x, ly, ls, dy, 5, 0.1, 0.75),
+        ]
+
+    expected = run_all()
+    block, grid_cap = launch
+    with shim.launch_config(block=block, grid_cap=grid_cap):
+        got = run_all()
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_host_functions_check_their_inputs(shim):
+    x = _x((1, 2, 5, 5), np.float32)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        shim.im2col_host(x.astype(np.int32), 3, 3, 1, 1, 0, 0)
+    with pytest.raises(ValueError, match="4-d"):
+        shim.maxpool_forward_host(x[0], 3, 2, 0)
+    with pytest.raises(ValueError, match="pad"):
+        shim.maxpool_forward_host(x, 3, 2, 3)
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        shim.im2col_host(x, 7, 7, 1, 1, 0, 0)
+    with pytest.raises(ValueError, match="col of shape"):
+        shim.col2im_host(np.zeros((3, 3), np.float32), x.shape, 3, 3, 1, 1, 0, 0)
+    with pytest.raises(ValueError, match="share one dtype"):
+        y, s = shim.lrn_forward_host(x, 5, 2.0, 1e-4, 0.75)
+        shim.lrn_backward_host(x, y, s, x.astype(np.float64), 5, 1e-4, 0.75)
+    # Non-contiguous inputs are copied, not misread.
+    xt = np.ascontiguousarray(x.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    np.testing.assert_array_equal(shim.im2col_host(xt, 3, 3, 1, 1, 1, 1), shim.im2col_host(x, 3, 3, 1, 1, 1, 1))
+
+
+def test_shim_without_a_compiler_says_so(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-cpnet")
+    with pytest.raises(shim_module.ShimUnavailable, match="no-such-compiler-cpnet"):
+        shim_module.compiler()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("filename", kernels.SOURCES)
+def test_gxx_compiles_without_warnings(shim, filename, dtype):
+    assert shim.diagnostics(filename, dtype) == "", shim.diagnostics(filename, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("filename", kernels.SOURCES)
+def test_nvcc_compiles_for_sm90(tmp_path, filename, dtype):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    src = tmp_path / filename
+    src.write_text(kernels.kernel_source(filename, dtype))
+    cmd = [nvcc, "-arch=sm_90", "--cubin", "-Werror", "all-warnings", "-o", str(tmp_path / "k.cubin"), str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    out = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 0 and "warning" not in out.lower(), out
+
+
+def _nvrtc():
+    path = os.environ.get("CPNET_NVRTC_LIB") or ctypes.util.find_library("nvrtc")
+    if not path:
+        pytest.skip("libnvrtc not found (set CPNET_NVRTC_LIB to its path)")
+    return ctypes.CDLL(path)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("filename", kernels.SOURCES)
+def test_nvrtc_compiles_the_loader_text(filename, dtype):
+    """The exact text and options that cpnet.kernels hands to cupy.RawModule compile under NVRTC."""
+    lib = _nvrtc()
+    prog = ctypes.c_void_p()
+    text = kernels.kernel_source(filename, dtype).encode()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), text, filename.encode(), 0, None, None) == 0
+    opts = [b"--gpu-architecture=compute_90"]
+    rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    assert rc == 0, log.value.decode(errors="replace")
