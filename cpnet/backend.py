@@ -226,3 +226,73 @@ def memory_pool_bytes() -> dict:
         return {}
     pool = cp.get_default_memory_pool()
     return {"used": int(pool.used_bytes()), "total": int(pool.total_bytes())}
+
+
+# ---- timing and memory for `cpnet bench` ------------------------------------------------------------------------
+class Timer:
+    """Milliseconds of the work queued on `devices` inside ``with Timer(devices) as t: ...`` (then read ``t.ms``).
+
+    On entry every device is synchronised, so earlier work is not counted. On one GPU the interval is measured
+    with a pair of CUDA events on its current stream; on the host, or when the work spans several GPUs, with
+    ``time.perf_counter`` after synchronising them all.
+    """
+
+    def __init__(self, devices=(HOST,)):
+        devs = [devices] if isinstance(devices, Device) else list(devices)
+        self.devices = list(dict.fromkeys(devs)) or [HOST]
+        gpus = [d for d in self.devices if d.is_gpu]
+        self._event_dev = gpus[0] if len(gpus) == 1 and len(self.devices) == 1 else None
+        self.ms = 0.0
+
+    def _sync(self):
+        for d in self.devices:
+            d.synchronize()
+
+    def __enter__(self):
+        import time
+
+        self._sync()
+        if self._event_dev is not None:
+            cp = cupy_module()
+            with cp.cuda.Device(self._event_dev.index):
+                self._start, self._end = cp.cuda.Event(), cp.cuda.Event()
+                self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        import time
+
+        if self._event_dev is not None:
+            cp = cupy_module()
+            with cp.cuda.Device(self._event_dev.index):
+                self._end.record()
+                self._end.synchronize()
+                self.ms = float(cp.cuda.get_elapsed_time(self._start, self._end))
+        else:
+            self._sync()
+            self.ms = (time.perf_counter() - self._t0) * 1e3
+        return False
+
+
+def memory_pool_bytes_per_device() -> dict:
+    """{'gpu:i': {'used': bytes, 'total': bytes}} from CuPy's default pool on every GPU ({} on the host).
+
+    The pool keeps what it has allocated until freed explicitly, so 'total' after a run is its peak footprint.
+    """
+    cp = _load_cupy()
+    if cp is None:
+        return {}
+    pool = cp.get_default_memory_pool()
+    out = {}
+    for i in range(gpu_count()):
+        with cp.cuda.Device(i):
+            out[f"gpu:{i}"] = {"used": int(pool.used_bytes()), "total": int(pool.total_bytes())}
+    return out
+
+
+def gpu_name(index: int = 0) -> str:
+    """The name CUDA reports for GPU `index` (e.g. 'NVIDIA H100 80GB HBM3')."""
+    name = cupy_module().cuda.runtime.getDeviceProperties(index)["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)

@@ -1,0 +1,139 @@
+"""cpnet bench."""
+
+import click
+
+
+def _fmt_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _synthetic_set(tmp, n, size, workers):
+    """A temporary dataset made by `cpnet prep synthetic`; returns the path of its train.h5."""
+    import contextlib
+    import io
+    import os
+
+    from .main import cli
+
+    with contextlib.redirect_stdout(io.StringIO()):  # keep --json output a single JSON object
+        cli.main(["prep", "synthetic", "--out", tmp, "--n", str(n), "--size", str(size), "--quiet",
+                  "--workers", str(workers)], prog_name="cpnet", standalone_mode=False)
+    return os.path.join(tmp, "train.h5")
+
+
+def _loader_figures(loader_data, model, batch_size, crop, workers, batches):
+    import os
+    import tempfile
+
+    from cpnet import bench
+    from cpnet.errors import CpnetError
+
+    if loader_data:
+        path = os.path.join(loader_data, "train.h5") if os.path.isdir(loader_data) else loader_data
+        res = bench.bench_loader(path, batch_size, crop, workers=workers, batches=batches)
+        res["synthetic"] = False
+        return res
+    size = bench.STORED_SIZE[model]
+    with tempfile.TemporaryDirectory(prefix="cpnet-bench-") as tmp:
+        try:
+            path = _synthetic_set(tmp, batch_size * (batches + 2), size, workers)
+        except (CpnetError, click.ClickException, ImportError) as e:
+            msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
+            return {"error": f"could not make a synthetic dataset: {msg}"}
+        res = bench.bench_loader(path, batch_size, crop, workers=workers, batches=batches)
+    res.update(synthetic=True, stored_size=size, path=None)
+    return res
+
+
+@click.command("bench")
+@click.option("--model", default="alexnet", show_default=True, help="alexnet | alexnet-small | alexnet-tiny")
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(1), help="Timed iterations.")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(0),
+              help="Untimed iterations first (kernel compilation, first allocations).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--loader-data", type=click.Path(exists=True),
+              help="Time the loader on this dataset (folder with train.h5, or the file) "
+                   "[default: a temporary synthetic set at the model's stored size].")
+@click.option("--loader-workers", default=0, show_default=True, type=click.IntRange(0),
+              help="Loader worker processes (as `cpnet train --workers`).")
+@click.option("--no-loader", is_flag=True, help="Skip the loader measurement.")
+@click.option("--classes", type=click.IntRange(2), default=None,
+              help="Output classes [default: 1000 for alexnet, 10 for the small presets].")
+@click.option("--crop", type=int, default=None, help="Input size [default: the preset's].")
+def command(model, batch_size, steps, warmup, as_json, loader_data, loader_workers, no_loader, classes, crop):
+    """Time the training step, layer by layer (like `caffe time`), and the loader beside it.
+
+    Per layer: mean forward and backward milliseconds over --steps iterations after --warmup, both towers
+    summed, the device synchronised around each call; `exchange` is the cross-tower traffic. Then the whole step
+    (forward, backward, momentum update) on a random batch without inner synchronisation, in images/s; the
+    loader's images/s; peak memory (host RSS, CuPy pool per GPU); forward multiply-adds per image and the
+    step time that the measured GEMM speed allows. Set CPNET_DEVICE=cpu|gpu to choose the device.
+    """
+    import datetime
+    import json
+    import subprocess
+
+    from cpnet import __version__, backend, bench
+    from cpnet.model import PRESETS, make_config
+
+    if model not in PRESETS:
+        raise click.BadParameter(f"{model!r}: expected one of {', '.join(PRESETS)}", param_hint="--model")
+    if no_loader and loader_data:
+        raise click.UsageError("--no-loader and --loader-data contradict each other")
+    num_classes = classes or (1000 if model == "alexnet" else 10)
+    cfg = make_config(model, num_classes=num_classes, crop=crop)
+
+    res = bench.bench_model(model, batch_size=batch_size, steps=steps, warmup=warmup, num_classes=num_classes,
+                            crop=cfg.crop)
+    dev = backend.default_placement(2)[0]
+    gemm = bench.gemm_gflops(dev, n=2048 if dev.is_gpu else 1024)
+    res["flops"] = bench.floors(cfg, gemm, batch_size)
+    res["memory"] = bench.memory()
+    if no_loader:
+        res["loader"] = None
+    else:
+        batches = max(2, min(steps, 8))
+        res["loader"] = _loader_figures(loader_data, model, batch_size, cfg.crop, loader_workers, batches)
+    res["machine"] = bench.machine()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=__import__("os").path.dirname(__file__), timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    res["run"] = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": commit,
+                  "cpnet": __version__}
+
+    if as_json:
+        click.echo(json.dumps(res, indent=1))
+        return
+
+    c, s = res["config"], res["step"]
+    click.echo(f"cpnet bench: {c['model']} ({c['params']:,} parameters), batch {c['batch_size']}, crop {c['crop']}, "
+               f"{c['steps']} steps after {c['warmup']} warm-up; {res['machine']['backend']} on "
+               f"{', '.join(res['devices'])}")
+    click.echo(f"{'layer':<10}{'forward ms':>12}{'backward ms':>13}   (both towers)")
+    for r in res["layers"]:
+        click.echo(f"{r['name']:<10}{r['forward_ms']:>12.3f}{r['backward_ms']:>13.3f}")
+    t = res["layers_total"]
+    click.echo(f"{'total':<10}{t['forward_ms']:>12.3f}{t['backward_ms']:>13.3f}   update {res['update_ms']:.3f} ms")
+    click.echo(f"step: {s['ms']:.2f} ms mean ({s['ms_median']:.2f} median) = {s['images_per_s']:.1f} images/s "
+               f"(forward, backward, update); first loss {s['first_loss']:.4f}")
+    ld = res["loader"]
+    if ld is None:
+        pass
+    elif "error" in ld:
+        click.echo(f"loader: not measured ({ld['error']})")
+    else:
+        src = f"synthetic {ld['stored_size']}px" if ld.get("synthetic") else ld["path"]
+        click.echo(f"loader: {ld['images_per_s']:.1f} images/s ({ld['workers']} workers, {src}, crop {ld['crop']})")
+    m = res["memory"]
+    gpus = ", ".join(f"{k} pool {_fmt_bytes(v['total'])}" for k, v in m["gpu_pool_bytes"].items())
+    click.echo(f"memory: host peak RSS {_fmt_bytes(m['host_peak_rss_bytes'])}" + (f"; {gpus}" if gpus else ""))
+    f = res["flops"]
+    click.echo(f"flops: {f['forward_macs_per_image'] / 1e9:.4f} G multiply-adds/image forward; GEMM "
+               f"{f['gemm_gflops']:.0f} GFLOP/s -> floor {f['floor_step_ms']:.2f} ms/step "
+               f"({f['floor_images_per_s']:.0f} images/s)")

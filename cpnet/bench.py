@@ -1,0 +1,308 @@
+"""Measurements behind `cpnet bench`: per-layer times, the training step, the loader, memory and FLOP counts.
+
+Nothing here prints; every function returns plain dicts (JSON-ready). Times are milliseconds measured by
+`backend.Timer`: CUDA events on one GPU, `perf_counter` on the host, always after synchronising the devices, so
+each figure is the work of exactly the call it brackets. Warm-up iterations (kernel compilation, first
+allocations, BLAS thread start-up) are run and discarded first.
+
+Per-layer times follow `caffe time`: the model's own layers are called one at a time, in the order the model's
+forward and backward passes call them, with the device synchronised around each call; a layer's figure is the
+sum over both towers. The cross-tower exchanges (the concatenations before conv3, fc6, fc7 and fc8, and the
+gradient splits after them) are reported as one row, `exchange`. Because of the synchronisation around every
+call, the layer rows add up to a little more than the whole step, which is timed separately without it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+import time
+
+import numpy as np
+
+from . import backend, ops
+from .model import PRESETS, build_model, feature_shapes, make_config
+from .optim import MomentumSGD
+
+# The image size `cpnet prep` would store for each preset (the default crops are cut from it).
+STORED_SIZE = {"alexnet": 256, "alexnet-small": 36, "alexnet-tiny": 17}
+
+
+# ---- FLOP counts ---------------------------------------------------------------------------------------------------
+def forward_macs(cfg, crop=None, grouped=True) -> dict:
+    """Multiply-adds per image in the forward pass of every convolution and fully connected layer.
+
+    Derived from `feature_shapes` and the per-tower layer geometry. With ``grouped=True`` (the paper's net)
+    conv2, conv4 and conv5 see only their own tower's channels; conv3 and the FC layers see both towers'.
+    ``grouped=False`` counts the same widths as one stream (every conv sees all channels). conv1 reads the 3
+    input channels in both cases. Returns {'conv1': macs, ..., 'fc8': macs, 'total': macs}.
+    """
+    shapes = feature_shapes(cfg, crop)
+    k_in = [3]  # input channels each conv reads, per output channel
+    towers_in = [s[0] for s in (shapes["pool1"], shapes["pool2"], shapes["conv3"], shapes["conv4"])]
+    for i, c_all in enumerate(towers_in):
+        own_tower_only = i in (0, 2, 3)  # conv2, conv4, conv5 read their own tower
+        k_in.append(c_all // 2 if (grouped and own_tower_only) else c_all)
+    out = {}
+    for i, (f, k, s, p) in enumerate(cfg.conv):
+        c, h, w = shapes[f"conv{i + 1}"]
+        out[f"conv{i + 1}"] = int(c * h * w * k_in[i] * k * k)
+    fan6 = int(np.prod(shapes["pool5"]))
+    out["fc6"] = int(shapes["fc6"][0] * fan6)
+    out["fc7"] = int(shapes["fc7"][0] * shapes["fc6"][0])
+    out["fc8"] = int(shapes["fc8"][0] * shapes["fc7"][0])
+    out["total"] = int(sum(out.values()))
+    return out
+
+
+def flop_table(num_classes=1000) -> dict:
+    """{preset: {'crop', 'grouped': forward_macs, 'ungrouped': forward_macs}} for every preset at its default crop."""
+    table = {}
+    for name in PRESETS:
+        cfg = make_config(name, num_classes=num_classes)
+        table[name] = {"crop": cfg.crop, "grouped": forward_macs(cfg), "ungrouped": forward_macs(cfg, grouped=False)}
+    return table
+
+
+def step_flops_per_image(cfg) -> int:
+    """FLOPs (2 per multiply-add) of one training step per image: forward, the input gradient and the weight
+    gradient of every conv and FC layer, each as large as the forward GEMM (conv1's input gradient included,
+    since the backward pass computes it)."""
+    return int(2 * 3 * forward_macs(cfg)["total"])
+
+
+def gemm_gflops(device=backend.HOST, n=2048, repeats=5) -> dict:
+    """Measured float32 GEMM speed on `device`: the best of `repeats` (n, n) @ (n, n) products."""
+    with device:
+        xp = device.xp
+        rng = np.random.default_rng(0)
+        a = backend.to_device(rng.standard_normal((n, n), dtype=np.float32), device)
+        b = backend.to_device(rng.standard_normal((n, n), dtype=np.float32), device)
+        xp.matmul(a, b)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            with backend.Timer(device) as t:
+                xp.matmul(a, b)
+            best = min(best, t.ms)
+    return {"n": n, "ms": best, "gflops": 2.0 * n ** 3 / (best * 1e-3) / 1e9}
+
+
+# ---- the training step, layer by layer -----------------------------------------------------------------------------
+def _gather(model, parts, t):
+    """Both towers' activations concatenated on tower t's device (as the model's exchanges do)."""
+    dev = model.devices[t]
+    with dev:
+        return dev.xp.concatenate([backend.transfer(p, dev) for p in parts], axis=1)
+
+
+def _scatter(model, d, widths, acc):
+    """Split a gradient of a gathered input by source tower and add each piece into that tower's accumulator."""
+    start = 0
+    for s, w in enumerate(widths):
+        dev = model.devices[s]
+        with dev:
+            piece = backend.transfer(d[:, start:start + w], dev)
+            acc[s] = piece.copy() if acc[s] is None else acc[s] + piece
+        start += w
+    return acc
+
+
+class _Recorder:
+    """Accumulates forward/backward milliseconds per layer name, in first-seen order."""
+
+    def __init__(self):
+        self.rows = {}
+        self.on = True
+
+    def add(self, name, phase, ms):
+        if self.on:
+            self.rows.setdefault(name, {"forward_ms": 0.0, "backward_ms": 0.0})[phase] += ms
+
+
+def _run_layers(model, xs, labels, rec: _Recorder, opt):
+    """One training step (forward, backward, update) with every layer call timed on its own."""
+    devs = model.devices
+
+    def fwd(seq, x, t):
+        for name, layer in seq.layers:
+            with devs[t], backend.Timer(devs[t]) as tm:
+                x = layer.forward(x, True)
+            rec.add(name, "forward_ms", tm.ms)
+        return x
+
+    def bwd(seq, d, t):
+        for name, layer in reversed(seq.layers):
+            with devs[t], backend.Timer(devs[t]) as tm:
+                d = layer.backward(d)
+            rec.add(name, "backward_ms", tm.ms)
+        return d
+
+    def exchange(fn, phase):
+        with backend.Timer(devs) as tm:
+            out = fn()
+        rec.add("exchange", phase, tm.ms)
+        return out
+
+    h = [fwd(model.stem[t], xs[t], t) for t in range(2)]
+    widths = {}
+    for key, seqs in (("p2", model.mid), ("p5", model.fc6), ("f6", model.fc7)):
+        widths[key] = [a.shape[1] for a in h]
+        g = exchange(lambda: [_gather(model, h, t) for t in range(2)], "forward_ms")
+        h = [fwd(seqs[t], g[t], t) for t in range(2)]
+    widths["f7"] = [a.shape[1] for a in h]
+    g = exchange(lambda: _gather(model, h, 0), "forward_ms")
+    with devs[0], backend.Timer(devs[0]) as tm:
+        logits = model.fc8.forward(g, True)
+    rec.add("fc8", "forward_ms", tm.ms)
+    with devs[0], backend.Timer(devs[0]) as tm:
+        loss, cache = ops.softmax_cross_entropy_forward(logits, labels)
+    rec.add("loss", "forward_ms", tm.ms)
+
+    with devs[0], backend.Timer(devs[0]) as tm:
+        d = ops.softmax_cross_entropy_backward(cache)
+    rec.add("loss", "backward_ms", tm.ms)
+    with devs[0], backend.Timer(devs[0]) as tm:
+        d = model.fc8.backward(d)
+    rec.add("fc8", "backward_ms", tm.ms)
+    d = exchange(lambda: _scatter(model, d, widths["f7"], [None, None]), "backward_ms")
+    for key, seqs in (("f6", model.fc7), ("p5", model.fc6), ("p2", model.mid)):
+        dt = [bwd(seqs[t], d[t], t) for t in range(2)]
+
+        def split_back():
+            acc = [None, None]
+            for t in range(2):
+                _scatter(model, dt[t], widths[key], acc)
+            return acc
+
+        d = exchange(split_back, "backward_ms")
+    for t in range(2):
+        bwd(model.stem[t], d[t], t)
+    with backend.Timer(devs) as tm:
+        opt.step()
+    return float(backend.to_host(loss)), tm.ms
+
+
+def _batch(cfg, batch_size, device, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch_size, 3, cfg.crop, cfg.crop), dtype=np.float32)
+    y = rng.integers(0, cfg.num_classes, size=batch_size)
+    return backend.to_device(x, device), backend.to_device(y, device)
+
+
+def bench_model(preset="alexnet", batch_size=128, steps=10, warmup=2, num_classes=None, crop=None, placement=None,
+                lr=0.01, seed=0) -> dict:
+    """Per-layer forward/backward times and the whole training step on random batches.
+
+    Returns {'config', 'devices', 'layers': [{'name', 'forward_ms', 'backward_ms'}], 'layers_total', 'update_ms',
+    'step': {'ms', 'ms_median', 'ms_min', 'images_per_s', 'first_loss'}}; per-layer figures are means over
+    `steps` iterations after `warmup`, summed over both towers.
+    """
+    if num_classes is None:
+        num_classes = 1000 if preset == "alexnet" else 10
+    cfg = make_config(preset, num_classes=num_classes, crop=crop, seed=seed)
+    model = build_model(cfg, placement=placement)
+    devs = model.devices
+    opt = MomentumSGD(model, lr=lr)
+    x, y = _batch(cfg, batch_size, devs[0], seed)
+    xs = [backend.transfer(x, d) for d in devs]
+
+    # Per-layer pass.
+    rec = _Recorder()
+    update = []
+    first_loss = None
+    for i in range(warmup + steps):
+        rec.on = i >= warmup
+        model.set_step(i)
+        loss, upd_ms = _run_layers(model, xs, y, rec, opt)
+        first_loss = loss if first_loss is None else first_loss
+        if rec.on:
+            update.append(upd_ms)
+    model.clear()
+    layers = [{"name": n, "forward_ms": v["forward_ms"] / steps, "backward_ms": v["backward_ms"] / steps}
+              for n, v in rec.rows.items()]
+    totals = {"forward_ms": sum(r["forward_ms"] for r in layers), "backward_ms": sum(r["backward_ms"] for r in layers)}
+
+    # Whole steps, no synchronisation inside.
+    times = []
+    for i in range(warmup + steps):
+        model.set_step(warmup + steps + i)
+        with backend.Timer(devs) as tm:
+            model.loss(x, y)
+            model.loss_backward()
+            opt.step()
+        if i >= warmup:
+            times.append(tm.ms)
+    model.clear()
+    mean_ms = float(np.mean(times))
+    return {
+        "config": {"model": preset, "batch_size": int(batch_size), "crop": cfg.crop, "num_classes": num_classes,
+                   "steps": int(steps), "warmup": int(warmup), "conventions": cfg.conventions,
+                   "dropout": cfg.dropout, "params": model.num_params()},
+        "devices": [str(d) for d in devs],
+        "layers": layers,
+        "layers_total": totals,
+        "update_ms": float(np.mean(update)),
+        "step": {"ms": mean_ms, "ms_median": float(np.median(times)), "ms_min": float(np.min(times)),
+                 "images_per_s": batch_size / (mean_ms * 1e-3), "first_loss": first_loss},
+    }
+
+
+# ---- the loader, memory, the machine -------------------------------------------------------------------------------
+def bench_loader(path, batch_size, crop, workers=0, batches=8, seed=0) -> dict:
+    """Images/s of `TrainLoader` over `batches` batches after one warm-up batch (epochs wrap as needed)."""
+    from cpnet.data import TrainLoader
+
+    with TrainLoader(path, batch_size, crop, seed=seed, workers=workers) as loader:
+        def stream():
+            e = 0
+            while True:
+                yield from loader.epoch(e)
+                e += 1
+
+        it = stream()
+        next(it)
+        t0 = time.perf_counter()
+        n = 0
+        for _ in range(batches):
+            xb, _ = next(it)
+            n += len(xb)
+        dt = time.perf_counter() - t0
+    return {"path": os.fspath(path), "workers": int(workers), "batch_size": int(batch_size), "crop": int(crop),
+            "batches": int(batches), "images_per_s": n / dt}
+
+
+def memory() -> dict:
+    """Peak host RSS of this process (bytes) and CuPy's pool on every GPU (bytes held; the pool's peak)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss *= 1 if sys.platform == "darwin" else 1024  # Linux reports KiB, macOS bytes
+    return {"host_peak_rss_bytes": int(rss), "gpu_pool_bytes": backend.memory_pool_bytes_per_device()}
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+            "platform": platform.platform(), "backend": "cupy" if backend.use_gpu() else "numpy",
+            "threads_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+                            if k in os.environ}}
+    info["gpus"] = [backend.gpu_name(i) for i in range(backend.gpu_count())] if backend.use_gpu() else []
+    return info
+
+
+def floors(cfg, gemm: dict, batch_size: int) -> dict:
+    """The fastest step the measured GEMM speed allows: all conv/FC work at that speed, everything else free."""
+    f = step_flops_per_image(cfg)
+    per_image_s = f / (gemm["gflops"] * 1e9)
+    return {"forward_macs_per_image": forward_macs(cfg)["total"], "step_flops_per_image": f,
+            "gemm_gflops": gemm["gflops"], "floor_step_ms": per_image_s * batch_size * 1e3,
+            "floor_images_per_s": 1.0 / per_image_s}
