@@ -2,13 +2,14 @@
 
 The paper zeroes each hidden unit with probability 0.5 during training and, at test time, uses all units but
 multiplies their outputs by 0.5. Here, at training time, each unit is kept with probability 1 - p and the kept
-units are scaled by 1 / (1 - p); at test time the layer is the identity. The two agree: for every unit,
+units are scaled by 1 / (1 - p); at test time the layer is the identity. Both rules make the test-time output
+equal the expected training-time output:
 
-    E[train-time output] = (1 - p) * x / (1 - p) = x = inverted test-time output,
+    paper:    E[train] = (1 - p) * x            test = (1 - p) * x
+    inverted: E[train] = (1 - p) * x / (1 - p)  test = x
 
-while the paper's network has E[train output] = (1 - p) * x = its test-time output (1 - p) * x. Both make the
-test-time output equal the expected training-time output; the inverted form only moves the constant factor
-(1 - p) into training, which the following layer's weights absorb, so test time needs no rescaling.
+The two networks differ only by the constant factor 1 / (1 - p) on this layer's outputs during training, which
+the next layer's weights absorb; the inverted form needs no rescaling at test time.
 
 Backward: dx = dy * mask / (1 - p) (the same units, the same scale).
 """

@@ -6,8 +6,6 @@ Backward: dx = dy @ W, dW = dy.T @ x, db = sum of dy over the batch.
 
 from __future__ import annotations
 
-from cpnet.backend import get_array_module
-
 from . import _check
 
 OP_F = "linear_forward"
@@ -16,7 +14,6 @@ OP_B = "linear_backward"
 
 def linear_forward(x, W, b):
     """Returns (y (N, out), cache); b is (out,) or None."""
-    xp = get_array_module(x)
     _check.floating(OP_F, "x", x)
     if x.ndim < 2:
         _check.fail(OP_F, f"x must have shape (N, in) or (N, ...), got {tuple(x.shape)}")

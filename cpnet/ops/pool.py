@@ -95,7 +95,7 @@ def max_pool2d_forward(x, ksize=3, stride=2, pad=0):
     p = _check.positive_int(OP_F, "pad", pad, 0)
     if p >= k:
         _check.fail(OP_F, f"pad must be smaller than ksize={k}, got {p}")
-    N, C, H, W = x.shape
+    H, W = x.shape[2:]
     _check.out_size(OP_F, H, k, s, p, "height")
     _check.out_size(OP_F, W, k, s, p, "width")
     if get_array_module(x) is np:
