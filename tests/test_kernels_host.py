@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import types
 
 import numpy as np
 import pytest
@@ -407,6 +408,96 @@ def test_results_do_not_depend_on_the_launch_shape(shim, launch):
         got = run_all()
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a, b)
+
+
+class _StandInGpuArray(np.ndarray):
+    """A NumPy array that passes for a CuPy array on device 0."""
+
+    device = types.SimpleNamespace(id=0)
+
+
+class _StandInCupy:
+    """Just enough of cupy for cpnet.kernels' GPU path; its kernels run through the host shim."""
+
+    ndarray = _StandInGpuArray
+    cuda = types.SimpleNamespace(Device=lambda *a: types.SimpleNamespace(id=0))
+
+    @staticmethod
+    def asarray(a):
+        return np.array(a).view(_StandInGpuArray)
+
+    @staticmethod
+    def ascontiguousarray(a, dtype=None):
+        return np.ascontiguousarray(a, dtype=dtype).view(_StandInGpuArray)
+
+    @staticmethod
+    def empty(shape, dtype):
+        return np.empty(shape, dtype=dtype).view(_StandInGpuArray)
+
+    @staticmethod
+    def empty_like(a):
+        return np.empty_like(np.asarray(a)).view(_StandInGpuArray)
+
+
+def test_gpu_entry_points_with_a_stand_in_cupy(shim, monkeypatch):
+    """The `_gpu` functions without a GPU: what they compile (once per dtype and file), the launch shape, the exact
+    argument types, and the results, with cupy replaced by a stand-in whose RawModule runs the host shim."""
+    compiled, launches = [], []
+
+    class Module:
+        def __init__(self, code, options):
+            self.dtype = {"float": np.float32, "double": np.float64}[re.match(r"typedef (\w+) T;", code).group(1)]
+            compiled.append((self.dtype, re.search(r'#line 1 "(.+)"', code).group(1), tuple(options)))
+
+        def get_function(self, name):
+            def run(grid, block, args):
+                kinds = [p.kind for p in kernels.kernels()[name].params]
+                for kind, a in zip(kinds, args, strict=True):
+                    expected = {"ptr_T": _StandInGpuArray, "ptr_int": _StandInGpuArray, "int": np.int32}
+                    assert type(a) is expected.get(kind, self.dtype), (name, kind, type(a))
+                launches.append((name, grid, block))
+                shim.launch(name, self.dtype, grid[0], block[0], args)
+
+            return run
+
+    monkeypatch.setattr(kernels.backend, "cupy_module", lambda: _StandInCupy)
+    monkeypatch.setattr(kernels.backend, "raw_module", lambda code, options=(): Module(code, options))
+    monkeypatch.setattr(kernels, "_modules", {})
+    monkeypatch.setattr(kernels, "_functions", {})
+    cp = _StandInCupy
+
+    for dtype in DTYPES:
+        for _ in range(2):  # the second round must reuse the compiled modules
+            x = _x((2, 3, 7, 6), dtype, seed=13)
+            col = kernels.im2col_gpu(cp.asarray(x), 3, 2, 2, 1, 1, 1)
+            np.testing.assert_array_equal(col, shim.im2col_host(x, 3, 2, 2, 1, 1, 1))
+            np.testing.assert_array_equal(kernels.col2im_gpu(col, x.shape, 3, 2, 2, 1, 1, 1),
+                                          shim.col2im_host(np.asarray(col), x.shape, 3, 2, 2, 1, 1, 1))
+            y, arg = kernels.maxpool_forward_gpu(cp.asarray(x), 3, 2, 1)
+            y_ref, arg_ref = shim.maxpool_forward_host(x, 3, 2, 1)
+            np.testing.assert_array_equal(y, y_ref)
+            np.testing.assert_array_equal(arg, arg_ref)
+            dy = _x(y.shape, dtype, seed=14)
+            np.testing.assert_array_equal(kernels.maxpool_backward_gpu(cp.asarray(dy), arg, x.shape, 3, 2, 1),
+                                          shim.maxpool_backward_host(dy, arg_ref, x.shape, 3, 2, 1))
+            ly, ls = kernels.lrn_forward_gpu(cp.asarray(x), 4, 2.0, 0.1, 0.75)
+            ly_ref, ls_ref = shim.lrn_forward_host(x, 4, 2.0, 0.1, 0.75)
+            np.testing.assert_array_equal(ly, ly_ref)
+            np.testing.assert_array_equal(ls, ls_ref)
+            dly = _x(x.shape, dtype, seed=15)
+            np.testing.assert_array_equal(kernels.lrn_backward_gpu(cp.asarray(x), ly, ls, cp.asarray(dly), 4, 0.1, 0.75),
+                                          shim.lrn_backward_host(x, ly_ref, ls_ref, dly, 4, 0.1, 0.75))
+
+    assert sorted(compiled, key=str) == sorted(
+        [(dt, f, ()) for dt in DTYPES for f in kernels.SOURCES], key=str
+    ), "each (dtype, file) compiles exactly once"
+    assert {n for n, _, _ in launches} == set(kernels.list_kernels())
+    for name, grid, block in launches:
+        assert block == (kernels.GPU_BLOCK,) and len(grid) == 1 and 1 <= grid[0] <= kernels.GPU_GRID_CAP
+    assert ("im2col_kernel", (math.ceil(18 * 56 / 256),), (256,)) in launches  # col is (3*3*2, 2*4*7)
+
+    with pytest.raises(TypeError, match="cupy array"):
+        kernels.lrn_forward_gpu(_x((1, 2, 2, 2), np.float32), 5, 2.0, 1e-4, 0.75)
 
 
 def test_host_functions_check_their_inputs(shim):

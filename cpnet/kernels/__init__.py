@@ -302,45 +302,44 @@ def _gpu_run(name, dtype, n, *args):
     _gpu_function(name, dtype)((grid,), (GPU_BLOCK,), tuple(packed))
 
 
-def _on_device_of(x):
-    """Make x's GPU current, so outputs are allocated and kernels run where the input lives."""
-    return backend.device_of(x)
+def _on_gpu(op, body, arrays, *rest):
+    """Run `body` with the device of the array inputs current; host arrays are refused, not silently copied."""
+    cp = backend.cupy_module()
+    for a in arrays:
+        if not isinstance(a, cp.ndarray):
+            raise TypeError(f"{op}: expected cupy arrays, got {type(a).__module__}.{type(a).__name__}")
+    with backend.device_of(arrays[0]):
+        return body(_gpu_run, cp, *arrays, *rest)
 
 
 def im2col_gpu(x, kh, kw, sy, sx, ph, pw):
     """x (N, C, H, W) -> col (C*kh*kw, N*Ho*Wo); row c*kh*kw + i*kw + j, column n*Ho*Wo + oy*Wo + ox."""
-    with _on_device_of(x):
-        return _im2col(_gpu_run, backend.cupy_module(), x, kh, kw, sy, sx, ph, pw)
+    return _on_gpu("im2col_gpu", _im2col, (x,), kh, kw, sy, sx, ph, pw)
 
 
 def col2im_gpu(col, x_shape, kh, kw, sy, sx, ph, pw):
     """The adjoint of im2col_gpu: sums each col entry back onto the input position it came from."""
-    with _on_device_of(col):
-        return _col2im(_gpu_run, backend.cupy_module(), col, x_shape, kh, kw, sy, sx, ph, pw)
+    return _on_gpu("col2im_gpu", _col2im, (col,), x_shape, kh, kw, sy, sx, ph, pw)
 
 
 def maxpool_forward_gpu(x, ksize, stride, pad):
     """-> (y, argmax int32 = h*W + w in the (n, c) plane); floor size, padding never wins, ties to the first max."""
-    with _on_device_of(x):
-        return _maxpool_forward(_gpu_run, backend.cupy_module(), x, ksize, stride, pad)
+    return _on_gpu("maxpool_forward_gpu", _maxpool_forward, (x,), ksize, stride, pad)
 
 
 def maxpool_backward_gpu(dy, argmax, x_shape, ksize, stride, pad):
     """dx: each input gathers dy from the outputs whose argmax it is."""
-    with _on_device_of(dy):
-        return _maxpool_backward(_gpu_run, backend.cupy_module(), dy, argmax, x_shape, ksize, stride, pad)
+    return _on_gpu("maxpool_backward_gpu", _maxpool_backward, (dy, argmax), x_shape, ksize, stride, pad)
 
 
 def lrn_forward_gpu(x, size, k, alpha_eff, beta):
     """-> (y, scale): scale = k + alpha_eff * (sum of x^2 over the channel window), y = x * scale^-beta."""
-    with _on_device_of(x):
-        return _lrn_forward(_gpu_run, backend.cupy_module(), x, size, k, alpha_eff, beta)
+    return _on_gpu("lrn_forward_gpu", _lrn_forward, (x,), size, k, alpha_eff, beta)
 
 
 def lrn_backward_gpu(x, y, scale, dy, size, alpha_eff, beta):
     """dx = dy * scale^-beta - 2 alpha_eff beta x * sum over the windows containing c of dy * y / scale."""
-    with _on_device_of(x):
-        return _lrn_backward(_gpu_run, backend.cupy_module(), x, y, scale, dy, size, alpha_eff, beta)
+    return _on_gpu("lrn_backward_gpu", _lrn_backward, (x, y, scale, dy), size, alpha_eff, beta)
 
 
 def clear_cache():

@@ -189,16 +189,15 @@ def _host_array(kernel_name):
     return check
 
 
-def _host_run(name, dtype, n, *args):
-    """Launch kernel `name` the way CUDA would, one (block, thread) at a time."""
-    packed = pack_args(name, dtype, args, _host_array(name))
-    if n == 0:
-        return
+def launch(name: str, dtype, grid: int, block: int, packed) -> None:
+    """Run kernel `name` as a <<<grid, block>>> launch would, one (block, thread) at a time.
+
+    `packed` is the argument list `pack_args` made: arrays (anything exposing the NumPy `ctypes` interface) and
+    NumPy scalars of the kernel's exact types.
+    """
     lib = library(kernels()[name].source, dtype)
     fn = getattr(lib, name)
     cargs = [a.ctypes.data if isinstance(a, np.ndarray) else a.item() for a in packed]
-    block = _launch["block"]
-    grid = min(math.ceil(n / block), _launch["grid_cap"])
     grid_dim, block_dim = _Dim3.in_dll(lib, "gridDim"), _Dim3.in_dll(lib, "blockDim")
     block_idx, thread_idx = _Dim3.in_dll(lib, "blockIdx"), _Dim3.in_dll(lib, "threadIdx")
     with _lock:  # the launch built-ins are globals of the library
@@ -210,6 +209,14 @@ def _host_run(name, dtype, n, *args):
             for t in range(block):
                 thread_idx.x = t
                 fn(*cargs)
+
+
+def _host_run(name, dtype, n, *args):
+    packed = pack_args(name, dtype, args, _host_array(name))
+    if n == 0:
+        return
+    block = _launch["block"]
+    launch(name, dtype, min(math.ceil(n / block), _launch["grid_cap"]), block, packed)
 
 
 def im2col_host(x, kh, kw, sy, sx, ph, pw):
