@@ -1,0 +1,85 @@
+"""`cpnet prep ...`: turn an image source into OUT/train.h5 and OUT/val.h5."""
+
+import sys
+import time
+
+import click
+
+
+def _fmt_time(s):
+    s = int(max(s, 0))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class _Bar:
+    """One stderr line per split, rewritten in place: done/total, images/s, ETA, skipped."""
+
+    def __init__(self, quiet):
+        self.quiet, self.last, self.split = quiet, 0.0, None
+        self.tty = sys.stderr.isatty()     # not a terminal: only the final line of each split
+
+    def __call__(self, split, done, total, written, skipped, seconds, done_here):
+        if self.quiet:
+            return
+        now = time.monotonic()
+        if done < total and (not self.tty or (now - self.last < 0.25 and split == self.split)):
+            return
+        self.last, self.split = now, split
+        rate = done_here / seconds if seconds > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        pct = 100.0 * done / max(total, 1)
+        line = (f"\r{split:>5}: {done}/{total} ({pct:5.1f}%)  {rate:7.0f} img/s  "
+                f"{'ETA ' + _fmt_time(eta) if done < total else 'took ' + _fmt_time(seconds)}  skipped {skipped}")
+        click.echo(line if self.tty else line[1:], err=True, nl=done >= total)
+
+
+def _common(f):
+    f = click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+                     help="Output folder for train.h5, val.h5 (and skipped.txt).")(f)
+    f = click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
+                     help="Processes decoding images in parallel (0: this process).")(f)
+    f = click.option("--resume", is_flag=True, help="Continue an interrupted prep (keeps finished files).")(f)
+    f = click.option("--overwrite", is_flag=True, help="Replace existing output files.")(f)
+    f = click.option("--strict", is_flag=True, help="Stop at the first unreadable input instead of skipping it.")(f)
+    f = click.option("--quiet", "-q", is_flag=True, help="No progress line.")(f)
+    return f
+
+
+def _run(jobs, out, workers, resume, overwrite, strict, quiet):
+    from cpnet.data import prep
+
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite exclude each other")
+    summaries = prep.run(out, jobs, workers=workers, resume=resume, overwrite=overwrite, strict=strict,
+                         progress=_Bar(quiet))
+    total_skipped = 0
+    for split, s in summaries.items():
+        kept = " (kept, already complete)" if s.get("kept") else ""
+        click.echo(f"{s['file']}: {s['n']} images, {len(s['skipped'])} skipped{kept}")
+        total_skipped += len(s["skipped"])
+    if total_skipped:
+        click.echo(f"{total_skipped} inputs skipped, listed in {out}/skipped.txt")
+
+
+@click.group("prep")
+def command():
+    """Make dataset files (OUT/train.h5, OUT/val.h5) from an image source.
+
+    Images are resized so the shorter side is --size (antialiased) and centre-cropped to a square; the training
+    set's mean image and RGB PCA are stored in both files.
+    """
+
+
+@command.command("synthetic")
+@click.option("--n", "n", default=6000, show_default=True, type=click.IntRange(1), help="Training images.")
+@click.option("--classes", default=10, show_default=True, type=click.IntRange(1), help="Number of classes (max 14).")
+@click.option("--size", default=36, show_default=True, type=click.IntRange(8), help="Stored image side S.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="The set is a function of it.")
+@click.option("--val-fraction", default=0.2, show_default=True, type=float,
+              help="Validation images = round(F * n), generated apart from the training images.")
+@_common
+def synthetic(n, classes, size, seed, val_fraction, out, workers, resume, overwrite, strict, quiet):
+    """The built-in synthetic set: shapes and textures in random colours, sizes, places, backgrounds, noise."""
+    from cpnet.data.sources import synthetic_jobs
+
+    _run(synthetic_jobs(n, classes, size, seed, val_fraction), out, workers, resume, overwrite, strict, quiet)

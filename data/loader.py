@@ -1,0 +1,341 @@
+"""Batch loaders over a dataset file: `TrainLoader` (shuffled, augmented) and `EvalLoader` (every image once).
+
+A batch is a pure function of (file, settings, seed, epoch, batch index), made by `_make_batch`; with workers=0
+the calling process makes it, with workers=N worker processes do. The workers start with the "forkserver" method
+(else "spawn"), so no open HDF5 handle is ever inherited; each worker opens the file itself on its first batch.
+Batches travel back through shared-memory slots, one per batch in flight (`prefetch` of them, at least one per
+worker); the parent copies each batch out of its slot, so the arrays it yields are its own.
+"""
+
+import contextlib
+import multiprocessing as mp
+import os
+import queue
+import signal
+import sys
+import traceback
+import types
+import weakref
+
+import numpy as np
+
+from cpnet.errors import CpnetError
+
+from . import augment
+from .h5format import H5Dataset
+
+
+class _Spec:
+    """What a process needs to make any batch of one loader (small and picklable)."""
+
+    def __init__(self, path, kind, batch_size, crop, seed=0, lighting=0.0, flip=False, scale=1.0, views="center"):
+        self.path, self.kind, self.batch_size, self.crop = path, kind, batch_size, crop
+        self.seed, self.lighting, self.flip, self.scale, self.views = seed, lighting, flip, scale, views
+
+
+class _Maker:
+    """Makes batches from an open H5Dataset: reads a batch's indices in increasing order into a preallocated
+    buffer, then augments them back into the batch's own (shuffled) order."""
+
+    def __init__(self, ds, spec):
+        self.ds, self.spec = ds, spec
+        self.mean_chw = np.ascontiguousarray(ds.mean.transpose(2, 0, 1))
+        self.buf = np.empty((spec.batch_size, ds.size, ds.size, 3), np.uint8)
+        self.offsets = augment.view_offsets(ds.size, spec.crop, spec.views) if spec.kind == "eval" else None
+        self._order = (None, None)   # (epoch, permutation) of the last epoch seen
+
+    def indices(self, key):
+        s, b = self.spec, self.spec.batch_size
+        if s.kind == "train":
+            epoch, bi = key
+            if self._order[0] != epoch:
+                self._order = (epoch, augment.epoch_order(s.seed, epoch, self.ds.n))
+            return self._order[1][bi * b:(bi + 1) * b]
+        return np.arange(key * b, min(self.ds.n, (key + 1) * b))
+
+    def make(self, key, x, y):
+        """Fill x[:k], y[:k] with batch `key` ((epoch, index) for training, index for evaluation); return k."""
+        s = self.spec
+        idx = self.indices(key)
+        k = len(idx)
+        order = np.argsort(idx, kind="stable")
+        self.ds.read_sorted(idx[order], self.buf)
+        rows = np.empty(k, np.int64)
+        rows[order] = np.arange(k)          # batch position j is buffer row rows[j]
+        if s.kind == "train":
+            params = augment.train_params(s.seed, key[0], key[1], k, self.ds.size, s.crop, s.lighting, s.flip)
+            augment.train_batch_into(x[:k], self.buf, rows, params, self.mean_chw, self.ds.eigval,
+                                     self.ds.eigvec, s.scale)
+        else:
+            augment.eval_batch_into(x[:k], self.buf, rows, self.offsets, self.mean_chw, s.scale)
+        y[:k] = self.ds.labels[idx]
+        return k
+
+
+def _slot_arrays(raw, x_shape, y_len):
+    nx = int(np.prod(x_shape)) * 4
+    x = np.frombuffer(raw, dtype=np.float32, count=nx // 4).reshape(x_shape)
+    y = np.frombuffer(raw, dtype=np.int64, count=y_len, offset=nx)
+    return x, y
+
+
+def _worker_main(spec, raws, x_shape, y_len, tasks, results, ppid):
+    """Worker process: make the batches asked for on `tasks` into the slots, report on `results`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides when to stop
+    results.cancel_join_thread()
+    slots = [_slot_arrays(r, x_shape, y_len) for r in raws]
+    maker = None
+    try:
+        while True:
+            try:
+                task = tasks.get(timeout=1.0)
+            except queue.Empty:
+                if os.getppid() != ppid:      # orphaned: the parent is gone
+                    return
+                continue
+            if task is None:
+                return
+            gen, slot, key = task
+            try:
+                if maker is None:
+                    maker = _Maker(H5Dataset(spec.path), spec)
+                k = maker.make(key, *slots[slot])
+                results.put((gen, slot, key, k, None))
+            except Exception as e:
+                results.put((gen, slot, key, 0, (type(e).__name__, isinstance(e, CpnetError), str(e),
+                                                 traceback.format_exc())))
+    finally:
+        if maker is not None:
+            maker.ds.close()
+
+
+def _shutdown(procs, tasks, results):
+    """Stop the workers: ask politely, then terminate whatever is still running."""
+    for _ in procs:
+        try:
+            tasks.put(None)
+        except Exception:
+            pass
+    for p in procs:
+        p.join(timeout=2.0)
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=2.0)
+    for q in (tasks, results):
+        try:
+            q.cancel_join_thread()
+            q.close()
+        except Exception:
+            pass
+
+
+def _context():
+    """The start method for worker processes: a fresh interpreter (forkserver, else spawn), never a fork of a
+    parent that may hold open HDF5 files, CUDA state or threads."""
+    return mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+
+
+@contextlib.contextmanager
+def without_main_module():
+    """While starting workers, hide the caller's __main__ module from multiprocessing.
+
+    forkserver/spawn children normally re-import the parent's main script (which breaks for stdin, notebooks,
+    and scripts without an `if __name__ == "__main__":` guard). Our workers need nothing from it: their target
+    and arguments live in cpnet.data. So the children see an empty __main__ instead.
+    """
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
+
+
+class _Workers:
+    """Worker processes and their shared-memory slots; `run(keys)` yields the batches of `keys` in order."""
+
+    def __init__(self, spec, workers, slots, x_shape, y_len):
+        ctx = _context()
+        self.x_shape, self.y_len = x_shape, y_len
+        nbytes = int(np.prod(x_shape)) * 4 + y_len * 8
+        self._raws = [ctx.RawArray("b", nbytes) for _ in range(slots)]
+        self._slots = [_slot_arrays(r, x_shape, y_len) for r in self._raws]
+        self._free = list(range(slots))
+        self._gen = 0
+        self._tasks, self._results = ctx.Queue(), ctx.Queue()
+        self._procs = []
+        for i in range(workers):
+            p = ctx.Process(target=_worker_main, name=f"cpnet-loader-{i}", daemon=True,
+                            args=(spec, self._raws, x_shape, y_len, self._tasks, self._results, os.getpid()))
+            with without_main_module():
+                p.start()
+            self._procs.append(p)
+        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._tasks, self._results)
+
+    def _get(self):
+        while True:
+            try:
+                return self._results.get(timeout=0.5)
+            except queue.Empty:
+                dead = [p for p in self._procs if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"loader worker {dead[0].name} died (exit code {dead[0].exitcode})")
+
+    def run(self, keys):
+        self._gen += 1                       # results of an abandoned run carry an older gen and are dropped
+        gen, keys, nxt, ready = self._gen, list(keys), 0, {}
+
+        def fill():
+            nonlocal nxt
+            while self._free and nxt < len(keys):
+                self._tasks.put((gen, self._free.pop(), keys[nxt]))
+                nxt += 1
+
+        try:
+            for want in keys:
+                fill()
+                while want not in ready:
+                    g, slot, key, k, err = self._get()
+                    if g != gen:
+                        self._free.append(slot)
+                        fill()
+                        continue
+                    if err is not None:
+                        self._free.append(slot)
+                        name, user, msg, tb = err
+                        if user:
+                            raise CpnetError(msg)
+                        raise RuntimeError(f"loader worker failed on batch {key}: {name}: {msg}\n{tb}")
+                    ready[key] = (slot, k)
+                slot, k = ready.pop(want)
+                x, y = self._slots[slot]
+                x, y = x[:k].copy(), y[:k].copy()
+                self._free.append(slot)
+                fill()
+                yield x, y
+        finally:
+            for slot, _ in ready.values():
+                self._free.append(slot)
+
+    def close(self):
+        self._finalizer()
+
+
+class _Loader:
+    def _setup(self, path, batch_size, crop, workers, spec, slots, x_shape):
+        self.path = os.fspath(path)
+        self._workers = None
+        if int(batch_size) < 1:
+            raise CpnetError(f"batch size must be at least 1, got {batch_size}")
+        if int(workers) < 0:
+            raise CpnetError(f"workers must be 0 or more, got {workers}")
+        ds = H5Dataset(self.path)
+        try:
+            self.n, self.size, self.classes = ds.n, ds.size, list(ds.classes)
+            self.num_classes = ds.num_classes
+            if crop > ds.size or crop < 1:
+                raise CpnetError(f"{self.path}: crop {crop} does not fit the stored image size {ds.size} "
+                                 f"(expected 1 <= crop <= {ds.size})")
+        except BaseException:
+            ds.close()
+            raise
+        self.batch_size, self.crop, self.workers = int(batch_size), int(crop), int(workers)
+        self._spec = spec
+        self._x_shape = x_shape
+        if self.workers == 0:
+            self._ds, self._maker = ds, _Maker(ds, spec)
+        else:
+            ds.close()
+            self._ds = self._maker = None
+            self._workers = _Workers(spec, self.workers, max(slots, self.workers), x_shape, self.batch_size)
+
+    def _batches(self, keys, sizes):
+        if self._workers is not None:
+            yield from self._workers.run(keys)
+            return
+        if self._maker is None:
+            raise CpnetError(f"{self.path}: loader is closed")
+        for key, k in zip(keys, sizes):
+            x = np.empty((k,) + self._x_shape[1:], np.float32)
+            y = np.empty(k, np.int64)
+            self._maker.make(key, x, y)
+            yield x, y
+
+    def close(self):
+        """Stop the workers and close the file (idempotent)."""
+        w, self._workers = getattr(self, "_workers", None), None
+        if w is not None:
+            w.close()
+        ds, self._ds, self._maker = getattr(self, "_ds", None), None, None
+        if ds is not None:
+            ds.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class TrainLoader(_Loader):
+    """Shuffled, augmented training batches: (x float32 (B, 3, crop, crop), y int64 (B,)).
+
+    Each epoch visits a permutation of the file drawn from (seed, epoch); the incomplete last batch is dropped.
+    Crop position, flip and lighting of batch i of epoch e come from (seed, e, i) alone, so `epoch(e, start=k)`
+    yields exactly batches k.. of `epoch(e)`, for any number of workers. See `data.augment` for the maths.
+    """
+
+    def __init__(self, path, batch_size, crop, seed=0, workers=0, lighting=0.1, flip=True, prefetch=4, scale=1.0):
+        if int(seed) < 0:
+            raise CpnetError(f"seed must be 0 or more, got {seed}")
+        if int(prefetch) < 1:
+            raise CpnetError(f"prefetch must be at least 1, got {prefetch}")
+        spec = _Spec(os.fspath(path), "train", int(batch_size), int(crop), int(seed), float(lighting), bool(flip),
+                     float(scale))
+        self.seed, self.lighting, self.flip, self.scale = int(seed), float(lighting), bool(flip), float(scale)
+        self._setup(path, batch_size, crop, workers, spec, int(prefetch), (int(batch_size), 3, int(crop), int(crop)))
+        if self.n < self.batch_size:
+            n = self.n
+            self.close()
+            raise CpnetError(f"{self.path}: {n} images, fewer than one training batch of {self.batch_size}")
+        self.batches_per_epoch = self.n // self.batch_size
+
+    def epoch(self, epoch, start=0):
+        """Iterator over batches start..batches_per_epoch-1 of `epoch` (starting a new one abandons the last)."""
+        if not 0 <= int(start) <= self.batches_per_epoch:
+            raise ValueError(f"start must be in [0, {self.batches_per_epoch}], got {start}")
+        keys = [(int(epoch), i) for i in range(int(start), self.batches_per_epoch)]
+        return self._batches(keys, [self.batch_size] * len(keys))
+
+    def __len__(self):
+        return self.batches_per_epoch
+
+
+class EvalLoader(_Loader):
+    """Every image exactly once, in file order: (x float32 (b, V, 3, crop, crop), y int64 (b,)), the last batch
+    possibly smaller. views='center': V=1, the centre crop; views='ten': the paper's 10 views in
+    `augment.TEN_VIEW_ORDER` (centre, top-left, top-right, bottom-left, bottom-right, then the same mirrored).
+    No lighting; the mean image is subtracted at each view's window."""
+
+    def __init__(self, path, batch_size, crop, views="center", workers=0, scale=1.0, prefetch=2):
+        if views not in augment.VIEWS:
+            raise CpnetError(f"views must be 'center' or 'ten', got {views!r}")
+        self.views, self.num_views, self.scale = views, augment.VIEWS[views], float(scale)
+        spec = _Spec(os.fspath(path), "eval", int(batch_size), int(crop), scale=float(scale), views=views)
+        self._setup(path, batch_size, crop, workers, spec, max(1, int(prefetch)),
+                    (int(batch_size), self.num_views, 3, int(crop), int(crop)))
+
+    def __len__(self):
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        b = self.batch_size
+        keys = list(range(len(self)))
+        return self._batches(keys, [min(b, self.n - i * b) for i in keys])

@@ -1,0 +1,248 @@
+"""The loader: H5Dataset checks, training augmentation (crop, flip, lighting, mean), evaluation views, workers."""
+import gc
+
+import h5py
+import numpy as np
+import pytest
+
+from cpnet.data import FORMAT_VERSION, EvalLoader, H5Dataset, TrainLoader
+from cpnet.data import augment
+from cpnet.errors import CpnetError
+
+
+def write_h5(path, images, labels, classes, mean=None, eigval=None, eigvec=None, version=FORMAT_VERSION):
+    """A dataset file written by hand (independent of the prep code)."""
+    n, s = images.shape[:2]
+    with h5py.File(path, "w") as f:
+        f.create_dataset("images", data=images, chunks=(1, s, s, 3))
+        f.create_dataset("labels", data=np.asarray(labels, np.int64))
+        f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset("mean", data=np.zeros((s, s, 3), np.float32) if mean is None else mean)
+        f.create_dataset("pca/eigval", data=np.zeros(3, np.float32) if eigval is None else eigval)
+        f.create_dataset("pca/eigvec", data=np.eye(3, dtype=np.float32) if eigvec is None else eigvec)
+        f.attrs.update(format_version=version, source="test", size=s)
+    return str(path)
+
+
+def coded_images(n, s):
+    """Image i has R = row, G = column, B = i: every output pixel tells where it came from."""
+    img = np.zeros((n, s, s, 3), np.uint8)
+    img[..., 0] = np.arange(s)[None, :, None]
+    img[..., 1] = np.arange(s)[None, None, :]
+    img[..., 2] = np.arange(n)[:, None, None]
+    return img
+
+
+@pytest.fixture
+def coded(tmp_path):
+    n, s = 37, 12
+    labels = (np.arange(n) * 7) % 5
+    return write_h5(tmp_path / "coded.h5", coded_images(n, s), labels, list("abcde")), labels
+
+
+def decode(x):
+    """(3, C, C) of a coded image with mean 0 and no lighting -> (index, oy, ox, flipped)."""
+    r, g, b = x
+    idx = int(b[0, 0])
+    oy, ox0, ox1 = int(r[0, 0]), int(g[0, 0]), int(g[0, -1])
+    flipped = ox0 > ox1
+    ox = ox1 if flipped else ox0
+    c = x.shape[-1]
+    cols = np.arange(ox, ox + c)[::-1] if flipped else np.arange(ox, ox + c)
+    assert np.array_equal(r, np.broadcast_to(np.arange(oy, oy + c)[:, None], (c, c)))
+    assert np.array_equal(g, np.broadcast_to(cols[None, :], (c, c)))
+    assert np.all(b == idx)
+    return idx, oy, ox, flipped
+
+
+def test_dataset_reads_in_any_order(coded):
+    path, labels = coded
+    with H5Dataset(path) as ds:
+        assert (ds.n, ds.size, ds.num_classes, ds.classes) == (37, 12, 5, list("abcde"))
+        assert ds.labels.dtype == np.int64 and np.array_equal(ds.labels, labels)
+        idx = [30, 2, 3, 4, 2, 36, 0]
+        got = ds.read(idx)
+        assert got.dtype == np.uint8 and got.shape == (7, 12, 12, 3)
+        assert list(got[:, 0, 0, 2]) == idx
+        assert ds.attrs["source"] == "test"
+
+
+def test_train_crops_flips_and_alignment(coded):
+    path, labels = coded
+    with TrainLoader(path, 8, 9, seed=3, lighting=0.0) as L:
+        assert L.batches_per_epoch == 37 // 8
+        seen, offsets, flips = [], set(), []
+        for bi, (x, y) in enumerate(L.epoch(2)):
+            assert x.dtype == np.float32 and x.shape == (8, 3, 9, 9) and x.flags.c_contiguous
+            assert y.dtype == np.int64 and y.shape == (8,)
+            oy, ox, fl, _ = augment.train_params(3, 2, bi, 8, 12, 9)
+            for k in range(8):
+                idx, y0, x0, f = decode(x[k])
+                assert labels[idx] == y[k]                       # image/label alignment
+                assert (y0, x0, f) == (oy[k], ox[k], fl[k])     # the documented random choices
+                seen.append(idx)
+                offsets.add((y0, x0))
+                flips.append(f)
+        # a permutation of the file (the incomplete last batch dropped), the one epoch_order gives
+        assert len(set(seen)) == len(seen) == 32
+        assert seen == list(augment.epoch_order(3, 2, 37)[:32])
+        assert all(0 <= a <= 3 and 0 <= b <= 3 for a, b in offsets) and len(offsets) > 8
+        assert 0 < sum(flips) < len(flips)
+        # another epoch is another order
+        x1, _ = next(iter(L.epoch(3)))
+        assert [decode(x)[0] for x in x1] != seen[:8]
+
+
+def test_no_flip_option(coded):
+    path, _ = coded
+    with TrainLoader(path, 8, 9, flip=False, lighting=0.0) as L:
+        for x, _ in L.epoch(0):
+            assert not any(decode(im)[3] for im in x)
+
+
+def test_mean_subtraction_flip_and_scale(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    mean = rng.uniform(0, 255, (8, 8, 3)).astype(np.float32)
+    path = write_h5(tmp_path / "m.h5", imgs, np.zeros(10), ["x"], mean=mean)
+    with TrainLoader(path, 5, 6, seed=1, lighting=0.0, scale=0.5) as L:
+        for bi, (x, _) in enumerate(L.epoch(0)):
+            order = augment.epoch_order(1, 0, 10)[bi * 5:(bi + 1) * 5]
+            oy, ox, fl, _ = augment.train_params(1, 0, bi, 5, 8, 6)
+            for k in range(5):
+                ref = np.empty((6, 6, 3))
+                for i in range(6):          # naive per-pixel reference
+                    for j in range(6):
+                        jj = ox[k] + (5 - j if fl[k] else j)
+                        ref[i, j] = imgs[order[k], oy[k] + i, jj].astype(np.float64) - mean[oy[k] + i, jj]
+                np.testing.assert_allclose(x[k], 0.5 * ref.transpose(2, 0, 1), rtol=1e-6, atol=1e-4)
+
+
+def test_lighting_formula(tmp_path):
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    eigvec, eigval = q.astype(np.float32), np.array([30.0, 8.0, 2.0], np.float32)
+    imgs = np.full((64, 4, 4, 3), 100, np.uint8)
+    path = write_h5(tmp_path / "l.h5", imgs, np.zeros(64), ["x"], eigval=eigval, eigvec=eigvec)
+    sigma = 0.1
+    with TrainLoader(path, 16, 4, lighting=sigma) as L:
+        shifts = []
+        for e in range(40):
+            for bi, (x, _) in enumerate(L.epoch(e)):
+                s = x - 100.0
+                assert np.allclose(s, s[:, :, :1, :1], atol=1e-4)   # one RGB shift per image, every pixel
+                _, _, _, alpha = augment.train_params(0, e, bi, 16, 4, 4, sigma)
+                for k in range(16):
+                    ref = sum(eigvec[:, i] * alpha[k, i] * eigval[i] for i in range(3))
+                    np.testing.assert_allclose(s[k, :, 0, 0], ref, rtol=1e-5, atol=1e-4)
+                shifts.append(s[:, :, 0, 0])
+    # and the alphas really are N(0, sigma): the shifts' covariance is sigma^2 V diag(eigval^2) V^T
+    s = np.concatenate(shifts).astype(np.float64)
+    want = sigma ** 2 * (eigvec * eigval ** 2) @ eigvec.T
+    np.testing.assert_allclose(np.cov(s.T), want, atol=0.1 * np.abs(want).max())
+
+
+def test_eval_views(coded):
+    path, labels = coded
+    c, s = 8, 12
+    with EvalLoader(path, 10, c, views="ten") as E, EvalLoader(path, 10, c) as C:
+        assert len(E) == 4 and E.n == 37
+        ys, want = [], [(2, 2, False), (0, 0, False), (0, 4, False), (4, 0, False), (4, 4, False)]
+        want += [(a, b, True) for a, b, _ in want]
+        n = 0
+        for (x, y), (xc, yc) in zip(E, C):
+            assert x.shape == (len(y), 10, 3, c, c) and xc.shape == (len(y), 1, 3, c, c)
+            np.testing.assert_array_equal(x[:, :1], xc)
+            np.testing.assert_array_equal(y, yc)
+            for k in range(len(y)):
+                for v in range(10):
+                    assert decode(x[k, v]) == (n + k,) + want[v]
+            n += len(y)
+            ys.append(y)
+        assert n == 37 and len(ys[-1]) == 7
+        np.testing.assert_array_equal(np.concatenate(ys), labels)
+    assert augment.TEN_VIEW_ORDER[0] == "center" and len(augment.TEN_VIEW_ORDER) == 10
+    assert s - c == 4
+
+
+def test_workers_identical_and_resumable(coded):
+    path, labels = coded
+    kw = dict(seed=5, lighting=0.1)
+    with TrainLoader(path, 6, 10, workers=0, **kw) as L0, TrainLoader(path, 6, 10, workers=2, prefetch=2, **kw) as L2:
+        for e in (0, 1):
+            a, b = list(L0.epoch(e)), list(L2.epoch(e))
+            assert len(a) == len(b) == 6
+            for (xa, ya), (xb, yb) in zip(a, b):
+                np.testing.assert_array_equal(xa, xb)
+                np.testing.assert_array_equal(ya, yb)
+        # resume in the middle of an epoch; and abandoning an epoch midway does not disturb the next one
+        it = L2.epoch(1)
+        next(it)
+        rest = list(L2.epoch(1, start=4))
+        assert len(rest) == 2
+        for (xa, ya), (xb, yb) in zip(a[4:], rest):
+            np.testing.assert_array_equal(xa, xb)
+            np.testing.assert_array_equal(ya, yb)
+
+
+def test_eval_workers_alignment(coded):
+    path, labels = coded
+    with EvalLoader(path, 4, 12, workers=3) as E:
+        idx, ys = [], []
+        for x, y in E:
+            idx += [int(v) for v in x[:, 0, 2, 0, 0]]
+            ys.append(y)
+        assert idx == list(range(37))
+        np.testing.assert_array_equal(np.concatenate(ys), labels)
+
+
+def test_worker_error_surfaces_and_workers_stop(coded, tmp_path):
+    path, _ = coded
+    L = TrainLoader(path, 4, 8, workers=2)
+    procs = list(L._workers._procs)
+    assert all(p.is_alive() for p in procs)
+    with open(path, "wb") as fh:             # the workers open the file only on their first batch
+        fh.write(b"not hdf5 any more")
+    with pytest.raises(CpnetError, match="coded.h5"):
+        list(L.epoch(0))
+    L.close()
+    assert not any(p.is_alive() for p in procs)
+
+
+def test_workers_stop_on_garbage_collection(coded):
+    path, _ = coded
+    L = TrainLoader(path, 4, 8, workers=2)
+    procs = list(L._workers._procs)
+    next(iter(L.epoch(0)))
+    del L
+    gc.collect()
+    for p in procs:
+        p.join(timeout=5)
+    assert not any(p.is_alive() for p in procs)
+
+
+def test_errors_name_the_file(coded, tmp_path):
+    path, _ = coded
+    with pytest.raises(CpnetError, match=r"coded\.h5.*crop 13.*12"):
+        TrainLoader(path, 4, 13)
+    with pytest.raises(CpnetError, match=r"coded\.h5.*crop 13"):
+        EvalLoader(path, 4, 13)
+    with pytest.raises(CpnetError, match=r"coded\.h5: 37 images, fewer than one training batch of 64"):
+        TrainLoader(path, 64, 8)
+    with pytest.raises(CpnetError, match=r"nothere\.h5: no such"):
+        H5Dataset(tmp_path / "nothere.h5")
+    (tmp_path / "text.h5").write_text("hello")
+    with pytest.raises(CpnetError, match=r"text\.h5: not an HDF5 file"):
+        TrainLoader(tmp_path / "text.h5", 4, 8)
+    img = coded_images(4, 8)
+    old = write_h5(tmp_path / "old.h5", img, np.zeros(4), ["a"], version=99)
+    with pytest.raises(CpnetError, match=r"old\.h5: format version 99.*version 1"):
+        H5Dataset(old)
+    nomean = write_h5(tmp_path / "nomean.h5", img, np.zeros(4), ["a"])
+    with h5py.File(nomean, "a") as f:
+        del f["mean"]
+    with pytest.raises(CpnetError, match=r"nomean\.h5: missing dataset 'mean'"):
+        EvalLoader(nomean, 2, 8)
+    badlab = write_h5(tmp_path / "badlab.h5", img, [0, 1, 2, 1], ["a", "b"])
+    with pytest.raises(CpnetError, match=r"badlab\.h5: label 2 outside \[0, 2\)"):
+        H5Dataset(badlab)
