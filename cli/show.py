@@ -1,0 +1,220 @@
+"""cpnet show: pictures of a checkpoint or a run, as PNG files."""
+
+import click
+
+
+@click.group("show")
+def command():
+    """Pictures as PNG files: conv1 filters, training curves, top-5 predictions, nearest neighbours in fc7 space."""
+
+
+def _out_option(default):
+    return click.option("-o", "--out", "out", default=default, show_default=True, type=click.Path(dir_okay=False),
+                        help="PNG file to write.")
+
+
+def _save(image, out):
+    import os
+
+    d = os.path.dirname(os.path.abspath(out))
+    os.makedirs(d, exist_ok=True)
+    image.save(out, format="PNG")
+    click.echo(f"wrote {out} ({image.width}x{image.height})")
+
+
+def _load_model(checkpoint):
+    """(model, ckpt) with a clear error when the file lacks some of the parameters its config needs."""
+    from cpnet.checkpoint import load
+    from cpnet.errors import CpnetError
+    from cpnet.model import build_model
+
+    ck = load(checkpoint, with_momentum=False)
+    try:
+        model = build_model(ck.config, params=ck.params)
+    except KeyError as e:
+        raise CpnetError(f"{checkpoint}: checkpoint lacks parameters for layer {e.args[0]!r} "
+                         f"(params/t0.{e.args[0]}.W ...)") from None
+    missing = sorted(set(model.params()) - set(ck.params))
+    if missing:
+        raise CpnetError(f"{checkpoint}: checkpoint lacks parameters {', '.join(missing[:4])}")
+    return model, ck
+
+
+def _open_data(path, flag, ck, checkpoint):
+    """An H5Dataset checked against the checkpoint (same classes, images at least as large as the crop)."""
+    import os
+
+    from cpnet.data import H5Dataset
+    from cpnet.errors import CpnetError
+
+    if not os.path.exists(path):
+        raise CpnetError(f"{flag} {path}: file not found")
+    ds = H5Dataset(path)
+    if list(ds.classes) != list(ck.classes):
+        ds.close()
+        raise CpnetError(f"{flag} {path}: its {len(ds.classes)} classes differ from the checkpoint's "
+                         f"{len(ck.classes)} ({checkpoint})")
+    if ds.size < ck.config.crop:
+        ds.close()
+        raise CpnetError(f"{flag} {path}: images are {ds.size}px, smaller than the model's crop {ck.config.crop}")
+    return ds
+
+
+def _pick(ds, n, seed, flag, path):
+    """n distinct image indices of `ds`, drawn with `seed`, in increasing order."""
+    import numpy as np
+
+    from cpnet.errors import CpnetError
+
+    if n < 1:
+        raise CpnetError(f"{flag} {n}: expected at least 1")
+    if n > ds.n:
+        raise CpnetError(f"{flag} {n}: {path} holds only {ds.n} images")
+    return np.sort(np.random.default_rng(seed).choice(ds.n, size=n, replace=False))
+
+
+def _centre_crops(images, mean, crop, scale):
+    """uint8 (b, S, S, 3) -> float32 (b, 3, crop, crop): the centre window minus the mean image's, times scale
+    (what the evaluation loader feeds the network for the centre view)."""
+    import numpy as np
+
+    s = images.shape[1]
+    o = (s - crop) // 2
+    x = images[:, o:o + crop, o:o + crop].astype(np.float32) - mean[o:o + crop, o:o + crop].astype(np.float32)
+    if scale != 1.0:
+        x *= np.float32(scale)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+@command.command("filters")
+@click.argument("checkpoint", type=click.Path())
+@_out_option("filters.png")
+@click.option("--cols", type=click.IntRange(1), default=None, help="Kernels per row [default: min(F, 16)].")
+@click.option("--zoom", type=click.IntRange(1), default=None, help="Screen pixels per weight [default: ~40px tiles].")
+def filters(checkpoint, out, cols, zoom):
+    """The conv1 kernels of CHECKPOINT as a grid, tower 0 above tower 1 (the paper's Figure 3).
+
+    Each kernel is stretched on its own from its minimum (black) to its maximum (white), colours kept.
+    """
+    import numpy as np
+
+    from cpnet.checkpoint import load
+    from cpnet.errors import CpnetError
+    from cpnet.viz import filter_grid
+
+    ck = load(checkpoint, with_momentum=False)
+    names = ("t0.conv1.W", "t1.conv1.W")
+    missing = [n for n in names if n not in ck.params]
+    if missing:
+        raise CpnetError(f"{checkpoint}: no conv1 weights (params/{missing[0]} is missing)")
+    W = np.concatenate([np.asarray(ck.params[n]) for n in names], axis=0)  # tower 0 first, as model.conv1_weights()
+    if W.ndim != 4 or W.shape[1] != 3:
+        raise CpnetError(f"{checkpoint}: conv1 weights have shape {W.shape}, expected (F, 3, k, k) per tower")
+    _save(filter_grid(W, cols=cols, zoom=zoom), out)
+
+
+@command.command("curves")
+@click.argument("run", type=click.Path())
+@_out_option("curves.png")
+@click.option("--width", type=click.IntRange(300), default=900, show_default=True)
+@click.option("--height", type=click.IntRange(200), default=340, show_default=True)
+def curves(run, out, width, height):
+    """Training and validation loss and top-1/top-5 error per epoch from RUN/metrics.jsonl (RUN: a run folder or
+    the metrics file itself); learning-rate drops are dashed vertical lines."""
+    import json
+    import os
+
+    from cpnet.errors import CpnetError
+    from cpnet.viz import curves_figure
+
+    path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
+    if not os.path.exists(path):
+        raise CpnetError(f"{path}: no metrics file (a run folder from `cpnet train` holds metrics.jsonl)")
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise CpnetError(f"{path} line {i}: not a JSON object") from None
+            if not isinstance(row, dict) or "epoch" not in row:
+                raise CpnetError(f"{path} line {i}: expected a JSON object with an 'epoch' field")
+            rows.append(row)
+    if not rows:
+        raise CpnetError(f"{path}: empty metrics file (no finished epoch yet)")
+    title = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    _save(curves_figure(rows, title=title, size=(width, height)), out)
+
+
+@command.command("predictions")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help="HDF5 dataset file with the images (e.g. val.h5).")
+@click.option("-n", "n", type=int, default=8, show_default=True, help="Number of images.")
+@click.option("--seed", default=0, show_default=True, help="Which images: n drawn at random with this seed.")
+@click.option("--cols", type=click.IntRange(1), default=None, help="Images per row [default: min(n, 4)].")
+@_out_option("predictions.png")
+def predictions(checkpoint, data, n, seed, cols, out):
+    """Images with their five most probable classes as bars, the true class in red (the paper's Figure 4, left).
+
+    Centre crops; the bars show the softmax probabilities of CHECKPOINT.
+    """
+    from cpnet.evaluate import predict_proba
+    from cpnet.viz import predictions_panel
+
+    model, ck = _load_model(checkpoint)
+    with _open_data(data, "--data", ck, checkpoint) as ds:
+        idx = _pick(ds, n, seed, "-n", data)
+        images, labels = ds.read(idx), ds.labels[idx]
+        x = _centre_crops(images, ds.mean, ck.config.crop, ck.scale)
+    probs = predict_proba(model, x[:, None])
+    _save(predictions_panel(images, probs, labels, ck.classes, cols=cols), out)
+
+
+@command.command("neighbors")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--query", required=True, type=click.Path(), help="HDF5 file the query images come from (e.g. val.h5).")
+@click.option("--pool", required=True, type=click.Path(), help="HDF5 file searched for neighbours (e.g. train.h5).")
+@click.option("-n", "n", type=int, default=5, show_default=True, help="Number of query images.")
+@click.option("-k", "k", type=int, default=6, show_default=True, help="Neighbours per query.")
+@click.option("--seed", default=0, show_default=True, help="Which queries: n drawn at random with this seed.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True,
+              help="Images per forward pass while extracting the pool's features.")
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="Loader processes.")
+@_out_option("neighbors.png")
+def neighbors(checkpoint, query, pool, n, k, seed, batch_size, workers, out):
+    """Query images, each with the k pool images whose fc7 features (the last hidden layer, both towers) are
+    nearest in Euclidean distance (the paper's Figure 4, right).
+
+    Features are extracted in batches on the model's device and searched there with matrix products. Frames:
+    green when a neighbour has the query's class, red otherwise.
+    """
+    import time
+
+    from cpnet.data import EvalLoader
+    from cpnet.errors import CpnetError
+    from cpnet.viz import fc7_features, nearest_neighbors, neighbors_panel
+
+    model, ck = _load_model(checkpoint)
+    with _open_data(query, "--query", ck, checkpoint) as qds:
+        qi = _pick(qds, n, seed, "-n", query)
+        q_images, q_labels = qds.read(qi), qds.labels[qi]
+        xq = _centre_crops(q_images, qds.mean, ck.config.crop, ck.scale)
+    with _open_data(pool, "--pool", ck, checkpoint) as pds:
+        if k < 1:
+            raise CpnetError(f"-k {k}: expected at least 1")
+        if k > pds.n:
+            raise CpnetError(f"-k {k}: {pool} holds only {pds.n} images")
+        t0 = time.perf_counter()
+        with EvalLoader(pool, batch_size, ck.config.crop, views="center", workers=workers, scale=ck.scale) as ld:
+            feats = fc7_features(model, ld)
+        fq = fc7_features(model, [xq])
+        idx, dist = nearest_neighbors(fq, feats, k)
+        click.echo(f"fc7 features of {pds.n} pool images ({feats.shape[1]} each) in "
+                   f"{time.perf_counter() - t0:.1f}s on {model.devices[0]}")
+        nb_images = pds.read(idx.reshape(-1)).reshape((n, k) + q_images.shape[1:])
+        nb_labels = pds.labels[idx]
+    captions = [[ck.classes[q_labels[r]]] + [f"{dist[r, j]:.3g}" for j in range(k)] for r in range(n)]
+    same = nb_labels == q_labels[:, None]
+    _save(neighbors_panel(q_images, nb_images, same, captions), out)
