@@ -83,3 +83,53 @@ def synthetic(n, classes, size, seed, val_fraction, out, workers, resume, overwr
     from cpnet.data.sources import synthetic_jobs
 
     _run(synthetic_jobs(n, classes, size, seed, val_fraction), out, workers, resume, overwrite, strict, quiet)
+
+
+@command.command("folder")
+@click.argument("root", type=click.Path(file_okay=False))
+@click.option("--size", default=256, show_default=True, type=click.IntRange(8), help="Stored image side S.")
+@click.option("--val-root", type=click.Path(file_okay=False),
+              help="Validation images: VALROOT/<class>/<image>, or a flat folder with --val-labels.")
+@click.option("--val-labels", type=click.Path(dir_okay=False),
+              help="Labels of a flat --val-root: '<file> <class>' per line, or '<class>' per file in sorted order.")
+@click.option("--val-fraction", default=0.0, show_default=True, type=float,
+              help="Hold out this fraction of each class of ROOT as the validation set instead.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="For --val-fraction.")
+@_common
+def folder(root, size, val_root, val_labels, val_fraction, seed, out, workers, resume, overwrite, strict, quiet):
+    """ROOT/<class>/<image> folders (ImageNet's training layout), any format Pillow reads."""
+    from cpnet.data.sources import folder_jobs
+
+    if val_labels is not None and val_root is None:
+        raise click.UsageError("--val-labels needs --val-root")
+    jobs = folder_jobs(root, size, val_root, val_labels, val_fraction, seed)
+    _run(jobs, out, workers, resume, overwrite, strict, quiet)
+
+
+@command.command("cifar")
+@click.argument("tarball", type=click.Path(dir_okay=False))
+@click.option("--size", default=32, show_default=True, type=click.IntRange(8), help="Stored image side S.")
+@click.option("--coarse", is_flag=True, help="CIFAR-100: the 20 coarse labels instead of the 100 fine ones.")
+@_common
+def cifar(tarball, size, coarse, out, workers, resume, overwrite, strict, quiet):
+    """A CIFAR-10 or CIFAR-100 tarball, binary or python version (read in place, never extracted).
+
+    The training batches go to train.h5, the test batch to val.h5.
+    """
+    from cpnet.data.sources import cifar_jobs
+
+    _run(cifar_jobs(tarball, size, coarse), out, workers, resume, overwrite, strict, quiet)
+
+
+@command.command("idx")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--size", default=28, show_default=True, type=click.IntRange(8), help="Stored image side S.")
+@click.option("--class-names", help="Comma-separated class names (default: 0, 1, 2, ...).")
+@_common
+def idx(folder, size, class_names, out, workers, resume, overwrite, strict, quiet):
+    """MNIST-family IDX files in FOLDER: train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz] -> train.h5,
+    t10k-... -> val.h5. Grayscale is replicated to RGB."""
+    from cpnet.data.sources import idx_jobs
+
+    names = class_names.split(",") if class_names else None
+    _run(idx_jobs(folder, size, names), out, workers, resume, overwrite, strict, quiet)
