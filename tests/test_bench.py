@@ -1,0 +1,158 @@
+"""`cpnet bench`, the FLOP counts, and (when torch is installed) bench/compare_torch.py's network and weight copy."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cpnet import backend, bench
+from cpnet.cli.main import cli
+from cpnet.model import make_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args):
+    return CliRunner().invoke(cli, ["bench"] + args, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_json():
+    r = _run(["--model", "alexnet-tiny", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output)
+
+
+def test_bench_json_has_every_layer(tiny_json):
+    d = tiny_json
+    names = [r["name"] for r in d["layers"]]
+    for n in ("conv1", "act1", "lrn1", "pool1", "conv2", "lrn2", "pool2", "conv3", "conv4", "conv5", "pool5",
+              "fc6", "drop6", "fc7", "drop7", "fc8", "loss", "exchange"):
+        assert n in names, n
+    assert len(names) == len(set(names))
+    for r in d["layers"]:
+        assert r["forward_ms"] >= 0 and r["backward_ms"] >= 0
+    assert d["layers_total"]["forward_ms"] > 0 and d["update_ms"] >= 0
+    s = d["step"]
+    assert s["images_per_s"] > 0 and s["ms"] > 0 and np.isfinite(s["first_loss"])
+    assert d["config"] == {**d["config"], "model": "alexnet-tiny", "batch_size": 4, "steps": 2, "warmup": 1}
+
+
+def test_bench_json_memory_loader_flops(tiny_json):
+    d = tiny_json
+    m = d["memory"]
+    assert m["host_peak_rss_bytes"] > 0
+    assert isinstance(m["gpu_pool_bytes"], dict)
+    if backend.use_gpu():
+        assert all(v["total"] >= v["used"] >= 0 for v in m["gpu_pool_bytes"].values())
+    ld = d["loader"]
+    assert "error" not in ld, ld
+    assert ld["images_per_s"] > 0 and ld["synthetic"] and ld["stored_size"] == bench.STORED_SIZE["alexnet-tiny"]
+    f = d["flops"]
+    assert f["forward_macs_per_image"] == bench.forward_macs(make_config("alexnet-tiny", 10))["total"]
+    assert f["gemm_gflops"] > 0 and f["floor_images_per_s"] > 0
+    assert d["machine"]["cpu_count"] >= 1 and d["run"]["date"]
+
+
+def test_bench_table_output():
+    r = _run(["--model", "alexnet-tiny", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--no-loader"])
+    assert r.exit_code == 0, r.output
+    for word in ("conv1", "exchange", "images/s", "host peak RSS", "multiply-adds"):
+        assert word in r.output
+    assert "loader:" not in r.output
+
+
+def test_bench_loader_data(tmp_path):
+    r = CliRunner().invoke(cli, ["prep", "synthetic", "--out", str(tmp_path), "--n", "24", "--size", "17", "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = _run(["--model", "alexnet-tiny", "--batch-size", "4", "--steps", "2", "--warmup", "0", "--json",
+              "--loader-data", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    ld = json.loads(r.output)["loader"]
+    assert ld["synthetic"] is False and ld["path"].endswith("train.h5") and ld["images_per_s"] > 0
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "resnet"], ["--model", "alexnet-tiny"]),
+    (["--model", "alexnet-tiny", "--batch-size", "0"], ["--batch-size", "0"]),
+    (["--model", "alexnet-tiny", "--steps", "0"], ["--steps"]),
+    (["--model", "alexnet-tiny", "--warmup", "-1"], ["--warmup"]),
+    (["--model", "alexnet-tiny", "--loader-data", "/no/such/dir"], ["--loader-data", "does not exist"]),
+    (["--model", "alexnet-tiny", "--crop", "3"], ["--crop 3", "at least"]),
+    (["--model", "alexnet-tiny", "--no-loader", "--loader-data", "."], ["contradict"]),
+])
+def test_bench_bad_flags(args, words):
+    r = _run(args)
+    assert r.exit_code != 0
+    assert "Traceback" not in r.output
+    for w in words:
+        assert w in r.output, (w, r.output)
+
+
+def test_forward_macs_alexnet():
+    cfg = make_config("alexnet", 1000)
+    g = bench.forward_macs(cfg)
+    # conv1: 96 maps of 55x55, each output reads 3*11*11 inputs
+    assert g["conv1"] == 96 * 55 * 55 * 3 * 11 * 11
+    # conv2 reads its own tower's 48 channels, conv3 both towers' 256
+    assert g["conv2"] == 256 * 27 * 27 * 48 * 25
+    assert g["conv3"] == 384 * 13 * 13 * 256 * 9
+    assert g["fc6"] == 4096 * 9216 and g["fc8"] == 1000 * 4096
+    assert abs(g["total"] / 1e9 - 0.7244) < 1e-3
+    u = bench.forward_macs(cfg, grouped=False)
+    assert u["conv2"] == 2 * g["conv2"] and u["conv3"] == g["conv3"] and u["total"] > g["total"]
+    assert bench.forward_macs(make_config("alexnet", 1000, crop=224))["total"] == g["total"]
+    assert bench.step_flops_per_image(cfg) == 6 * g["total"]
+
+
+def test_flop_table_every_preset():
+    t = bench.flop_table()
+    assert set(t) == {"alexnet", "alexnet-small", "alexnet-tiny"}
+    for v in t.values():
+        assert v["grouped"]["total"] == sum(x for k, x in v["grouped"].items() if k != "total")
+
+
+def test_timer_measures_host_work():
+    import time
+
+    with backend.Timer(backend.HOST) as t:
+        time.sleep(0.01)
+    assert t.ms >= 5
+
+
+# ---- bench/compare_torch.py (only where torch is installed; CI has none) -----------------------------------------
+def _compare_module():
+    pytest.importorskip("torch")
+    spec = importlib.util.spec_from_file_location("compare_torch", os.path.join(ROOT, "bench", "compare_torch.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("conventions", ["paper", "caffe"])
+def test_compare_torch_one_step_agrees(conventions):
+    ct = _compare_module()
+    tdev = "cuda" if backend.use_gpu() else "cpu"
+    r = ct.check_one_step("alexnet-tiny", batch_size=3, num_classes=5, tdev=tdev, dtype=np.float64,
+                          conventions=conventions)
+    assert r["ok"], r
+    assert r["max_grad_rel_err"] < 1e-10 and r["loss_rel_err"] < 1e-12
+    assert len(r["grad_rel_err"]) == 2 * 7 * 2 + 2  # every parameter of both towers and fc8
+
+
+def test_compare_torch_weight_copy_roundtrip():
+    ct = _compare_module()
+    from cpnet.model import build_model
+
+    cfg = make_config("alexnet-small", 10)
+    model = build_model(cfg)
+    host = model.host_params()
+    net = ct.build_torch_net(cfg)
+    ct.copy_weights(net, host)
+    back = ct.split_by_tower(net, "data")
+    assert set(back) == set(host)
+    for k in host:
+        np.testing.assert_array_equal(back[k], host[k])
