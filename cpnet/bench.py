@@ -295,6 +295,10 @@ def machine() -> dict:
             "platform": platform.platform(), "backend": "cupy" if backend.use_gpu() else "numpy",
             "threads_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
                             if k in os.environ}}
+    try:
+        info["load_average"] = [round(v, 2) for v in os.getloadavg()]  # other work on the machine skews CPU figures
+    except OSError:
+        pass
     info["gpus"] = [backend.gpu_name(i) for i in range(backend.gpu_count())] if backend.use_gpu() else []
     return info
 

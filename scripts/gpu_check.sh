@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: the GPU tests, `cpnet bench` for alexnet at batch 128, and the PyTorch
+# comparison when torch imports. Writes logs and JSON to OUTDIR and prints a short table last.
+#
+#   scripts/gpu_check.sh OUTDIR
+#
+# Needs python3 with numpy, h5py, click, pillow, pytest and cupy (torch optional); installs nothing from the
+# network: cpnet goes in with `pip install --no-deps --no-build-isolation --no-index -e .`, or, where that
+# fails, through a temporary sitecustomize.py on PYTHONPATH that maps cpnet.cli and cpnet.data onto the checkout.
+# Every step runs (so one costly GPU session gives every answer) under its own time limit; the script then
+# exits 1 with a FAILED banner if any step failed. Budget: under 6 minutes on one H100.
+#
+# Environment:
+#   GPU_CHECK_DRY=1      run on the CPU (CPNET_DEVICE=cpu, alexnet-tiny, batch 4, 2 steps): the whole script
+#                        end to end on a machine without a GPU, where `pytest -m gpu` skips everything
+#   GPU_CHECK_MODEL, GPU_CHECK_BATCH, GPU_CHECK_STEPS   override the model (alexnet), batch (128), steps (10)
+#   PYTHON               the interpreter (python3)
+#   GPU_CHECK_INSTALL=pythonpath   skip pip and use the sitecustomize route (to test it)
+set -uo pipefail
+
+OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+DRY=${GPU_CHECK_DRY:-0}
+if [ "$DRY" = 1 ]; then
+  export CPNET_DEVICE=cpu
+  MODEL=${GPU_CHECK_MODEL:-alexnet-tiny}; BATCH=${GPU_CHECK_BATCH:-4}; STEPS=${GPU_CHECK_STEPS:-2}
+else
+  export CPNET_DEVICE=${CPNET_DEVICE:-gpu}
+  MODEL=${GPU_CHECK_MODEL:-alexnet}; BATCH=${GPU_CHECK_BATCH:-128}; STEPS=${GPU_CHECK_STEPS:-10}
+fi
+FAILED=()
+T0=$(date +%s)
+
+say() { printf '[gpu_check %4ss] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
+
+# step NAME LIMIT_S LOG CMD...: run CMD under a time limit, output to LOG; on failure show the log's tail.
+step() {
+  local name=$1 limit=$2 log=$3; shift 3
+  say "$name: $*"
+  timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+  local rc=$?
+  if [ $rc -ne 0 ]; then
+    [ $rc -eq 124 ] && echo "(timed out after ${limit}s)" >>"$log"
+    FAILED+=("$name (exit $rc, log $(basename "$log"))")
+    say "FAILED: $name (exit $rc); last lines of $log:"
+    tail -n 25 "$log" | sed 's/^/    /'
+  fi
+  return $rc
+}
+
+# ---- cpnet importable, with cpnet.cli and cpnet.data -------------------------------------------------------
+importable() { "$PY" -c "import cpnet.cli.main, cpnet.data, cpnet.bench" >/dev/null 2>&1; }
+{
+  echo "== install ($(date -u +%FT%TZ))"
+  if importable && [ "$("$PY" -c 'import cpnet, os; print(os.path.dirname(os.path.dirname(cpnet.__file__)))')" = "$ROOT" ]; then
+    echo "cpnet already importable from $ROOT"
+  elif [ "${GPU_CHECK_INSTALL:-pip}" = pip ] && "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . && importable; then
+    echo "installed with pip -e (no network)"
+  else
+    PYPATH=$(mktemp -d "${TMPDIR:-/tmp}/cpnet-pypath.XXXXXX")
+    echo "no pip -e install: using $PYPATH/sitecustomize.py"
+    cat >"$PYPATH/sitecustomize.py" <<PYEOF
+import sys
+sys.path.insert(0, "$ROOT")
+import cpnet
+cpnet.__path__.append("$ROOT")  # cpnet.cli -> cli/, cpnet.data -> data/ (setup.py's package_dir)
+PYEOF
+    export PYTHONPATH="$PYPATH${PYTHONPATH:+:$PYTHONPATH}"
+    importable && echo "importable through sitecustomize"
+  fi
+} >"$OUT/install.log" 2>&1
+if ! importable; then
+  say "FAILED: cpnet does not import; see $OUT/install.log"; tail -n 25 "$OUT/install.log"; exit 1
+fi
+cpnet() { "$PY" -m cpnet "$@"; }
+export -f cpnet 2>/dev/null || true
+
+# ---- the machine -------------------------------------------------------------------------------------------
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "CPNET_DEVICE=$CPNET_DEVICE model=$MODEL batch=$BATCH steps=$STEPS dry=$DRY"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  lscpu 2>/dev/null | grep -E '^(Model name|CPU\(s\))'
+  "$PY" - <<'PYEOF'
+import importlib, platform
+print("python", platform.python_version())
+for m in ("numpy", "cupy", "torch", "h5py", "click", "pytest"):
+    try:
+        print(m, importlib.import_module(m).__version__)
+    except Exception as e:
+        print(m, "not importable:", type(e).__name__)
+from cpnet import backend
+print("cpnet backend:", "cupy" if backend.use_gpu() else "numpy", "gpus:", backend.gpu_count())
+PYEOF
+} >"$OUT/env.txt" 2>&1
+if [ "$DRY" != 1 ] && ! "$PY" -c "from cpnet import backend; assert backend.use_gpu()" >>"$OUT/env.txt" 2>&1; then
+  say "FAILED: no usable GPU for cpnet (see $OUT/env.txt); GPU_CHECK_DRY=1 runs the script on the CPU"
+  tail -n 20 "$OUT/env.txt"; exit 1
+fi
+
+# ---- 1. the GPU tests --------------------------------------------------------------------------------------
+step "pytest -m gpu" 170 "$OUT/pytest_gpu.log" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+rc=$?
+if [ $rc -eq 5 ] && [ "$DRY" = 1 ]; then unset 'FAILED[${#FAILED[@]}-1]'; say "(dry: no GPU tests collected)"; fi
+
+# ---- 2. cpnet bench ----------------------------------------------------------------------------------------
+step "cpnet bench" 110 "$OUT/bench.log" \
+  bash -c "'$PY' -m cpnet bench --model '$MODEL' --batch-size '$BATCH' --steps '$STEPS' --json >'$OUT/bench.json'"
+
+# ---- 3. PyTorch side by side -------------------------------------------------------------------------------
+if "$PY" -c "import torch" >/dev/null 2>&1; then
+  step "compare_torch" 150 "$OUT/compare_torch.log" "$PY" bench/compare_torch.py --model "$MODEL" \
+    --batch-size "$BATCH" --steps "$STEPS" --json "$OUT/compare_torch.json"
+else
+  say "torch does not import: comparison skipped"; echo "torch not importable: skipped" >"$OUT/compare_torch.log"
+fi
+
+# ---- the table ---------------------------------------------------------------------------------------------
+"$PY" - "$OUT" "$MODEL" "$BATCH" >"$OUT/summary.txt" 2>&1 <<'PYEOF'
+import json, os, re, sys
+out, model, batch = sys.argv[1], sys.argv[2], sys.argv[3]
+def load(name):
+    try:
+        with open(os.path.join(out, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+rows = []
+log = open(os.path.join(out, "pytest_gpu.log")).read() if os.path.exists(os.path.join(out, "pytest_gpu.log")) else ""
+m = re.findall(r"^=*\s*(.*(?:passed|failed|skipped|deselected|error).*?)\s*=*$", log, re.M)
+rows.append(("pytest -m gpu", m[-1] if m else "no summary line"))
+b = load("bench.json")
+if b:
+    s = b["step"]
+    rows.append(("device", ", ".join(b["machine"]["gpus"]) or b["machine"]["cpu"]))
+    rows.append((f"cpnet step ({model}, batch {batch})", f"{s['ms_median']:.2f} ms median = {s['images_per_s']:.0f} images/s"))
+    top = sorted(b["layers"], key=lambda r: -(r["forward_ms"] + r["backward_ms"]))[:4]
+    rows.append(("top layers (fwd+bwd ms)", ", ".join(f"{r['name']} {r['forward_ms'] + r['backward_ms']:.2f}" for r in top)))
+    f = b["flops"]
+    rows.append(("GEMM / floor", f"{f['gemm_gflops']:.0f} GFLOP/s -> {f['floor_images_per_s']:.0f} images/s"))
+    ld = b.get("loader") or {}
+    rows.append(("loader", f"{ld['images_per_s']:.0f} images/s ({ld['workers']} workers)" if "images_per_s" in ld else ld.get("error", "not measured")))
+    mem = b["memory"]
+    gp = "; ".join(f"{k} {v['total'] / 2**20:.0f} MiB" for k, v in mem["gpu_pool_bytes"].items())
+    rows.append(("memory", f"host RSS {mem['host_peak_rss_bytes'] / 2**20:.0f} MiB" + (f"; pool {gp}" if gp else "")))
+else:
+    rows.append(("cpnet bench", "no bench.json"))
+c = load("compare_torch.json")
+if c:
+    for dt, chk in (c.get("check") or {}).items():
+        rows.append((f"torch check {dt}", f"{'OK' if chk['ok'] else 'MISMATCH'} (grad rel err {chk['max_grad_rel_err']:.1e})"))
+    for mode, r in (c.get("timing") or {}).items():
+        rows.append((f"vs torch {mode}", f"cpnet {r['cpnet']['ms_median']:.2f} ms, torch {r['torch']['ms_median']:.2f} ms, ratio {r['ratio']:.2f}"))
+else:
+    rows.append(("vs torch", "not run"))
+w = max(len(k) for k, _ in rows)
+for k, v in rows:
+    print(f"{k:<{w}}  {v}")
+PYEOF
+[ $? -ne 0 ] && FAILED+=("summary table (see summary.txt)")
+
+echo
+echo "==== gpu_check summary ($(( $(date +%s) - T0 )) s; files in $OUT) ===="
+cat "$OUT/summary.txt"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo
+  echo "!!!! FAILED: ${#FAILED[@]} step(s):"
+  for f in "${FAILED[@]}"; do echo "!!!!   $f"; done
+  exit 1
+fi
+echo "all steps passed"
