@@ -29,14 +29,12 @@ def _load_model(checkpoint):
     from cpnet.model import build_model
 
     ck = load(checkpoint, with_momentum=False)
-    try:
-        model = build_model(ck.config, params=ck.params)
-    except KeyError as e:
-        raise CpnetError(f"{checkpoint}: checkpoint lacks parameters for layer {e.args[0]!r} "
-                         f"(params/t0.{e.args[0]}.W ...)") from None
-    missing = sorted(set(model.params()) - set(ck.params))
+    layers = [f"t{t}.{name}" for t in range(2) for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")]
+    missing = [f"{layer}.{key}" for layer in layers + ["fc8"] for key in ("W", "b") if f"{layer}.{key}" not in ck.params]
     if missing:
-        raise CpnetError(f"{checkpoint}: checkpoint lacks parameters {', '.join(missing[:4])}")
+        raise CpnetError(f"{checkpoint}: checkpoint lacks parameters {', '.join(missing[:4])}"
+                         + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
+    model = build_model(ck.config, params=ck.params)
     return model, ck
 
 

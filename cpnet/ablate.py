@@ -297,7 +297,7 @@ def figure(results: dict, size=(460, 300)):
             charts.append(viz.chart(series, size, exp["title"], "iteration",
                                     f"training error (last {cfg['window']} batches)", ylim=(0, 1), marks=marks))
         else:
-            charts.append(viz.chart(series, size, exp["title"], "epoch", "top-1 error", ylim=(0, 1)))
+            charts.append(viz.chart(series, size, exp["title"], "epoch", "top-1 error", ylim=(0, 1), integer_x=True))
     cols = 2 if len(charts) > 1 else 1
     rows = [viz.stack(charts[i:i + cols], "horizontal", gap=8) for i in range(0, len(charts), cols)]
     return viz.stack(rows, "vertical", gap=8)

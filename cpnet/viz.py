@@ -182,13 +182,16 @@ class Mark:
     color: tuple = GREY
 
 
-def nice_ticks(lo, hi, n=5):
-    """About n round tick values covering [lo, hi] (steps of 1, 2, 2.5 or 5 times a power of ten)."""
+def nice_ticks(lo, hi, n=5, integer=False):
+    """About n round tick values covering [lo, hi] (steps of 1, 2, 2.5 or 5 times a power of ten; whole numbers
+    only when `integer`)."""
     if not hi > lo:
         hi = lo + 1
     raw = (hi - lo) / max(n, 1)
+    if integer:
+        raw = max(raw, 1.0)
     mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw and not (integer and m * mag % 1))
     start = math.ceil(lo / step - 1e-9) * step
     ticks, v = [], start
     while v <= hi + step * 1e-9:
@@ -225,11 +228,12 @@ def _finite(v):
 
 
 def chart(series, size=(460, 320), title="", xlabel="", ylabel="", xlim=None, ylim=None, marks=(), legend=True,
-          log_x=False):
+          log_x=False, integer_x=False):
     """A line chart of `series` (lists of Series) with axes, ticks, a light grid, dashed `marks` and a legend.
 
     Points whose x or y is None/NaN are skipped and break the line. `ylim`/`xlim` default to the data's range
-    (rounded out to ticks). With log_x the x axis is logarithmic (x values must be positive).
+    (rounded out to ticks). With log_x the x axis is logarithmic (x values must be positive); integer_x puts x ticks
+    on whole numbers only (epochs).
     """
     W, H = size
     fnt, small = font(11), font(10)
@@ -266,7 +270,7 @@ def chart(series, size=(460, 320), title="", xlabel="", ylabel="", xlim=None, yl
     if log_x:
         xt = [10 ** e for e in range(math.floor(x_lo), math.ceil(x_hi) + 1) if x_lo - 1e-9 <= e <= x_hi + 1e-9]
     else:
-        xt = [v for v in nice_ticks(x_lo, x_hi) if x_lo - 1e-9 <= v <= x_hi + 1e-9]
+        xt = [v for v in nice_ticks(x_lo, x_hi, integer=integer_x) if x_lo - 1e-9 <= v <= x_hi + 1e-9]
     for v in yt:
         y = Y(v)
         d.line([(px0, y), (px1, y)], fill=LIGHT)
@@ -357,12 +361,12 @@ def curves_figure(rows, title="", size=(900, 340)):
     half = (size[0] // 2, size[1])
     loss = chart([Series(ep, col("train_loss"), "train", PALETTE[0], dashed=True, markers=True),
                   Series(ep, col("val_loss"), "validation", PALETTE[0], markers=True)],
-                 half, "loss", "epoch", "cross-entropy", marks=marks)
+                 half, "loss", "epoch", "cross-entropy", marks=marks, integer_x=True)
     err = chart([Series(ep, col("train_top1"), "train top-1", PALETTE[3], dashed=True, markers=True),
                  Series(ep, col("val_top1"), "val top-1", PALETTE[3], markers=True),
                  Series(ep, col("train_top5"), "train top-5", PALETTE[2], dashed=True, markers=True),
                  Series(ep, col("val_top5"), "val top-5", PALETTE[2], markers=True)],
-                half, "error", "epoch", "error rate", ylim=(0, 1), marks=marks)
+                half, "error", "epoch", "error rate", ylim=(0, 1), marks=marks, integer_x=True)
     fig = stack([loss, err], "horizontal")
     return titled(fig, title) if title else fig
 

@@ -222,5 +222,6 @@ def test_fc7_features_match_one_big_batch(tiny):
 
 def test_chart_ticks_and_nan_gaps():
     assert viz.nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert viz.nice_ticks(1, 3, integer=True) == [1, 2, 3]
     im = viz.chart([viz.Series([1, 2, 3, 4], [0.5, float("nan"), 0.3, 0.2], "a")], (300, 200), "t", "x", "y")
     assert im.size == (300, 200)
