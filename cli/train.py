@@ -1,0 +1,96 @@
+"""cpnet train."""
+
+import click
+
+
+@click.command("train")
+@click.option("--data", required=True, type=click.Path(exists=True), help="Folder with train.h5 and val.h5 (from `cpnet prep`).")
+@click.option("--model", default="alexnet-small", show_default=True, help="alexnet | alexnet-small | alexnet-tiny")
+@click.option("--epochs", default=10, show_default=True, help="Total epochs (with --resume: continue up to this).")
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--lr", default=0.01, show_default=True, help="Initial learning rate.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: last.h5, best.h5, metrics.jsonl.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from last.h5.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workers", default=0, show_default=True, help="Loader worker processes (0: in-process).")
+@click.option("--crop", type=int, default=None, help="Crop size [default: 227 for alexnet; stored size minus an eighth for the small presets].")
+@click.option("--conventions", default="paper", show_default=True, help="paper | ccn2 | caffe: LRN convention, k, where LRN sits, default init.")
+@click.option("--init", default=None, help="paper | caffe | he [default: the conventions' own].")
+@click.option("--momentum", default=0.9, show_default=True)
+@click.option("--weight-decay", default=5e-4, show_default=True)
+@click.option("--decay-biases", is_flag=True, help="Apply weight decay to biases too.")
+@click.option("--schedule", default="plateau", show_default=True, help="plateau | step | constant")
+@click.option("--patience", default=1, show_default=True, help="plateau: epochs without improvement before dividing the lr by 10.")
+@click.option("--step-epochs", default=10, show_default=True, help="step: divide the lr by 10 every N epochs.")
+@click.option("--lighting", default=0.1, show_default=True, help="PCA lighting sigma (0 disables).")
+@click.option("--dropout", default=0.5, show_default=True)
+@click.option("--scale", default=1.0, show_default=True, help="Multiply mean-subtracted 0-255 inputs by this.")
+def command(data, model, epochs, batch_size, lr, out, resume, seed, workers, crop, conventions, init, momentum,
+            weight_decay, decay_biases, schedule, patience, step_epochs, lighting, dropout, scale):
+    """Train AlexNet on an HDF5 dataset with momentum SGD.
+
+    Shows loss, top-1/top-5 training error, images/s, data-wait vs compute time and ETA; validates on the centre
+    crop after each epoch; writes RUN/last.h5 (each epoch and on Ctrl-C), RUN/best.h5 and RUN/metrics.jsonl.
+    """
+    import time
+
+    from cpnet.train import TrainConfig, TrainingInterrupted, run
+
+    from ._progress import Line, fmt_time
+
+    cfg = TrainConfig(data=data, out=out, model=model, epochs=epochs, batch_size=batch_size, lr=lr,
+                      momentum=momentum, weight_decay=weight_decay, decay_biases=decay_biases, schedule=schedule,
+                      patience=patience, step_epochs=step_epochs, seed=seed, workers=workers, crop=crop,
+                      conventions=conventions, init=init, dropout=dropout, lighting=lighting, scale=scale,
+                      resume=resume)
+    line = Line()
+    t_start = time.monotonic()
+    ctx = {}
+
+    def on_start(info):
+        m, c = info["model"], info["config"]
+        ctx.update(info)
+        devs = ", ".join(f"tower {t}: {d}" for t, d in enumerate(m.devices))
+        click.echo(f"model {c.preset} ({m.num_params():,} parameters), crop {c.crop}, {c.num_classes} classes, "
+                   f"conventions {c.conventions}, init {c.init}; {devs}")
+        if info["start_epoch"] or info["start_pos"]:
+            click.echo(f"resuming at epoch {info['start_epoch'] + 1}, batch {info['start_pos']} "
+                       f"(iteration {info['iteration']})")
+        ctx["t0"] = time.monotonic()
+        ctx["it0"] = info["iteration"]
+
+    def on_step(s):
+        if s["iteration"] == ctx["it0"] + 1 and ctx["it0"] == 0:
+            click.echo(f"first-iteration loss {s['loss']:.4f} (ln {ctx['config'].num_classes} classes = "
+                       f"{s['ln_classes']:.4f})")
+        sums = s["sums"]
+        n = max(sums["n"], 1)
+        done = (s["epoch"] - ctx["start_epoch"]) * s["batches"] + s["batch"] - (ctx["start_pos"] if s["epoch"] == ctx["start_epoch"] else 0)
+        total = (cfg.epochs - ctx["start_epoch"]) * s["batches"] - ctx["start_pos"]
+        el = time.monotonic() - ctx["t0"]
+        eta = el / max(done, 1) * (total - done)
+        ips = sums["n"] / max(sums["data_s"] + sums["compute_s"], 1e-9)
+        line.show(f"epoch {s['epoch'] + 1}/{cfg.epochs} batch {s['batch']}/{s['batches']} loss {sums['loss'] / n:.4f} "
+                  f"top1 {sums['top1'] / n:.3f} top5 {sums['top5'] / n:.3f} lr {s['lr']:.2g} {ips:.0f} img/s "
+                  f"data {sums['data_s']:.1f}s compute {sums['compute_s']:.1f}s ETA {fmt_time(eta)}")
+
+    def on_epoch(r):
+        line.done()
+        val = (f" | val loss {r['val_loss']:.4f} top1 {r['val_top1']:.3f} top5 {r['val_top5']:.3f}"
+               + (" *best*" if r["improved"] else "")) if "val_top1" in r else ""
+        click.echo(f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} top1 {r['train_top1']:.3f} "
+                   f"top5 {r['train_top5']:.3f} ({r['images_per_s']:.0f} img/s){val}")
+
+    try:
+        r = run(cfg, on_step=on_step, on_epoch=on_epoch, on_start=on_start)
+    except TrainingInterrupted as e:
+        line.done()
+        click.echo(f"interrupted: {e}", err=True)
+        raise SystemExit(130)
+    finally:
+        line.done()
+    if r:
+        click.echo(f"done in {fmt_time(time.monotonic() - t_start)}: "
+                   + (f"val top-1 error {r['val_top1']:.4f}, top-5 error {r['val_top5']:.4f}; "
+                      if "val_top1" in r else "")
+                   + f"checkpoints in {out}")

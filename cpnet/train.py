@@ -1,0 +1,268 @@
+"""The training loop: batches -> forward/backward -> momentum SGD -> metrics, validation, checkpoints.
+
+Nothing here prints: `run` reports through callbacks (`on_step`, `on_epoch`) and files in the run directory:
+
+    RUN/last.h5        after every epoch and on interruption (Ctrl-C), written atomically
+    RUN/best.h5        the weights with the lowest validation top-1 error so far
+    RUN/metrics.jsonl  one JSON line per finished epoch (rewritten atomically from the checkpoint's history)
+
+Resuming restores weights, momentum, learning rate and schedule, epoch, iteration and the position inside the
+epoch. Data order, augmentation and dropout are counter-based random streams (functions of the seed, epoch, batch
+and iteration), so an interrupted and resumed run on the CPU ends with exactly the parameters of an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import checkpoint as ckpt_io
+from .backend import to_device, to_host
+from .errors import CpnetError
+from .evaluate import evaluate, topk_hits
+from .model import PRESETS, build_model, check_crop, make_config
+from .optim import MomentumSGD, Schedule
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    model: str = "alexnet-small"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    decay_biases: bool = False
+    schedule: str = "plateau"
+    patience: int = 1
+    step_epochs: int = 10
+    seed: int = 0
+    workers: int = 0
+    crop: int | None = None
+    conventions: str = "paper"
+    init: str | None = None
+    activation: str = "relu"
+    lrn: bool = True
+    pool: list = field(default_factory=lambda: [3, 2])
+    dropout: float = 0.5
+    lighting: float = 0.1
+    scale: float = 1.0
+    resume: bool = False
+    validate: bool = True
+    max_iterations: int | None = None
+
+
+class TrainingInterrupted(Exception):
+    """Raised after Ctrl-C once the current step has finished and RUN/last.h5 holds the position."""
+
+
+def dataset_paths(data: str) -> tuple[str, str | None]:
+    """`--data` is a folder with train.h5 (and val.h5), or a train file whose val.h5 sits beside it."""
+    if os.path.isdir(data):
+        train, val = os.path.join(data, "train.h5"), os.path.join(data, "val.h5")
+    else:
+        train, val = data, os.path.join(os.path.dirname(data) or ".", "val.h5")
+    if not os.path.exists(train):
+        raise CpnetError(f"--data {data}: no train.h5 there (make one with `cpnet prep`)")
+    return train, (val if os.path.exists(val) and os.path.abspath(val) != os.path.abspath(train) else None)
+
+
+def default_crop(preset: str, stored_size: int) -> int:
+    """227 for the paper's net; the stored size minus an eighth for the small presets (32 from 36)."""
+    if preset == "alexnet":
+        return 227
+    return int(stored_size - stored_size // 8)
+
+
+def _write_metrics(path, history):
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="metrics.", suffix=".tmp", dir=d)
+    with os.fdopen(fd, "w") as f:
+        for row in history:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+class _StopFlag:
+    """Ctrl-C asks the loop to stop at the next batch boundary; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=None) -> dict:
+    """Train per `cfg`; returns the last epoch's metrics. See the module docstring for the files it writes."""
+    from cpnet.data import EvalLoader, H5Dataset, TrainLoader
+
+    train_path, val_path = dataset_paths(cfg.data)
+    if cfg.schedule == "plateau" and (val_path is None or not cfg.validate):
+        raise CpnetError("--schedule plateau needs validation data (val.h5 beside train.h5)")
+    if cfg.epochs < 1:
+        raise CpnetError(f"--epochs {cfg.epochs}: expected at least 1")
+    if cfg.batch_size < 1:
+        raise CpnetError(f"--batch-size {cfg.batch_size}: expected at least 1")
+    with H5Dataset(train_path) as ds:
+        classes, stored, mean, labels = list(ds.classes), ds.size, np.array(ds.mean), ds.labels
+    if val_path:
+        with H5Dataset(val_path) as vds:
+            if list(vds.classes) != classes:
+                raise CpnetError(f"{val_path}: its classes differ from {train_path}'s")
+    os.makedirs(cfg.out, exist_ok=True)
+    last, best, metrics_path = (os.path.join(cfg.out, n) for n in ("last.h5", "best.h5", "metrics.jsonl"))
+
+    if cfg.resume:
+        if not os.path.exists(last):
+            raise CpnetError(f"--resume: {last} does not exist (nothing to resume)")
+        ck = ckpt_io.load(last)
+        if ck.classes != classes:
+            raise CpnetError(f"--resume: {last} was trained on other classes than {train_path}")
+        net_cfg, state = ck.config, ck.state
+        saved = TrainConfig(**{**ck.train, "data": cfg.data, "out": cfg.out, "epochs": cfg.epochs,
+                               "workers": cfg.workers, "resume": True, "max_iterations": cfg.max_iterations})
+        cfg = saved
+    else:
+        if os.path.exists(last):
+            raise CpnetError(f"--out {cfg.out}: already holds a run (last.h5); use --resume or another --out")
+        crop = cfg.crop or default_crop(cfg.model, stored)
+        if cfg.model not in PRESETS:
+            raise CpnetError(f"--model {cfg.model!r}: expected one of {', '.join(PRESETS)}")
+        net_cfg = make_config(cfg.model, len(classes), crop, cfg.conventions, cfg.init, cfg.activation, cfg.lrn,
+                              cfg.pool, cfg.dropout, cfg.seed)
+        state = dict(epoch=0, pos=0, iteration=0, lr=cfg.lr, schedule=Schedule(
+            cfg.schedule, patience=cfg.patience, step_epochs=cfg.step_epochs).state(), best_val=None,
+            sums=None, history=[])
+        ck = None
+    check_crop(net_cfg, stored)
+    if int(labels.max(initial=0)) >= len(classes) or int(labels.min(initial=0)) < 0:
+        raise CpnetError(f"{train_path}: labels outside 0..{len(classes) - 1}")
+
+    model = build_model(net_cfg, placement=placement)
+    opt = MomentumSGD(model, lr=state["lr"], momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                      decay_biases=cfg.decay_biases)
+    if ck is not None:
+        model.set_params(ck.params)
+        if ck.momentum:
+            for name, layer, key, t in model.param_slots():
+                opt.velocity[name][...] = to_device(ck.momentum[name].astype(model.dtype), model.devices[t])
+    schedule = Schedule.from_state(state["schedule"])
+    history = list(state["history"])
+    train_dict = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "max_iterations")}
+
+    def save(path, epoch, pos, sums, weights_only=False):
+        ckpt_io.save(path, ckpt_io.Checkpoint(
+            config=net_cfg, params=model.host_params(), classes=classes, mean=mean, scale=cfg.scale,
+            stored_size=stored,
+            momentum=None if weights_only else {k: to_host(v) for k, v in opt.velocity.items()},
+            state=dict(epoch=epoch, pos=pos, iteration=iteration, lr=opt.lr, schedule=schedule.state(),
+                       best_val=best_val, sums=sums, history=history, seed=cfg.seed),
+            train=train_dict))
+
+    loader = TrainLoader(train_path, cfg.batch_size, net_cfg.crop, seed=cfg.seed, workers=cfg.workers,
+                         lighting=cfg.lighting, scale=cfg.scale)
+    val_loader = EvalLoader(val_path, cfg.batch_size, net_cfg.crop, views="center", workers=cfg.workers,
+                            scale=cfg.scale) if (val_path and cfg.validate) else None
+    iteration, best_val = int(state["iteration"]), state["best_val"]
+    nb = loader.batches_per_epoch
+    dev0 = model.devices[0]
+    if on_start:
+        on_start(dict(model=model, config=net_cfg, train=cfg, batches_per_epoch=nb, classes=classes,
+                      start_epoch=state["epoch"], start_pos=state["pos"], iteration=iteration))
+    result = history[-1] if history else {}
+    try:
+        with _StopFlag() as stop:
+            for epoch in range(int(state["epoch"]), cfg.epochs):
+                start = int(state["pos"]) if epoch == state["epoch"] else 0
+                sums = dict(state["sums"] or {}) if (epoch == state["epoch"] and start) else {}
+                for key in ("loss", "top1", "top5", "n", "data_s", "compute_s"):
+                    sums.setdefault(key, 0.0)
+                t_epoch = time.perf_counter()
+                t_wait = time.perf_counter()
+                pos = start
+                for x, y in loader.epoch(epoch, start=start):
+                    t0 = time.perf_counter()
+                    sums["data_s"] += t0 - t_wait
+                    model.set_step(iteration)
+                    loss, logits = model.loss(x, y, train=True)
+                    model.loss_backward()
+                    with dev0:
+                        h1, h5 = topk_hits(logits, to_device(y, dev0))
+                    loss_v = float(loss)
+                    if not math.isfinite(loss_v):
+                        raise CpnetError(
+                            f"loss became {loss_v} at iteration {iteration} (epoch {epoch + 1}): training stopped; "
+                            f"{last if os.path.exists(last) else 'no checkpoint'} keeps the last good state "
+                            f"(try a lower --lr)")
+                    opt.step()
+                    model.clear()
+                    b = len(y)
+                    sums["loss"] += loss_v * b
+                    sums["top1"] += b - float(h1)
+                    sums["top5"] += b - float(h5)
+                    sums["n"] += b
+                    iteration += 1
+                    pos += 1
+                    t_wait = time.perf_counter()
+                    sums["compute_s"] += t_wait - t0
+                    if on_step:
+                        on_step(dict(epoch=epoch, batch=pos, batches=nb, iteration=iteration, loss=loss_v,
+                                     top1=1 - float(h1) / b, top5=1 - float(h5) / b, lr=opt.lr,
+                                     ln_classes=math.log(len(classes)), sums=dict(sums),
+                                     elapsed=t_wait - t_epoch))
+                    if stop.requested or (cfg.max_iterations is not None and iteration >= cfg.max_iterations):
+                        save(last, epoch, pos, sums)
+                        raise TrainingInterrupted(
+                            f"stopped at epoch {epoch + 1}, batch {pos}/{nb} (iteration {iteration}); "
+                            f"{last} holds the position: continue with --resume")
+                n = max(sums["n"], 1)
+                row = dict(epoch=epoch + 1, iteration=iteration, lr=opt.lr, train_loss=sums["loss"] / n,
+                           train_top1=sums["top1"] / n, train_top5=sums["top5"] / n,
+                           images_per_s=sums["n"] / max(sums["data_s"] + sums["compute_s"], 1e-9),
+                           data_s=sums["data_s"], compute_s=sums["compute_s"])
+                if val_loader is not None:
+                    v = evaluate(model, val_loader)
+                    row.update(val_loss=v["loss"], val_top1=v["top1"], val_top5=v["top5"])
+                history.append(row)
+                improved = val_loader is not None and (best_val is None or row["val_top1"] < best_val)
+                if improved:
+                    best_val = row["val_top1"]
+                opt.lr = schedule.update(opt.lr, row.get("val_top1"))
+                save(last, epoch + 1, 0, None)
+                if improved:
+                    save(best, epoch + 1, 0, None, weights_only=True)
+                _write_metrics(metrics_path, history)
+                state = dict(state, epoch=epoch + 1, pos=0, sums=None)
+                result = row
+                if on_epoch:
+                    on_epoch(dict(row, improved=improved, best_val=best_val))
+    finally:
+        loader.close()
+        if val_loader is not None:
+            val_loader.close()
+    return result

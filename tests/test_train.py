@@ -1,0 +1,173 @@
+"""Training end to end on the synthetic set: CLI runs, checkpoints, exact resume, NaN handling, bad input."""
+
+import json
+import os
+import signal
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cpnet import checkpoint, ops
+from cpnet.cli.main import cli
+from cpnet.errors import CpnetError
+from cpnet.train import TrainConfig, TrainingInterrupted, run
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synth")
+    r = CliRunner().invoke(cli, ["prep", "synthetic", "--out", str(d), "--n", "96", "--classes", "4",
+                                 "--size", "17", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    assert (d / "train.h5").exists() and (d / "val.h5").exists()
+    return d
+
+
+def tiny_cfg(data, out, **kw):
+    base = dict(data=str(data), out=str(out), model="alexnet-tiny", epochs=2, batch_size=16, lr=0.01, seed=5,
+                crop=15, init="he", schedule="constant", scale=1 / 64)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_cli_train_eval_predict_end_to_end(synth, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    r = runner.invoke(cli, ["train", "--data", str(synth), "--model", "alexnet-tiny", "--epochs", "2",
+                            "--batch-size", "16", "--lr", "0.01", "--out", str(out), "--init", "he",
+                            "--schedule", "constant", "--scale", "0.015625"])
+    assert r.exit_code == 0, r.output
+    assert "first-iteration loss" in r.output and "ln 4 classes = 1.3863" in r.output
+    assert "epoch 2:" in r.output and "val loss" in r.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    for key in ("train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5", "lr", "images_per_s"):
+        assert key in rows[0]
+    assert (out / "last.h5").exists() and (out / "best.h5").exists()
+    ck = checkpoint.load(out / "last.h5")
+    assert ck.state["epoch"] == 2 and ck.momentum is not None and ck.classes == checkpoint.load(out / "best.h5").classes
+
+    r = runner.invoke(cli, ["eval", str(out / "last.h5"), "--data", str(synth / "val.h5"), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    with h5py.File(synth / "val.h5") as f:
+        n_val = len(f["labels"])
+    assert res["n"] == n_val and 0 <= res["top5"] <= res["top1"] <= 1
+    r10 = runner.invoke(cli, ["eval", str(out / "last.h5"), "--data", str(synth / "val.h5"), "--ten-crop", "--json"])
+    assert r10.exit_code == 0, r10.output
+    assert json.loads(r10.output)["n"] == n_val and json.loads(r10.output)["views"] == "ten"
+
+    from PIL import Image
+
+    img = tmp_path / "x.png"
+    with h5py.File(synth / "val.h5") as f:
+        Image.fromarray(f["images"][0]).resize((40, 30)).save(img)
+    r = runner.invoke(cli, ["predict", str(out / "last.h5"), str(img)])
+    assert r.exit_code == 0, r.output
+    probs = [float(line.split()[-1]) for line in r.output.splitlines() if line.strip()[:1].isdigit()]
+    assert len(probs) == 4 and abs(sum(probs) - 1) < 0.01 and probs == sorted(probs, reverse=True)
+
+
+def _params(path):
+    return checkpoint.load(path).params
+
+
+@pytest.mark.parametrize("how", ["sigint", "max_iterations"])
+def test_interrupted_and_resumed_run_equals_uninterrupted(synth, tmp_path, how):
+    full = tmp_path / "full"
+    run(tiny_cfg(synth, full, epochs=3))
+    part = tmp_path / "part"
+    from cpnet.data import TrainLoader
+
+    with TrainLoader(str(synth / "train.h5"), 16, 15) as L:
+        nb = L.batches_per_epoch
+    stop_at = nb + 2  # mid-epoch 2
+
+    def on_step(s):
+        if how == "sigint" and s["iteration"] == stop_at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    kw = {"max_iterations": stop_at} if how == "max_iterations" else {}
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        run(tiny_cfg(synth, part, epochs=3, **kw), on_step=on_step)
+    st = checkpoint.load(part / "last.h5").state
+    assert st["iteration"] == stop_at and st["epoch"] == 1 and st["pos"] == 2 and st["sums"]["n"] == 32
+    run(tiny_cfg(synth, part, epochs=3, resume=True))
+    a, b = _params(full / "last.h5"), _params(part / "last.h5")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    la = (full / "metrics.jsonl").read_text().splitlines()
+    lb = (part / "metrics.jsonl").read_text().splitlines()
+    strip = lambda rows: [{k: v for k, v in json.loads(x).items() if not k.endswith("_s") and k != "images_per_s"}
+                          for x in rows]
+    assert strip(la) == strip(lb)
+
+
+def test_resume_continues_up_to_new_total(synth, tmp_path):
+    out = tmp_path / "r"
+    run(tiny_cfg(synth, out, epochs=1))
+    r = run(tiny_cfg(synth, out, epochs=2, resume=True))
+    assert r["epoch"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    run(tiny_cfg(synth, out, epochs=1))
+    before = _params(out / "last.h5")
+    real = ops.softmax_cross_entropy_forward
+
+    def poisoned(logits, labels):
+        loss, cache = real(logits, labels)
+        return loss * np.nan, cache
+
+    monkeypatch.setattr(ops, "softmax_cross_entropy_forward", poisoned)
+    with pytest.raises(CpnetError, match=r"loss became nan at iteration \d+ \(epoch 2\).*last\.h5"):
+        run(tiny_cfg(synth, out, epochs=2, resume=True))
+    after = _params(out / "last.h5")
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
+    assert checkpoint.load(out / "last.h5").state["epoch"] == 1
+
+
+def test_bad_input_errors(synth, tmp_path):
+    with pytest.raises(CpnetError, match="--crop 18: larger than the stored image size 17"):
+        run(tiny_cfg(synth, tmp_path / "a", crop=18))
+    with pytest.raises(CpnetError, match="needs crops of at least"):
+        run(tiny_cfg(synth, tmp_path / "a", crop=4))
+    with pytest.raises(CpnetError, match="no train.h5"):
+        run(tiny_cfg(tmp_path, tmp_path / "a"))
+    with pytest.raises(CpnetError, match="nothing to resume"):
+        run(tiny_cfg(synth, tmp_path / "b", resume=True))
+    out = tmp_path / "c"
+    run(tiny_cfg(synth, out, epochs=1))
+    with pytest.raises(CpnetError, match="already holds a run"):
+        run(tiny_cfg(synth, out, epochs=1))
+    r = CliRunner().invoke(cli, ["eval", str(tmp_path / "missing.h5"), "--data", str(synth / "val.h5")])
+    assert r.exit_code != 0 and "missing.h5: checkpoint not found" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(cli, ["predict", str(out / "last.h5"), str(tmp_path / "nope.jpg")])
+    assert r.exit_code != 0 and "nope.jpg" in r.output
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A failure while writing leaves the previous checkpoint intact and no temporary file behind."""
+    from cpnet.model import make_config
+
+    cfg = make_config("alexnet-tiny", 3, 15)
+    ck = checkpoint.Checkpoint(config=cfg, params={"a": np.ones(3)}, classes=["x", "y", "z"],
+                               mean=np.zeros((17, 17, 3), np.float32))
+    path = tmp_path / "c.h5"
+    checkpoint.save(path, ck)
+    bad = checkpoint.Checkpoint(config=cfg, params={"a": object()}, classes=["x", "y", "z"],
+                                mean=np.zeros((17, 17, 3), np.float32))
+    with pytest.raises(Exception):
+        checkpoint.save(path, bad)
+    assert checkpoint.load(path).params["a"].tolist() == [1, 1, 1]
+    assert os.listdir(tmp_path) == ["c.h5"]
+    path2 = tmp_path / "junk.h5"
+    path2.write_bytes(b"not hdf5")
+    with pytest.raises(CpnetError, match="junk.h5: not an HDF5 checkpoint"):
+        checkpoint.load(path2)
