@@ -73,9 +73,11 @@ class _Maker:
 
 
 def _slot_arrays(raw, x_shape, y_len):
+    """(x, y) arrays over one shared slot. x's base is the raw buffer itself, so every view of x (any depth) has
+    x as its base, and sys.getrefcount(x) counts the views alive."""
     nx = int(np.prod(x_shape)) * 4
-    x = np.frombuffer(raw, dtype=np.float32, count=nx // 4).reshape(x_shape)
-    y = np.frombuffer(raw, dtype=np.int64, count=y_len, offset=nx)
+    x = np.ndarray(x_shape, np.float32, buffer=raw)
+    y = np.ndarray((y_len,), np.int64, buffer=raw, offset=nx)
     return x, y
 
 
@@ -95,15 +97,15 @@ def _worker_main(spec, raws, x_shape, y_len, tasks, results, ppid):
                 continue
             if task is None:
                 return
-            gen, slot, key = task
+            slot, key = task
             try:
                 if maker is None:
                     maker = _Maker(H5Dataset(spec.path), spec)
                 k = maker.make(key, *slots[slot])
-                results.put((gen, slot, key, k, None))
+                results.put((slot, key, k, None))
             except Exception as e:
-                results.put((gen, slot, key, 0, (type(e).__name__, isinstance(e, CpnetError), str(e),
-                                                 traceback.format_exc())))
+                results.put((slot, key, 0, (type(e).__name__, isinstance(e, CpnetError), str(e),
+                                            traceback.format_exc())))
     finally:
         if maker is not None:
             maker.ds.close()
@@ -153,16 +155,28 @@ def without_main_module():
 
 
 class _Workers:
-    """Worker processes and their shared-memory slots; `run(keys)` yields the batches of `keys` in order."""
+    """Worker processes and their shared-memory slots; `run(keys)` yields the batches of `keys` in order.
+
+    A batch is identified by its key alone (it is a pure function of it), so a result that arrives for a key
+    that a later run wants is used, not remade. When a run has submitted all its keys, the slots left over work
+    on `ahead` keys (the next epoch's first batches) while the caller finishes this one.
+
+    The x of a yielded batch is lent: a view into its slot, not a copy. The slot goes back to work only when no
+    reference to that view (or any view of it) is left, which `sys.getrefcount` on the slot array tells exactly.
+    Only `slots - 1` slots are ever lent; when the caller holds on to that many batches, later ones are copied.
+    """
 
     def __init__(self, spec, workers, slots, x_shape, y_len):
         ctx = _context()
-        self.x_shape, self.y_len = x_shape, y_len
         nbytes = int(np.prod(x_shape)) * 4 + y_len * 8
         self._raws = [ctx.RawArray("b", nbytes) for _ in range(slots)]
         self._slots = [_slot_arrays(r, x_shape, y_len) for r in self._raws]
+        # references to each slot's x held by us alone, counted the way _reclaim counts them
+        self._baseline = [sys.getrefcount(self._slots[i][0]) for i in range(slots)]
         self._free = list(range(slots))
-        self._gen = 0
+        self._lent = []
+        self._inflight = set()          # keys submitted and not yet back
+        self._ready = {}                # key -> (slot, k) made and not yet yielded
         self._tasks, self._results = ctx.Queue(), ctx.Queue()
         self._procs = []
         for i in range(workers):
@@ -173,6 +187,11 @@ class _Workers:
             self._procs.append(p)
         self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._tasks, self._results)
 
+    def _reclaim(self):
+        for slot in [s for s in self._lent if sys.getrefcount(self._slots[s][0]) == self._baseline[s]]:
+            self._lent.remove(slot)
+            self._free.append(slot)
+
     def _get(self):
         while True:
             try:
@@ -182,41 +201,68 @@ class _Workers:
                 if dead:
                     raise RuntimeError(f"loader worker {dead[0].name} died (exit code {dead[0].exitcode})")
 
-    def run(self, keys):
-        self._gen += 1                       # results of an abandoned run carry an older gen and are dropped
-        gen, keys, nxt, ready = self._gen, list(keys), 0, {}
+    def run(self, keys, ahead=()):
+        keys = list(keys)
+        wanted = set(keys)
+        upcoming = keys + [a for a in ahead if a not in wanted]
+        keep = set(upcoming)
+        for key in [k for k in self._ready if k not in keep]:       # made for a run that was abandoned
+            self._free.append(self._ready.pop(key)[0])
+        nxt = 0
 
         def fill():
             nonlocal nxt
-            while self._free and nxt < len(keys):
-                self._tasks.put((gen, self._free.pop(), keys[nxt]))
+            self._reclaim()
+            while self._free and nxt < len(upcoming):
+                key = upcoming[nxt]
                 nxt += 1
+                if key not in self._inflight and key not in self._ready:
+                    self._inflight.add(key)
+                    self._tasks.put((self._free.pop(), key))
 
-        try:
-            for want in keys:
-                fill()
-                while want not in ready:
-                    g, slot, key, k, err = self._get()
-                    if g != gen:
-                        self._free.append(slot)
-                        fill()
-                        continue
-                    if err is not None:
-                        self._free.append(slot)
-                        name, user, msg, tb = err
-                        if user:
-                            raise CpnetError(msg)
-                        raise RuntimeError(f"loader worker failed on batch {key}: {name}: {msg}\n{tb}")
-                    ready[key] = (slot, k)
-                slot, k = ready.pop(want)
-                x, y = self._slots[slot]
-                x, y = x[:k].copy(), y[:k].copy()
+        for i, want in enumerate(keys):
+            nxt = max(nxt, i)          # keys before want were yielded: never submit them again
+            fill()
+            while want not in self._ready:
+                if want not in self._inflight:
+                    self._reclaim()
+                    if not self._free:
+                        # every slot is busy with later keys (a run restarted before an abandoned one's
+                        # position): give up the ready batch needed last; it is made again when its turn comes
+                        order = {key: j for j, key in enumerate(upcoming)}
+                        last = max(self._ready, key=order.get, default=None)
+                        if last is not None:
+                            self._free.append(self._ready.pop(last)[0])
+                            nxt = min(nxt, order[last])
+                    if self._free:
+                        self._inflight.add(want)
+                        self._tasks.put((self._free.pop(), want))
+                slot, key, k, err = self._get()
+                self._inflight.discard(key)
+                if err is not None and key in wanted:
+                    self._free.append(slot)
+                    name, user, msg, tb = err
+                    if user:
+                        raise CpnetError(msg)
+                    raise RuntimeError(f"loader worker failed on batch {key}: {name}: {msg}\n{tb}")
+                if err is None and key in keep and key not in self._ready:
+                    self._ready[key] = (slot, k)
+                else:
+                    self._free.append(slot)
+                    fill()
+            slot, k = self._ready.pop(want)
+            wanted.discard(want)
+            keep.discard(want)
+            x, y = self._slots[slot]
+            if len(self._lent) < len(self._slots) - 1:
+                batch = (x[:k], y[:k].copy())
+                self._lent.append(slot)
+            else:
+                batch = (x[:k].copy(), y[:k].copy())
                 self._free.append(slot)
-                fill()
-                yield x, y
-        finally:
-            for slot, _ in ready.values():
-                self._free.append(slot)
+            del x, y
+            yield batch
+            del batch                  # the caller's reference is the only one left
 
     def close(self):
         self._finalizer()
@@ -248,11 +294,12 @@ class _Loader:
         else:
             ds.close()
             self._ds = self._maker = None
-            self._workers = _Workers(spec, self.workers, max(slots, self.workers), x_shape, self.batch_size)
+            self._slots = max(slots, self.workers) + 1    # + the one the caller is holding
+            self._workers = _Workers(spec, self.workers, self._slots, x_shape, self.batch_size)
 
-    def _batches(self, keys, sizes):
+    def _batches(self, keys, sizes, ahead=()):
         if self._workers is not None:
-            yield from self._workers.run(keys)
+            yield from self._workers.run(keys, ahead)
             return
         if self._maker is None:
             raise CpnetError(f"{self.path}: loader is closed")
@@ -312,7 +359,8 @@ class TrainLoader(_Loader):
         if not 0 <= int(start) <= self.batches_per_epoch:
             raise ValueError(f"start must be in [0, {self.batches_per_epoch}], got {start}")
         keys = [(int(epoch), i) for i in range(int(start), self.batches_per_epoch)]
-        return self._batches(keys, [self.batch_size] * len(keys))
+        ahead = [(int(epoch) + 1, i) for i in range(min(self.batches_per_epoch, getattr(self, "_slots", 0)))]
+        return self._batches(keys, [self.batch_size] * len(keys), ahead)
 
     def __len__(self):
         return self.batches_per_epoch
