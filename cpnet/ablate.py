@@ -193,6 +193,10 @@ def run(cfg: AblationConfig, on_run_start=None, on_step=None, on_run_end=None) -
     if val is None:
         raise CpnetError(f"--data {cfg.data}: no val.h5 beside train.h5 (the ablations compare validation error)")
     runs, uses = plan(cfg)
+    from .data import H5Dataset
+
+    with H5Dataset(dataset_paths(cfg.data)[0]) as ds:
+        num_classes = ds.num_classes
     t0 = time.perf_counter()
     results = {}
     for i, (name, opts) in enumerate(runs.items()):
@@ -207,7 +211,7 @@ def run(cfg: AblationConfig, on_run_start=None, on_step=None, on_run_end=None) -
         experiments.append(dict(name=exp, title=spec["title"], claim=spec["claim"],
                                 variants=[dict(label=label, run=name, **_summary(results[name]))
                                           for label, name in labels]))
-    return dict(config=asdict(cfg), seconds=time.perf_counter() - t0, experiments=experiments, runs=results)
+    return dict(config=asdict(cfg), classes=num_classes, seconds=time.perf_counter() - t0, experiments=experiments, runs=results)
 
 
 # ---- outputs ----------------------------------------------------------------------------------------------------
@@ -243,10 +247,11 @@ def _verdict(exp: dict, target: float) -> str:
 def markdown(results: dict) -> str:
     cfg = results["config"]
     t = f"{100 * cfg['target']:g}%"
+    top5 = results.get("classes", 1000) > 5   # with 5 classes or fewer top-5 error is 0 by definition
     lines = [
-        f"| experiment | variant | iterations to {t} train error | train top-1 (eval) | val top-1 | val top-5 "
-        f"| gap val−train | time |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| experiment | variant | iterations to {t} train error | train top-1 (eval) | val top-1 "
+        + ("| val top-5 " if top5 else "") + "| gap val−train | time |",
+        "|---|---|---:|---:|---:|" + ("---:|" if top5 else "") + "---:|---:|",
     ]
     for exp in results["experiments"]:
         for v in exp["variants"]:
@@ -254,7 +259,16 @@ def markdown(results: dict) -> str:
             it = f"{it}" if it else (f"> {v['iterations']}" if not v["diverged"] else "diverged")
             gap = "–" if v["gap"] is None else f"{100 * v['gap']:+.1f}"
             lines.append(f"| {exp['title']} | {v['label']} | {it} | {_pct(v['train_eval_top1'])} | "
-                         f"{_pct(v['val_top1'])} | {_pct(v['val_top5'])} | {gap} | {v['seconds']:.0f} s |")
+                         f"{_pct(v['val_top1'])} | " + (f"{_pct(v['val_top5'])} | " if top5 else "")
+                         + f"{gap} | {v['seconds']:.0f} s |")
+    users = {}
+    for exp in results["experiments"]:
+        for v in exp["variants"]:
+            users.setdefault(v["run"], []).append(v["label"])
+    shared = [" = ".join(labels) for labels in users.values() if len(labels) > 1]
+    if shared:
+        lines.append("")
+        lines.append("One training each (same numbers): " + "; ".join(shared) + ".")
     lines.append("")
     for exp in results["experiments"]:
         lines.append(f"- **{exp['title']}**: {_verdict(exp, cfg['target'])}. Paper: {exp['claim']}.")

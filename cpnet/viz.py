@@ -330,7 +330,12 @@ def chart(series, size=(460, 320), title="", xlabel="", ylabel="", xlim=None, yl
     if legend and labelled:
         lw = max(text_size(s.label, small)[0] for s in labelled) + 34
         lh = len(labelled) * (th + 3) + 6
-        lx, ly = px1 - lw - 6, py0 + 6
+        pts = [(X(x), Y(y)) for s in series for x, y in zip(s.x, s.y)
+               if _finite(x) and _finite(y) and (x > 0 or not log_x)]
+        corners = [(px1 - lw - 6, py0 + 6), (px0 + 6, py0 + 6), (px1 - lw - 6, py1 - lh - 6), (px0 + 6, py1 - lh - 6)]
+        # the corner that hides the fewest data points (top right on ties)
+        lx, ly = min(corners, key=lambda c: sum(c[0] - 4 <= x <= c[0] + lw + 4 and c[1] - 4 <= y <= c[1] + lh + 4
+                                                for x, y in pts))
         d.rectangle([lx, ly, lx + lw, ly + lh], fill=WHITE, outline=LIGHT)
         for i, s in enumerate(labelled):
             y = ly + 4 + i * (th + 3) + th / 2
