@@ -90,7 +90,7 @@ def command(model, batch_size, steps, warmup, as_json, loader_data, loader_worke
     res = bench.bench_model(model, batch_size=batch_size, steps=steps, warmup=warmup, num_classes=num_classes,
                             crop=cfg.crop)
     dev = backend.default_placement(2)[0]
-    gemm = bench.gemm_gflops(dev, n=2048 if dev.is_gpu else 1024)
+    gemm = bench.gemm_gflops(dev, n=512 if model == "alexnet-tiny" else 2048)
     res["flops"] = bench.floors(cfg, gemm, batch_size)
     res["memory"] = bench.memory()
     if no_loader:

@@ -8,7 +8,8 @@
 # network: cpnet goes in with `pip install --no-deps --no-build-isolation --no-index -e .`, or, where that
 # fails, through a temporary sitecustomize.py on PYTHONPATH that maps cpnet.cli and cpnet.data onto the checkout.
 # Every step runs (so one costly GPU session gives every answer) under its own time limit; the script then
-# exits 1 with a FAILED banner if any step failed. Budget: under 6 minutes on one H100.
+# exits 1 with a FAILED banner if any step failed. Budget: under 6 minutes on one H100 (the step limits,
+# 150 + 90 + 100 s, add up to under that even when every step runs to its limit).
 #
 # Environment:
 #   GPU_CHECK_DRY=1      run on the CPU (CPNET_DEVICE=cpu, alexnet-tiny, batch 4, 2 steps): the whole script
@@ -104,17 +105,17 @@ if [ "$DRY" != 1 ] && ! "$PY" -c "from cpnet import backend; assert backend.use_
 fi
 
 # ---- 1. the GPU tests --------------------------------------------------------------------------------------
-step "pytest -m gpu" 170 "$OUT/pytest_gpu.log" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+step "pytest -m gpu" 150 "$OUT/pytest_gpu.log" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
 rc=$?
 if [ $rc -eq 5 ] && [ "$DRY" = 1 ]; then unset 'FAILED[${#FAILED[@]}-1]'; say "(dry: no GPU tests collected)"; fi
 
 # ---- 2. cpnet bench ----------------------------------------------------------------------------------------
-step "cpnet bench" 110 "$OUT/bench.log" \
+step "cpnet bench" 90 "$OUT/bench.log" \
   bash -c "'$PY' -m cpnet bench --model '$MODEL' --batch-size '$BATCH' --steps '$STEPS' --json >'$OUT/bench.json'"
 
 # ---- 3. PyTorch side by side -------------------------------------------------------------------------------
 if "$PY" -c "import torch" >/dev/null 2>&1; then
-  step "compare_torch" 150 "$OUT/compare_torch.log" "$PY" bench/compare_torch.py --model "$MODEL" \
+  step "compare_torch" 100 "$OUT/compare_torch.log" "$PY" bench/compare_torch.py --model "$MODEL" \
     --batch-size "$BATCH" --steps "$STEPS" --json "$OUT/compare_torch.json"
 else
   say "torch does not import: comparison skipped"; echo "torch not importable: skipped" >"$OUT/compare_torch.log"

@@ -115,6 +115,29 @@ def test_flop_table_every_preset():
         assert v["grouped"]["total"] == sum(x for k, x in v["grouped"].items() if k != "total")
 
 
+@pytest.mark.gpu
+def test_bench_on_gpu(monkeypatch):
+    monkeypatch.setenv("CPNET_DEVICE", "gpu")
+    r = _run(["--model", "alexnet-tiny", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--no-loader", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert all(dev.startswith("gpu:") for dev in d["devices"])
+    assert d["memory"]["gpu_pool_bytes"]["gpu:0"]["total"] > 0
+    assert d["machine"]["gpus"] and d["step"]["images_per_s"] > 0
+    assert all(row["forward_ms"] >= 0 and row["backward_ms"] >= 0 for row in d["layers"])
+
+
+@pytest.mark.gpu
+def test_timer_cuda_events():
+    cp = backend.cupy_module()
+    a = cp.ones((512, 512), dtype=cp.float32)
+    with backend.Timer(backend.Device("gpu", 0)) as t:
+        for _ in range(10):
+            a = a @ a / 512
+    assert t.ms > 0
+    assert float(a[0, 0]) == pytest.approx(1.0)
+
+
 def test_timer_measures_host_work():
     import time
 
@@ -132,10 +155,12 @@ def _compare_module():
     return mod
 
 
+@pytest.mark.parametrize("tdev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("conventions", ["paper", "caffe"])
-def test_compare_torch_one_step_agrees(conventions):
+def test_compare_torch_one_step_agrees(conventions, tdev):
     ct = _compare_module()
-    tdev = "cuda" if backend.use_gpu() else "cpu"
+    if tdev == "cuda" and not ct.torch.cuda.is_available():
+        pytest.skip("this torch has no CUDA")
     r = ct.check_one_step("alexnet-tiny", batch_size=3, num_classes=5, tdev=tdev, dtype=np.float64,
                           conventions=conventions)
     assert r["ok"], r
