@@ -109,13 +109,15 @@ def generate_block(seed, split, block, size, classes):
         "tilt": rng.uniform(-0.2, 0.2, b),
         "flip": rng.random(b) < 0.5,
     }
+    p = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in p.items()}
     # Plus-crosses keep a near-axis orientation, X-crosses a near-diagonal one: the two classes differ by that.
     p["theta"] = np.where(np.isin(labels, [SHAPES.index("cross"), SHAPES.index("xcross")]), p["tilt"], p["theta"])
     fg = rng.uniform(0, 256, (b, 3))
     bg1 = (fg + rng.uniform(80, 176, (b, 3))) % 256
     bg2 = np.clip(bg1 + rng.normal(0, 40, (b, 3)), 0, 255)
-    phi = rng.uniform(0, 2 * np.pi, b)
-    noise_sd = rng.uniform(3, 14, b)
+    fg, bg1, bg2 = fg.astype(np.float32), bg1.astype(np.float32), bg2.astype(np.float32)
+    phi = rng.uniform(0, 2 * np.pi, b).astype(np.float32)
+    noise_sd = rng.uniform(3, 14, b).astype(np.float32)
     noise = rng.standard_normal((b, S, S, 3), dtype=np.float32)
 
     X, Y = np.meshgrid(np.arange(S, dtype=np.float32) + 0.5, np.arange(S, dtype=np.float32) + 0.5)
