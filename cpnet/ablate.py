@@ -50,6 +50,7 @@ EXPERIMENTS = {
 }
 
 DEFAULTS = {"activation": "relu", "lrn": True, "pool": [3, 2], "dropout": 0.5}
+LEVELS = (0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)  # training errors whose first crossing is recorded
 
 
 @dataclass
@@ -156,6 +157,7 @@ def _train_one(cfg: AblationConfig, name: str, opts: dict, on_step=None) -> dict
     res = dict(name=name, options=opts, folder=out, seconds=seconds, diverged=diverged, steps=steps,
                epochs=[{k: v for k, v in r.items() if k not in ("improved", "best_val")} for r in epochs],
                iterations_to_target=first_crossing(steps["top1"], cfg.target, cfg.window),
+               crossings={f"{t:g}": first_crossing(steps["top1"], t, cfg.window) for t in LEVELS},
                iterations=steps["iteration"][-1] if steps["iteration"] else 0)
     if diverged is None and "model" in holder:
         train_path, _ = dataset_paths(cfg.data)
@@ -172,6 +174,7 @@ def _summary(res: dict) -> dict:
     te = res.get("train_eval") or {}
     gap = (last["val_top1"] - te["top1"]) if ("val_top1" in last and "top1" in te) else None
     return dict(iterations_to_target=res["iterations_to_target"], iterations=res["iterations"],
+                crossings=res.get("crossings", {}),
                 train_top1=last.get("train_top1"), train_eval_top1=te.get("top1"), val_top1=last.get("val_top1"),
                 val_top5=last.get("val_top5"), gap=gap, seconds=res["seconds"], diverged=res["diverged"])
 
@@ -229,11 +232,19 @@ def _verdict(exp: dict, target: float) -> str:
         t = f"{100 * target:g}%"
         if ia and ib:
             return f"{b['label']} needed {ib / ia:.2f}x the iterations of {a['label']} to reach {t} training error"
+        both = [lv for lv in LEVELS if (a["crossings"] or {}).get(f"{lv:g}") and (b["crossings"] or {}).get(f"{lv:g}")]
+        if both:
+            lv = min(both)
+            ca, cb = a["crossings"][f"{lv:g}"], b["crossings"][f"{lv:g}"]
+            extra = (f" (at {100 * lv:g}%, the lowest level both reached: {b['label']} needed {cb / ca:.2f}x the "
+                     f"iterations of {a['label']})")
+        else:
+            extra = ""
         if ia:
-            return f"{a['label']} reached {t} at iteration {ia}; {b['label']} not within {b['iterations']}"
+            return f"{a['label']} reached {t} at iteration {ia}; {b['label']} not within {b['iterations']}" + extra
         if ib:
-            return f"{b['label']} reached {t} at iteration {ib}; {a['label']} not within {a['iterations']}"
-        return f"neither reached {t} training error within the budget"
+            return f"{b['label']} reached {t} at iteration {ib}; {a['label']} not within {a['iterations']}" + extra
+        return f"neither reached {t} training error within the budget" + extra
     if a["val_top1"] is None or b["val_top1"] is None:
         return "no validation error"
     d = b["val_top1"] - a["val_top1"]
