@@ -40,7 +40,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from cpnet import backend, ops  # noqa: E402
-from cpnet.model import build_model, make_config  # noqa: E402
+from cpnet.model import PRESETS, build_model, make_config  # noqa: E402
 from cpnet.optim import MomentumSGD  # noqa: E402
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")  # per tower; fc8 lives on tower 0 only
@@ -290,6 +290,8 @@ def main(argv=None):
     if gpu and not torch.cuda.is_available():
         p.error("cpnet runs on a GPU but this torch has no CUDA: set CPNET_DEVICE=cpu or install a CUDA torch")
     preset = a.model or ("alexnet" if gpu else "alexnet-small")
+    if preset not in PRESETS:
+        p.error(f"--model {preset!r}: expected one of {', '.join(PRESETS)}")
     classes = a.classes or (1000 if preset == "alexnet" else 10)
     if a.threads:
         torch.set_num_threads(a.threads)
