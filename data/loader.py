@@ -81,9 +81,10 @@ def _slot_arrays(raw, x_shape, y_len):
     return x, y
 
 
-def _worker_main(spec, raws, x_shape, y_len, tasks, results, ppid):
+def _worker_main(spec, raws, x_shape, y_len, tasks, results):
     """Worker process: make the batches asked for on `tasks` into the slots, report on `results`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides when to stop
+    ppid = os.getppid()    # the forkserver (or the caller, with spawn); it changes when that process is gone
     results.cancel_join_thread()
     slots = [_slot_arrays(r, x_shape, y_len) for r in raws]
     maker = None
@@ -181,7 +182,7 @@ class _Workers:
         self._procs = []
         for i in range(workers):
             p = ctx.Process(target=_worker_main, name=f"cpnet-loader-{i}", daemon=True,
-                            args=(spec, self._raws, x_shape, y_len, self._tasks, self._results, os.getpid()))
+                            args=(spec, self._raws, x_shape, y_len, self._tasks, self._results))
             with without_main_module():
                 p.start()
             self._procs.append(p)

@@ -246,3 +246,17 @@ def test_errors_name_the_file(coded, tmp_path):
     badlab = write_h5(tmp_path / "badlab.h5", img, [0, 1, 2, 1], ["a", "b"])
     with pytest.raises(CpnetError, match=r"badlab\.h5: label 2 outside \[0, 2\)"):
         H5Dataset(badlab)
+
+
+def test_workers_wait_for_a_slow_consumer(coded):
+    """Idle workers keep waiting (they poll for a vanished parent once a second, and must not mistake the
+    forkserver for it)."""
+    import time
+    path, _ = coded
+    with TrainLoader(path, 6, 10, workers=1, prefetch=1) as L, TrainLoader(path, 6, 10) as L0:
+        it = L.epoch(0)
+        first = next(it)
+        time.sleep(2.2)
+        rest = list(it)
+        for (xa, _), (xb, _) in zip([first] + rest, L0.epoch(0)):
+            np.testing.assert_array_equal(xa, xb)
