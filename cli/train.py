@@ -25,8 +25,9 @@ import click
 @click.option("--lighting", default=0.1, show_default=True, help="PCA lighting sigma (0 disables).")
 @click.option("--dropout", default=0.5, show_default=True)
 @click.option("--scale", default=1.0, show_default=True, help="Multiply mean-subtracted 0-255 inputs by this.")
+@click.option("--threads", type=int, default=None, help="Host BLAS threads [default: cores minus --workers].")
 def command(data, model, epochs, batch_size, lr, out, resume, seed, workers, crop, conventions, init, momentum,
-            weight_decay, decay_biases, schedule, patience, step_epochs, lighting, dropout, scale):
+            weight_decay, decay_biases, schedule, patience, step_epochs, lighting, dropout, scale, threads):
     """Train AlexNet on an HDF5 dataset with momentum SGD.
 
     Shows loss, top-1/top-5 training error, images/s, data-wait vs compute time and ETA; validates on the centre
@@ -42,7 +43,7 @@ def command(data, model, epochs, batch_size, lr, out, resume, seed, workers, cro
                       momentum=momentum, weight_decay=weight_decay, decay_biases=decay_biases, schedule=schedule,
                       patience=patience, step_epochs=step_epochs, seed=seed, workers=workers, crop=crop,
                       conventions=conventions, init=init, dropout=dropout, lighting=lighting, scale=scale,
-                      resume=resume)
+                      resume=resume, threads=threads)
     line = Line()
     t_start = time.monotonic()
     ctx = {}

@@ -296,3 +296,29 @@ def gpu_name(index: int = 0) -> str:
     """The name CUDA reports for GPU `index` (e.g. 'NVIDIA H100 80GB HBM3')."""
     name = cupy_module().cuda.runtime.getDeviceProperties(index)["name"]
     return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def default_host_threads(workers: int = 0) -> int:
+    """BLAS threads for the host path: the cores not taken by loader worker processes (at least 1).
+
+    OpenBLAS threads spin while they wait; with more runnable threads than cores (BLAS threads plus busy loader
+    workers) a GEMM can run a hundred times slower, so cpnet sizes the pool itself.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores - max(0, int(workers)))
+
+
+def host_threads(n: int | None):
+    """A context manager limiting the host BLAS (OpenBLAS, MKL, ...) to `n` threads; None leaves it as it is."""
+    from contextlib import nullcontext
+
+    if n is None:
+        return nullcontext()
+    if int(n) < 1:
+        raise CpnetError(f"--threads {n}: expected at least 1")
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=int(n), user_api="blas")

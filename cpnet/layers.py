@@ -35,17 +35,19 @@ class Layer:
 
 
 class Conv2D(Layer):
-    def __init__(self, W, b, stride=1, pad=0, groups=1):
+    """`input_grad=False` for a first layer: backward then skips dx (and returns None)."""
+
+    def __init__(self, W, b, stride=1, pad=0, groups=1, input_grad=True):
         super().__init__()
         self.params = {"W": W, "b": b}
-        self.stride, self.pad, self.groups = stride, pad, groups
+        self.stride, self.pad, self.groups, self.input_grad = stride, pad, groups, input_grad
 
     def forward(self, x, train=False):
         y, self._cache = ops.conv2d_forward(x, self.params["W"], self.params["b"], self.stride, self.pad, self.groups)
         return y
 
     def backward(self, dy):
-        dx, self.grads["W"], self.grads["b"] = ops.conv2d_backward(dy, self._cache)
+        dx, self.grads["W"], self.grads["b"] = ops.conv2d_backward(dy, self._cache, need_dx=self.input_grad)
         self._cache = None
         return dx
 

@@ -218,7 +218,7 @@ class AlexNet:
         for t, dev in enumerate(self.devices):
             with dev:
                 P = {name: {k: to_device(v, dev) for k, v in d.items()} for name, d in host[t].items()}
-            conv = [Conv2D(P[f"conv{i + 1}"]["W"], P[f"conv{i + 1}"]["b"], stride=c[2], pad=c[3])
+            conv = [Conv2D(P[f"conv{i + 1}"]["W"], P[f"conv{i + 1}"]["b"], stride=c[2], pad=c[3], input_grad=i > 0)
                     for i, c in enumerate(cfg.conv)]
 
             def norm_pool(tag):

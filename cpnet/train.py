@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import checkpoint as ckpt_io
-from .backend import to_device, to_host
+from .backend import default_host_threads, host_threads, to_device, to_host
 from .errors import CpnetError
 from .evaluate import evaluate, topk_hits
 from .model import PRESETS, build_model, check_crop, make_config
@@ -60,6 +60,7 @@ class TrainConfig:
     resume: bool = False
     validate: bool = True
     max_iterations: int | None = None
+    threads: int | None = None  # host BLAS threads; None: the cores left over by the loader workers
 
 
 class TrainingInterrupted(Exception):
@@ -119,6 +120,12 @@ class _StopFlag:
 
 def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=None) -> dict:
     """Train per `cfg`; returns the last epoch's metrics. See the module docstring for the files it writes."""
+    threads = cfg.threads if cfg.threads is not None else default_host_threads(cfg.workers)
+    with host_threads(threads):
+        return _run(cfg, on_step, on_epoch, on_start, placement)
+
+
+def _run(cfg, on_step, on_epoch, on_start, placement):
     from cpnet.data import EvalLoader, H5Dataset, TrainLoader
 
     train_path, val_path = dataset_paths(cfg.data)
@@ -145,7 +152,8 @@ def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=
             raise CpnetError(f"--resume: {last} was trained on other classes than {train_path}")
         net_cfg, state = ck.config, ck.state
         saved = TrainConfig(**{**ck.train, "data": cfg.data, "out": cfg.out, "epochs": cfg.epochs,
-                               "workers": cfg.workers, "resume": True, "max_iterations": cfg.max_iterations})
+                               "workers": cfg.workers, "threads": cfg.threads, "resume": True,
+                               "max_iterations": cfg.max_iterations})
         cfg = saved
     else:
         if os.path.exists(last):
@@ -173,7 +181,7 @@ def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=
                 opt.velocity[name][...] = to_device(ck.momentum[name].astype(model.dtype), model.devices[t])
     schedule = Schedule.from_state(state["schedule"])
     history = list(state["history"])
-    train_dict = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "max_iterations")}
+    train_dict = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "max_iterations", "threads")}
 
     def save(path, epoch, pos, sums, weights_only=False):
         ckpt_io.save(path, ckpt_io.Checkpoint(

@@ -76,6 +76,16 @@ def test_gradients_grouped_strided_padded(xp, bias):
         assert db is None
 
 
+def test_need_dx_false_skips_only_the_input_gradient(xp):
+    x, W, b, kw = _arrays(xp, (2, 3, 9, 9, 4, 3, 3, 2, 1, 1), seed=4, bias=True)
+    y, cache = conv2d_forward(x, W, b, **kw)
+    dy = xp.asarray(np.random.default_rng(5).standard_normal(y.shape))
+    dx, dW, db = conv2d_backward(dy, cache)
+    none, dW2, db2 = conv2d_backward(dy, cache, need_dx=False)
+    assert dx is not None and none is None
+    assert xp.array_equal(dW, dW2) and xp.array_equal(db, db2)
+
+
 def test_gradients_rectangular_stride_and_pad(xp):
     case = (1, 2, 6, 7, 2, 2, 3, (1, 2), (2, 1), 1)
     x, W, b, kw = _arrays(xp, case, seed=3)

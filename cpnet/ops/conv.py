@@ -109,8 +109,12 @@ def conv2d_forward(x, W, b, stride=1, pad=0, groups=1):
     return y, (col, Wm, tuple(x.shape), tuple(W.shape), tuple(y.shape), b is not None, geom)
 
 
-def conv2d_backward(dy, cache):
-    """(dx, dW, db) for conv2d_forward; db is None when the forward had no bias."""
+def conv2d_backward(dy, cache, need_dx=True):
+    """(dx, dW, db) for conv2d_forward; db is None when the forward had no bias.
+
+    need_dx=False skips the input gradient (dx is None): the first layer's input is the image, and its col2im is
+    the most expensive one in the network.
+    """
     xp = get_array_module(dy)
     col, Wm, x_shape, W_shape, y_shape, has_b, geom = cache
     _check.same_shape(OP_B, "dy", dy, y_shape, f"the forward output's shape {y_shape}")
@@ -121,6 +125,8 @@ def conv2d_backward(dy, cache):
     d = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(G, Fg, M)
     cg = col.reshape(G, K, M)
     dW = xp.matmul(d, cg.transpose(0, 2, 1)).reshape(W_shape)
+    if not need_dx:
+        return None, dW, db
     dcol = xp.matmul(Wm.transpose(0, 2, 1), d).reshape(G * K, M)
     dx = _col2im(dcol, x_shape, *geom)
     return dx, dW, db
