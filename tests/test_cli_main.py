@@ -36,3 +36,20 @@ def test_cli_and_data_live_inside_cpnet_namespace():
     for name in ("cli", "data"):
         spec = importlib.util.find_spec(name)
         assert spec is None or "site-packages" not in (spec.origin or ""), spec
+
+
+def test_wheel_installs_cli_and_data_inside_cpnet_only(tmp_path):
+    """Build the real wheel: cli/ and data/ land as cpnet/cli and cpnet/data, never as top-level packages."""
+    import os
+    import zipfile
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), repo],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = [p for p in tmp_path.iterdir() if p.suffix == ".whl"]
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert "cpnet/cli/main.py" in names and "cpnet/data/loader.py" in names
+    assert "cpnet/kernels/lrn.cu" in names and "cpnet/kernels/host_shim.h" in names
+    assert not {"cli", "data", "tests"} & tops, tops
