@@ -63,6 +63,9 @@ class TrainConfig:
     threads: int | None = None  # host BLAS threads; None: the cores left over by the loader workers
 
 
+SYNC_EVERY = 20  # on a GPU, read the loss back (and check it) every this many steps
+
+
 class TrainingInterrupted(Exception):
     """Raised after Ctrl-C once the current step has finished and RUN/last.h5 holds the position."""
 
@@ -199,10 +202,28 @@ def _run(cfg, on_step, on_epoch, on_start, placement):
     iteration, best_val = int(state["iteration"]), state["best_val"]
     nb = loader.batches_per_epoch
     dev0 = model.devices[0]
+    sync_every = SYNC_EVERY if dev0.is_gpu else 1
     if on_start:
         on_start(dict(model=model, config=net_cfg, train=cfg, batches_per_epoch=nb, classes=classes,
                       start_epoch=state["epoch"], start_pos=state["pos"], iteration=iteration))
     result = history[-1] if history else {}
+
+    def flush(pending, pending_n, sums, epoch):
+        """Read the pending device sums back (the step's only host synchronisation), check them, add them up."""
+        if pending is None:
+            return None
+        loss_sum, miss1, miss5 = (float(v) for v in to_host(pending))
+        if not math.isfinite(loss_sum):
+            raise CpnetError(
+                f"loss became {loss_sum / pending_n} at iteration {iteration - 1} (epoch {epoch + 1}): training "
+                f"stopped; {last if os.path.exists(last) else 'no checkpoint'} keeps the last good state "
+                f"(try a lower --lr)")
+        sums["loss"] += loss_sum
+        sums["top1"] += miss1
+        sums["top5"] += miss5
+        sums["n"] += pending_n
+        return dict(loss=loss_sum / pending_n, top1=miss1 / pending_n, top5=miss5 / pending_n)
+
     try:
         with _StopFlag() as stop:
             for epoch in range(int(state["epoch"]), cfg.epochs):
@@ -213,37 +234,35 @@ def _run(cfg, on_step, on_epoch, on_start, placement):
                 t_epoch = time.perf_counter()
                 t_wait = time.perf_counter()
                 pos = start
+                pending, pending_n = None, 0
                 for x, y in loader.epoch(epoch, start=start):
                     t0 = time.perf_counter()
                     sums["data_s"] += t0 - t_wait
                     model.set_step(iteration)
                     loss, logits = model.loss(x, y, train=True)
                     model.loss_backward()
+                    b = len(y)
                     with dev0:
                         h1, h5 = topk_hits(logits, to_device(y, dev0))
-                    loss_v = float(loss)
-                    if not math.isfinite(loss_v):
-                        raise CpnetError(
-                            f"loss became {loss_v} at iteration {iteration} (epoch {epoch + 1}): training stopped; "
-                            f"{last if os.path.exists(last) else 'no checkpoint'} keeps the last good state "
-                            f"(try a lower --lr)")
-                    opt.step()
-                    model.clear()
-                    b = len(y)
-                    sums["loss"] += loss_v * b
-                    sums["top1"] += b - float(h1)
-                    sums["top5"] += b - float(h5)
-                    sums["n"] += b
+                        part = dev0.xp.stack([loss.astype(np.float64) * b, b - h1, b - h5])
+                        pending = part if pending is None else pending + part
+                    pending_n += b
                     iteration += 1
                     pos += 1
+                    stopping = stop.requested or (cfg.max_iterations is not None and iteration >= cfg.max_iterations)
+                    step_info = None
+                    if iteration % sync_every == 0 or pos == nb or pos == start + 1 or stopping:
+                        step_info = flush(pending, pending_n, sums, epoch)
+                        pending, pending_n = None, 0
+                    opt.step()
+                    model.clear()
                     t_wait = time.perf_counter()
                     sums["compute_s"] += t_wait - t0
-                    if on_step:
-                        on_step(dict(epoch=epoch, batch=pos, batches=nb, iteration=iteration, loss=loss_v,
-                                     top1=1 - float(h1) / b, top5=1 - float(h5) / b, lr=opt.lr,
-                                     ln_classes=math.log(len(classes)), sums=dict(sums),
-                                     elapsed=t_wait - t_epoch))
-                    if stop.requested or (cfg.max_iterations is not None and iteration >= cfg.max_iterations):
+                    if on_step and step_info is not None:
+                        on_step(dict(step_info, epoch=epoch, batch=pos, batches=nb, iteration=iteration, lr=opt.lr,
+                                     ln_classes=math.log(len(classes)), sums=dict(sums), elapsed=t_wait - t_epoch))
+                    if stopping or stop.requested:
+                        flush(pending, pending_n, sums, epoch)
                         save(last, epoch, pos, sums)
                         raise TrainingInterrupted(
                             f"stopped at epoch {epoch + 1}, batch {pos}/{nb} (iteration {iteration}); "
