@@ -1,5 +1,10 @@
 """The loader: H5Dataset checks, training augmentation (crop, flip, lighting, mean), evaluation views, workers."""
 import gc
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import h5py
 import numpy as np
@@ -251,7 +256,6 @@ def test_errors_name_the_file(coded, tmp_path):
 def test_workers_wait_for_a_slow_consumer(coded):
     """Idle workers keep waiting (they poll for a vanished parent once a second, and must not mistake the
     forkserver for it)."""
-    import time
     path, _ = coded
     with TrainLoader(path, 6, 10, workers=1, prefetch=1) as L, TrainLoader(path, 6, 10) as L0:
         it = L.epoch(0)
@@ -260,3 +264,46 @@ def test_workers_wait_for_a_slow_consumer(coded):
         rest = list(it)
         for (xa, _), (xb, _) in zip([first] + rest, L0.epoch(0)):
             np.testing.assert_array_equal(xa, xb)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
+def test_ctrl_c_stops_the_workers(coded):
+    """A KeyboardInterrupt in the caller ends the program and its workers; nothing hangs."""
+    path, _ = coded
+    script = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "from cpnet.data import TrainLoader\n"
+        f"L = TrainLoader({path!r}, 4, 8, workers=2)\n"
+        "print(*[p.pid for p in L._workers._procs], flush=True)\n"
+        "for e in range(10 ** 6):\n"
+        "    for x, y in L.epoch(e):\n"
+        "        time.sleep(0.01)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    pids = []
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode != 0 and "KeyboardInterrupt" in err
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids)
+    finally:                      # leave nothing behind if the test fails
+        for pid in [proc.pid] + pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=10)
