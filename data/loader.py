@@ -1,10 +1,11 @@
 """Batch loaders over a dataset file: `TrainLoader` (shuffled, augmented) and `EvalLoader` (every image once).
 
-A batch is a pure function of (file, settings, seed, epoch, batch index), made by `_make_batch`; with workers=0
+A batch is a pure function of (file, settings, seed, epoch, batch index), made by `_Maker.make`; with workers=0
 the calling process makes it, with workers=N worker processes do. The workers start with the "forkserver" method
 (else "spawn"), so no open HDF5 handle is ever inherited; each worker opens the file itself on its first batch.
-Batches travel back through shared-memory slots, one per batch in flight (`prefetch` of them, at least one per
-worker); the parent copies each batch out of its slot, so the arrays it yields are its own.
+Batches travel back through shared-memory slots (`prefetch` of them, at least one per worker, plus one); the
+caller gets x as a view of its slot, and the slot is reused only when no reference to that view is left
+(see `_Workers`).
 """
 
 import contextlib
