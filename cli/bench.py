@@ -64,7 +64,8 @@ def _loader_figures(loader_data, model, batch_size, crop, workers, batches):
 @click.option("--classes", type=click.IntRange(2), default=None,
               help="Output classes [default: 1000 for alexnet, 10 for the small presets].")
 @click.option("--crop", type=int, default=None, help="Input size [default: the preset's].")
-def command(model, batch_size, steps, warmup, as_json, loader_data, loader_workers, no_loader, classes, crop):
+@click.option("--threads", type=int, default=None, help="Host BLAS threads [default: as `cpnet train` picks them].")
+def command(model, batch_size, steps, warmup, as_json, loader_data, loader_workers, no_loader, classes, crop, threads):
     """Time the training step, layer by layer (like `caffe time`), and the loader beside it.
 
     Per layer: mean forward and backward milliseconds over --steps iterations after --warmup, both towers
@@ -87,10 +88,13 @@ def command(model, batch_size, steps, warmup, as_json, loader_data, loader_worke
     num_classes = classes or (1000 if model == "alexnet" else 10)
     cfg = make_config(model, num_classes=num_classes, crop=crop)
 
-    res = bench.bench_model(model, batch_size=batch_size, steps=steps, warmup=warmup, num_classes=num_classes,
-                            crop=cfg.crop)
-    dev = backend.default_placement(2)[0]
-    gemm = bench.gemm_gflops(dev, n=512 if model == "alexnet-tiny" else 2048)
+    threads = threads if threads is not None else backend.default_host_threads()
+    with backend.host_threads(threads):
+        res = bench.bench_model(model, batch_size=batch_size, steps=steps, warmup=warmup, num_classes=num_classes,
+                                crop=cfg.crop)
+        dev = backend.default_placement(2)[0]
+        gemm = bench.gemm_gflops(dev, n=512 if model == "alexnet-tiny" else 2048)
+    res["host_threads"] = threads
     res["flops"] = bench.floors(cfg, gemm, batch_size)
     res["memory"] = bench.memory()
     if no_loader:

@@ -299,16 +299,18 @@ def gpu_name(index: int = 0) -> str:
 
 
 def default_host_threads(workers: int = 0) -> int:
-    """BLAS threads for the host path: the cores not taken by loader worker processes (at least 1).
+    """BLAS threads for the host path: half the logical CPUs (one per physical core where cores carry two
+    hardware threads), minus the loader's worker processes, at least 1.
 
-    OpenBLAS threads spin while they wait; with more runnable threads than cores (BLAS threads plus busy loader
-    workers) a GEMM can run a hundred times slower, so cpnet sizes the pool itself.
+    OpenBLAS threads spin while they wait: with more runnable threads than cores a GEMM can run a hundred times
+    slower, and on the 2-vCPU machines we develop on, one BLAS thread beats two even when nothing else runs
+    (docs/PERFORMANCE.md). `--threads` overrides this.
     """
     try:
-        cores = len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, cores - max(0, int(workers)))
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // 2 - max(0, int(workers)))
 
 
 def host_threads(n: int | None):
