@@ -14,8 +14,8 @@ import click
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workers", default=0, show_default=True, help="Loader worker processes (0: in-process).")
 @click.option("--crop", type=int, default=None, help="Crop size [default: 227 for alexnet; stored size minus an eighth for the small presets].")
-@click.option("--conventions", default="paper", show_default=True, help="paper | ccn2 | caffe: LRN convention, k, where LRN sits, default init.")
-@click.option("--init", default=None, help="paper | caffe | he [default: the conventions' own].")
+@click.option("--conventions", default="paper", show_default=True, help="paper | ccn2 | caffe: LRN alpha convention, k, where LRN sits.")
+@click.option("--init", default="he", show_default=True, help="he | paper | caffe: weight and bias initialisation.")
 @click.option("--momentum", default=0.9, show_default=True)
 @click.option("--weight-decay", default=5e-4, show_default=True)
 @click.option("--decay-biases", is_flag=True, help="Apply weight decay to biases too.")
@@ -24,7 +24,8 @@ import click
 @click.option("--step-epochs", default=10, show_default=True, help="step: divide the lr by 10 every N epochs.")
 @click.option("--lighting", default=0.1, show_default=True, help="PCA lighting sigma (0 disables).")
 @click.option("--dropout", default=0.5, show_default=True)
-@click.option("--scale", default=1.0, show_default=True, help="Multiply mean-subtracted 0-255 inputs by this.")
+@click.option("--scale", type=float, default=None, help="Multiply mean-subtracted 0-255 inputs by this "
+              "[default: 1/their standard deviation with --init he, 1 otherwise].")
 @click.option("--threads", type=int, default=None, help="Host BLAS threads [default: cores minus --workers].")
 def command(data, model, epochs, batch_size, lr, out, resume, seed, workers, crop, conventions, init, momentum,
             weight_decay, decay_biases, schedule, patience, step_epochs, lighting, dropout, scale, threads):
@@ -53,7 +54,7 @@ def command(data, model, epochs, batch_size, lr, out, resume, seed, workers, cro
         ctx.update(info)
         devs = ", ".join(f"tower {t}: {d}" for t, d in enumerate(m.devices))
         click.echo(f"model {c.preset} ({m.num_params():,} parameters), crop {c.crop}, {c.num_classes} classes, "
-                   f"conventions {c.conventions}, init {c.init}; {devs}")
+                   f"conventions {c.conventions}, init {c.init}, input scale {info['train'].scale:.4g}; {devs}")
         if info["start_epoch"] or info["start_pos"]:
             click.echo(f"resuming at epoch {info['start_epoch'] + 1}, batch {info['start_pos']} "
                        f"(iteration {info['iteration']})")

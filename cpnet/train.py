@@ -20,7 +20,7 @@ import os
 import signal
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -56,7 +56,7 @@ class TrainConfig:
     pool: list = field(default_factory=lambda: [3, 2])
     dropout: float = 0.5
     lighting: float = 0.1
-    scale: float = 1.0
+    scale: float | None = None  # None: 1/std of the mean-subtracted pixels for --init he, else 1 (0-255 inputs)
     resume: bool = False
     validate: bool = True
     max_iterations: int | None = None
@@ -79,6 +79,21 @@ def dataset_paths(data: str) -> tuple[str, str | None]:
     if not os.path.exists(train):
         raise CpnetError(f"--data {data}: no train.h5 there (make one with `cpnet prep`)")
     return train, (val if os.path.exists(val) and os.path.abspath(val) != os.path.abspath(train) else None)
+
+
+def input_scale(train_path: str, sample: int = 512) -> float:
+    """1 / the standard deviation of mean-subtracted pixels (0-255 scale), from an even sample of the training set.
+
+    He's initialisation assumes unit-variance inputs; the paper fed raw 0-255 values minus the mean to N(0, 0.01)
+    weights instead.
+    """
+    from cpnet.data import H5Dataset
+
+    with H5Dataset(train_path) as ds:
+        idx = np.unique(np.linspace(0, ds.n - 1, min(sample, ds.n)).astype(np.int64))
+        x = ds.read(idx).astype(np.float32) - ds.mean
+    std = float(x.std())
+    return 1.0 / std if std > 0 else 1.0
 
 
 def default_crop(preset: str, stored_size: int) -> int:
@@ -166,6 +181,10 @@ def _run(cfg, on_step, on_epoch, on_start, placement):
             raise CpnetError(f"--model {cfg.model!r}: expected one of {', '.join(PRESETS)}")
         net_cfg = make_config(cfg.model, len(classes), crop, cfg.conventions, cfg.init, cfg.activation, cfg.lrn,
                               cfg.pool, cfg.dropout, cfg.seed)
+        if cfg.scale is None:
+            cfg = replace(cfg, scale=input_scale(train_path) if net_cfg.init == "he" else 1.0)
+        if not (cfg.scale > 0 and math.isfinite(cfg.scale)):
+            raise CpnetError(f"--scale {cfg.scale}: expected a positive number")
         state = dict(epoch=0, pos=0, iteration=0, lr=cfg.lr, schedule=Schedule(
             cfg.schedule, patience=cfg.patience, step_epochs=cfg.step_epochs).state(), best_val=None,
             sums=None, history=[])

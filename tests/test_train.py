@@ -133,6 +133,21 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth, tmp_path, monkeypa
     assert checkpoint.load(out / "last.h5").state["epoch"] == 1
 
 
+def test_input_scale_defaults_to_unit_variance_for_he_and_one_for_the_paper(synth, tmp_path):
+    from cpnet.data import H5Dataset
+    from cpnet.train import input_scale
+
+    run(tiny_cfg(synth, tmp_path / "he", epochs=1, scale=None))
+    with H5Dataset(str(synth / "train.h5")) as ds:
+        x = ds.read(np.arange(ds.n)).astype(np.float64) - ds.mean
+    assert abs(checkpoint.load(tmp_path / "he" / "last.h5").scale * x.std() - 1) < 0.05
+    assert checkpoint.load(tmp_path / "he" / "last.h5").scale == pytest.approx(input_scale(str(synth / "train.h5")))
+    run(tiny_cfg(synth, tmp_path / "paper", epochs=1, scale=None, init="paper"))
+    assert checkpoint.load(tmp_path / "paper" / "last.h5").scale == 1.0
+    with pytest.raises(CpnetError, match="--scale -1"):
+        run(tiny_cfg(synth, tmp_path / "bad", scale=-1.0))
+
+
 def test_bad_input_errors(synth, tmp_path):
     with pytest.raises(CpnetError, match="--crop 18: larger than the stored image size 17"):
         run(tiny_cfg(synth, tmp_path / "a", crop=18))
