@@ -90,25 +90,6 @@ def gemm_gflops(device=backend.HOST, n=2048, repeats=5) -> dict:
 
 
 # ---- the training step, layer by layer -----------------------------------------------------------------------------
-def _gather(model, parts, t):
-    """Both towers' activations concatenated on tower t's device (as the model's exchanges do)."""
-    dev = model.devices[t]
-    with dev:
-        return dev.xp.concatenate([backend.transfer(p, dev) for p in parts], axis=1)
-
-
-def _scatter(model, d, widths, acc):
-    """Split a gradient of a gathered input by source tower and add each piece into that tower's accumulator."""
-    start = 0
-    for s, w in enumerate(widths):
-        dev = model.devices[s]
-        with dev:
-            piece = backend.transfer(d[:, start:start + w], dev)
-            acc[s] = piece.copy() if acc[s] is None else acc[s] + piece
-        start += w
-    return acc
-
-
 class _Recorder:
     """Accumulates forward/backward milliseconds per layer name, in first-seen order."""
 
@@ -149,10 +130,10 @@ def _run_layers(model, xs, labels, rec: _Recorder, opt):
     widths = {}
     for key, seqs in (("p2", model.mid), ("p5", model.fc6), ("f6", model.fc7)):
         widths[key] = [a.shape[1] for a in h]
-        g = exchange(lambda: [_gather(model, h, t) for t in range(2)], "forward_ms")
+        g = exchange(lambda: [model.gather(h, t) for t in range(2)], "forward_ms")
         h = [fwd(seqs[t], g[t], t) for t in range(2)]
     widths["f7"] = [a.shape[1] for a in h]
-    g = exchange(lambda: _gather(model, h, 0), "forward_ms")
+    g = exchange(lambda: model.gather(h, 0), "forward_ms")
     with devs[0], backend.Timer(devs[0]) as tm:
         logits = model.fc8.forward(g, True)
     rec.add("fc8", "forward_ms", tm.ms)
@@ -166,14 +147,14 @@ def _run_layers(model, xs, labels, rec: _Recorder, opt):
     with devs[0], backend.Timer(devs[0]) as tm:
         d = model.fc8.backward(d)
     rec.add("fc8", "backward_ms", tm.ms)
-    d = exchange(lambda: _scatter(model, d, widths["f7"], [None, None]), "backward_ms")
+    d = exchange(lambda: model.scatter(d, widths["f7"], [None, None]), "backward_ms")
     for key, seqs in (("f6", model.fc7), ("p5", model.fc6), ("p2", model.mid)):
         dt = [bwd(seqs[t], d[t], t) for t in range(2)]
 
         def split_back():
             acc = [None, None]
             for t in range(2):
-                _scatter(model, dt[t], widths[key], acc)
+                model.scatter(dt[t], widths[key], acc)
             return acc
 
         d = exchange(split_back, "backward_ms")

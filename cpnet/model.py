@@ -291,13 +291,13 @@ class AlexNet:
             raise AssertionError(f"tower {t}: array on {device_of(a)}, expected {self.devices[t]}")
         return a
 
-    def _gather(self, parts, t):
+    def gather(self, parts, t):
         """Concatenate both towers' activations (channels / features) on tower t's device."""
         dev = self.devices[t]
         with dev:
             return self._check(dev.xp.concatenate([transfer(p, dev) for p in parts], axis=1), t)
 
-    def _scatter(self, d, widths, into):
+    def scatter(self, d, widths, into):
         """Split a gradient w.r.t. a gathered input and add each piece into its source tower's accumulator."""
         start = 0
         for s, w in enumerate(widths):
@@ -329,33 +329,33 @@ class AlexNet:
                     xt = xt.astype(self.dtype)
                 h.append(self._check(self.stem[t].forward(xt, train), t))
         self._widths["p2"] = [a.shape[1] for a in h]
-        h = [self._check(self.mid[t].forward(self._gather(h, t), train), t) for t in range(2)]
+        h = [self._check(self.mid[t].forward(self.gather(h, t), train), t) for t in range(2)]
         for name, seqs in (("p5", self.fc6), ("f6", self.fc7)):
             self._widths[name] = [a.shape[1] for a in h]
-            h = [self._check(seqs[t].forward(self._gather(h, t), train), t) for t in range(2)]
+            h = [self._check(seqs[t].forward(self.gather(h, t), train), t) for t in range(2)]
         self._widths["f7"] = [a.shape[1] for a in h]
         if upto == "fc7":
-            return self._gather(h, 0)
+            return self.gather(h, 0)
         with self.devices[0]:
-            return self.fc8.forward(self._gather(h, 0), train)
+            return self.fc8.forward(self.gather(h, 0), train)
 
     def backward(self, dlogits):
         """Gradients for every parameter (in each layer's .grads) from d loss / d logits."""
         with self.devices[0]:
             d = self.fc8.backward(dlogits)
-        d = self._scatter(d, self._widths["f7"], [None, None])
+        d = self.scatter(d, self._widths["f7"], [None, None])
         for name, seqs in (("f6", self.fc7), ("p5", self.fc6)):
             acc = [None, None]
             for t in range(2):
                 with self.devices[t]:
                     dt = seqs[t].backward(d[t])
-                self._scatter(dt, self._widths[name], acc)
+                self.scatter(dt, self._widths[name], acc)
             d = acc
         acc = [None, None]
         for t in range(2):
             with self.devices[t]:
                 dt = self.mid[t].backward(d[t])
-            self._scatter(dt, self._widths["p2"], acc)
+            self.scatter(dt, self._widths["p2"], acc)
         for t in range(2):
             with self.devices[t]:
                 self.stem[t].backward(acc[t])
