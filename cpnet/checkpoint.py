@@ -126,5 +126,9 @@ def load_model(path, placement=None, dtype=np.float32):
     from .model import build_model
 
     ck = load(path, with_momentum=False)
-    model = build_model(ck.config, placement=placement, dtype=dtype, params=ck.params)
+    model = build_model(ck.config, placement=placement, dtype=dtype)
+    try:
+        model.set_params(ck.params)
+    except CpnetError as e:
+        raise CpnetError(f"{path}: {e}") from None
     return model, ck

@@ -182,6 +182,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         checkpoint.save(path, bad)
     assert checkpoint.load(path).params["a"].tolist() == [1, 1, 1]
     assert os.listdir(tmp_path) == ["c.h5"]
+    with pytest.raises(CpnetError, match=r"c.h5: parameters missing: t0.conv1.W"):
+        checkpoint.load_model(path)
     path2 = tmp_path / "junk.h5"
     path2.write_bytes(b"not hdf5")
     with pytest.raises(CpnetError, match="junk.h5: not an HDF5 checkpoint"):
