@@ -17,9 +17,10 @@ import click
 @click.option("--weight-decay", default=5e-4, show_default=True)
 @click.option("--seed", default=0, show_default=True, help="The same seed for every run.")
 @click.option("--crop", type=int, default=None, help="Crop size [default: as `cpnet train`].")
-@click.option("--conventions", default="paper", show_default=True, help="paper | ccn2 | caffe (LRN flavour, init).")
-@click.option("--init", default=None, help="paper | caffe | he [default: the conventions' own].")
-@click.option("--scale", default=1.0, show_default=True, help="Multiply mean-subtracted 0-255 inputs by this.")
+@click.option("--conventions", default="paper", show_default=True, help="paper | ccn2 | caffe (LRN flavour).")
+@click.option("--init", default="he", show_default=True, help="he | paper | caffe.")
+@click.option("--scale", type=float, default=None, help="Multiply mean-subtracted 0-255 inputs by this "
+              "[default: as `cpnet train`: 1/their standard deviation with --init he, 1 otherwise].")
 @click.option("--lighting", default=0.1, show_default=True, help="PCA lighting sigma (0 disables).")
 @click.option("--workers", default=0, show_default=True, help="Loader worker processes.")
 @click.option("--target", default=0.25, show_default=True,

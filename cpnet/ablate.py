@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .errors import CpnetError
 
@@ -68,7 +68,7 @@ class AblationConfig:
     crop: int | None = None
     conventions: str = "paper"
     init: str | None = None
-    scale: float = 1.0
+    scale: float | None = None  # None: as `cpnet train` (1/std of the pixels for he, 1 for paper/caffe)
     lighting: float = 0.1
     workers: int = 0
     target: float = 0.25
@@ -184,7 +184,8 @@ def run(cfg: AblationConfig, on_run_start=None, on_step=None, on_run_end=None) -
 
     on_run_start(name, options, index, total), on_step(name, step_dict), on_run_end(name, result).
     """
-    from .train import dataset_paths
+    from .model import DEFAULT_INIT
+    from .train import dataset_paths, input_scale
 
     if cfg.epochs < 1:
         raise CpnetError(f"--epochs {cfg.epochs}: expected at least 1")
@@ -195,6 +196,9 @@ def run(cfg: AblationConfig, on_run_start=None, on_step=None, on_run_end=None) -
     _, val = dataset_paths(cfg.data)
     if val is None:
         raise CpnetError(f"--data {cfg.data}: no val.h5 beside train.h5 (the ablations compare validation error)")
+    if cfg.scale is None:  # resolved once, so every run sees the same inputs
+        cfg = replace(cfg, scale=input_scale(dataset_paths(cfg.data)[0]) if (cfg.init or DEFAULT_INIT) == "he"
+                      else 1.0)
     runs, uses = plan(cfg)
     from .data import H5Dataset
 
@@ -284,7 +288,9 @@ def markdown(results: dict) -> str:
     for exp in results["experiments"]:
         lines.append(f"- **{exp['title']}**: {_verdict(exp, cfg['target'])}. Paper: {exp['claim']}.")
     lines.append("")
-    init = cfg["init"] or f"{cfg['conventions']} default"
+    from .model import DEFAULT_INIT
+
+    init = cfg["init"] or DEFAULT_INIT
     lines.append(f"Model {cfg['model']}, {cfg['epochs']} epochs per run, batch {cfg['batch_size']}, lr {cfg['lr']:g} "
                  f"(constant), momentum {cfg['momentum']:g}, weight decay {cfg['weight_decay']:g}, "
                  f"init {init}, input scale {cfg['scale']:g}, seed {cfg['seed']}; "
