@@ -222,8 +222,12 @@ def set_tf32(on: bool):
     torch.set_float32_matmul_precision("high" if on else "highest")
 
 
-def time_both(preset, batch_size, steps, warmup, num_classes, tdev, seed=0, lr=0.01) -> dict:
-    """Alternating full training steps of cpnet and PyTorch on one batch; per-framework mean/median ms."""
+def time_both(preset, batch_size, steps, warmup, num_classes, tdev, seed=0, lr=0.01, cpnet_threads=None) -> dict:
+    """Alternating full training steps of cpnet and PyTorch on one batch; per-framework mean/median ms.
+
+    cpnet's steps run under its own host BLAS limit (`cpnet_threads`, default: what `cpnet train` picks), as a
+    user's training would; PyTorch keeps its own thread settings."""
+    n_threads = cpnet_threads if cpnet_threads is not None else backend.default_host_threads()
     cfg = make_config(preset, num_classes=num_classes, seed=seed)
     model = build_model(cfg)
     opt = MomentumSGD(model, lr=lr)
@@ -239,7 +243,7 @@ def time_both(preset, batch_size, steps, warmup, num_classes, tdev, seed=0, lr=0
 
     def cp_step(i):
         model.set_step(i)
-        with backend.Timer(model.devices) as t:
+        with backend.host_threads(n_threads), backend.Timer(model.devices) as t:
             model.loss(xc, yc)
             model.loss_backward()
             opt.step()
@@ -265,6 +269,8 @@ def time_both(preset, batch_size, steps, warmup, num_classes, tdev, seed=0, lr=0
         out[k] = {"ms_mean": float(np.mean(v)), "ms_median": float(np.median(v)), "ms_min": float(np.min(v)),
                   "images_per_s": batch_size / (float(np.median(v)) * 1e-3)}
     out["ratio"] = out["cpnet"]["ms_median"] / out["torch"]["ms_median"]  # cpnet / PyTorch, by median step time
+    out["cpnet_blas_threads"] = n_threads
+    out["cpnet_tower_threads"] = model._pool is not None
     return out
 
 

@@ -299,12 +299,11 @@ def gpu_name(index: int = 0) -> str:
 
 
 def default_host_threads(workers: int = 0) -> int:
-    """BLAS threads for the host path: half the logical CPUs (one per physical core where cores carry two
-    hardware threads), minus the loader's worker processes, at least 1.
+    """BLAS threads for the host path: the two towers run in two threads (model.AlexNet), so each gets half the
+    CPUs' BLAS threads, minus the loader's worker processes, at least 1.
 
     OpenBLAS threads spin while they wait: with more runnable threads than cores a GEMM can run a hundred times
-    slower, and on the 2-vCPU machines we develop on, one BLAS thread beats two even when nothing else runs
-    (docs/PERFORMANCE.md). `--threads` overrides this.
+    slower (docs/PERFORMANCE.md). `--threads` overrides this.
     """
     try:
         cpus = len(os.sched_getaffinity(0))

@@ -206,7 +206,7 @@ class AlexNet:
     """The two-tower network. `forward` takes a batch (host or device array), returns logits on tower 0's device."""
 
     def __init__(self, cfg: NetConfig, placement: list[Device] | None = None, dtype=np.float32, params=None,
-                 check_devices: bool | None = None):
+                 check_devices: bool | None = None, tower_threads: bool | None = None):
         self.cfg = cfg
         self.dtype = np.dtype(dtype)
         self.devices = list(placement or default_placement(2))
@@ -244,6 +244,14 @@ class AlexNet:
             if t == 0:
                 self.fc8 = Linear(P["fc8"]["W"], P["fc8"]["b"])
         self._widths = {}
+        # two host towers run in two threads unless told otherwise (or only one CPU is there)
+        if tower_threads is None:
+            tower_threads = os.environ.get("CPNET_TOWER_THREADS", "1") != "0" and (os.cpu_count() or 1) >= 2
+        self._pool = None
+        if tower_threads and not any(d.is_gpu for d in self.devices):
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cpnet-tower")
 
     # ---- parameters -------------------------------------------------------------------------------------------
     def param_slots(self):
@@ -316,49 +324,58 @@ class AlexNet:
             for seq in (self.fc6[t], self.fc7[t]):
                 seq.layers[-1][1].step = step
 
+    def _each(self, fn):
+        """[fn(0), fn(1)]: the towers' share of a stage. When both towers live on the host they run side by side in
+        two threads (NumPy releases the GIL inside its array loops and BLAS), as the paper's towers ran on two
+        GPUs; results are the same as one after the other, since the towers share nothing inside a stage."""
+        if self._pool is None:
+            return [fn(t) for t in range(2)]
+        futures = [self._pool.submit(fn, t) for t in range(2)]
+        return [f.result() for f in futures]
+
     def forward(self, x, train=False, upto=None):
         """Logits (N, classes) on tower 0's device; `upto='fc7'` returns both towers' fc7 outputs (features)."""
         if x.ndim != 4 or x.shape[1:] != (3, self.cfg.crop, self.cfg.crop):
             raise CpnetError(f"input batch has shape {tuple(x.shape)}, the model expects (N, 3, {self.cfg.crop}, "
                              f"{self.cfg.crop})")
-        h = []
-        for t, dev in enumerate(self.devices):
-            with dev:
-                xt = transfer(x, dev)
+
+        def stem(t):
+            with self.devices[t]:
+                xt = transfer(x, self.devices[t])
                 if xt.dtype != self.dtype:
                     xt = xt.astype(self.dtype)
-                h.append(self._check(self.stem[t].forward(xt, train), t))
-        self._widths["p2"] = [a.shape[1] for a in h]
-        h = [self._check(self.mid[t].forward(self.gather(h, t), train), t) for t in range(2)]
-        for name, seqs in (("p5", self.fc6), ("f6", self.fc7)):
+                return self._check(self.stem[t].forward(xt, train), t)
+
+        h = self._each(stem)
+        for name, seqs in (("p2", self.mid), ("p5", self.fc6), ("f6", self.fc7)):
             self._widths[name] = [a.shape[1] for a in h]
-            h = [self._check(seqs[t].forward(self.gather(h, t), train), t) for t in range(2)]
+            h = self._each(lambda t: self._stage(seqs[t], self.gather(h, t), t, train))
         self._widths["f7"] = [a.shape[1] for a in h]
         if upto == "fc7":
             return self.gather(h, 0)
         with self.devices[0]:
             return self.fc8.forward(self.gather(h, 0), train)
 
+    def _stage(self, seq, x, t, train):
+        with self.devices[t]:
+            return self._check(seq.forward(x, train), t)
+
     def backward(self, dlogits):
         """Gradients for every parameter (in each layer's .grads) from d loss / d logits."""
         with self.devices[0]:
             d = self.fc8.backward(dlogits)
         d = self.scatter(d, self._widths["f7"], [None, None])
-        for name, seqs in (("f6", self.fc7), ("p5", self.fc6)):
+        for name, seqs in (("f6", self.fc7), ("p5", self.fc6), ("p2", self.mid)):
+            dts = self._each(lambda t: self._stage_back(seqs[t], d[t], t))
             acc = [None, None]
-            for t in range(2):
-                with self.devices[t]:
-                    dt = seqs[t].backward(d[t])
+            for dt in dts:  # tower order, so the sums are the same however the towers ran
                 self.scatter(dt, self._widths[name], acc)
             d = acc
-        acc = [None, None]
-        for t in range(2):
-            with self.devices[t]:
-                dt = self.mid[t].backward(d[t])
-            self.scatter(dt, self._widths["p2"], acc)
-        for t in range(2):
-            with self.devices[t]:
-                self.stem[t].backward(acc[t])
+        self._each(lambda t: self._stage_back(self.stem[t], d[t], t))
+
+    def _stage_back(self, seq, d, t):
+        with self.devices[t]:
+            return seq.backward(d)
 
     def loss(self, x, labels, train=True):
         """Forward pass and mean softmax cross-entropy; returns (loss, logits) and keeps what backward needs."""
@@ -395,8 +412,10 @@ def _split_params(flat: dict, dtype) -> list[dict]:
     return towers
 
 
-def build_model(cfg: NetConfig, placement=None, dtype=np.float32, params=None, check_devices=None) -> AlexNet:
-    return AlexNet(cfg, placement=placement, dtype=dtype, params=params, check_devices=check_devices)
+def build_model(cfg: NetConfig, placement=None, dtype=np.float32, params=None, check_devices=None,
+                tower_threads=None) -> AlexNet:
+    return AlexNet(cfg, placement=placement, dtype=dtype, params=params, check_devices=check_devices,
+                   tower_threads=tower_threads)
 
 
 __all__ = ["AlexNet", "NetConfig", "PRESETS", "CONVENTIONS", "INITS", "make_config", "build_model", "feature_shapes",

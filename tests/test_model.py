@@ -258,3 +258,22 @@ def test_input_shape_error_names_the_expected_shape():
     m = build_model(tiny())
     with pytest.raises(CpnetError, match=r"\(N, 3, 15, 15\)"):
         m.forward(np.zeros((2, 3, 16, 16), np.float32))
+
+
+def test_host_towers_in_two_threads_give_bitwise_the_same_result():
+    cfg = make_config("alexnet-small", 7, 32, seed=2)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 7, 6)
+    out = []
+    for threads in (False, True):
+        m = build_model(cfg, tower_threads=threads)
+        assert (m._pool is not None) == threads
+        m.set_step(4)
+        loss, logits = m.loss(x, y, train=True)
+        m.loss_backward()
+        out.append((float(loss), logits.copy(), {k: v.copy() for k, v in m.grads().items()}))
+    assert out[0][0] == out[1][0]
+    np.testing.assert_array_equal(out[0][1], out[1][1])
+    for k in out[0][2]:
+        np.testing.assert_array_equal(out[0][2][k], out[1][2][k], err_msg=k)
