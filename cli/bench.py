@@ -65,7 +65,9 @@ def _loader_figures(loader_data, model, batch_size, crop, workers, batches):
               help="Output classes [default: 1000 for alexnet, 10 for the small presets].")
 @click.option("--crop", type=int, default=None, help="Input size [default: the preset's].")
 @click.option("--threads", type=int, default=None, help="Host BLAS threads [default: as `cpnet train` picks them].")
-def command(model, batch_size, steps, warmup, as_json, loader_data, loader_workers, no_loader, classes, crop, threads):
+@click.option("--tf32", is_flag=True, help="GPU: let cuBLAS use TF32 tensor cores for float32 GEMMs (opt-in).")
+def command(model, batch_size, steps, warmup, as_json, loader_data, loader_workers, no_loader, classes, crop, threads,
+            tf32):
     """Time the training step, layer by layer (like `caffe time`), and the loader beside it.
 
     Per layer: mean forward and backward milliseconds over --steps iterations after --warmup, both towers
@@ -81,6 +83,8 @@ def command(model, batch_size, steps, warmup, as_json, loader_data, loader_worke
     from cpnet import __version__, backend, bench
     from cpnet.model import PRESETS, make_config
 
+    if tf32:
+        backend.enable_tf32()
     if model not in PRESETS:
         raise click.BadParameter(f"{model!r}: expected one of {', '.join(PRESETS)}", param_hint="--model")
     if no_loader and loader_data:

@@ -26,9 +26,10 @@ import click
 @click.option("--dropout", default=0.5, show_default=True)
 @click.option("--scale", type=float, default=None, help="Multiply mean-subtracted 0-255 inputs by this "
               "[default: 1/their standard deviation with --init he, 1 otherwise].")
-@click.option("--threads", type=int, default=None, help="Host BLAS threads [default: cores minus --workers].")
+@click.option("--threads", type=int, default=None, help="Host BLAS threads per tower [default: half the CPUs minus --workers].")
+@click.option("--tf32", is_flag=True, help="GPU: let cuBLAS use TF32 tensor cores for float32 GEMMs (opt-in).")
 def command(data, model, epochs, batch_size, lr, out, resume, seed, workers, crop, conventions, init, momentum,
-            weight_decay, decay_biases, schedule, patience, step_epochs, lighting, dropout, scale, threads):
+            weight_decay, decay_biases, schedule, patience, step_epochs, lighting, dropout, scale, threads, tf32):
     """Train AlexNet on an HDF5 dataset with momentum SGD.
 
     Shows loss, top-1/top-5 training error, images/s, data-wait vs compute time and ETA; validates on the centre
@@ -40,6 +41,10 @@ def command(data, model, epochs, batch_size, lr, out, resume, seed, workers, cro
 
     from ._progress import Line, fmt_time
 
+    if tf32:
+        from cpnet import backend
+
+        backend.enable_tf32()
     cfg = TrainConfig(data=data, out=out, model=model, epochs=epochs, batch_size=batch_size, lr=lr,
                       momentum=momentum, weight_decay=weight_decay, decay_biases=decay_biases, schedule=schedule,
                       patience=patience, step_epochs=step_epochs, seed=seed, workers=workers, crop=crop,

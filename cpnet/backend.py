@@ -323,3 +323,15 @@ def host_threads(n: int | None):
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=int(n), user_api="blas")
+
+
+def enable_tf32():
+    """Let cuBLAS use TF32 tensor cores for float32 GEMMs (opt-in; about 10 bits of mantissa in the products).
+
+    CuPy reads CUPY_TF32 when it is imported, so this must run before the first GPU work; a no-op on the host.
+    """
+    if _cupy:
+        if os.environ.get("CUPY_TF32") != "1":
+            raise CpnetError("--tf32 must be chosen before CuPy is first used (set CUPY_TF32=1 in the environment)")
+        return
+    os.environ["CUPY_TF32"] = "1"

@@ -53,3 +53,12 @@ def test_host_threads_limits_blas_and_restores_it():
     assert backend.default_host_threads(workers=10**6) == 1
     with pytest.raises(CpnetError, match="--threads 0"):
         backend.host_threads(0)
+
+
+@pytest.mark.skipif(backend.gpu_count() > 0, reason="CuPy is already imported on a GPU machine")
+def test_enable_tf32_sets_cupys_switch_before_import(monkeypatch):
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    backend.enable_tf32()
+    import os
+
+    assert os.environ["CUPY_TF32"] == "1"
