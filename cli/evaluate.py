@@ -29,8 +29,12 @@ def command(checkpoint, data, ten_crop, batch_size, workers, as_json):
                              f"{len(ck.classes)} ({checkpoint})")
         if ck.config.crop > ds.size:
             raise CpnetError(f"--data {data}: images are {ds.size}px, smaller than the model's crop {ck.config.crop}")
+        if ck.stored_size and ds.size != ck.stored_size:
+            raise CpnetError(f"--data {data}: images are stored at {ds.size}px, the checkpoint was trained on "
+                             f"{ck.stored_size}px images (prepare the data with --size {ck.stored_size})")
     views = "ten" if ten_crop else "center"
-    with EvalLoader(data, batch_size, ck.config.crop, views=views, workers=workers, scale=ck.scale) as loader:
+    with EvalLoader(data, batch_size, ck.config.crop, views=views, workers=workers, scale=ck.scale,
+                    mean=ck.mean) as loader:
         r = evaluate(model, loader)
     r = dict(r, views=views, checkpoint=checkpoint, data=data)
     if as_json:

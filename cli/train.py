@@ -88,8 +88,12 @@ def command(data, model, epochs, batch_size, lr, out, resume, seed, workers, cro
         click.echo(f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} top1 {r['train_top1']:.3f} "
                    f"top5 {r['train_top5']:.3f} ({r['images_per_s']:.0f} img/s){val}")
 
+    from click.core import ParameterSource
+
+    cctx = click.get_current_context()
+    explicit = {n for n in cctx.params if cctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)}
     try:
-        r = run(cfg, on_step=on_step, on_epoch=on_epoch, on_start=on_start)
+        r = run(cfg, on_step=on_step, on_epoch=on_epoch, on_start=on_start, explicit=explicit)
     except TrainingInterrupted as e:
         line.done()
         click.echo(f"interrupted: {e}", err=True)

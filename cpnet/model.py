@@ -107,6 +107,10 @@ def make_config(preset="alexnet", num_classes=1000, crop=None, conventions="pape
         raise CpnetError(f"--init {init!r}: expected one of {', '.join(INITS)}")
     if activation not in ACTIVATIONS:
         raise CpnetError(f"activation {activation!r}: expected one of {', '.join(ACTIVATIONS)}")
+    if not 0 <= dropout < 1:
+        raise CpnetError(f"--dropout {dropout}: expected a probability in [0, 1)")
+    if len(pool) != 2 or min(pool) < 1:
+        raise CpnetError(f"pool {pool}: expected (ksize, stride) of positive integers")
     if num_classes < 2:
         raise CpnetError(f"the dataset has {num_classes} class(es); a classifier needs at least 2")
     p = PRESETS[preset]

@@ -63,6 +63,12 @@ class Schedule:
     def __init__(self, kind="plateau", factor=10.0, patience=1, max_drops=3, step_epochs=10, min_delta=1e-4):
         if kind not in self.KINDS:
             raise CpnetError(f"--schedule {kind!r}: expected one of {', '.join(self.KINDS)}")
+        if int(step_epochs) < 1:
+            raise CpnetError(f"--step-epochs {step_epochs}: expected at least 1")
+        if int(patience) < 1:
+            raise CpnetError(f"--patience {patience}: expected at least 1")
+        if not float(factor) > 1:
+            raise CpnetError(f"schedule factor {factor}: expected a number above 1")
         self.kind, self.factor, self.patience, self.max_drops, self.step_epochs, self.min_delta = \
             kind, float(factor), int(patience), int(max_drops), int(step_epochs), float(min_delta)
         self.best = math.inf

@@ -136,23 +136,33 @@ class _StopFlag:
         return False
 
 
-def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=None) -> dict:
-    """Train per `cfg`; returns the last epoch's metrics. See the module docstring for the files it writes."""
+# what a resumed run may change; every other setting comes from the checkpoint
+RESUMABLE = {"data", "out", "epochs", "workers", "threads", "resume", "max_iterations"}
+
+
+def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=None, explicit=None) -> dict:
+    """Train per `cfg`; returns the last epoch's metrics. See the module docstring for the files it writes.
+
+    `explicit`: the TrainConfig fields the user set on purpose (the CLI's flags); with `resume`, one that differs
+    from the saved run is an error instead of being silently replaced by the saved value.
+    """
     threads = cfg.threads if cfg.threads is not None else default_host_threads(cfg.workers)
     with host_threads(threads):
-        return _run(cfg, on_step, on_epoch, on_start, placement)
+        return _run(cfg, on_step, on_epoch, on_start, placement, explicit)
 
 
-def _run(cfg, on_step, on_epoch, on_start, placement):
+def _run(cfg, on_step, on_epoch, on_start, placement, explicit):
     from cpnet.data import EvalLoader, H5Dataset, TrainLoader
 
     train_path, val_path = dataset_paths(cfg.data)
-    if cfg.schedule == "plateau" and (val_path is None or not cfg.validate):
-        raise CpnetError("--schedule plateau needs validation data (val.h5 beside train.h5)")
     if cfg.epochs < 1:
         raise CpnetError(f"--epochs {cfg.epochs}: expected at least 1")
     if cfg.batch_size < 1:
         raise CpnetError(f"--batch-size {cfg.batch_size}: expected at least 1")
+    if not cfg.lighting >= 0:
+        raise CpnetError(f"--lighting {cfg.lighting}: expected a standard deviation >= 0")
+    if cfg.workers < 0:
+        raise CpnetError(f"--workers {cfg.workers}: expected 0 or more")
     with H5Dataset(train_path) as ds:
         classes, stored, mean, labels = list(ds.classes), ds.size, np.array(ds.mean), ds.labels
     if val_path:
@@ -172,6 +182,13 @@ def _run(cfg, on_step, on_epoch, on_start, placement):
         saved = TrainConfig(**{**ck.train, "data": cfg.data, "out": cfg.out, "epochs": cfg.epochs,
                                "workers": cfg.workers, "threads": cfg.threads, "resume": True,
                                "max_iterations": cfg.max_iterations})
+        for name in sorted(explicit or ()):
+            if name in RESUMABLE or not hasattr(saved, name):
+                continue
+            if getattr(cfg, name) != getattr(saved, name):
+                raise CpnetError(f"--resume: --{name.replace('_', '-')} {getattr(cfg, name)} differs from the saved "
+                                 f"run's {getattr(saved, name)}; a resumed run keeps its settings (drop the flag, "
+                                 f"or start a new run in another --out)")
         cfg = saved
     else:
         if os.path.exists(last):
@@ -189,6 +206,8 @@ def _run(cfg, on_step, on_epoch, on_start, placement):
             cfg.schedule, patience=cfg.patience, step_epochs=cfg.step_epochs).state(), best_val=None,
             sums=None, history=[])
         ck = None
+    if cfg.schedule == "plateau" and (val_path is None or not cfg.validate):
+        raise CpnetError("--schedule plateau needs validation data (val.h5 beside train.h5)")
     check_crop(net_cfg, stored)
     if int(labels.max(initial=0)) >= len(classes) or int(labels.min(initial=0)) < 0:
         raise CpnetError(f"{train_path}: labels outside 0..{len(classes) - 1}")

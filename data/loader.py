@@ -29,9 +29,11 @@ from .h5format import H5Dataset
 class _Spec:
     """What a process needs to make any batch of one loader (small and picklable)."""
 
-    def __init__(self, path, kind, batch_size, crop, seed=0, lighting=0.0, flip=False, scale=1.0, views="center"):
+    def __init__(self, path, kind, batch_size, crop, seed=0, lighting=0.0, flip=False, scale=1.0, views="center",
+                 mean=None):
         self.path, self.kind, self.batch_size, self.crop = path, kind, batch_size, crop
         self.seed, self.lighting, self.flip, self.scale, self.views = seed, lighting, flip, scale, views
+        self.mean = mean  # (S, S, 3) float32 to subtract instead of the file's own, or None
 
 
 class _Maker:
@@ -40,7 +42,10 @@ class _Maker:
 
     def __init__(self, ds, spec):
         self.ds, self.spec = ds, spec
-        self.mean_chw = np.ascontiguousarray(ds.mean.transpose(2, 0, 1))
+        mean = ds.mean if spec.mean is None else np.asarray(spec.mean, np.float32)
+        if mean.shape != ds.mean.shape:
+            raise CpnetError(f"{ds.path}: images are {ds.size}px but the mean image given is {mean.shape[:2]}")
+        self.mean_chw = np.ascontiguousarray(mean.transpose(2, 0, 1))
         self.buf = np.empty((spec.batch_size, ds.size, ds.size, 3), np.uint8)
         self.offsets = augment.view_offsets(ds.size, spec.crop, spec.views) if spec.kind == "eval" else None
         self._order = (None, None)   # (epoch, permutation) of the last epoch seen
@@ -372,13 +377,15 @@ class EvalLoader(_Loader):
     """Every image exactly once, in file order: (x float32 (b, V, 3, crop, crop), y int64 (b,)), the last batch
     possibly smaller. views='center': V=1, the centre crop; views='ten': the paper's 10 views in
     `augment.TEN_VIEW_ORDER` (centre, top-left, top-right, bottom-left, bottom-right, then the same mirrored).
-    No lighting; the mean image is subtracted at each view's window."""
+    No lighting; the mean image is subtracted at each view's window: the file's own, or `mean` (S, S, 3) when
+    given (a checkpoint's training mean, for a file prepared apart from the training set)."""
 
-    def __init__(self, path, batch_size, crop, views="center", workers=0, scale=1.0, prefetch=2):
+    def __init__(self, path, batch_size, crop, views="center", workers=0, scale=1.0, prefetch=2, mean=None):
         if views not in augment.VIEWS:
             raise CpnetError(f"views must be 'center' or 'ten', got {views!r}")
         self.views, self.num_views, self.scale = views, augment.VIEWS[views], float(scale)
-        spec = _Spec(os.fspath(path), "eval", int(batch_size), int(crop), scale=float(scale), views=views)
+        spec = _Spec(os.fspath(path), "eval", int(batch_size), int(crop), scale=float(scale), views=views,
+                     mean=None if mean is None else np.ascontiguousarray(mean, np.float32))
         self._setup(path, batch_size, crop, workers, spec, max(1, int(prefetch)),
                     (int(batch_size), self.num_views, 3, int(crop), int(crop)))
 

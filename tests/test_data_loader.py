@@ -307,3 +307,19 @@ def test_ctrl_c_stops_the_workers(coded):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def test_eval_loader_subtracts_a_given_mean_at_each_view(coded):
+    """A checkpoint's training mean replaces the file's own (which is zero here)."""
+    path, _ = coded
+    mean = np.random.default_rng(0).uniform(0, 50, (12, 12, 3)).astype(np.float32)
+    with EvalLoader(path, 10, 8, views="ten") as plain, EvalLoader(path, 10, 8, views="ten", mean=mean) as shifted:
+        (x, _), (xm, _) = next(iter(plain)), next(iter(shifted))
+    for v, (oy, ox, flip) in enumerate(augment.view_offsets(12, 8, "ten")):
+        m = mean[oy:oy + 8, ox:ox + 8].transpose(2, 0, 1)
+        if flip:
+            m = m[:, :, ::-1]
+        np.testing.assert_allclose(x[:, v] - xm[:, v], np.broadcast_to(m, x[:, v].shape), rtol=1e-6, atol=1e-4)
+    with pytest.raises(CpnetError, match="coded.h5: images are 12px but the mean image given is"):
+        with EvalLoader(path, 10, 8, mean=np.zeros((10, 10, 3), np.float32)) as bad:
+            next(iter(bad))

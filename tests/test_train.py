@@ -188,3 +188,46 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path2.write_bytes(b"not hdf5")
     with pytest.raises(CpnetError, match="junk.h5: not an HDF5 checkpoint"):
         checkpoint.load(path2)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--schedule", "step", "--step-epochs", "0"], "--step-epochs 0: expected at least 1"),
+    (["--patience", "-1"], "--patience -1: expected at least 1"),
+    (["--dropout", "1.0"], r"--dropout 1.0: expected a probability in \[0, 1\)"),
+    (["--dropout", "-0.5"], r"--dropout -0.5: expected a probability"),
+    (["--lighting", "-1"], "--lighting -1.0: expected a standard deviation"),
+    (["--lr", "0"], "--lr 0.0: expected a positive number"),
+])
+def test_bad_flags_are_one_line_errors(synth, tmp_path, flags, message):
+    import re
+
+    r = CliRunner().invoke(cli, ["train", "--data", str(synth), "--model", "alexnet-tiny", "--epochs", "1",
+                                 "--batch-size", "16", "--out", str(tmp_path / "r")] + flags)
+    assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+    assert re.search(message, r.output), r.output
+    assert not (tmp_path / "r" / "last.h5").exists()
+
+
+def test_resume_refuses_changed_settings_and_keeps_its_own(synth, tmp_path):
+    out = tmp_path / "r"
+    base = ["train", "--data", str(synth), "--model", "alexnet-tiny", "--batch-size", "16", "--crop", "15",
+            "--schedule", "constant", "--out", str(out)]
+    r = CliRunner().invoke(cli, base + ["--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, base + ["--epochs", "2", "--resume", "--lr", "5"])
+    assert r.exit_code != 0 and "--lr 5.0 differs from the saved run's 0.01" in r.output, r.output
+    r = CliRunner().invoke(cli, ["train", "--data", str(synth), "--out", str(out), "--epochs", "2", "--resume",
+                                 "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    assert checkpoint.load(out / "last.h5").state["epoch"] == 2
+
+
+def test_eval_refuses_data_stored_at_another_size(synth, tmp_path):
+    out = tmp_path / "r"
+    run(tiny_cfg(synth, out, epochs=1))
+    other = tmp_path / "other"
+    r = CliRunner().invoke(cli, ["prep", "synthetic", "--out", str(other), "--n", "16", "--classes", "4",
+                                 "--size", "19", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["eval", str(out / "last.h5"), "--data", str(other / "val.h5")])
+    assert r.exit_code != 0 and "stored at 19px, the checkpoint was trained on 17px" in r.output, r.output
