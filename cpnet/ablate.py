@@ -134,7 +134,8 @@ def _train_one(cfg: AblationConfig, name: str, opts: dict, on_step=None) -> dict
                      lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, schedule="constant",
                      seed=cfg.seed, workers=cfg.workers, crop=cfg.crop, conventions=cfg.conventions, init=cfg.init,
                      activation=opts["activation"], lrn=opts["lrn"], pool=list(opts["pool"]),
-                     dropout=opts["dropout"], lighting=cfg.lighting, scale=cfg.scale, validate=True)
+                     dropout=opts["dropout"], lighting=cfg.lighting, scale=cfg.scale, validate=True,
+                     sync_every=1)  # a training error for every iteration, on a GPU too
     steps = {"iteration": [], "loss": [], "top1": []}
     epochs, holder = [], {}
 

@@ -60,7 +60,8 @@ class TrainConfig:
     resume: bool = False
     validate: bool = True
     max_iterations: int | None = None
-    threads: int | None = None  # host BLAS threads; None: the cores left over by the loader workers
+    threads: int | None = None  # host BLAS threads per tower; None: backend.default_host_threads(workers)
+    sync_every: int | None = None  # steps between loss read-backs (and on_step calls); None: 1 on the host, 20 on a GPU
 
 
 SYNC_EVERY = 20  # on a GPU, read the loss back (and check it) every this many steps
@@ -137,7 +138,7 @@ class _StopFlag:
 
 
 # what a resumed run may change; every other setting comes from the checkpoint
-RESUMABLE = {"data", "out", "epochs", "workers", "threads", "resume", "max_iterations"}
+RESUMABLE = {"data", "out", "epochs", "workers", "threads", "resume", "max_iterations", "sync_every"}
 
 
 def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=None, explicit=None) -> dict:
@@ -181,7 +182,7 @@ def _run(cfg, on_step, on_epoch, on_start, placement, explicit):
         net_cfg, state = ck.config, ck.state
         saved = TrainConfig(**{**ck.train, "data": cfg.data, "out": cfg.out, "epochs": cfg.epochs,
                                "workers": cfg.workers, "threads": cfg.threads, "resume": True,
-                               "max_iterations": cfg.max_iterations})
+                               "max_iterations": cfg.max_iterations, "sync_every": cfg.sync_every})
         for name in sorted(explicit or ()):
             if name in RESUMABLE or not hasattr(saved, name):
                 continue
@@ -222,7 +223,8 @@ def _run(cfg, on_step, on_epoch, on_start, placement, explicit):
                 opt.velocity[name][...] = to_device(ck.momentum[name].astype(model.dtype), model.devices[t])
     schedule = Schedule.from_state(state["schedule"])
     history = list(state["history"])
-    train_dict = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "max_iterations", "threads")}
+    train_dict = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "max_iterations", "threads",
+                                                                     "sync_every")}
 
     def save(path, epoch, pos, sums, weights_only=False):
         ckpt_io.save(path, ckpt_io.Checkpoint(
@@ -240,22 +242,23 @@ def _run(cfg, on_step, on_epoch, on_start, placement, explicit):
     iteration, best_val = int(state["iteration"]), state["best_val"]
     nb = loader.batches_per_epoch
     dev0 = model.devices[0]
-    sync_every = SYNC_EVERY if dev0.is_gpu else 1
+    sync_every = cfg.sync_every or (SYNC_EVERY if dev0.is_gpu else 1)
     if on_start:
         on_start(dict(model=model, config=net_cfg, train=cfg, batches_per_epoch=nb, classes=classes,
                       start_epoch=state["epoch"], start_pos=state["pos"], iteration=iteration))
     result = history[-1] if history else {}
 
-    def flush(pending, pending_n, sums, epoch):
+    def flush(pending, pending_n, n_steps, sums, epoch):
         """Read the pending device sums back (the step's only host synchronisation), check them, add them up."""
         if pending is None:
             return None
         loss_sum, miss1, miss5 = (float(v) for v in to_host(pending))
         if not math.isfinite(loss_sum):
+            where = (f"at iteration {iteration - 1}" if n_steps == 1 else
+                     f"between iterations {iteration - n_steps} and {iteration - 1}")
             raise CpnetError(
-                f"loss became {loss_sum / pending_n} at iteration {iteration - 1} (epoch {epoch + 1}): training "
-                f"stopped; {last if os.path.exists(last) else 'no checkpoint'} keeps the last good state "
-                f"(try a lower --lr)")
+                f"loss became {loss_sum / pending_n} {where} (epoch {epoch + 1}): training stopped; "
+                f"{last if os.path.exists(last) else 'no checkpoint'} keeps the last good state (try a lower --lr)")
         sums["loss"] += loss_sum
         sums["top1"] += miss1
         sums["top5"] += miss5
@@ -272,7 +275,7 @@ def _run(cfg, on_step, on_epoch, on_start, placement, explicit):
                 t_epoch = time.perf_counter()
                 t_wait = time.perf_counter()
                 pos = start
-                pending, pending_n = None, 0
+                pending, pending_n, pending_steps = None, 0, 0
                 for x, y in loader.epoch(epoch, start=start):
                     t0 = time.perf_counter()
                     sums["data_s"] += t0 - t_wait
@@ -285,13 +288,14 @@ def _run(cfg, on_step, on_epoch, on_start, placement, explicit):
                         part = dev0.xp.stack([loss.astype(np.float64) * b, b - h1, b - h5])
                         pending = part if pending is None else pending + part
                     pending_n += b
+                    pending_steps += 1
                     iteration += 1
                     pos += 1
                     stopping = stop.requested or (cfg.max_iterations is not None and iteration >= cfg.max_iterations)
                     step_info = None
                     if iteration % sync_every == 0 or pos == nb or pos == start + 1 or stopping:
-                        step_info = flush(pending, pending_n, sums, epoch)
-                        pending, pending_n = None, 0
+                        step_info = flush(pending, pending_n, pending_steps, sums, epoch)
+                        pending, pending_n, pending_steps = None, 0, 0
                     opt.step()
                     model.clear()
                     t_wait = time.perf_counter()
@@ -300,7 +304,7 @@ def _run(cfg, on_step, on_epoch, on_start, placement, explicit):
                         on_step(dict(step_info, epoch=epoch, batch=pos, batches=nb, iteration=iteration, lr=opt.lr,
                                      ln_classes=math.log(len(classes)), sums=dict(sums), elapsed=t_wait - t_epoch))
                     if stopping or stop.requested:
-                        flush(pending, pending_n, sums, epoch)
+                        flush(pending, pending_n, pending_steps, sums, epoch)
                         save(last, epoch, pos, sums)
                         raise TrainingInterrupted(
                             f"stopped at epoch {epoch + 1}, batch {pos}/{nb} (iteration {iteration}); "

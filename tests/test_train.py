@@ -231,3 +231,21 @@ def test_eval_refuses_data_stored_at_another_size(synth, tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(cli, ["eval", str(out / "last.h5"), "--data", str(other / "val.h5")])
     assert r.exit_code != 0 and "stored at 19px, the checkpoint was trained on 17px" in r.output, r.output
+
+
+def test_sync_every_batches_the_loss_read_back_without_changing_the_run(synth, tmp_path, monkeypatch):
+    """What a GPU run does (read the loss back every N steps) gives the same parameters and epoch metrics."""
+    seen = []
+    run(tiny_cfg(synth, tmp_path / "a", epochs=2))
+    run(tiny_cfg(synth, tmp_path / "b", epochs=2, sync_every=4), on_step=lambda s: seen.append(s["iteration"]))
+    a, b = _params(tmp_path / "a" / "last.h5"), _params(tmp_path / "b" / "last.h5")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    ra = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
+    rb = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-12) and ra["val_top1"] == rb["val_top1"]
+    assert 1 in seen and 4 in seen and 2 not in seen and 3 not in seen
+    real = ops.softmax_cross_entropy_forward
+    monkeypatch.setattr(ops, "softmax_cross_entropy_forward", lambda l, y: (lambda r: (r[0] * np.nan, r[1]))(real(l, y)))
+    with pytest.raises(CpnetError, match=r"loss became nan (at iteration 0|between iterations \d+ and \d+)"):
+        run(tiny_cfg(synth, tmp_path / "c", epochs=1, sync_every=4))
