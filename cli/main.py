@@ -38,8 +38,13 @@ class LazyGroup(click.Group):
         return importlib.import_module(f"{__package__}.{mod}").command
 
     def invoke(self, ctx):
+        # every command runs under cpnet's host BLAS thread count (train narrows it further for its loader
+        # workers): the two host towers run in two threads, and oversubscribed OpenBLAS collapses
+        from cpnet import backend
+
         try:
-            return super().invoke(ctx)
+            with backend.host_threads(backend.default_host_threads()):
+                return super().invoke(ctx)
         except CpnetError as e:
             raise click.ClickException(str(e)) from None
 
