@@ -343,12 +343,16 @@ class AlexNet:
             raise CpnetError(f"input batch has shape {tuple(x.shape)}, the model expects (N, 3, {self.cfg.crop}, "
                              f"{self.cfg.crop})")
 
+        inputs = {}  # the batch goes to each distinct device once (not an exchange: to_device, not transfer)
+        for dev in self.devices:
+            if dev not in inputs:
+                with dev:
+                    xd = to_device(x, dev)
+                    inputs[dev] = xd if xd.dtype == self.dtype else xd.astype(self.dtype)
+
         def stem(t):
             with self.devices[t]:
-                xt = transfer(x, self.devices[t])
-                if xt.dtype != self.dtype:
-                    xt = xt.astype(self.dtype)
-                return self._check(self.stem[t].forward(xt, train), t)
+                return self._check(self.stem[t].forward(inputs[self.devices[t]], train), t)
 
         h = self._each(stem)
         for name, seqs in (("p2", self.mid), ("p5", self.fc6), ("f6", self.fc7)):
