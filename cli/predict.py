@@ -7,7 +7,7 @@ import click
 @click.argument("checkpoint", type=click.Path())
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--ten-crop", is_flag=True, help="Average the softmax over the paper's 10 views.")
-@click.option("--top", default=5, show_default=True, help="How many classes to list per image.")
+@click.option("--top", default=5, show_default=True, type=click.IntRange(1), help="How many classes to list per image.")
 def command(checkpoint, images, ten_crop, top):
     """The most probable classes for each IMAGE (any format Pillow reads), with probabilities.
 
@@ -26,6 +26,8 @@ def command(checkpoint, images, ten_crop, top):
     from cpnet.evaluate import predict_proba
 
     for path in images:
+        if os.path.isdir(path):
+            raise CpnetError(f"{path}: is a folder, not an image file")
         if not os.path.isfile(path):
             raise CpnetError(f"{path}: image not found")
     model, ck = load_model(checkpoint)

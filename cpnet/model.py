@@ -282,7 +282,9 @@ class AlexNet:
     def num_params(self) -> int:
         return int(sum(v.size for v in self.params().values()))
 
-    def set_params(self, host_params: dict):
+    def set_params(self, host_params: dict, into: dict | None = None):
+        """Copy host arrays {name: array} into the parameters (or into `into`, e.g. an optimizer's velocities, an
+        array per parameter name); names and shapes are checked first."""
         missing = [n for n, *_ in self.param_slots() if n not in host_params]
         if missing:
             raise CpnetError(f"parameters missing: {', '.join(missing[:5])}")
@@ -290,8 +292,10 @@ class AlexNet:
             v = np.asarray(host_params[name])
             if v.shape != layer.params[key].shape:
                 raise CpnetError(f"parameter {name}: shape {v.shape}, the model expects {layer.params[key].shape}")
+        for name, layer, key, t in self.param_slots():
+            dst = layer.params[key] if into is None else into[name]
             with self.devices[t]:
-                layer.params[key][...] = to_device(v.astype(self.dtype, copy=False), self.devices[t])
+                dst[...] = to_device(np.asarray(host_params[name]).astype(self.dtype, copy=False), self.devices[t])
 
     def conv1_weights(self):
         """conv1 kernels as a host array (2*F, 3, k, k): tower 0's first, then tower 1's (the paper's Figure 3)."""

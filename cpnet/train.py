@@ -105,12 +105,20 @@ def default_crop(preset: str, stored_size: int) -> int:
 
 
 def _write_metrics(path, history):
+    """metrics.jsonl rewritten whole from the history: temporary file, fsync, rename."""
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="metrics.", suffix=".tmp", dir=d)
-    with os.fdopen(fd, "w") as f:
-        for row in history:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            for row in history:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 class _StopFlag:
@@ -217,10 +225,13 @@ def _run(cfg, on_step, on_epoch, on_start, placement, explicit):
     opt = MomentumSGD(model, lr=state["lr"], momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                       decay_biases=cfg.decay_biases)
     if ck is not None:
-        model.set_params(ck.params)
-        if ck.momentum:
-            for name, layer, key, t in model.param_slots():
-                opt.velocity[name][...] = to_device(ck.momentum[name].astype(model.dtype), model.devices[t])
+        try:
+            model.set_params(ck.params)
+            if ck.momentum is None:
+                raise CpnetError("no momentum/ in the file (a weights-only checkpoint cannot be resumed)")
+            model.set_params(ck.momentum, into=opt.velocity)
+        except CpnetError as e:
+            raise CpnetError(f"--resume: {last}: {e}") from None
     schedule = Schedule.from_state(state["schedule"])
     history = list(state["history"])
     train_dict = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "max_iterations", "threads",

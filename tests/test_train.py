@@ -249,3 +249,21 @@ def test_sync_every_batches_the_loss_read_back_without_changing_the_run(synth, t
     monkeypatch.setattr(ops, "softmax_cross_entropy_forward", lambda l, y: (lambda r: (r[0] * np.nan, r[1]))(real(l, y)))
     with pytest.raises(CpnetError, match=r"loss became nan (at iteration 0|between iterations \d+ and \d+)"):
         run(tiny_cfg(synth, tmp_path / "c", epochs=1, sync_every=4))
+
+
+def test_resume_from_a_damaged_checkpoint_names_the_file(synth, tmp_path):
+    out = tmp_path / "r"
+    run(tiny_cfg(synth, out, epochs=1))
+    with h5py.File(out / "last.h5", "a") as f:
+        del f["momentum/fc8.b"]
+    with pytest.raises(CpnetError, match=r"--resume: .*last\.h5: parameters missing: fc8\.b"):
+        run(tiny_cfg(synth, out, epochs=2, resume=True))
+
+
+def test_predict_rejects_folders_and_a_zero_top(synth, tmp_path):
+    out = tmp_path / "r"
+    run(tiny_cfg(synth, out, epochs=1))
+    r = CliRunner().invoke(cli, ["predict", str(out / "last.h5"), str(tmp_path)])
+    assert r.exit_code != 0 and "is a folder, not an image file" in r.output
+    r = CliRunner().invoke(cli, ["predict", str(out / "last.h5"), "--top", "0", str(tmp_path)])
+    assert r.exit_code != 0 and "--top" in r.output

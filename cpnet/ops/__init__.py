@@ -5,7 +5,7 @@ from .activations import relu_backward, relu_forward, tanh_backward, tanh_forwar
 from .conv import conv2d_backward, conv2d_forward
 from .dropout import dropout_backward, dropout_forward
 from .linear import linear_backward, linear_forward
-from .loss import softmax_cross_entropy_backward, softmax_cross_entropy_forward
+from .loss import log_softmax, softmax, softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from .lrn import lrn_backward, lrn_forward
 from .pool import max_pool2d_backward, max_pool2d_forward
 
@@ -17,5 +17,5 @@ __all__ = [
     "relu_forward", "relu_backward",
     "tanh_forward", "tanh_backward",
     "dropout_forward", "dropout_backward",
-    "softmax_cross_entropy_forward", "softmax_cross_entropy_backward",
+    "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "softmax", "log_softmax",
 ]

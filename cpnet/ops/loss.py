@@ -18,6 +18,18 @@ from . import _check
 OP_F = "softmax_cross_entropy_forward"
 
 
+def log_softmax(logits):
+    """Row-wise log-probabilities, shifted by the row maximum so exp never overflows."""
+    xp = get_array_module(logits)
+    z = logits - logits.max(axis=1, keepdims=True)
+    return z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
+
+
+def softmax(logits):
+    """Row-wise probabilities (N, K)."""
+    return get_array_module(logits).exp(log_softmax(logits))
+
+
 def softmax_cross_entropy_forward(logits, labels):
     """Returns (loss, cache). loss is a 0-d array of logits' dtype on logits' device (no GPU sync);
     cache = (probabilities (N, K), labels)."""
@@ -33,8 +45,7 @@ def softmax_cross_entropy_forward(logits, labels):
     if isinstance(labels, np.ndarray) and N and (labels.min() < 0 or labels.max() >= K):
         _check.fail(OP_F, f"labels must lie in [0, K={K}), got values in [{labels.min()}, {labels.max()}]")
     labels = xp.asarray(labels)
-    z = logits - logits.max(axis=1, keepdims=True)
-    logp = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
+    logp = log_softmax(logits)
     rows = xp.arange(N)
     loss = -logp[rows, labels].sum() / logits.dtype.type(N)
     return xp.asarray(loss, dtype=logits.dtype), (xp.exp(logp), labels)
