@@ -117,11 +117,32 @@ class Flatten(Layer):
         return dy.reshape(shape)
 
 
-class Dropout(Layer):
-    """Inverted dropout whose mask is a pure function of (seed, step): a resumed run draws the same masks.
+def counter_uniform(xp, shape, seed: int, step: int, dtype=np.float32):
+    """Uniform [0, 1) numbers that are a pure function of (seed, step, element index): a 32-bit integer hash
+    (two rounds of the 'lowbias32' mixer, keyed from a SeedSequence) over the element counter.
 
-    `step` is set by the model before each training forward pass (the training iteration number).
+    The same few integer operations run on NumPy and CuPy, so the CPU and the GPU draw identical numbers,
+    and nothing needs a generator object or state: a resumed run recomputes any step's masks from its number.
     """
+    k0, k1 = (np.uint32(v) for v in np.random.SeedSequence([seed, step]).generate_state(2, np.uint32))
+    n = int(np.prod(shape))
+    h = xp.arange(n, dtype=xp.uint32)
+    h *= np.uint32(0x9E3779B9)
+    for key in (k0, k1):
+        h ^= key
+        h ^= h >> np.uint32(16)
+        h *= np.uint32(0x7FEB352D)
+        h ^= h >> np.uint32(15)
+        h *= np.uint32(0x846CA68B)
+        h ^= h >> np.uint32(16)
+    u = (h >> np.uint32(8)).astype(dtype)
+    u *= np.dtype(dtype).type(2.0 ** -24)
+    return u.reshape(shape)
+
+
+class Dropout(Layer):
+    """Inverted dropout whose mask is a pure function of (seed, step): a resumed run draws the same masks,
+    and so do the CPU and the GPU. `step` is set by the model before each training forward pass."""
 
     def __init__(self, p, seed):
         super().__init__()
@@ -132,9 +153,8 @@ class Dropout(Layer):
             self._cache = None
             return x
         xp = get_array_module(x)
-        key = np.random.SeedSequence([self.seed, int(self.step)]).generate_state(1, np.uint64)[0]
-        rng = xp.random.default_rng(int(key))
-        y, self._cache = ops.dropout_forward(x, self.p, rng, True)
+        keep = counter_uniform(xp, x.shape, self.seed, self.step, x.dtype.type) >= x.dtype.type(self.p)
+        y, self._cache = ops.dropout_forward(x, self.p, keep, True)
         return y
 
     def backward(self, dy):
