@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 DEMO   ?= demo
-DEMO_EPOCHS ?= 5
+DEMO_EPOCHS ?= 8
 
 .PHONY: demo test test-gpu install clean
 
