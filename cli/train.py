@@ -101,7 +101,14 @@ def command(data, model, epochs, batch_size, lr, out, resume, seed, workers, cro
     finally:
         line.done()
     if r:
-        click.echo(f"done in {fmt_time(time.monotonic() - t_start)}: "
-                   + (f"val top-1 error {r['val_top1']:.4f}, top-5 error {r['val_top5']:.4f}; "
-                      if "val_top1" in r else "")
-                   + f"checkpoints in {out}")
+        best = ""
+        if "val_top1" in r:
+            import json
+            import os
+
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            b = min(rows, key=lambda row: row.get("val_top1", float("inf")))
+            best = (f"last epoch val top-1 error {r['val_top1']:.4f}; best.h5 (epoch {b['epoch']}): top-1 "
+                    f"{b['val_top1']:.4f}, top-5 {b['val_top5']:.4f}; ")
+        click.echo(f"done in {fmt_time(time.monotonic() - t_start)}: {best}checkpoints in {out}")
