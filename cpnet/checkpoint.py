@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import h5py
@@ -49,35 +50,17 @@ class Checkpoint:
     path: str = ""
 
 
-def save(path, ckpt: Checkpoint):
-    """Write `ckpt` to `path` atomically: a crash leaves either the old file or the new one, never half of one."""
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary file name beside `path`; once the caller has written it, fsync it and rename it over
+    `path`. On any failure the temporary file is removed and `path` keeps its old content."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=d)
     os.close(fd)
     try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["cpnet_version"] = __version__
-            f.attrs["config"] = ckpt.config.to_json()
-            f.attrs["state"] = json.dumps(ckpt.state)
-            f.attrs["train"] = json.dumps(ckpt.train)
-            g = f.create_group("params")
-            for k, v in ckpt.params.items():
-                g.create_dataset(k, data=np.asarray(v))
-            if ckpt.momentum is not None:
-                g = f.create_group("momentum")
-                for k, v in ckpt.momentum.items():
-                    g.create_dataset(k, data=np.asarray(v))
-            f.create_dataset("classes", data=np.array([c.encode("utf-8") for c in ckpt.classes], dtype=object),
-                             dtype=h5py.string_dtype("utf-8"))
-            n = f.create_group("norm")
-            n.create_dataset("mean", data=np.asarray(ckpt.mean, dtype=np.float32))
-            n.attrs["scale"] = float(ckpt.scale)
-            n.attrs["stored_size"] = int(ckpt.stored_size)
-            f.flush()
+        yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -85,6 +68,30 @@ def save(path, ckpt: Checkpoint):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save(path, ckpt: Checkpoint):
+    """Write `ckpt` to `path` atomically: a crash leaves either the old file or the new one, never half of one."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["cpnet_version"] = __version__
+        f.attrs["config"] = ckpt.config.to_json()
+        f.attrs["state"] = json.dumps(ckpt.state)
+        f.attrs["train"] = json.dumps(ckpt.train)
+        g = f.create_group("params")
+        for k, v in ckpt.params.items():
+            g.create_dataset(k, data=np.asarray(v))
+        if ckpt.momentum is not None:
+            g = f.create_group("momentum")
+            for k, v in ckpt.momentum.items():
+                g.create_dataset(k, data=np.asarray(v))
+        f.create_dataset("classes", data=np.array([c.encode("utf-8") for c in ckpt.classes], dtype=object),
+                         dtype=h5py.string_dtype("utf-8"))
+        n = f.create_group("norm")
+        n.create_dataset("mean", data=np.asarray(ckpt.mean, dtype=np.float32))
+        n.attrs["scale"] = float(ckpt.scale)
+        n.attrs["stored_size"] = int(ckpt.stored_size)
 
 
 def load(path, with_momentum=True) -> Checkpoint:

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -105,20 +104,10 @@ def default_crop(preset: str, stored_size: int) -> int:
 
 
 def _write_metrics(path, history):
-    """metrics.jsonl rewritten whole from the history: temporary file, fsync, rename."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="metrics.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            for row in history:
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """metrics.jsonl rewritten whole from the history, atomically."""
+    with ckpt_io.atomic_path(path) as tmp, open(tmp, "w") as f:
+        for row in history:
+            f.write(json.dumps(row) + "\n")
 
 
 class _StopFlag:
