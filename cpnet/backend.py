@@ -299,8 +299,8 @@ def gpu_name(index: int = 0) -> str:
 
 
 def default_host_threads(workers: int = 0) -> int:
-    """BLAS threads for the host path: the two towers run in two threads (model.AlexNet), so each gets half the
-    CPUs' BLAS threads, minus the loader's worker processes, at least 1.
+    """BLAS threads for the host path: the CPUs not taken by the loader's worker processes, shared by the two
+    towers that run in two threads (model.AlexNet): half of them each, at least 1.
 
     OpenBLAS threads spin while they wait: with more runnable threads than cores a GEMM can run a hundred times
     slower (docs/PERFORMANCE.md). `--threads` overrides this.
@@ -309,7 +309,7 @@ def default_host_threads(workers: int = 0) -> int:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    return max(1, cpus // 2 - max(0, int(workers)))
+    return max(1, (cpus - max(0, int(workers))) // 2)
 
 
 def host_threads(n: int | None):

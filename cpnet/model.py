@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import wait
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -107,6 +108,8 @@ def make_config(preset="alexnet", num_classes=1000, crop=None, conventions="pape
         raise CpnetError(f"--init {init!r}: expected one of {', '.join(INITS)}")
     if activation not in ACTIVATIONS:
         raise CpnetError(f"activation {activation!r}: expected one of {', '.join(ACTIVATIONS)}")
+    if int(seed) < 0:
+        raise CpnetError(f"--seed {seed}: expected 0 or more")
     if not 0 <= dropout < 1:
         raise CpnetError(f"--dropout {dropout}: expected a probability in [0, 1)")
     if len(pool) != 2 or min(pool) < 1:
@@ -339,6 +342,7 @@ class AlexNet:
         if self._pool is None:
             return [fn(t) for t in range(2)]
         futures = [self._pool.submit(fn, t) for t in range(2)]
+        wait(futures)  # both towers finish (or fail) before anyone reads a result or touches the layers again
         return [f.result() for f in futures]
 
     def forward(self, x, train=False, upto=None):

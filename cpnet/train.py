@@ -180,13 +180,17 @@ def _run(cfg, on_step, on_epoch, on_start, placement, explicit):
         saved = TrainConfig(**{**ck.train, "data": cfg.data, "out": cfg.out, "epochs": cfg.epochs,
                                "workers": cfg.workers, "threads": cfg.threads, "resume": True,
                                "max_iterations": cfg.max_iterations, "sync_every": cfg.sync_every})
+        resolved = {"crop": net_cfg.crop, "init": net_cfg.init}  # what a run that left these out actually used
         for name in sorted(explicit or ()):
             if name in RESUMABLE or not hasattr(saved, name):
                 continue
-            if getattr(cfg, name) != getattr(saved, name):
+            was = getattr(saved, name)
+            if was is None:
+                was = resolved.get(name)
+            if getattr(cfg, name) != was:
                 raise CpnetError(f"--resume: --{name.replace('_', '-')} {getattr(cfg, name)} differs from the saved "
-                                 f"run's {getattr(saved, name)}; a resumed run keeps its settings (drop the flag, "
-                                 f"or start a new run in another --out)")
+                                 f"run's {was}; a resumed run keeps its settings (drop the flag, or start a new run "
+                                 f"in another --out)")
         cfg = saved
     else:
         if os.path.exists(last):

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -51,14 +53,20 @@ def test_host_threads_limits_blas_and_restores_it():
         assert all(n == 1 for n in blas_threads())
     assert blas_threads() == before
     assert backend.default_host_threads(workers=10**6) == 1
+    cpus = len(os.sched_getaffinity(0))
+    assert backend.default_host_threads(workers=0) == max(1, cpus // 2)
     with pytest.raises(CpnetError, match="--threads 0"):
         backend.host_threads(0)
 
 
 @pytest.mark.skipif(backend.gpu_count() > 0, reason="CuPy is already imported on a GPU machine")
 def test_enable_tf32_sets_cupys_switch_before_import(monkeypatch):
-    monkeypatch.delenv("CUPY_TF32", raising=False)
-    backend.enable_tf32()
     import os
 
+    monkeypatch.setenv("CUPY_TF32", "0")  # teardown restores the environment
+    backend.enable_tf32()
     assert os.environ["CUPY_TF32"] == "1"
+    monkeypatch.setattr(backend, "_cupy", object())  # CuPy already loaded: too late to switch
+    monkeypatch.setenv("CUPY_TF32", "0")
+    with pytest.raises(CpnetError, match="--tf32 must be chosen before CuPy is first used"):
+        backend.enable_tf32()

@@ -197,6 +197,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["--dropout", "-0.5"], r"--dropout -0.5: expected a probability"),
     (["--lighting", "-1"], "--lighting -1.0: expected a standard deviation"),
     (["--lr", "0"], "--lr 0.0: expected a positive number"),
+    (["--seed", "-1"], "--seed -1: expected 0 or more"),
 ])
 def test_bad_flags_are_one_line_errors(synth, tmp_path, flags, message):
     import re
@@ -216,10 +217,19 @@ def test_resume_refuses_changed_settings_and_keeps_its_own(synth, tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(cli, base + ["--epochs", "2", "--resume", "--lr", "5"])
     assert r.exit_code != 0 and "--lr 5.0 differs from the saved run's 0.01" in r.output, r.output
-    r = CliRunner().invoke(cli, ["train", "--data", str(synth), "--out", str(out), "--epochs", "2", "--resume",
+    r = CliRunner().invoke(cli, base + ["--epochs", "2", "--resume"])  # the usual way: the same command again
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["train", "--data", str(synth), "--out", str(out), "--epochs", "3", "--resume",
                                  "--workers", "0"])
     assert r.exit_code == 0, r.output
-    assert checkpoint.load(out / "last.h5").state["epoch"] == 2
+    assert checkpoint.load(out / "last.h5").state["epoch"] == 3
+    # a run that left --crop to its default (15 from 17) resumes with --crop 15 spelled out
+    out2 = tmp_path / "d"
+    base2 = ["train", "--data", str(synth), "--model", "alexnet-tiny", "--batch-size", "16", "--schedule",
+             "constant", "--out", str(out2)]
+    assert CliRunner().invoke(cli, base2 + ["--epochs", "1"]).exit_code == 0
+    r = CliRunner().invoke(cli, base2 + ["--epochs", "2", "--resume", "--crop", "15"])
+    assert r.exit_code == 0, r.output
 
 
 def test_eval_refuses_data_stored_at_another_size(synth, tmp_path):
@@ -246,8 +256,16 @@ def test_sync_every_batches_the_loss_read_back_without_changing_the_run(synth, t
     assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-12) and ra["val_top1"] == rb["val_top1"]
     assert 1 in seen and 4 in seen and 2 not in seen and 3 not in seen
     real = ops.softmax_cross_entropy_forward
-    monkeypatch.setattr(ops, "softmax_cross_entropy_forward", lambda l, y: (lambda r: (r[0] * np.nan, r[1]))(real(l, y)))
-    with pytest.raises(CpnetError, match=r"loss became nan (at iteration 0|between iterations \d+ and \d+)"):
+    calls = []
+
+    def nan_from_third_step(logits, labels):
+        calls.append(1)
+        loss, cache = real(logits, labels)
+        return (loss * np.nan if len(calls) >= 3 else loss), cache
+
+    monkeypatch.setattr(ops, "softmax_cross_entropy_forward", nan_from_third_step)
+    # step 0 is read back alone (the first of the epoch); steps 1..3 together at iteration 4
+    with pytest.raises(CpnetError, match=r"loss became nan between iterations 1 and 3 \(epoch 1\)"):
         run(tiny_cfg(synth, tmp_path / "c", epochs=1, sync_every=4))
 
 
