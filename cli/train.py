@@ -26,7 +26,7 @@ import click
 @click.option("--dropout", default=0.5, show_default=True)
 @click.option("--scale", type=float, default=None, help="Multiply mean-subtracted 0-255 inputs by this "
               "[default: 1/their standard deviation with --init he, 1 otherwise].")
-@click.option("--threads", type=int, default=None, help="Host BLAS threads per tower [default: half the CPUs minus --workers].")
+@click.option("--threads", type=int, default=None, help="Host BLAS threads per tower [default: (CPUs - --workers) // 2, at least 1].")
 @click.option("--tf32", is_flag=True, help="GPU: let cuBLAS use TF32 tensor cores for float32 GEMMs (opt-in).")
 def command(data, model, epochs, batch_size, lr, out, resume, seed, workers, crop, conventions, init, momentum,
             weight_decay, decay_biases, schedule, patience, step_epochs, lighting, dropout, scale, threads, tf32):
