@@ -1,0 +1,84 @@
+"""The model, the optimizer and training on a GPU against the host (marker gpu: skipped without CuPy and a GPU).
+
+These run in `make test-gpu` and scripts/gpu_check.sh; on a machine without a GPU they are collected and skipped.
+"""
+
+import numpy as np
+import pytest
+
+from cpnet import backend
+from cpnet.model import build_model, make_config
+from cpnet.optim import MomentumSGD
+
+pytestmark = pytest.mark.gpu
+
+
+def _step(model, x, y, opt=None):
+    loss, logits = model.loss(x, y, train=True)
+    model.loss_backward()
+    grads = {k: backend.to_host(v).copy() for k, v in model.grads().items()}
+    if opt is not None:
+        opt.step()
+    model.clear()
+    return float(loss), backend.to_host(logits), grads
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_gpu_towers_equal_the_host_in_float64(gpus):
+    if backend.gpu_count() < gpus:
+        pytest.skip(f"needs {gpus} GPUs")
+    placement = [backend.Device("gpu", 0), backend.Device("gpu", gpus - 1)]
+    cfg = make_config("alexnet-small", 7, 32, seed=1)
+    host = build_model(cfg, placement=[backend.HOST, backend.HOST], dtype=np.float64)
+    dev = build_model(cfg, placement=placement, dtype=np.float64, check_devices=True)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 3, 32, 32))
+    y = rng.integers(0, 7, 5)
+    for m in (host, dev):
+        m.set_step(3)  # dropout masks are the same function of (seed, step) on both
+    backend.reset_transfer_stats()
+    lh, zh, gh = _step(host, x, y)
+    ld, zd, gd = _step(dev, x, y)
+    assert abs(lh - ld) < 1e-10
+    np.testing.assert_allclose(zd, zh, rtol=1e-9, atol=1e-11)
+    for k in gh:
+        np.testing.assert_allclose(gd[k], gh[k], rtol=1e-8, atol=1e-11, err_msg=k)
+    moved = backend.transfer_stats()["bytes"]
+    assert (moved > 0) == (gpus == 2)  # exchanges move bytes only between distinct devices
+
+
+def test_gpu_training_steps_follow_the_host_in_float32():
+    cfg = make_config("alexnet-small", 10, 32, seed=2)
+    host = build_model(cfg, placement=[backend.HOST, backend.HOST])
+    dev = build_model(cfg, placement=[backend.Device("gpu", 0)] * 2)
+    oh, od = MomentumSGD(host, lr=0.01), MomentumSGD(dev, lr=0.01)
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        x = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
+        y = rng.integers(0, 10, 16)
+        host.set_step(i)
+        dev.set_step(i)
+        lh, _, _ = _step(host, x, y, oh)
+        ld, _, _ = _step(dev, x, y, od)
+        assert abs(lh - ld) < 1e-3 * max(1.0, abs(lh))
+    ph, pd = host.host_params(), dev.host_params()
+    for k in ph:
+        np.testing.assert_allclose(pd[k], ph[k], rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+def test_gpu_train_run_end_to_end(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from cpnet.cli.main import cli
+
+    monkeypatch.setenv("CPNET_DEVICE", "gpu")
+    r = CliRunner().invoke(cli, ["prep", "synthetic", "--out", str(tmp_path / "d"), "--n", "256", "--classes", "4",
+                                 "--size", "36", "-q"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["train", "--data", str(tmp_path / "d"), "--model", "alexnet-small", "--epochs", "2",
+                                 "--batch-size", "32", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    assert "tower 0: gpu:0" in r.output
+    r = CliRunner().invoke(cli, ["eval", str(tmp_path / "run" / "best.h5"), "--data", str(tmp_path / "d" / "val.h5"),
+                                 "--ten-crop", "--json"])
+    assert r.exit_code == 0, r.output
