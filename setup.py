@@ -24,7 +24,6 @@ setup(
         "gpu": ["cupy-cuda12x"],
         "gpu13": ["cupy-cuda13x"],
         "test": ["pytest>=7"],
-        "plot": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["cpnet=cpnet.cli.main:cli"]},
 )
