@@ -25,7 +25,8 @@ import numpy as np
 from . import ops
 from .backend import HOST, Device, default_placement, device_of, to_device, to_host, transfer
 from .errors import CpnetError
-from .layers import LRN, Conv2D, Dropout, Flatten, Linear, MaxPool, ReLU, Sequential, Tanh
+from .backend import get_array_module
+from .layers import LRN, Conv2D, Dropout, Flatten, Layer, Linear, MaxPool, ReLU, Sequential, Tanh
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 
@@ -213,7 +214,7 @@ class AlexNet:
     """The two-tower network. `forward` takes a batch (host or device array), returns logits on tower 0's device."""
 
     def __init__(self, cfg: NetConfig, placement: list[Device] | None = None, dtype=np.float32, params=None,
-                 check_devices: bool | None = None, tower_threads: bool | None = None):
+                 check_devices: bool | None = None, tower_threads: bool | None = None, fuse: bool | None = None):
         self.cfg = cfg
         self.dtype = np.dtype(dtype)
         self.devices = list(placement or default_placement(2))
@@ -224,10 +225,30 @@ class AlexNet:
         host = _init_params(cfg, self.dtype) if params is None else _split_params(params, self.dtype)
         act = ReLU if cfg.activation == "relu" else Tanh
         pk, ps = cfg.pool
+        # Towers sharing a GPU run "fused": each layer of both towers is one grouped convolution / one GEMM (half
+        # the kernel launches, larger products). The towers' parameters are then views into one array per layer.
+        if fuse is None:
+            env = os.environ.get("CPNET_FUSE_TOWERS", "")
+            fuse = self.devices[0] == self.devices[1] and (self.devices[0].is_gpu if env == "" else env != "0")
+        if fuse and self.devices[0] != self.devices[1]:
+            raise ValueError("fused towers need both towers on one device")
+        self.fused = bool(fuse)
+        placed = [{}, {}]
+        for name in host[0]:
+            for t in range(2 if name != "fc8" else 1):
+                dev = self.devices[t]
+                with dev:
+                    if self.fused and name != "fc8":
+                        full = {k: to_device(np.concatenate([host[0][name][k], host[1][name][k]]), dev)
+                                for k in host[0][name]}
+                        n = host[0][name]["W"].shape[0]
+                        placed[0][name] = {k: v[:n] for k, v in full.items()}
+                        placed[1][name] = {k: v[n:] for k, v in full.items()}
+                        break
+                    placed[t][name] = {k: to_device(v, dev) for k, v in host[t][name].items()}
         self.stem, self.mid, self.fc6, self.fc7 = [], [], [], []
         for t, dev in enumerate(self.devices):
-            with dev:
-                P = {name: {k: to_device(v, dev) for k, v in d.items()} for name, d in host[t].items()}
+            P = placed[t]
             conv = [Conv2D(P[f"conv{i + 1}"]["W"], P[f"conv{i + 1}"]["b"], stride=c[2], pad=c[3], input_grad=i > 0)
                     for i, c in enumerate(cfg.conv)]
 
@@ -251,14 +272,66 @@ class AlexNet:
             if t == 0:
                 self.fc8 = Linear(P["fc8"]["W"], P["fc8"]["b"])
         self._widths = {}
+        self._fused_net = self._build_fused(act, pk, ps) if self.fused else None
         # two host towers run in two threads unless told otherwise (or only one CPU is there)
         if tower_threads is None:
             tower_threads = os.environ.get("CPNET_TOWER_THREADS", "1") != "0" and (os.cpu_count() or 1) >= 2
         self._pool = None
-        if tower_threads and not any(d.is_gpu for d in self.devices):
+        if tower_threads and not self.fused and not any(d.is_gpu for d in self.devices):
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cpnet-tower")
+
+    # ---- both towers on one device, fused ------------------------------------------------------------------------
+    def _build_fused(self, act, pk, ps):
+        """One Sequential computing both towers at once on their shared device, on the same parameter memory:
+        conv2, conv4, conv5 as groups=2 convolutions, conv1, conv3, fc6, fc7 as single products over both towers'
+        kernels, LRN and dropout per tower (so the results equal the two-tower run's)."""
+        cfg = self.cfg
+
+        def full(name, key):
+            a = self._tower_layer(0, name).params[key]
+            return a.base if a.base is not None else a
+
+        groups = {"conv1": 1, "conv2": 2, "conv3": 1, "conv4": 2, "conv5": 2}
+        conv = {n: Conv2D(full(n, "W"), full(n, "b"), stride=c[2], pad=c[3], groups=groups[n], input_grad=n != "conv1")
+                for n, c in zip(groups, cfg.conv)}
+
+        def norm_pool(tag):
+            pool = (f"pool{tag}", MaxPool(ksize=pk, stride=ps))
+            if cfg.lrn is None:
+                return [pool]
+            lrn = (f"lrn{tag}", _TowerLRN(**cfg.lrn))
+            return [lrn, pool] if cfg.lrn_position == "before_pool" else [pool, lrn]
+
+        drops = {n: _PerTower(*(self._tower_layer(t, n) for t in range(2)), axis=1) for n in ("drop6", "drop7")}
+        with self.devices[0]:
+            return Sequential(
+                [("conv1", conv["conv1"]), ("act1", act())] + norm_pool(1)
+                + [("conv2", conv["conv2"]), ("act2", act())] + norm_pool(2)
+                + [("conv3", conv["conv3"]), ("act3", act()), ("conv4", conv["conv4"]), ("act4", act()),
+                   ("conv5", conv["conv5"]), ("act5", act()), ("pool5", MaxPool(ksize=pk, stride=ps)),
+                   ("flat", Flatten()),
+                   ("fc6", Linear(full("fc6", "W"), full("fc6", "b"))), ("act6", act()), ("drop6", drops["drop6"]),
+                   ("fc7", Linear(full("fc7", "W"), full("fc7", "b"))), ("act7", act()), ("drop7", drops["drop7"])])
+
+    def _tower_layer(self, t, name):
+        for seq in (self.stem[t], self.mid[t], self.fc6[t], self.fc7[t]):
+            for lname, layer in seq.named():
+                if lname == name:
+                    return layer
+        raise KeyError(name)
+
+    def _fused_grads_to_towers(self):
+        """Hand each tower's layers their rows of the fused gradients (views, no copies)."""
+        for lname, layer in self._fused_net.named():
+            if not layer.params:
+                continue
+            for t in range(2):
+                tl = self._tower_layer(t, lname)
+                for key, g in layer.grads.items():
+                    n = tl.params[key].shape[0]
+                    tl.grads[key] = g[t * n:(t + 1) * n]
 
     # ---- parameters -------------------------------------------------------------------------------------------
     def param_slots(self):
@@ -351,6 +424,14 @@ class AlexNet:
             raise CpnetError(f"input batch has shape {tuple(x.shape)}, the model expects (N, 3, {self.cfg.crop}, "
                              f"{self.cfg.crop})")
 
+        if self.fused:
+            dev = self.devices[0]
+            with dev:
+                xd = to_device(x, dev)
+                h = self._check(self._fused_net.forward(xd if xd.dtype == self.dtype else xd.astype(self.dtype),
+                                                        train), 0)
+                return h if upto == "fc7" else self.fc8.forward(h, train)
+
         inputs = {}  # the batch goes to each distinct device once (not an exchange: to_device, not transfer)
         for dev in self.devices:
             if dev not in inputs:
@@ -380,6 +461,10 @@ class AlexNet:
         """Gradients for every parameter (in each layer's .grads) from d loss / d logits."""
         with self.devices[0]:
             d = self.fc8.backward(dlogits)
+            if self.fused:
+                self._fused_net.backward(d)
+                self._fused_grads_to_towers()
+                return
         d = self.scatter(d, self._widths["f7"], [None, None])
         for name, seqs in (("f6", self.fc7), ("p5", self.fc6), ("p2", self.mid)):
             dts = self._each(lambda t: self._stage_back(seqs[t], d[t], t))
@@ -412,6 +497,8 @@ class AlexNet:
             for seq in (self.stem[t], self.mid[t], self.fc6[t], self.fc7[t]):
                 seq.clear()
         self.fc8.clear()
+        if self._fused_net is not None:
+            self._fused_net.clear()
 
 
 def _split_params(flat: dict, dtype) -> list[dict]:
@@ -428,10 +515,52 @@ def _split_params(flat: dict, dtype) -> list[dict]:
     return towers
 
 
+class _TowerLRN(LRN):
+    """LRN over both towers' channels at once without mixing them: (N, 2C, H, W) is viewed as (2N, C, H, W)."""
+
+    def forward(self, x, train=False):
+        n, c, h, w = x.shape
+        return super().forward(x.reshape(2 * n, c // 2, h, w), train).reshape(x.shape)
+
+    def backward(self, dy):
+        n, c, h, w = dy.shape
+        return super().backward(dy.reshape(2 * n, c // 2, h, w)).reshape(dy.shape)
+
+
+class _PerTower(Layer):
+    """Applies tower 0's layer to the first half of `axis` and tower 1's to the second (each tower's dropout
+    draws its own mask)."""
+
+    def __init__(self, first, second, axis=1):
+        super().__init__()
+        self.parts, self.axis = (first, second), axis
+
+    def _halves(self, a):
+        n = a.shape[self.axis] // 2
+        idx = [slice(None)] * a.ndim
+        out = []
+        for t in range(2):
+            idx[self.axis] = slice(t * n, (t + 1) * n)
+            out.append(get_array_module(a).ascontiguousarray(a[tuple(idx)]))
+        return out
+
+    def forward(self, x, train=False):
+        xp = get_array_module(x)
+        return xp.concatenate([p.forward(h, train) for p, h in zip(self.parts, self._halves(x))], axis=self.axis)
+
+    def backward(self, dy):
+        xp = get_array_module(dy)
+        return xp.concatenate([p.backward(h) for p, h in zip(self.parts, self._halves(dy))], axis=self.axis)
+
+    def clear(self):
+        for p in self.parts:
+            p.clear()
+
+
 def build_model(cfg: NetConfig, placement=None, dtype=np.float32, params=None, check_devices=None,
-                tower_threads=None) -> AlexNet:
+                tower_threads=None, fuse=None) -> AlexNet:
     return AlexNet(cfg, placement=placement, dtype=dtype, params=params, check_devices=check_devices,
-                   tower_threads=tower_threads)
+                   tower_threads=tower_threads, fuse=fuse)
 
 
 __all__ = ["AlexNet", "NetConfig", "PRESETS", "CONVENTIONS", "INITS", "make_config", "build_model", "feature_shapes",

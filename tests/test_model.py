@@ -277,3 +277,47 @@ def test_host_towers_in_two_threads_give_bitwise_the_same_result():
     np.testing.assert_array_equal(out[0][1], out[1][1])
     for k in out[0][2]:
         np.testing.assert_array_equal(out[0][2][k], out[1][2][k], err_msg=k)
+
+
+@pytest.mark.parametrize("conventions", ["paper", "caffe"])
+def test_fused_towers_on_one_device_equal_the_two_tower_path(conventions):
+    """The shared-device fast path (one grouped convolution / one GEMM per layer for both towers, the towers'
+    parameters as views into one array) gives the two-tower results, dropout included, and trains the same."""
+    cfg = make_config("alexnet-small", 7, 32, conventions=conventions, seed=4)
+    split = build_model(cfg, dtype=np.float64, fuse=False, tower_threads=False)
+    fused = build_model(cfg, dtype=np.float64, fuse=True)
+    assert fused.fused and not split.fused
+    assert fused.params()["t1.conv2.W"].base is fused.params()["t0.conv2.W"].base  # one array per layer
+    opts = [MomentumSGD(m, lr=0.01) for m in (split, fused)]
+    rng = np.random.default_rng(5)
+    for step in range(3):
+        x = rng.standard_normal((4, 3, 32, 32))
+        y = rng.integers(0, 7, 4)
+        out = []
+        for m, opt in zip((split, fused), opts):
+            m.set_step(step)
+            loss, logits = m.loss(x, y, train=True)
+            m.loss_backward()
+            out.append((float(loss), logits.copy(), {k: v.copy() for k, v in m.grads().items()}))
+            opt.step()
+            m.clear()
+        assert abs(out[0][0] - out[1][0]) < 1e-12
+        np.testing.assert_allclose(out[1][1], out[0][1], rtol=1e-10, atol=1e-12)
+        for k in out[0][2]:
+            np.testing.assert_allclose(out[1][2][k], out[0][2][k], rtol=1e-9, atol=1e-12, err_msg=k)
+    ps, pf = split.host_params(), fused.host_params()
+    for k in ps:
+        np.testing.assert_allclose(pf[k], ps[k], rtol=1e-10, atol=1e-13, err_msg=k)
+    feats = [m.forward(x, upto="fc7") for m in (split, fused)]
+    np.testing.assert_allclose(feats[1], feats[0], rtol=1e-10, atol=1e-12)
+
+
+def test_fused_model_loads_parameters_into_its_shared_arrays():
+    cfg = make_config("alexnet-tiny", 5, 15, seed=1)
+    src = build_model(make_config("alexnet-tiny", 5, 15, seed=9), dtype=np.float64).host_params()
+    fused = build_model(cfg, dtype=np.float64, fuse=True)
+    split = build_model(cfg, dtype=np.float64, fuse=False)
+    fused.set_params(src)
+    split.set_params(src)
+    x = np.random.default_rng(0).standard_normal((3, 3, 15, 15))
+    np.testing.assert_allclose(fused.forward(x), split.forward(x), rtol=1e-10, atol=1e-12)
