@@ -23,14 +23,16 @@ def _step(model, x, y, opt=None):
     return float(loss), backend.to_host(logits), grads
 
 
-@pytest.mark.parametrize("gpus", [1, 2])
-def test_gpu_towers_equal_the_host_in_float64(gpus):
+@pytest.mark.parametrize("gpus,fuse", [(1, None), (1, False), (2, None)])
+def test_gpu_towers_equal_the_host_in_float64(gpus, fuse):
+    """One GPU: the fused default and the two-tower path; two GPUs: a tower on each, exchanging activations."""
     if backend.gpu_count() < gpus:
         pytest.skip(f"needs {gpus} GPUs")
     placement = [backend.Device("gpu", 0), backend.Device("gpu", gpus - 1)]
     cfg = make_config("alexnet-small", 7, 32, seed=1)
     host = build_model(cfg, placement=[backend.HOST, backend.HOST], dtype=np.float64)
-    dev = build_model(cfg, placement=placement, dtype=np.float64, check_devices=True)
+    dev = build_model(cfg, placement=placement, dtype=np.float64, check_devices=True, fuse=fuse)
+    assert dev.fused == (gpus == 1 and fuse is None)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 3, 32, 32))
     y = rng.integers(0, 7, 5)
