@@ -8,7 +8,8 @@ allocations, BLAS thread start-up) are run and discarded first.
 Per-layer times follow `caffe time`: the model's own layers are called one at a time, in the order the model's
 forward and backward passes call them, with the device synchronised around each call; a layer's figure is the
 sum over both towers. The cross-tower exchanges (the concatenations before conv3, fc6, fc7 and fc8, and the
-gradient splits after them) are reported as one row, `exchange`. Because of the synchronisation around every
+gradient splits after them) are reported as one row, `exchange`. A model whose towers share a GPU runs fused
+(model.AlexNet): then each row is one fused layer doing both towers' work, and there is no exchange row. Because of the synchronisation around every
 call, the layer rows add up to a little more than the whole step, which is timed separately without it.
 """
 
@@ -165,6 +166,32 @@ def _run_layers(model, xs, labels, rec: _Recorder, opt):
     return float(backend.to_host(loss)), tm.ms
 
 
+def _run_fused_layers(model, xs, labels, rec: _Recorder, opt):
+    """As _run_layers for a model whose towers share a device and run fused: each row times one fused layer
+    (both towers at once); there are no exchanges."""
+    dev = model.devices[0]
+
+    def timed(name, phase, fn, arg):
+        with dev, backend.Timer(dev) as tm:
+            out = fn(arg)
+        rec.add(name, phase, tm.ms)
+        return out
+
+    h = xs[0]
+    for name, layer in model._fused_net.named():
+        h = timed(name, "forward_ms", lambda a, layer=layer: layer.forward(a, True), h)
+    logits = timed("fc8", "forward_ms", lambda a: model.fc8.forward(a, True), h)
+    loss, cache = timed("loss", "forward_ms", lambda a: ops.softmax_cross_entropy_forward(a, labels), logits)
+    d = timed("loss", "backward_ms", ops.softmax_cross_entropy_backward, cache)
+    d = timed("fc8", "backward_ms", model.fc8.backward, d)
+    for name, layer in reversed(model._fused_net.named()):
+        d = timed(name, "backward_ms", layer.backward, d)
+    model._fused_grads_to_towers()
+    with backend.Timer(dev) as tm:
+        opt.step()
+    return float(backend.to_host(loss)), tm.ms
+
+
 def _batch(cfg, batch_size, device, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch_size, 3, cfg.crop, cfg.crop), dtype=np.float32)
@@ -196,7 +223,8 @@ def bench_model(preset="alexnet", batch_size=128, steps=10, warmup=2, num_classe
     for i in range(warmup + steps):
         rec.on = i >= warmup
         model.set_step(i)
-        loss, upd_ms = _run_layers(model, xs, y, rec, opt)
+        run = _run_fused_layers if model.fused else _run_layers
+        loss, upd_ms = run(model, xs, y, rec, opt)
         first_loss = loss if first_loss is None else first_loss
         if rec.on:
             update.append(upd_ms)
@@ -222,6 +250,7 @@ def bench_model(preset="alexnet", batch_size=128, steps=10, warmup=2, num_classe
                    "steps": int(steps), "warmup": int(warmup), "conventions": cfg.conventions,
                    "dropout": cfg.dropout, "params": model.num_params()},
         "devices": [str(d) for d in devs],
+        "fused": bool(model.fused),  # towers sharing a device as one grouped layer each (no exchange row)
         "layers": layers,
         "layers_total": totals,
         "update_ms": float(np.mean(update)),

@@ -228,8 +228,10 @@ class AlexNet:
         # Towers sharing a GPU run "fused": each layer of both towers is one grouped convolution / one GEMM (half
         # the kernel launches, larger products). The towers' parameters are then views into one array per layer.
         if fuse is None:
-            env = os.environ.get("CPNET_FUSE_TOWERS", "")
-            fuse = self.devices[0] == self.devices[1] and (self.devices[0].is_gpu if env == "" else env != "0")
+            env = os.environ.get("CPNET_FUSE_TOWERS", "").strip()
+            if env not in ("", "0", "1"):
+                raise CpnetError(f"CPNET_FUSE_TOWERS={env!r}: expected 0 or 1 (unset: fused on a shared GPU)")
+            fuse = self.devices[0] == self.devices[1] and (self.devices[0].is_gpu if env == "" else env == "1")
         if fuse and self.devices[0] != self.devices[1]:
             raise ValueError("fused towers need both towers on one device")
         self.fused = bool(fuse)
@@ -528,8 +530,8 @@ class _TowerLRN(LRN):
 
 
 class _PerTower(Layer):
-    """Applies tower 0's layer to the first half of `axis` and tower 1's to the second (each tower's dropout
-    draws its own mask)."""
+    """Applies tower 0's dropout layer to the first half of `axis` and tower 1's to the second (each tower draws
+    its own mask); the identity when dropout is off."""
 
     def __init__(self, first, second, axis=1):
         super().__init__()
@@ -545,10 +547,16 @@ class _PerTower(Layer):
         return out
 
     def forward(self, x, train=False):
+        if not train or all(getattr(p, "p", 1) == 0 for p in self.parts):  # dropout off: the identity
+            self._cache = "identity"
+            return x
+        self._cache = None
         xp = get_array_module(x)
         return xp.concatenate([p.forward(h, train) for p, h in zip(self.parts, self._halves(x))], axis=self.axis)
 
     def backward(self, dy):
+        if self._cache == "identity":
+            return dy
         xp = get_array_module(dy)
         return xp.concatenate([p.backward(h) for p, h in zip(self.parts, self._halves(dy))], axis=self.axis)
 

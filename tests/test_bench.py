@@ -181,3 +181,16 @@ def test_compare_torch_weight_copy_roundtrip():
     assert set(back) == set(host)
     for k in host:
         np.testing.assert_array_equal(back[k], host[k])
+
+
+def test_bench_on_a_fused_model_times_the_fused_layers(monkeypatch):
+    from cpnet import bench
+
+    monkeypatch.setenv("CPNET_FUSE_TOWERS", "1")
+    r = bench.bench_model("alexnet-tiny", batch_size=4, steps=2, warmup=1)
+    assert r["fused"] is True
+    names = [row["name"] for row in r["layers"]]
+    assert "exchange" not in names and names[:2] == ["conv1", "act1"] and "fc8" in names and "drop7" in names
+    assert all(row["forward_ms"] >= 0 and row["backward_ms"] >= 0 for row in r["layers"])
+    monkeypatch.setenv("CPNET_FUSE_TOWERS", "0")
+    assert bench.bench_model("alexnet-tiny", batch_size=4, steps=1, warmup=0)["fused"] is False

@@ -260,14 +260,15 @@ def test_input_shape_error_names_the_expected_shape():
         m.forward(np.zeros((2, 3, 16, 16), np.float32))
 
 
-def test_host_towers_in_two_threads_give_bitwise_the_same_result():
+def test_host_towers_in_two_threads_give_bitwise_the_same_result(monkeypatch):
+    monkeypatch.delenv("CPNET_FUSE_TOWERS", raising=False)
     cfg = make_config("alexnet-small", 7, 32, seed=2)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((6, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 7, 6)
     out = []
     for threads in (False, True):
-        m = build_model(cfg, tower_threads=threads)
+        m = build_model(cfg, tower_threads=threads, fuse=False)
         assert (m._pool is not None) == threads
         m.set_step(4)
         loss, logits = m.loss(x, y, train=True)
@@ -310,6 +311,17 @@ def test_fused_towers_on_one_device_equal_the_two_tower_path(conventions):
         np.testing.assert_allclose(pf[k], ps[k], rtol=1e-10, atol=1e-13, err_msg=k)
     feats = [m.forward(x, upto="fc7") for m in (split, fused)]
     np.testing.assert_allclose(feats[1], feats[0], rtol=1e-10, atol=1e-12)
+
+
+def test_cpnet_fuse_towers_values(monkeypatch):
+    cfg = make_config("alexnet-tiny", 5, 15)
+    monkeypatch.setenv("CPNET_FUSE_TOWERS", "1")
+    assert build_model(cfg).fused
+    monkeypatch.setenv("CPNET_FUSE_TOWERS", "0")
+    assert not build_model(cfg).fused
+    monkeypatch.setenv("CPNET_FUSE_TOWERS", "off")
+    with pytest.raises(CpnetError, match="CPNET_FUSE_TOWERS='off': expected 0 or 1"):
+        build_model(cfg)
 
 
 def test_fused_model_loads_parameters_into_its_shared_arrays():

@@ -24,8 +24,9 @@ def _step(model, x, y, opt=None):
 
 
 @pytest.mark.parametrize("gpus,fuse", [(1, None), (1, False), (2, None)])
-def test_gpu_towers_equal_the_host_in_float64(gpus, fuse):
+def test_gpu_towers_equal_the_host_in_float64(gpus, fuse, monkeypatch):
     """One GPU: the fused default and the two-tower path; two GPUs: a tower on each, exchanging activations."""
+    monkeypatch.delenv("CPNET_FUSE_TOWERS", raising=False)
     if backend.gpu_count() < gpus:
         pytest.skip(f"needs {gpus} GPUs")
     placement = [backend.Device("gpu", 0), backend.Device("gpu", gpus - 1)]
