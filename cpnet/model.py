@@ -426,20 +426,17 @@ class AlexNet:
             raise CpnetError(f"input batch has shape {tuple(x.shape)}, the model expects (N, 3, {self.cfg.crop}, "
                              f"{self.cfg.crop})")
 
-        if self.fused:
-            dev = self.devices[0]
-            with dev:
-                xd = to_device(x, dev)
-                h = self._check(self._fused_net.forward(xd if xd.dtype == self.dtype else xd.astype(self.dtype),
-                                                        train), 0)
-                return h if upto == "fc7" else self.fc8.forward(h, train)
-
         inputs = {}  # the batch goes to each distinct device once (not an exchange: to_device, not transfer)
         for dev in self.devices:
             if dev not in inputs:
                 with dev:
                     xd = to_device(x, dev)
                     inputs[dev] = xd if xd.dtype == self.dtype else xd.astype(self.dtype)
+
+        if self.fused:
+            with self.devices[0]:
+                h = self._check(self._fused_net.forward(inputs[self.devices[0]], train), 0)
+                return h if upto == "fc7" else self.fc8.forward(h, train)
 
         def stem(t):
             with self.devices[t]:

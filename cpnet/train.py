@@ -162,7 +162,7 @@ def _run(cfg, on_step, on_epoch, on_start, placement, explicit):
     if cfg.workers < 0:
         raise CpnetError(f"--workers {cfg.workers}: expected 0 or more")
     with H5Dataset(train_path) as ds:
-        classes, stored, mean, labels = list(ds.classes), ds.size, np.array(ds.mean), ds.labels
+        classes, stored, mean = list(ds.classes), ds.size, np.array(ds.mean)  # labels checked at open
     if val_path:
         with H5Dataset(val_path) as vds:
             if list(vds.classes) != classes:
@@ -211,8 +211,6 @@ def _run(cfg, on_step, on_epoch, on_start, placement, explicit):
     if cfg.schedule == "plateau" and (val_path is None or not cfg.validate):
         raise CpnetError("--schedule plateau needs validation data (val.h5 beside train.h5)")
     check_crop(net_cfg, stored)
-    if int(labels.max(initial=0)) >= len(classes) or int(labels.min(initial=0)) < 0:
-        raise CpnetError(f"{train_path}: labels outside 0..{len(classes) - 1}")
 
     model = build_model(net_cfg, placement=placement)
     opt = MomentumSGD(model, lr=state["lr"], momentum=cfg.momentum, weight_decay=cfg.weight_decay,
