@@ -328,10 +328,27 @@ def host_threads(n: int | None):
 def enable_tf32():
     """Let cuBLAS use TF32 tensor cores for float32 GEMMs (opt-in; about 10 bits of mantissa in the products).
 
-    CuPy reads CUPY_TF32 when it is imported, so this must run before the first GPU work; a no-op on the host.
+    Sets CUPY_TF32=1, which CuPy reads at its first float32 matrix product; when CuPy is already in use the
+    switch is made at run time (`set_tf32`). A no-op on the host.
     """
-    if _cupy:
-        if os.environ.get("CUPY_TF32") != "1":
-            raise CpnetError("--tf32 must be chosen before CuPy is first used (set CUPY_TF32=1 in the environment)")
-        return
     os.environ["CUPY_TF32"] = "1"
+    if _cupy:
+        set_tf32(True)
+
+
+def set_tf32(on: bool):
+    """Switch TF32 for float32 GEMMs on or off now, on a GPU (CuPy's per-dtype compute type); no-op on the host.
+
+    Benchmarks use this to time FP32 and TF32 in one process (bench/compare_torch.py).
+    """
+    cp = _load_cupy()
+    if cp is None:
+        return
+    try:
+        from cupy._core import _routines_linalg as linalg
+
+        kind = linalg.COMPUTE_TYPE_TF32 if on else linalg.COMPUTE_TYPE_DEFAULT
+        linalg.set_compute_type(np.dtype(np.float32), kind)
+    except (ImportError, AttributeError) as e:  # a CuPy without this internal switch
+        raise CpnetError(f"this CuPy ({cp.__version__}) cannot switch TF32 at run time: set CUPY_TF32="
+                         f"{int(bool(on))} before starting ({e})") from e

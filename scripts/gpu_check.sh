@@ -9,7 +9,8 @@
 # fails, through a temporary sitecustomize.py on PYTHONPATH that maps cpnet.cli and cpnet.data onto the checkout.
 # Every step runs (so one costly GPU session gives every answer) under its own time limit; the script then
 # exits 1 with a FAILED banner if any step failed. Budget: under 6 minutes on one H100 even if every step runs to
-# its limit (120 + 130 + 100 s; the bench step runs the fused default and the two-tower path). It writes 8 files in OUTDIR
+# its limit (140 + 100 + 40 + 80 s; the bench step runs the fused default and the two-tower path, the loader
+# step `bench/loader_bench.py` with 0 to 12 workers, its table appended to bench.log). It writes 8 files in OUTDIR
 # (env.txt, pytest_gpu.log, bench.log, bench.json, bench_split.json, compare_torch.log/.json, summary.txt): the
 # device tool returns at most 8.
 #
@@ -40,11 +41,13 @@ T0=$(date +%s)
 
 say() { printf '[gpu_check %4ss] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
 
-# step NAME LIMIT_S LOG CMD...: run CMD under a time limit, output to LOG; on failure show the log's tail.
+# step NAME LIMIT_S LOG CMD...: run CMD under a time limit, output to LOG (appended to when APPEND=1); on
+# failure show the log's tail.
 step() {
   local name=$1 limit=$2 log=$3; shift 3
   say "$name: $*"
-  timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+  if [ "${APPEND:-0}" = 1 ]; then echo "==== $name: $*" >>"$log"; else : >"$log"; fi
+  timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
   local rc=$?
   if [ $rc -ne 0 ]; then
     [ $rc -eq 124 ] && echo "(timed out after ${limit}s)" >>"$log"
@@ -56,7 +59,7 @@ step() {
 }
 
 # ---- cpnet importable, with cpnet.cli and cpnet.data -------------------------------------------------------
-importable() { "$PY" -c "import cpnet.cli.main, cpnet.data, cpnet.bench" >/dev/null 2>&1; }
+importable() { "$PY" -c "import cpnet.cli.main, cpnet.data, cpnet.bench, threadpoolctl, PIL" >/dev/null 2>&1; }
 {
   echo "== install ($(date -u +%FT%TZ))"
   if importable && [ "$("$PY" -c 'import cpnet, os; print(os.path.dirname(os.path.dirname(cpnet.__file__)))')" = "$ROOT" ]; then
@@ -92,13 +95,28 @@ export -f cpnet 2>/dev/null || true
   "$PY" - <<'PYEOF'
 import importlib, platform
 print("python", platform.python_version())
-for m in ("numpy", "cupy", "torch", "h5py", "click", "pytest"):
+for m in ("numpy", "cupy", "torch", "h5py", "click", "pytest", "threadpoolctl", "PIL"):
     try:
         print(m, importlib.import_module(m).__version__)
     except Exception as e:
         print(m, "not importable:", type(e).__name__)
 from cpnet import backend
 print("cpnet backend:", "cupy" if backend.use_gpu() else "numpy", "gpus:", backend.gpu_count())
+if backend.gpu_count():  # one line each for CuPy's cuBLAS, NVRTC and cpnet's own kernels, before the long steps
+    import numpy as np
+    cp = backend.cupy_module()
+    for what, fn in (("cuBLAS matmul", lambda: float((cp.ones((64, 64), cp.float32) @ cp.ones((64, 64), cp.float32)).sum())),
+                     ("NVRTC elementwise", lambda: float((cp.arange(10, dtype=cp.float32) * 2).sum())),
+                     ("cpnet maxpool kernel", lambda: __import__("cpnet.kernels", fromlist=["x"]).maxpool_forward_gpu(
+                         cp.ones((1, 2, 4, 4), cp.float32), 2, 2, 0)[0].shape)):
+        try:
+            print(f"{what}: ok ({fn()})")
+        except Exception as e:
+            print(f"{what}: FAILED: {type(e).__name__}: {e}")
+    try:
+        cp.show_config()
+    except Exception as e:
+        print("cupy.show_config failed:", e)
 PYEOF
 } >>"$OUT/env.txt" 2>&1
 if [ "$DRY" != 1 ] && ! "$PY" -c "from cpnet import backend; assert backend.use_gpu()" >>"$OUT/env.txt" 2>&1; then
@@ -107,20 +125,24 @@ if [ "$DRY" != 1 ] && ! "$PY" -c "from cpnet import backend; assert backend.use_
 fi
 
 # ---- 1. the GPU tests --------------------------------------------------------------------------------------
-step "pytest -m gpu" 120 "$OUT/pytest_gpu.log" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+step "pytest -m gpu" 140 "$OUT/pytest_gpu.log" "$PY" -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests
 rc=$?
 if [ $rc -eq 5 ] && [ "$DRY" = 1 ]; then unset 'FAILED[${#FAILED[@]}-1]'; say "(dry: no GPU tests collected)"; fi
 
 # ---- 2. cpnet bench ----------------------------------------------------------------------------------------
 # the default path (towers sharing the GPU run fused), then the two-tower path for comparison
-step "cpnet bench" 130 "$OUT/bench.log" \
+step "cpnet bench" 100 "$OUT/bench.log" \
   bash -c "'$PY' -m cpnet bench --model '$MODEL' --batch-size '$BATCH' --steps '$STEPS' --json >'$OUT/bench.json' &&
            CPNET_FUSE_TOWERS=0 '$PY' -m cpnet bench --model '$MODEL' --batch-size '$BATCH' --steps '$STEPS' \
              --no-loader --json >'$OUT/bench_split.json'"
 
-# ---- 3. PyTorch side by side -------------------------------------------------------------------------------
+# ---- 3. the loader beside the step (S=256, crop 227, batch 128) with several worker counts ----------------------
+if [ "$DRY" = 1 ]; then LW=0,1; LN=256; else LW=0,4,8,12; LN=1024; fi
+APPEND=1 step "loader" 40 "$OUT/bench.log" "$PY" bench/loader_bench.py --n "$LN" --epochs 1 --workers "$LW"
+
+# ---- 4. PyTorch side by side -------------------------------------------------------------------------------
 if "$PY" -c "import torch" >/dev/null 2>&1; then
-  step "compare_torch" 100 "$OUT/compare_torch.log" "$PY" bench/compare_torch.py --model "$MODEL" \
+  step "compare_torch" 80 "$OUT/compare_torch.log" "$PY" bench/compare_torch.py --model "$MODEL" \
     --batch-size "$BATCH" --steps "$STEPS" --json "$OUT/compare_torch.json"
 else
   say "torch does not import: comparison skipped"; echo "torch not importable: skipped" >"$OUT/compare_torch.log"
@@ -155,6 +177,10 @@ if b:
     rows.append(("GEMM / floor", f"{f['gemm_gflops']:.0f} GFLOP/s -> {f['floor_images_per_s']:.0f} images/s"))
     ld = b.get("loader") or {}
     rows.append(("loader", f"{ld['images_per_s']:.0f} images/s ({ld['workers']} workers)" if "images_per_s" in ld else ld.get("error", "not measured")))
+    blog = open(os.path.join(out, "bench.log")).read() if os.path.exists(os.path.join(out, "bench.log")) else ""
+    lw = re.findall(r"^\s*train S=\S+ C=\S+ B=\S+\s+(\d+)\s+(\d+)", blog, re.M)
+    if lw:
+        rows.append(("loader by workers", ", ".join(f"{w}: {v} images/s" for w, v in lw)))
     mem = b["memory"]
     gp = "; ".join(f"{k} {v['total'] / 2**20:.0f} MiB" for k, v in mem["gpu_pool_bytes"].items())
     rows.append(("memory", f"host RSS {mem['host_peak_rss_bytes'] / 2**20:.0f} MiB" + (f"; pool {gp}" if gp else "")))

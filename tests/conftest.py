@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -29,3 +31,11 @@ def xp(request):
     if request.param == "numpy":
         return np
     return backend.cupy_module()
+
+
+@pytest.fixture(autouse=True)
+def _host_unless_marked_gpu(request, monkeypatch):
+    """Tests not marked gpu run on the host on any machine: with CPNET_DEVICE=auto a GPU machine would otherwise
+    put their models on the GPU, where they compare against NumPy without copying back."""
+    if "gpu" not in request.keywords and os.environ.get("CPNET_DEVICE", "auto").strip().lower() in ("", "auto"):
+        monkeypatch.setenv("CPNET_DEVICE", "cpu")

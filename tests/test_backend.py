@@ -60,13 +60,60 @@ def test_host_threads_limits_blas_and_restores_it():
 
 
 @pytest.mark.skipif(backend.gpu_count() > 0, reason="CuPy is already imported on a GPU machine")
-def test_enable_tf32_sets_cupys_switch_before_import(monkeypatch):
+def test_enable_tf32_sets_cupys_switch_and_switches_a_loaded_cupy(monkeypatch):
     import os
+    import sys
+    import types
 
     monkeypatch.setenv("CUPY_TF32", "0")  # teardown restores the environment
-    backend.enable_tf32()
+    backend.enable_tf32()  # CuPy not loaded: only the variable CuPy reads at its first float32 GEMM
     assert os.environ["CUPY_TF32"] == "1"
-    monkeypatch.setattr(backend, "_cupy", object())  # CuPy already loaded: too late to switch
-    monkeypatch.setenv("CUPY_TF32", "0")
-    with pytest.raises(CpnetError, match="--tf32 must be chosen before CuPy is first used"):
-        backend.enable_tf32()
+
+    # CuPy already loaded: the switch goes through CuPy's per-dtype compute type, on and off.
+    calls = []
+    linalg = types.SimpleNamespace(COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_TF32=7,
+                                   set_compute_type=lambda dt, kind: calls.append((np.dtype(dt), kind)))
+    core = types.ModuleType("cupy._core")
+    core._routines_linalg = linalg
+    fake = types.ModuleType("cupy")
+    fake.__version__ = "0-test"
+    fake._core = core
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setitem(sys.modules, "cupy._core", core)
+    monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", linalg)
+    monkeypatch.setattr(backend, "_cupy", fake)
+    backend.enable_tf32()
+    backend.set_tf32(False)
+    assert calls == [(np.dtype(np.float32), 7), (np.dtype(np.float32), 1)]
+
+    del linalg.set_compute_type  # a CuPy without the switch: a clear error, not an AttributeError
+    with pytest.raises(CpnetError, match="cannot switch TF32 at run time"):
+        backend.set_tf32(True)
+
+
+def test_set_tf32_is_a_no_op_on_the_host(monkeypatch):
+    monkeypatch.setattr(backend, "_cupy", False)
+    backend.set_tf32(True)
+    backend.set_tf32(False)
+
+
+@pytest.mark.gpu
+def test_set_tf32_switches_float32_products_on_a_gpu():
+    """Off: float32 products as accurate as FP32 accumulation gives; on: TF32's ~10-bit inputs show."""
+    cp = backend.cupy_module()
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((512, 512)).astype(np.float32) for _ in range(2))
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+
+    def rel_err():
+        got = cp.asnumpy(cp.asarray(a) @ cp.asarray(b)).astype(np.float64)
+        return float(np.abs(got - exact).max() / np.abs(exact).max())
+
+    try:
+        backend.set_tf32(False)
+        off = rel_err()
+        backend.set_tf32(True)
+        on = rel_err()
+    finally:
+        backend.set_tf32(False)
+    assert off < 2e-5 < on, (off, on)

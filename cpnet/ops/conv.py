@@ -74,6 +74,19 @@ def _col2im(col, x_shape, *geom):
     return kernels.col2im_gpu(col, x_shape, *geom)
 
 
+def _group_gemm(xp, a, b, out):
+    """out[g] = a[g] @ b[g] for every group g, as one 2-D product per group; returns out.
+
+    2-D products take transposed views as they are (BLAS/cuBLAS transpose flags, no copy), and on a GPU they
+    follow the TF32 switch (`backend.set_tf32`); a 3-D `matmul` would copy a transposed operand whole (for
+    conv1's weight gradient, the 560 MB column matrix at batch 128) and run in plain FP32 whatever the switch.
+    `out` must be C-contiguous, so each out[g] is too.
+    """
+    for g in range(a.shape[0]):
+        xp.matmul(a[g], b[g], out=out[g])
+    return out
+
+
 def conv2d_forward(x, W, b, stride=1, pad=0, groups=1):
     """y = conv(x, W) + b on NCHW arrays; returns (y, cache). W is (F, C/groups, kh, kw), b is (F,) or None."""
     xp = get_array_module(x)
@@ -102,7 +115,7 @@ def conv2d_forward(x, W, b, stride=1, pad=0, groups=1):
     col = _im2col(x, *geom)
     K, M = Cg * kh * kw, N * Ho * Wo
     Wm = xp.ascontiguousarray(W).reshape(G, F // G, K)
-    y = xp.matmul(Wm, col.reshape(G, K, M)).reshape(F, M)
+    y = _group_gemm(xp, Wm, col.reshape(G, K, M), xp.empty((G, F // G, M), dtype=x.dtype)).reshape(F, M)
     if b is not None:
         y += b[:, None]
     y = xp.ascontiguousarray(y.reshape(F, N, Ho, Wo).transpose(1, 0, 2, 3))
@@ -124,9 +137,9 @@ def conv2d_backward(dy, cache, need_dx=True):
     db = dy.sum(axis=(0, 2, 3)) if has_b else None
     d = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(G, Fg, M)
     cg = col.reshape(G, K, M)
-    dW = xp.matmul(d, cg.transpose(0, 2, 1)).reshape(W_shape)
+    dW = _group_gemm(xp, d, cg.transpose(0, 2, 1), xp.empty((G, Fg, K), dtype=col.dtype)).reshape(W_shape)
     if not need_dx:
         return None, dW, db
-    dcol = xp.matmul(Wm.transpose(0, 2, 1), d).reshape(G * K, M)
+    dcol = _group_gemm(xp, Wm.transpose(0, 2, 1), d, xp.empty((G, K, M), dtype=col.dtype)).reshape(G * K, M)
     dx = _col2im(dcol, x_shape, *geom)
     return dx, dW, db
