@@ -5,13 +5,18 @@
 
 with momentum 0.9 and weight decay 0.0005 in the paper. The paper writes the rule for "w" without separating
 biases; like Caffe's reference models we leave biases out of the decay by default (`decay_biases=False`).
-Each velocity lives on the device of its parameter, and the update runs in place there.
+Each velocity lives on the device of its parameter, and the update runs in place there: on a GPU one kernel per
+parameter array (kernels.sgd_momentum_gpu), with the same operations in the same order as the NumPy path. Where
+parameters are row blocks that together make up one array (the fused model's towers), their velocities are row
+blocks of one array too, and one kernel updates each such array whenever the gradients are laid out alike.
 """
 
 from __future__ import annotations
 
 import math
 
+from . import backend, kernels
+from .backend import is_gpu_array
 from .errors import CpnetError
 
 
@@ -27,26 +32,93 @@ class MomentumSGD:
         self.lr, self.momentum, self.weight_decay, self.decay_biases = float(lr), float(momentum), \
             float(weight_decay), bool(decay_biases)
         self.velocity = {}
+        self._tiles = []  # [(w, v, [(name, layer, key, element offset)])]: GPU arrays whose row blocks are parameters
+        shared = {}
         for name, layer, key, t in model.param_slots():
-            with model.devices[t]:
-                self.velocity[name] = model.devices[t].xp.zeros_like(layer.params[key])
+            w = layer.params[key]
+            if is_gpu_array(w) and w.base is not None and w.flags.c_contiguous and w.base.flags.c_contiguous:
+                shared.setdefault(id(w.base), (w.base, []))[1].append((name, layer, key, _offset(w, w.base)))
+        for base, parts in shared.values():
+            spans = sorted((off, layer.params[key].size) for _, layer, key, off in parts)
+            if len(parts) < 2 or [a + n for a, n in spans[:-1]] != [a for a, _ in spans[1:]] or \
+                    spans[0][0] != 0 or sum(n for _, n in spans) != base.size:
+                continue  # the blocks do not make up the whole array
+            with backend.device_of(base):
+                vb = backend.get_array_module(base).zeros(base.shape, dtype=base.dtype)
+            for name, layer, key, off in parts:
+                w = layer.params[key]
+                self.velocity[name] = vb.reshape(-1)[off:off + w.size].reshape(w.shape)
+            self._tiles.append((base, vb, parts))
+        for name, layer, key, t in model.param_slots():
+            if name not in self.velocity:
+                with model.devices[t]:
+                    self.velocity[name] = model.devices[t].xp.zeros_like(layer.params[key])
+
+    def _decay(self, key):
+        return self.weight_decay if (key == "W" or self.decay_biases) else 0.0
 
     def step(self):
         """Apply one update from the gradients the last backward pass left in the layers."""
         lr, m = self.lr, self.momentum
+        launches, done = [], set()  # (w, g, v, weight decay) for the GPU kernel
+        for w, v, parts in self._tiles:
+            g = _tiled_grad(w, parts)
+            wds = {self._decay(key) for _, _, key, _ in parts}
+            if g is not None and len(wds) == 1 and _one_kernel(w, g, v) \
+                    and all(self.velocity[name].base is v for name, *_ in parts):
+                launches.append((w, g, v, wds.pop()))
+                done.update((id(layer), key) for _, layer, key, _ in parts)
         for name, layer, key, t in self.model.param_slots():
+            if (id(layer), key) in done:
+                continue
             w, g, v = layer.params[key], layer.grads[key], self.velocity[name]
-            wd = self.weight_decay if (key == "W" or self.decay_biases) else 0.0
+            wd = self._decay(key)
+            if _one_kernel(w, g, v):
+                launches.append((w, g, v, wd))
+                continue
             with self.model.devices[t]:
                 v *= m
                 if wd:
                     v -= (wd * lr) * w
                 v -= lr * g
                 w += v
+        # The largest arrays first: the GPU is busy with them while Python issues the small ones.
+        for w, g, v, wd in sorted(launches, key=lambda u: -u[0].size):
+            kernels.sgd_momentum_gpu(w, g, v, m, wd * lr, lr)
 
     def state(self) -> dict:
         return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
                 "decay_biases": self.decay_biases}
+
+
+def _offset(a, base) -> int:
+    """Where view `a` starts inside `base`, in elements."""
+    def address(x):  # cupy's MemoryPointer, or NumPy's array interface
+        d = x.data
+        return d.ptr if hasattr(d, "ptr") else x.__array_interface__["data"][0]
+
+    return (address(a) - address(base)) // a.itemsize
+
+
+def _tiled_grad(w, parts):
+    """The one array whose row blocks are the gradients of `parts` at the parameters' offsets inside `w` (as the
+    fused model's backward hands them out), viewed with w's shape; None when they are laid out otherwise."""
+    grads = [layer.grads.get(key) for _, layer, key, _ in parts]
+    gb = getattr(grads[0], "base", None)
+    if gb is None or not is_gpu_array(gb) or gb.size != w.size or not gb.flags.c_contiguous:
+        return None
+    for (_, layer, key, off), g in zip(parts, grads):
+        if layer.params[key].base is not w or g.base is not gb or not g.flags.c_contiguous \
+                or g.shape != layer.params[key].shape or _offset(g, gb) != off:
+            return None
+    return gb.reshape(w.shape)
+
+
+def _one_kernel(w, g, v) -> bool:
+    """The GPU kernel applies: cupy arrays of one kernel dtype, w and v contiguous (updated in place; the fused
+    model's parameters are row blocks of one array per layer, contiguous too)."""
+    return (is_gpu_array(w) and w.dtype in kernels.DTYPES and g.dtype == w.dtype and v.dtype == w.dtype
+            and w.flags.c_contiguous and v.flags.c_contiguous)
 
 
 class Schedule:

@@ -3,6 +3,7 @@ equals the NumPy `_cpu` function of cpnet.ops, and the host shim run of the same
 
 Pure copies and pure sums (im2col, col2im, max pool both ways) add in the same order on both sides and must match
 bit for bit; LRN uses pow and may fuse multiply-adds on the GPU, so it is compared with a per-dtype tolerance.
+The elementwise kernels (SGD, dropout, ReLU) repeat the NumPy operations exactly and must match bit for bit.
 """
 
 import numpy as np
@@ -133,7 +134,8 @@ def test_results_are_deterministic_and_modules_cached(cp):
         dx = kernels.maxpool_backward_gpu(dy, arg, x.shape, 3, 2, 0)
         ly, ls = kernels.lrn_forward_gpu(x, 5, 2.0, 1e-4, 0.75)
         out = [_host(a) for a in (y, arg, dx, ly, ls, kernels.col2im_gpu(kernels.im2col_gpu(x, 3, 3, 1, 1, 1, 1),
-                                                                          x.shape, 3, 3, 1, 1, 1, 1))]
+                                                                          x.shape, 3, 3, 1, 1, 1, 1),
+                                  kernels.relu_forward_gpu(x), *kernels.dropout_forward_gpu(x, 0.5, 1, 2))]
         if first is None:
             first = out
         else:
@@ -160,3 +162,157 @@ def test_kernels_run_on_the_inputs_device(cp):
     assert y.device.id == 1 and arg.device.id == 1
     np.testing.assert_array_equal(_host(y), maxpool_forward_cpu(x, 3, 2, 0)[0])
     assert (1, "float64", "maxpool.cu") in kernels._modules
+
+
+# Elementwise kernels: the same operations in the same order as the NumPy paths (products kept out of FMAs), so
+# every comparison is bit for bit (NaN payloads aside).
+
+ELEMENTWISE_SHAPES = [(1,), (255,), (257,), (3, 1001), (128, 4096)]
+
+
+def _bits(a):
+    a = np.ascontiguousarray(a)
+    return a.view(f"u{a.itemsize}")
+
+
+def _bitwise(cp, actual, expected):
+    """Bit for bit (so -0.0 != 0.0), except NaN payloads: the GPU writes its canonical NaN, x86 another."""
+    actual = cp.asnumpy(actual)
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (actual.dtype, actual.shape)
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(actual), nan)
+    np.testing.assert_array_equal(_bits(actual)[~nan], _bits(expected)[~nan])
+
+
+def _specials(shape, dtype, seed):
+    x = _x(shape, dtype, seed).ravel()
+    for i, v in enumerate((0.0, -0.0, np.inf, -np.inf, np.nan)):
+        if 3 * i < x.size:
+            x[3 * i] = v
+    return x.reshape(shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES, ids=str)
+def test_sgd_momentum_gpu(cp, shape, dtype):
+    """Three updates in place on the GPU against MomentumSGD's NumPy statements."""
+    w, v = _x(shape, dtype, 10), np.zeros(shape, dtype)
+    wg, vg = cp.asarray(w), cp.asarray(v)
+    for step, (lr, m, wd) in enumerate(((0.01, 0.9, 5e-4), (0.37, 0.5, 0.0), (0.001, 0.99, 1e-2))):
+        g = _x(shape, dtype, 11 + step) * dtype(10.0 ** -step)
+        v *= m
+        if wd:
+            v -= (wd * lr) * w
+        v -= lr * g
+        w += v
+        assert kernels.sgd_momentum_gpu(wg, cp.asarray(g), vg, m, wd * lr, lr) is None
+        _bitwise(cp, vg, v)
+        _bitwise(cp, wg, w)
+
+
+def test_momentum_sgd_updates_the_fused_models_parameters_in_place(cp, monkeypatch):
+    """The fused model's parameters are row blocks of one array per layer: one kernel per such array updates them
+    in place, and the result equals the host optimizer's bit for bit."""
+    from cpnet.model import build_model, make_config
+    from cpnet.optim import MomentumSGD
+
+    cfg = make_config("alexnet-small", 7, 32, seed=1)
+    host = build_model(cfg, placement=[backend.HOST, backend.HOST], dtype=np.float32)
+    dev = build_model(cfg, placement=[backend.Device("gpu", 0)] * 2, dtype=np.float32, fuse=True)
+    assert dev.fused
+    calls = []
+    launch = kernels.sgd_momentum_gpu
+    monkeypatch.setattr(kernels, "sgd_momentum_gpu", lambda *a: calls.append(a) or launch(*a))
+    oh, od = MomentumSGD(host, lr=0.01), MomentumSGD(dev, lr=0.01)
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        grads = {n: rng.standard_normal(w.shape).astype(np.float32) for n, w in host.params().items()}
+        for name, layer, key, _t in host.param_slots():
+            layer.grads[key] = grads[name]
+        for lname, layer in dev._fused_net.named():  # as backward leaves them: one array per layer, then views
+            for key in layer.params:
+                layer.grads[key] = cp.asarray(np.concatenate([grads[f"t{t}.{lname}.{key}"] for t in range(2)]))
+        dev._fused_grads_to_towers()
+        for key in dev.fc8.params:
+            dev.fc8.grads[key] = cp.asarray(grads[f"fc8.{key}"])
+        oh.step()
+        od.step()
+    assert len(od._tiles) == 14 and len(calls) == 2 * (14 + 2)  # W, b of conv1-5, fc6, fc7; then fc8's two
+    want = host.host_params()
+    for name, got in dev.host_params().items():
+        np.testing.assert_array_equal(_bits(got), _bits(want[name]), err_msg=name)
+    for lname, layer in dev._fused_net.named():  # the fused layers see the same memory
+        for key, full in layer.params.items():
+            both = np.concatenate([want[f"t{t}.{lname}.{key}"] for t in range(2)])
+            np.testing.assert_array_equal(_bits(cp.asnumpy(full)), _bits(both), err_msg=f"{lname}.{key}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.5, 0.1, 0.9])
+@pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES, ids=str)
+def test_dropout_forward_gpu(cp, shape, p, dtype):
+    from cpnet.layers import counter_keys, counter_uniform
+    from cpnet.ops import dropout_forward
+
+    x = _specials(shape, dtype, 12)
+    for seed, step in ((0, 0), (9, 3), (2**31 + 5, 10**6)):
+        keep = counter_uniform(np, shape, seed, step, dtype) >= dtype(p)
+        with np.errstate(invalid="ignore"):
+            y_ref, mask_ref = dropout_forward(x, p, keep, True)
+        y, mask = kernels.dropout_forward_gpu(cp.asarray(x), p, *counter_keys(seed, step))
+        _bitwise(cp, mask, mask_ref)
+        _bitwise(cp, y, y_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES, ids=str)
+def test_relu_gpu(cp, shape, dtype):
+    from cpnet.ops import relu_backward, relu_forward
+
+    x = _specials(shape, dtype, 13)
+    y_ref, cache_ref = relu_forward(x)
+    y = kernels.relu_forward_gpu(cp.asarray(x))
+    _bitwise(cp, y, y_ref)
+    dy = _specials(shape, dtype, 14)
+    _bitwise(cp, kernels.relu_backward_gpu(y, cp.asarray(dy)), relu_backward(dy, cache_ref))
+    y_op, cache = relu_forward(cp.asarray(x))  # the op takes the kernel path for CuPy arrays
+    _bitwise(cp, y_op, y_ref)
+    _bitwise(cp, relu_backward(cp.asarray(dy), cache), relu_backward(dy, cache_ref))
+
+
+@pytest.mark.parametrize("chunk", [None, 5_000_003])
+def test_elementwise_kernels_cover_more_elements_than_one_launch(cp, chunk, monkeypatch):
+    """More elements than GPU_GRID_CAP * GPU_BLOCK threads (the grid-stride loop); then in several chunks."""
+    from cpnet.layers import counter_keys, counter_uniform
+
+    if chunk is not None:
+        monkeypatch.setattr(kernels, "ELEMENTWISE_CHUNK", chunk)
+    x = _x((4100, 4100), np.float32, 15)
+    assert x.size > kernels.GPU_GRID_CAP * kernels.GPU_BLOCK
+    y, mask = kernels.dropout_forward_gpu(cp.asarray(x), 0.5, *counter_keys(3, 4))
+    keep = counter_uniform(np, x.shape, 3, 4, np.float32) >= np.float32(0.5)
+    _bitwise(cp, mask, keep.astype(np.float32) * np.float32(2.0))
+    _bitwise(cp, y, x * (keep.astype(np.float32) * np.float32(2.0)))
+    _bitwise(cp, kernels.relu_forward_gpu(cp.asarray(x)), np.where(x > 0, x, np.float32(0)))
+
+
+def test_a_fused_training_step_updates_with_one_kernel_per_layer_array(cp, monkeypatch):
+    """After a real backward pass the tower gradients are row blocks of the fused gradients, so the update takes
+    the one-kernel-per-array path (16 launches, not 30)."""
+    from cpnet.model import build_model, make_config
+    from cpnet.optim import MomentumSGD
+
+    dev = build_model(make_config("alexnet-small", 7, 32, seed=1), placement=[backend.Device("gpu", 0)] * 2,
+                      fuse=True)
+    opt = MomentumSGD(dev, lr=0.01)
+    calls = []
+    launch = kernels.sgd_momentum_gpu
+    monkeypatch.setattr(kernels, "sgd_momentum_gpu", lambda *a: calls.append(a) or launch(*a))
+    rng = np.random.default_rng(0)
+    dev.loss(rng.standard_normal((4, 3, 32, 32)).astype(np.float32), rng.integers(0, 7, 4), train=True)
+    dev.loss_backward()
+    before = dev.host_params()
+    opt.step()
+    assert len(calls) == len(opt._tiles) + 2 == 16
+    after = dev.host_params()
+    assert all(not np.array_equal(after[k], before[k]) for k in before if k.endswith(".W"))  # decayed: all move

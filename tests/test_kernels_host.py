@@ -323,6 +323,168 @@ def test_lrn_backward(shim, case, params, dtype):
     _close(dx, _ops("lrn", "lrn_backward_cpu")(x, y, scale, dy, size, alpha, beta), dtype)
 
 
+# Elementwise kernels (elementwise.cu): bit for bit against the NumPy paths they replace.
+
+ELEMENTWISE_SHAPES = [(1,), (7,), (31,), (33,), (5, 7), (3, 100), (2, 3, 5, 7)]  # sizes off the 32-thread blocks
+
+
+def _bits(a):
+    """The raw bits of a float array (so -0.0 != 0.0 and NaNs compare by payload)."""
+    a = np.ascontiguousarray(a)
+    return a.view({4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def _bitwise(actual, expected):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (actual.dtype, actual.shape)
+    np.testing.assert_array_equal(_bits(actual), _bits(expected))
+
+
+def _specials(shape, dtype, seed):
+    """Random values with zeros of both signs, infinities and a NaN sprinkled in (where there is room)."""
+    x = _x(shape, dtype, seed).ravel()
+    for i, v in enumerate((0.0, -0.0, np.inf, -np.inf, np.nan)):
+        if 3 * i < x.size:
+            x[3 * i] = v
+    return x.reshape(shape)
+
+
+class _OneLayer:
+    def __init__(self, params):
+        self.params, self.grads = params, {}
+
+
+class _OneLayerModel:
+    """Just enough of a model for MomentumSGD: one layer with W and b on the host."""
+
+    def __init__(self, W, b):
+        from cpnet import backend
+
+        self.layer = _OneLayer({"W": W, "b": b})
+        self.devices = [backend.HOST]
+
+    def param_slots(self):
+        return [(f"l.{k}", self.layer, k, 0) for k in self.layer.params]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hyper", [(0.01, 0.9, 5e-4, False), (0.37, 0.5, 0.0, False), (0.1, 0.9, 1e-2, True)],
+                         ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 11), (4, 2, 3, 3), (37, 5)], ids=str)
+def test_sgd_momentum(shim, shape, hyper, dtype):
+    """Three steps of MomentumSGD's NumPy path against the kernel on copies of w, g, v: identical bits."""
+    from cpnet.optim import MomentumSGD
+
+    lr, m, wd, decay_biases = hyper
+    model = _OneLayerModel(_x(shape, dtype, 20), _x(shape[:1], dtype, 21))
+    opt = MomentumSGD(model, lr=lr, momentum=m, weight_decay=wd, decay_biases=decay_biases)
+    mine = {k: (a.copy(), np.zeros_like(a)) for k, a in model.layer.params.items()}  # (w, v) the kernel updates
+    for step in range(3):
+        for i, (k, a) in enumerate(model.layer.params.items()):
+            model.layer.grads[k] = _x(a.shape, dtype, 30 + 2 * step + i) * dtype(10.0 ** (i - step))
+        opt.step()
+        for k, (w, v) in mine.items():
+            wd_k = wd if (k == "W" or decay_biases) else 0.0
+            shim.sgd_momentum_host(w, model.layer.grads[k], v, m, wd_k * lr, lr)
+            _bitwise(v, opt.velocity[f"l.{k}"])
+            _bitwise(w, model.layer.params[k])
+
+
+def test_momentum_sgd_one_kernel_per_array_of_tower_blocks(shim, monkeypatch):
+    """The fused model's tower parameters are row blocks of one array per layer: with the GPU path forced onto the
+    host shim, MomentumSGD updates each such array with one kernel (velocities laid out alike, gradients the row
+    blocks backward hands out), and the parameters and velocities equal the NumPy path's bit for bit."""
+    from cpnet import backend, optim
+    from cpnet.model import build_model, make_config
+
+    cfg = make_config("alexnet-small", 7, 32, seed=1)
+    models = [build_model(cfg, placement=[backend.HOST] * 2, dtype=np.float32, fuse=True, tower_threads=False)
+              for _ in range(2)]
+    calls = []
+
+    def kernel(*args):
+        calls.append(args[0].shape)
+        shim.sgd_momentum_host(*args)
+
+    monkeypatch.setattr(optim, "is_gpu_array", lambda a: isinstance(a, np.ndarray))
+    monkeypatch.setattr(optim.kernels, "sgd_momentum_gpu", kernel)
+    fast = optim.MomentumSGD(models[0], lr=0.01)
+    monkeypatch.setattr(optim, "is_gpu_array", lambda a: False)
+    plain = optim.MomentumSGD(models[1], lr=0.01)
+    assert len(fast._tiles) == 14 and not plain._tiles  # W and b of conv1-5, fc6, fc7
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        grads = {n: rng.standard_normal(w.shape).astype(np.float32) for n, w in models[0].params().items()}
+        for model in models:
+            for lname, layer in model._fused_net.named():  # as backward leaves them: one array, then row blocks
+                for key in layer.params:
+                    layer.grads[key] = np.concatenate([grads[f"t{t}.{lname}.{key}"] for t in range(2)])
+            model._fused_grads_to_towers()
+            for key in model.fc8.params:
+                model.fc8.grads[key] = grads[f"fc8.{key}"]
+        monkeypatch.setattr(optim, "is_gpu_array", lambda a: isinstance(a, np.ndarray))
+        calls.clear()
+        fast.step()
+        assert len(calls) == 14 + 2  # one per array of tower blocks, then fc8's W and b
+        monkeypatch.setattr(optim, "is_gpu_array", lambda a: False)
+        plain.step()
+    want = models[1].params()
+    for name, got in models[0].params().items():
+        _bitwise(got, want[name])
+        _bitwise(fast.velocity[name], plain.velocity[name])
+    v0, v1 = fast.velocity["t0.conv1.W"], fast.velocity["t1.conv1.W"]
+    assert v0.base is not None and v0.base is v1.base and v0.base.size == v0.size + v1.size
+    # Gradients laid out otherwise (here: separate arrays per tower) fall back to one kernel per parameter.
+    monkeypatch.setattr(optim, "is_gpu_array", lambda a: isinstance(a, np.ndarray))
+    for name, layer, key, _t in models[0].param_slots():
+        layer.grads[key] = np.zeros_like(layer.params[key])
+    calls.clear()
+    fast.step()
+    assert len(calls) == len(models[0].param_slots())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.5, 0.1, 0.9, 1e-3])
+@pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES, ids=str)
+def test_dropout_forward(shim, shape, p, dtype):
+    """y and mask bit for bit equal to Dropout's NumPy path (counter_uniform, then ops.dropout_forward)."""
+    from cpnet.layers import counter_keys, counter_uniform
+    from cpnet.ops import dropout_forward
+
+    x = _specials(shape, dtype, 22)
+    for seed, step in ((0, 0), (9, 3), (2**31 + 5, 10**6)):
+        keep = counter_uniform(np, shape, seed, step, dtype) >= dtype(p)
+        with np.errstate(invalid="ignore"):  # inf * 0
+            y_ref, mask_ref = dropout_forward(x, p, keep, True)
+        y, mask = shim.dropout_forward_host(x, p, *counter_keys(seed, step))
+        _bitwise(mask, mask_ref)
+        _bitwise(y, y_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES, ids=str)
+def test_relu_forward(shim, shape, dtype):
+    from cpnet.ops import relu_forward
+
+    x = _specials(shape, dtype, 23)
+    y_ref, cache = relu_forward(x)
+    y = shim.relu_forward_host(x)
+    _bitwise(y, y_ref)
+    _bitwise(y, np.where(x > 0, x, dtype(0)))  # NaN and -0.0 give +0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES, ids=str)
+def test_relu_backward(shim, shape, dtype):
+    from cpnet.ops import relu_backward, relu_forward
+
+    x = _specials(shape, dtype, 24)
+    y, cache = relu_forward(x)
+    dy = _specials(shape, dtype, 25)[..., ::-1].copy()
+    dx = shim.relu_backward_host(y, dy)
+    _bitwise(dx, relu_backward(dy, cache))
+    _bitwise(dx, np.where(x > 0, dy, dtype(0)))
+
+
 KERNEL_TESTS = {
     "im2col_kernel": test_im2col,
     "col2im_kernel": test_col2im,
@@ -330,6 +492,10 @@ KERNEL_TESTS = {
     "maxpool_backward_kernel": test_maxpool_backward,
     "lrn_forward_kernel": test_lrn_forward,
     "lrn_backward_kernel": test_lrn_backward,
+    "sgd_momentum_kernel": test_sgd_momentum,
+    "dropout_forward_kernel": test_dropout_forward,
+    "relu_forward_kernel": test_relu_forward,
+    "relu_backward_kernel": test_relu_backward,
 }
 
 
@@ -380,34 +546,100 @@ def test_sources_keep_the_kernel_rules():
 _LAUNCHES = [(1, 1), (7, 3), (32, 1), (64, 10**6)]  # one thread; odd shape; one block; more threads than elements
 
 
-@pytest.mark.parametrize("launch", _LAUNCHES, ids=str)
-def test_results_do_not_depend_on_the_launch_shape(shim, launch):
-    """Each output element is one thread's work in a fixed order: any grid gives bit-identical results."""
+def _run_all_kernels(shim):
+    """Every kernel once, on small odd shapes; returns their outputs in a fixed order."""
     x = _x((2, 5, 6, 7), np.float32, seed=10)
     dy_pool = _x((2, 5, 2, 3), np.float32, seed=11)
     dy = _x(x.shape, np.float32, seed=12)
+    col = shim.im2col_host(x, 3, 2, 2, 1, 1, 1)
+    y, arg = shim.maxpool_forward_host(x, 3, 2, 0)
+    ly, ls = shim.lrn_forward_host(x, 5, 2.0, 0.1, 0.75)
+    return [
+        col,
+        shim.col2im_host(col, x.shape, 3, 2, 2, 1, 1, 1),
+        y,
+        arg,
+        shim.maxpool_backward_host(dy_pool, arg, x.shape, 3, 2, 0),
+        ly,
+        ls,
+        shim.lrn_backward_host(x, ly, ls, dy, 5, 0.1, 0.75),
+    ]
 
-    def run_all():
-        col = shim.im2col_host(x, 3, 2, 2, 1, 1, 1)
-        y, arg = shim.maxpool_forward_host(x, 3, 2, 0)
-        ly, ls = shim.lrn_forward_host(x, 5, 2.0, 0.1, 0.75)
-        return [
-            col,
-            shim.col2im_host(col, x.shape, 3, 2, 2, 1, 1, 1),
-            y,
-            arg,
-            shim.maxpool_backward_host(dy_pool, arg, x.shape, 3, 2, 0),
-            ly,
-            ls,
-            shim.lrn_backward_host(x, ly, ls, dy, 5, 0.1, 0.75),
-        ]
 
-    expected = run_all()
+@pytest.mark.parametrize("launch", _LAUNCHES, ids=str)
+def test_results_do_not_depend_on_the_launch_shape(shim, launch):
+    """Each output element is one thread's work in a fixed order: any grid gives bit-identical results."""
+    expected = _run_all_kernels(shim)
     block, grid_cap = launch
     with shim.launch_config(block=block, grid_cap=grid_cap):
-        got = run_all()
+        got = _run_all_kernels(shim)
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_64_bit_index_path_gives_the_same_results(shim, monkeypatch):
+    """Arrays of 2^31 elements or more switch the kernels to 64-bit index arithmetic (`wide`); with the threshold
+    lowered to 0 the small test arrays take that path, and every output is bit-identical to the 32-bit path's."""
+    assert kernels._wide(np.empty(3), np.empty(5)) == 0
+    expected = _run_all_kernels(shim)
+    monkeypatch.setattr(kernels, "INDEX32_MAX", 4)
+    assert kernels._wide(np.empty(3), np.empty(5)) == 1
+    monkeypatch.setattr(kernels, "INDEX32_MAX", 0)
+    got = _run_all_kernels(shim)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+
+
+def _run_elementwise_kernels(shim):
+    """Every elementwise kernel once on an odd size; returns the outputs in a fixed order."""
+    x = _specials((3, 37), np.float32, 26)
+    dy = _x(x.shape, np.float32, 27)
+    w, v = _x(x.shape, np.float32, 28), _x(x.shape, np.float32, 29)
+    shim.sgd_momentum_host(w, dy, v, 0.9, 5e-6, 0.01)
+    y = shim.relu_forward_host(x)
+    return [w, v, *shim.dropout_forward_host(x, 0.5, 12345, 2**32 - 7), y, shim.relu_backward_host(y, dy)]
+
+
+@pytest.mark.parametrize("launch", _LAUNCHES, ids=str)
+def test_elementwise_results_do_not_depend_on_the_launch_shape(shim, launch):
+    expected = _run_elementwise_kernels(shim)
+    with shim.launch_config(*launch):
+        got = _run_elementwise_kernels(shim)
+    for a, b in zip(got, expected):
+        _bitwise(a, b)
+
+
+def test_elementwise_kernels_in_chunks_give_the_same_results(shim, monkeypatch):
+    """Arrays longer than ELEMENTWISE_CHUNK run in several launches (dropout's counter continues across them)."""
+    expected = _run_elementwise_kernels(shim)
+    for chunk in (1, 5, 32, 110):
+        monkeypatch.setattr(kernels, "ELEMENTWISE_CHUNK", chunk)
+        for a, b in zip(_run_elementwise_kernels(shim), expected):
+            _bitwise(a, b)
+
+
+def test_elementwise_functions_check_their_inputs(shim):
+    assert kernels._bits32(2**32 - 1) == -1 and kernels._bits32(2**31) == -(2**31) and kernels._bits32(5) == 5
+    w = _x((4, 6), np.float32)
+    with pytest.raises(ValueError, match="w is updated in place and must be C-contiguous"):
+        shim.sgd_momentum_host(w.T, w.T.copy(), np.zeros((6, 4), np.float32), 0.9, 0.0, 0.1)
+    with pytest.raises(ValueError, match="expected v of w's shape"):
+        shim.sgd_momentum_host(w, w.copy(), np.zeros((4, 5), np.float32), 0.9, 0.0, 0.1)
+    with pytest.raises(ValueError, match="share one dtype"):
+        shim.sgd_momentum_host(w, w.astype(np.float64), np.zeros_like(w), 0.9, 0.0, 0.1)
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+        shim.dropout_forward_host(w, 1.0, 1, 2)
+    with pytest.raises(ValueError, match="expected dy of y's shape"):
+        shim.relu_backward_host(w, w[:2])
+    # In place through row-block views of one array (the fused model's parameters), and g may be strided.
+    full, vfull = _x((6, 5), np.float64, 1), np.zeros((6, 5))
+    ref_w, ref_v = full.copy(), vfull.copy()
+    g = _x((5, 6), np.float64, 2).T
+    for rows in (slice(0, 2), slice(2, 6)):
+        shim.sgd_momentum_host(full[rows], g[rows], vfull[rows], 0.9, 1e-3, 0.1)
+    shim.sgd_momentum_host(ref_w, np.ascontiguousarray(g), ref_v, 0.9, 1e-3, 0.1)
+    _bitwise(full, ref_w)
+    _bitwise(vfull, ref_v)
 
 
 class _StandInGpuArray(np.ndarray):
@@ -487,6 +719,20 @@ def test_gpu_entry_points_with_a_stand_in_cupy(shim, monkeypatch):
             dly = _x(x.shape, dtype, seed=15)
             np.testing.assert_array_equal(kernels.lrn_backward_gpu(cp.asarray(x), ly, ls, cp.asarray(dly), 4, 0.1, 0.75),
                                           shim.lrn_backward_host(x, ly_ref, ls_ref, dly, 4, 0.1, 0.75))
+            # The elementwise kernels; sgd_momentum_gpu updates its w and v in place.
+            w, v, g = cp.asarray(_x(x.shape, dtype, 16)), cp.asarray(_x(x.shape, dtype, 17)), _x(x.shape, dtype, 18)
+            w_ref, v_ref = np.array(w), np.array(v)
+            assert kernels.sgd_momentum_gpu(w, cp.asarray(g), v, 0.9, 5e-6, 0.01) is None
+            shim.sgd_momentum_host(w_ref, g, v_ref, 0.9, 5e-6, 0.01)
+            np.testing.assert_array_equal(w, w_ref)
+            np.testing.assert_array_equal(v, v_ref)
+            for a, b in zip(kernels.dropout_forward_gpu(cp.asarray(x), 0.5, 7, 2**32 - 1),
+                            shim.dropout_forward_host(x, 0.5, 7, 2**32 - 1), strict=True):
+                np.testing.assert_array_equal(a, b)
+            ry = kernels.relu_forward_gpu(cp.asarray(x))
+            np.testing.assert_array_equal(ry, shim.relu_forward_host(x))
+            np.testing.assert_array_equal(kernels.relu_backward_gpu(ry, cp.asarray(dly)),
+                                          shim.relu_backward_host(np.asarray(ry), dly))
 
     assert sorted(compiled, key=str) == sorted(
         [(dt, f, ()) for dt in DTYPES for f in kernels.SOURCES], key=str
@@ -495,6 +741,7 @@ def test_gpu_entry_points_with_a_stand_in_cupy(shim, monkeypatch):
     for name, grid, block in launches:
         assert block == (kernels.GPU_BLOCK,) and len(grid) == 1 and 1 <= grid[0] <= kernels.GPU_GRID_CAP
     assert ("im2col_kernel", (math.ceil(18 * 56 / 256),), (256,)) in launches  # col is (3*3*2, 2*4*7)
+    assert ("sgd_momentum_kernel", (1,), (256,)) in launches  # 2*3*7*6 = 252 elements
 
     with pytest.raises(TypeError, match="cupy array"):
         kernels.lrn_forward_gpu(_x((1, 2, 2, 2), np.float32), 5, 2.0, 1e-4, 0.75)

@@ -1,5 +1,7 @@
 import numpy as np
+import pytest
 
+from cpnet.backend import to_host
 from cpnet.layers import Dropout, counter_uniform
 
 
@@ -35,3 +37,22 @@ def test_dropout_layer_masks_depend_on_step_only():
     assert np.array_equal(y1, y2) and not np.array_equal(y1, y3)
     assert set(np.unique(y1)) == {0.0, 2.0} and abs((y1 == 0).mean() - 0.5) < 0.05
     assert np.array_equal(layer.forward(x, train=False), x)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dropout_layer_is_the_same_on_every_backend(xp, dtype):
+    """y, the cached mask and dx bit for bit equal to the NumPy path (on a GPU: one kernel), odd sizes too."""
+    for shape, p, seed, step in (((33, 65), 0.5, 9, 3), ((3, 7, 5), 0.2, 1, 0), ((4, 1000), 0.9, 2**40, 10**7)):
+        x = np.random.default_rng(seed % 97).standard_normal(shape).astype(dtype)
+        layers = [Dropout(p, seed), Dropout(p, seed)]
+        for layer in layers:
+            layer.step = step
+        y, y_ref = layers[0].forward(xp.asarray(x), train=True), layers[1].forward(x, train=True)
+        mask, mask_ref = layers[0]._cache, layers[1]._cache
+        dy = x[..., ::-1].copy()
+        dx, dx_ref = layers[0].backward(xp.asarray(dy)), layers[1].backward(dy)
+        for a, b in ((y, y_ref), (mask, mask_ref), (dx, dx_ref)):
+            a = to_host(a)
+            assert a.dtype == dtype and a.shape == shape
+            np.testing.assert_array_equal(a.view(f"u{a.itemsize}"), np.ascontiguousarray(b).view(f"u{a.itemsize}"))
+        assert set(np.unique(to_host(mask))) == {0, dtype(1 / (1 - p))}

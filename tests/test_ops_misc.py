@@ -81,6 +81,17 @@ def test_relu_derivative_at_zero_is_zero(xp):
     assert float(relu_backward(xp.ones((2, 2), dtype=np.float32), cache).sum()) == 0.0
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_maps_nan_and_negative_zero_to_zero_and_caches_y(xp, dtype):
+    x = xp.asarray(np.array([np.nan, -0.0, 0.0, -np.inf, np.inf, -2.5, 3.0], dtype))
+    y, cache = relu_forward(x)
+    assert cache is y and y.dtype == dtype
+    np.testing.assert_array_equal(np.signbit(to_host(y)), False)
+    np.testing.assert_array_equal(to_host(y), [0, 0, 0, 0, np.inf, 0, 3])
+    dx = relu_backward(xp.asarray(np.arange(1, 8, dtype=dtype)), cache)
+    np.testing.assert_array_equal(to_host(dx), [0, 0, 0, 0, 5, 0, 7])
+
+
 def test_tanh_gradient(xp):
     """eps 1e-5; max relative error below 1e-7."""
     x = _r(xp, (3, 7), 6)

@@ -6,9 +6,11 @@ line `typedef float T;` (or double) before the text. A command-line `-DT=float` 
 and nvcc pre-include headers whose templates are written `template <typename T>`, and a macro named T breaks them.
 
 GPU entry points (`im2col_gpu`, `col2im_gpu`, `maxpool_forward_gpu`, `maxpool_backward_gpu`, `lrn_forward_gpu`,
-`lrn_backward_gpu`) take and return CuPy arrays. Each compiles its source with `backend.raw_module` on first use,
-cached per (device, dtype, file). The same Python bodies drive the host shim (`cpnet.kernels.shim`), which runs
-the very same kernel text on the CPU, so the tests without a GPU check everything but the CUDA compiler.
+`lrn_backward_gpu`) take and return CuPy arrays; so do the elementwise ones, each one pass where CuPy would chain
+several kernels, bit-identical to the NumPy path: `sgd_momentum_gpu` (updates w and v in place),
+`dropout_forward_gpu`, `relu_forward_gpu`, `relu_backward_gpu`. Each compiles its source with `backend.raw_module`
+on first use, cached per (device, dtype, file). The same Python bodies drive the host shim (`cpnet.kernels.shim`),
+which runs the very same kernel text on the CPU, so the tests without a GPU check everything but the CUDA compiler.
 """
 
 from __future__ import annotations
@@ -24,12 +26,20 @@ import numpy as np
 from .. import backend
 
 KERNEL_DIR = Path(__file__).resolve().parent
-SOURCES = ("im2col.cu", "maxpool.cu", "lrn.cu")
+SOURCES = ("im2col.cu", "maxpool.cu", "lrn.cu", "elementwise.cu")
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 GPU_BLOCK = 256
 GPU_GRID_CAP = 65535  # blocks per launch; the grid-stride loop covers any remaining elements
+# The indexing kernels take `wide`: 0 runs their index arithmetic in 32 bits, 1 in 64 bits (several times slower
+# per division), needed once an array they touch has more elements than this. Tests lower it to run the wide path.
+INDEX32_MAX = 2**31 - 1
+
+
+def _wide(*arrays) -> int:
+    """1 when any of the arrays has more than INDEX32_MAX elements (64-bit indexing), else 0."""
+    return int(max(int(a.size) for a in arrays) > INDEX32_MAX)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sources and signatures
@@ -172,7 +182,7 @@ def _im2col(run, xp, x, kh, kw, sy, sx, ph, pw):
     Ho, Wo = out_size("im2col", H, kh, sy, ph), out_size("im2col", W, kw, sx, pw)
     x = xp.ascontiguousarray(x)
     col = xp.empty((C * kh * kw, N * Ho * Wo), dtype=dt)
-    run("im2col_kernel", dt, col.size, x, col, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo)
+    run("im2col_kernel", dt, col.size, x, col, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo, _wide(x, col))
     return col
 
 
@@ -184,7 +194,7 @@ def _col2im(run, xp, col, x_shape, kh, kw, sy, sx, ph, pw):
         raise ValueError(f"col2im: expected col of shape {(C * kh * kw, N * Ho * Wo)}, got {tuple(col.shape)}")
     col = xp.ascontiguousarray(col)
     x = xp.empty((N, C, H, W), dtype=dt)
-    run("col2im_kernel", dt, x.size, col, x, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo)
+    run("col2im_kernel", dt, x.size, col, x, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo, _wide(col, x))
     return x
 
 
@@ -202,7 +212,7 @@ def _maxpool_forward(run, xp, x, ksize, stride, pad):
     x = xp.ascontiguousarray(x)
     y = xp.empty((N, C, Ho, Wo), dtype=dt)
     argmax = xp.empty((N, C, Ho, Wo), dtype=np.int32)
-    run("maxpool_forward_kernel", dt, y.size, x, y, argmax, N, C, H, W, ksize, stride, pad, Ho, Wo)
+    run("maxpool_forward_kernel", dt, y.size, x, y, argmax, N, C, H, W, ksize, stride, pad, Ho, Wo, _wide(x, y))
     return y, argmax
 
 
@@ -221,7 +231,8 @@ def _maxpool_backward(run, xp, dy, argmax, x_shape, ksize, stride, pad):
     dy = xp.ascontiguousarray(dy)
     argmax = xp.ascontiguousarray(argmax, dtype=np.int32)
     dx = xp.empty((N, C, H, W), dtype=dt)
-    run("maxpool_backward_kernel", dt, dx.size, dy, argmax, dx, N, C, H, W, ksize, stride, pad, Ho, Wo)
+    run("maxpool_backward_kernel", dt, dx.size, dy, argmax, dx, N, C, H, W, ksize, stride, pad, Ho, Wo,
+        _wide(dy, dx))
     return dx
 
 
@@ -237,7 +248,7 @@ def _lrn_forward(run, xp, x, size, k, alpha_eff, beta):
     x = xp.ascontiguousarray(x)
     y = xp.empty_like(x)
     scale = xp.empty_like(x)
-    run("lrn_forward_kernel", dt, x.size, x, y, scale, N, C, H * W, size, k, alpha_eff, beta)
+    run("lrn_forward_kernel", dt, x.size, x, y, scale, N, C, H * W, size, k, alpha_eff, beta, _wide(x))
     return y, scale
 
 
@@ -250,7 +261,79 @@ def _lrn_backward(run, xp, x, y, scale, dy, size, alpha_eff, beta):
             raise ValueError(f"lrn_backward: expected {nm} of shape {(N, C, H, W)}, got {tuple(a.shape)}")
     x, y, scale, dy = (xp.ascontiguousarray(a) for a in (x, y, scale, dy))
     dx = xp.empty_like(x)
-    run("lrn_backward_kernel", dt, x.size, x, y, scale, dy, dx, N, C, H * W, size, alpha_eff, beta)
+    run("lrn_backward_kernel", dt, x.size, x, y, scale, dy, dx, N, C, H * W, size, alpha_eff, beta, _wide(x))
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Elementwise kernels (elementwise.cu): flat arrays, at most ELEMENTWISE_CHUNK elements per launch (their `n` is a
+# 32-bit int; tests lower it to run the chunked path).
+
+ELEMENTWISE_CHUNK = 2**30
+ELEMENTWISE_ILP = 4  # ILP in elementwise.cu: grids are sized for n / ILP threads (any value computes the same)
+
+
+def _bits32(v) -> int:
+    """A uint32 bit pattern (v mod 2^32) as the int32 with the same bits, for an `int` kernel parameter."""
+    return int(np.uint32(int(v) & 0xFFFFFFFF).view(np.int32))
+
+
+def _elementwise(run, name, dt, arrays, *scalars, counter=False):
+    """Launch `name` over `arrays` (C-contiguous, one size) in chunks: arrays, n[, first], scalars.
+    `counter` passes each chunk's first flat index (mod 2^32)."""
+    n = int(arrays[0].size)
+    if n <= ELEMENTWISE_CHUNK:  # the common case, without the views (each costs microseconds on CuPy)
+        run(name, dt, -(-n // ELEMENTWISE_ILP), *arrays, n, *((0,) if counter else ()), *scalars)
+        return
+    flat = [a.reshape(-1) for a in arrays]
+    for s in range(0, n, ELEMENTWISE_CHUNK):
+        t = min(s + ELEMENTWISE_CHUNK, n)
+        first = (_bits32(s),) if counter else ()
+        run(name, dt, -(-(t - s) // ELEMENTWISE_ILP), *(f[s:t] for f in flat), t - s, *first, *scalars)
+
+
+def _same_shapes(op, ref_name, ref, **others):
+    for nm, a in others.items():
+        if tuple(a.shape) != tuple(ref.shape):
+            raise ValueError(f"{op}: expected {nm} of {ref_name}'s shape {tuple(ref.shape)}, got {tuple(a.shape)}")
+
+
+def _sgd_momentum(run, xp, w, g, v, momentum, wd_lr, lr):
+    dt = _float_dtype("sgd_momentum", w, g, v)
+    _same_shapes("sgd_momentum", "w", w, g=g, v=v)
+    for nm, a in (("w", w), ("v", v)):
+        if not a.flags.c_contiguous:
+            raise ValueError(f"sgd_momentum: {nm} is updated in place and must be C-contiguous")
+    _elementwise(run, "sgd_momentum_kernel", dt, (w, xp.ascontiguousarray(g), v), momentum, wd_lr, lr)
+
+
+def _dropout_forward(run, xp, x, p, key0, key1):
+    dt = _float_dtype("dropout_forward", x)
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_forward: p must be in [0, 1), got {p}")
+    x = xp.ascontiguousarray(x)
+    y = xp.empty_like(x)
+    mask = xp.empty_like(x)
+    _elementwise(run, "dropout_forward_kernel", dt, (x, y, mask), dt.type(p), dt.type(1.0 / (1.0 - p)),
+                 _bits32(key0), _bits32(key1), counter=True)
+    return y, mask
+
+
+def _relu_forward(run, xp, x):
+    dt = _float_dtype("relu_forward", x)
+    x = xp.ascontiguousarray(x)
+    y = xp.empty_like(x)
+    _elementwise(run, "relu_forward_kernel", dt, (x, y))
+    return y
+
+
+def _relu_backward(run, xp, y, dy):
+    dt = _float_dtype("relu_backward", y, dy)
+    _same_shapes("relu_backward", "y", y, dy=dy)
+    y, dy = xp.ascontiguousarray(y), xp.ascontiguousarray(dy)
+    dx = xp.empty_like(dy)
+    _elementwise(run, "relu_backward_kernel", dt, (y, dy, dx))
     return dx
 
 
@@ -340,6 +423,26 @@ def lrn_forward_gpu(x, size, k, alpha_eff, beta):
 def lrn_backward_gpu(x, y, scale, dy, size, alpha_eff, beta):
     """dx = dy * scale^-beta - 2 alpha_eff beta x * sum over the windows containing c of dy * y / scale."""
     return _on_gpu("lrn_backward_gpu", _lrn_backward, (x, y, scale, dy), size, alpha_eff, beta)
+
+
+def sgd_momentum_gpu(w, g, v, momentum, wd_lr, lr):
+    """In place: v = momentum * v - wd_lr * w - lr * g (no wd_lr term when it is 0), then w = w + v."""
+    _on_gpu("sgd_momentum_gpu", _sgd_momentum, (w, g, v), momentum, wd_lr, lr)
+
+
+def dropout_forward_gpu(x, p, key0, key1):
+    """-> (y, mask): mask = 1/(1-p) where counter_uniform's draw (keys key0, key1: uint32) is >= p, else 0."""
+    return _on_gpu("dropout_forward_gpu", _dropout_forward, (x,), p, key0, key1)
+
+
+def relu_forward_gpu(x):
+    """y = x > 0 ? x : 0 (NaN gives 0)."""
+    return _on_gpu("relu_forward_gpu", _relu_forward, (x,))
+
+
+def relu_backward_gpu(y, dy):
+    """dx = y > 0 ? dy : 0, from the forward's output y."""
+    return _on_gpu("relu_backward_gpu", _relu_backward, (y, dy))
 
 
 def clear_cache():

@@ -1,6 +1,6 @@
 /* host_shim.h: lets g++ compile cpnet's CUDA kernels (*.cu) as plain C++ for the CPU.
 
-   (echo 'typedef float T;'; cat im2col.cu) | g++ -O2 -shared -fPIC -include host_shim.h -x c++ - -o im2col.so
+   (echo 'typedef float T;'; cat im2col.cu) | g++ -O2 -shared -fPIC -ffp-contract=off -include host_shim.h -x c++ - -o im2col.so
 
    (cpnet/kernels/shim.py does this for every source and dtype, feeding g++ the same text CuPy compiles.)
 
@@ -52,6 +52,11 @@ inline V max(V a, V b) { return a < b ? b : a; }
 
 inline float rsqrtf(float v) { return 1.0f / sqrtf(v); }
 inline double rsqrt(double v) { return 1.0 / sqrt(v); }
+
+/* Products in round-to-nearest that the compiler must not fuse into an FMA (shim.py also compiles with
+   -ffp-contract=off). */
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
 
 #endif /* __CUDACC__ */
 #endif /* CPNET_HOST_SHIM_H */

@@ -5,24 +5,26 @@
 //
 // alpha_eff is alpha ('sum' convention) or alpha/size ('mean'); the caller decides. Channels outside [0, C)
 // count as zeros. One thread per element; each sums its own window, so no shared memory is needed.
+// Index arithmetic in I: 32-bit unsigned unless the launcher sets `wide` (2^31 elements or more); see im2col.cu.
 
 __device__ __forceinline__ float lrn_pow(float a, float b) { return powf(a, b); }
 __device__ __forceinline__ double lrn_pow(double a, double b) { return pow(a, b); }
 
-extern "C" __global__ void lrn_forward_kernel(const T* __restrict__ x, T* __restrict__ y, T* __restrict__ scale,
-                                              int N, int C, int HW, int size, T k, T alpha_eff, T beta)
+template <typename I>
+__device__ __forceinline__ void lrn_forward_body(const T* __restrict__ x, T* __restrict__ y,
+                                                 T* __restrict__ scale,
+                                                 int N, int C, int HW, int size, T k, T alpha_eff, T beta)
 {
-    const long long total = (long long)N * C * HW;
+    const I total = (I)N * C * HW;
     const int before = (size - 1) / 2, after = size / 2;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
-         e += (long long)blockDim.x * gridDim.x) {
+    for (I e = (I)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (I)blockDim.x * gridDim.x) {
         const int p = (int)(e % HW);
         const int c = (int)((e / HW) % C);
-        const long long base = (e / ((long long)HW * C)) * C * HW + p;
+        const I base = (e / ((I)HW * C)) * C * HW + p;
         const int c0 = max(c - before, 0), c1 = min(c + after, C - 1);
         T sq = T(0);
         for (int cc = c0; cc <= c1; ++cc) {
-            const T v = x[base + (long long)cc * HW];
+            const T v = x[base + (I)cc * HW];
             sq += v * v;
         }
         const T s = k + alpha_eff * sq;
@@ -31,26 +33,46 @@ extern "C" __global__ void lrn_forward_kernel(const T* __restrict__ x, T* __rest
     }
 }
 
+extern "C" __global__ void lrn_forward_kernel(const T* __restrict__ x, T* __restrict__ y, T* __restrict__ scale,
+                                              int N, int C, int HW, int size, T k, T alpha_eff, T beta, int wide)
+{
+    if (wide)
+        lrn_forward_body<long long>(x, y, scale, N, C, HW, size, k, alpha_eff, beta);
+    else
+        lrn_forward_body<unsigned int>(x, y, scale, N, C, HW, size, k, alpha_eff, beta);
+}
+
 // dx[c] = dy[c] * scale[c]^(-beta) - 2 * alpha_eff * beta * x[c] * sum_{c'} dy[c'] * y[c'] / scale[c'],
 // c' over the channels whose window contains c: c - size/2 .. c + (size-1)/2, clipped to [0, C).
-extern "C" __global__ void lrn_backward_kernel(const T* __restrict__ x, const T* __restrict__ y,
-                                               const T* __restrict__ scale, const T* __restrict__ dy,
-                                               T* __restrict__ dx,
-                                               int N, int C, int HW, int size, T alpha_eff, T beta)
+template <typename I>
+__device__ __forceinline__ void lrn_backward_body(const T* __restrict__ x, const T* __restrict__ y,
+                                                  const T* __restrict__ scale, const T* __restrict__ dy,
+                                                  T* __restrict__ dx,
+                                                  int N, int C, int HW, int size, T alpha_eff, T beta)
 {
-    const long long total = (long long)N * C * HW;
+    const I total = (I)N * C * HW;
     const int before = size / 2, after = (size - 1) / 2;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
-         e += (long long)blockDim.x * gridDim.x) {
+    for (I e = (I)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (I)blockDim.x * gridDim.x) {
         const int p = (int)(e % HW);
         const int c = (int)((e / HW) % C);
-        const long long base = (e / ((long long)HW * C)) * C * HW + p;
+        const I base = (e / ((I)HW * C)) * C * HW + p;
         const int c0 = max(c - before, 0), c1 = min(c + after, C - 1);
         T acc = T(0);
         for (int cc = c0; cc <= c1; ++cc) {
-            const long long o = base + (long long)cc * HW;
+            const I o = base + (I)cc * HW;
             acc += dy[o] * y[o] / scale[o];
         }
         dx[e] = dy[e] * lrn_pow(scale[e], -beta) - T(2) * alpha_eff * beta * x[e] * acc;
     }
+}
+
+extern "C" __global__ void lrn_backward_kernel(const T* __restrict__ x, const T* __restrict__ y,
+                                               const T* __restrict__ scale, const T* __restrict__ dy,
+                                               T* __restrict__ dx,
+                                               int N, int C, int HW, int size, T alpha_eff, T beta, int wide)
+{
+    if (wide)
+        lrn_backward_body<long long>(x, y, scale, dy, dx, N, C, HW, size, alpha_eff, beta);
+    else
+        lrn_backward_body<unsigned int>(x, y, scale, dy, dx, N, C, HW, size, alpha_eff, beta);
 }

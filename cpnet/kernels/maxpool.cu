@@ -3,18 +3,20 @@
 // Output size is floor((H + 2*pad - ksize) / stride) + 1. Padding never wins: only positions inside the
 // input are compared. Ties go to the first maximum in row-major window order (strict >), and argmax holds
 // the flat index h*W + w of the winner inside its (n, c) plane (-1 if a window covers no input at all).
+// Index arithmetic in I: 32-bit unsigned unless the launcher sets `wide` (an array of 2^31 elements or more);
+// see im2col.cu.
 
-extern "C" __global__ void maxpool_forward_kernel(const T* __restrict__ x, T* __restrict__ y,
-                                                  int* __restrict__ argmax,
-                                                  int N, int C, int H, int W, int ksize, int stride,
-                                                  int pad, int Ho, int Wo)
+template <typename I>
+__device__ __forceinline__ void maxpool_forward_body(const T* __restrict__ x, T* __restrict__ y,
+                                                     int* __restrict__ argmax,
+                                                     int N, int C, int H, int W, int ksize, int stride,
+                                                     int pad, int Ho, int Wo)
 {
-    const long long total = (long long)N * C * Ho * Wo;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
-         e += (long long)blockDim.x * gridDim.x) {
+    const I total = (I)N * C * Ho * Wo;
+    for (I e = (I)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (I)blockDim.x * gridDim.x) {
         const int ox = (int)(e % Wo);
         const int oy = (int)((e / Wo) % Ho);
-        const long long nc = e / ((long long)Wo * Ho);
+        const I nc = e / ((I)Wo * Ho);
         const T* plane = x + nc * H * W;
         const int h0 = oy * stride - pad;
         const int w0 = ox * stride - pad;
@@ -36,19 +38,30 @@ extern "C" __global__ void maxpool_forward_kernel(const T* __restrict__ x, T* __
     }
 }
 
+extern "C" __global__ void maxpool_forward_kernel(const T* __restrict__ x, T* __restrict__ y,
+                                                  int* __restrict__ argmax,
+                                                  int N, int C, int H, int W, int ksize, int stride,
+                                                  int pad, int Ho, int Wo, int wide)
+{
+    if (wide)
+        maxpool_forward_body<long long>(x, y, argmax, N, C, H, W, ksize, stride, pad, Ho, Wo);
+    else
+        maxpool_forward_body<unsigned int>(x, y, argmax, N, C, H, W, ksize, stride, pad, Ho, Wo);
+}
+
 // dx[n, c, h, w] = sum of dy over the outputs whose window covers (h, w) and whose argmax is (h, w).
 // One thread per input element gathers from those outputs (oy, ox ascending): no atomics, deterministic.
-extern "C" __global__ void maxpool_backward_kernel(const T* __restrict__ dy, const int* __restrict__ argmax,
-                                                   T* __restrict__ dx,
-                                                   int N, int C, int H, int W, int ksize, int stride,
-                                                   int pad, int Ho, int Wo)
+template <typename I>
+__device__ __forceinline__ void maxpool_backward_body(const T* __restrict__ dy, const int* __restrict__ argmax,
+                                                      T* __restrict__ dx,
+                                                      int N, int C, int H, int W, int ksize, int stride,
+                                                      int pad, int Ho, int Wo)
 {
-    const long long total = (long long)N * C * H * W;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
-         e += (long long)blockDim.x * gridDim.x) {
+    const I total = (I)N * C * H * W;
+    for (I e = (I)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (I)blockDim.x * gridDim.x) {
         const int w = (int)(e % W);
         const int h = (int)((e / W) % H);
-        const long long nc = e / ((long long)W * H);
+        const I nc = e / ((I)W * H);
         // Output oy covers rows [oy*stride - pad, oy*stride - pad + ksize): those with
         // (h + pad - ksize) / stride < oy <= (h + pad) / stride.
         const int oy0 = (h + pad < ksize) ? 0 : (h + pad - ksize) / stride + 1;
@@ -56,14 +69,25 @@ extern "C" __global__ void maxpool_backward_kernel(const T* __restrict__ dy, con
         const int ox0 = (w + pad < ksize) ? 0 : (w + pad - ksize) / stride + 1;
         const int ox1 = min((w + pad) / stride + 1, Wo);
         const int here = h * W + w;
-        const long long obase = nc * Ho * Wo;
+        const I obase = nc * Ho * Wo;
         T acc = T(0);
         for (int oy = oy0; oy < oy1; ++oy) {
             for (int ox = ox0; ox < ox1; ++ox) {
-                const long long o = obase + (long long)oy * Wo + ox;
+                const I o = obase + (I)oy * Wo + ox;
                 if (argmax[o] == here) acc += dy[o];
             }
         }
         dx[e] = acc;
     }
+}
+
+extern "C" __global__ void maxpool_backward_kernel(const T* __restrict__ dy, const int* __restrict__ argmax,
+                                                   T* __restrict__ dx,
+                                                   int N, int C, int H, int W, int ksize, int stride,
+                                                   int pad, int Ho, int Wo, int wide)
+{
+    if (wide)
+        maxpool_backward_body<long long>(dy, argmax, dx, N, C, H, W, ksize, stride, pad, Ho, Wo);
+    else
+        maxpool_backward_body<unsigned int>(dy, argmax, dx, N, C, H, W, ksize, stride, pad, Ho, Wo);
 }

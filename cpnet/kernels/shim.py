@@ -2,7 +2,7 @@
 
 Each `.cu` file, with its `typedef float T;` (or double) line from `kernel_source`, goes through
 
-    g++ -O2 -shared -fPIC -include host_shim.h -x c++ - -o <cache>/<name>-<hash>.so
+    g++ -O2 -shared -fPIC -ffp-contract=off -include host_shim.h -x c++ - -o <cache>/<name>-<hash>.so
 
 `host_shim.h` turns the CUDA keywords into plain C++ and makes `gridDim`, `blockDim`, `blockIdx`, `threadIdx`
 global variables. A launch here does what the GPU does, only one thread at a time: set gridDim and blockDim,
@@ -36,18 +36,22 @@ from ..errors import CpnetError
 from . import (
     KERNEL_DIR,
     _col2im,
+    _dropout_forward,
     _im2col,
     _lrn_backward,
     _lrn_forward,
     _maxpool_backward,
     _maxpool_forward,
+    _relu_backward,
+    _relu_forward,
+    _sgd_momentum,
     kernel_source,
     kernels,
     pack_args,
 )
 
 HEADER = KERNEL_DIR / "host_shim.h"
-CXXFLAGS = ("-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-x", "c++")
+CXXFLAGS = ("-O2", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra", "-x", "c++")
 
 
 class ShimUnavailable(CpnetError):
@@ -241,3 +245,19 @@ def lrn_forward_host(x, size, k, alpha_eff, beta):
 
 def lrn_backward_host(x, y, scale, dy, size, alpha_eff, beta):
     return _lrn_backward(_host_run, np, x, y, scale, dy, size, alpha_eff, beta)
+
+
+def sgd_momentum_host(w, g, v, momentum, wd_lr, lr):
+    _sgd_momentum(_host_run, np, w, g, v, momentum, wd_lr, lr)
+
+
+def dropout_forward_host(x, p, key0, key1):
+    return _dropout_forward(_host_run, np, x, p, key0, key1)
+
+
+def relu_forward_host(x):
+    return _relu_forward(_host_run, np, x)
+
+
+def relu_backward_host(y, dy):
+    return _relu_backward(_host_run, np, y, dy)

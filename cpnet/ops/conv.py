@@ -115,10 +115,14 @@ def conv2d_forward(x, W, b, stride=1, pad=0, groups=1):
     col = _im2col(x, *geom)
     K, M = Cg * kh * kw, N * Ho * Wo
     Wm = xp.ascontiguousarray(W).reshape(G, F // G, K)
-    y = _group_gemm(xp, Wm, col.reshape(G, K, M), xp.empty((G, F // G, M), dtype=x.dtype)).reshape(F, M)
+    ym = _group_gemm(xp, Wm, col.reshape(G, K, M), xp.empty((G, F // G, M), dtype=x.dtype))
+    # (F, N*Ho*Wo) -> NCHW and the bias, in one pass over the output
+    y = xp.empty((N, F, Ho, Wo), dtype=x.dtype)
+    src = ym.reshape(F, N, Ho * Wo).transpose(1, 0, 2)
     if b is not None:
-        y += b[:, None]
-    y = xp.ascontiguousarray(y.reshape(F, N, Ho, Wo).transpose(1, 0, 2, 3))
+        xp.add(src, b[None, :, None], out=y.reshape(N, F, Ho * Wo))
+    else:
+        y.reshape(N, F, Ho * Wo)[...] = src
     return y, (col, Wm, tuple(x.shape), tuple(W.shape), tuple(y.shape), b is not None, geom)
 
 
@@ -134,8 +138,8 @@ def conv2d_backward(dy, cache, need_dx=True):
     _check.same_dtype(OP_B, "dy", dy, col, "the forward input")
     G, Fg, K = Wm.shape
     M = col.shape[1]
-    db = dy.sum(axis=(0, 2, 3)) if has_b else None
     d = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(G, Fg, M)
+    db = d.reshape(G * Fg, M).sum(axis=1) if has_b else None  # rows of the (F, N*Ho*Wo) layout: contiguous
     cg = col.reshape(G, K, M)
     dW = _group_gemm(xp, d, cg.transpose(0, 2, 1), xp.empty((G, Fg, K), dtype=col.dtype)).reshape(W_shape)
     if not need_dx:

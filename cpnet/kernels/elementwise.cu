@@ -1,0 +1,120 @@
+// Elementwise kernels: each replaces a chain of CuPy elementwise launches by one pass over memory.
+//
+// All take flat arrays of n elements (the launcher splits larger arrays into chunks of fewer than 2^31) and do,
+// per element, exactly the operations of the NumPy path in the same order, so the results are bit-identical
+// (NaN payloads aside: a GPU writes its own canonical NaN).
+//
+// Each thread takes ILP elements a grid stride apart per pass and issues all their loads before any store: with
+// one load in flight per thread these kernels are bound by memory latency, not bandwidth. The launcher sizes the
+// grid for n / ILP threads.
+
+constexpr int ILP = 4;
+// Products that the NumPy path rounds before adding go through mul_rn, which the compiler never fuses into an
+// FMA (host_shim.h defines __fmul_rn / __dmul_rn as a plain product).
+
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+// Momentum SGD (Krizhevsky et al. 2012, section 5), w and v updated in place:
+//   v = momentum * v - wd_lr * w - lr * g;  w = w + v   (the wd_lr term is skipped when wd_lr == 0)
+extern "C" __global__ void sgd_momentum_kernel(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ v,
+                                               int n, T momentum, T wd_lr, T lr)
+{
+    const long long stride = (long long)blockDim.x * gridDim.x;
+    for (long long e0 = (long long)blockIdx.x * blockDim.x + threadIdx.x; e0 < n; e0 += ILP * stride) {
+        T wk[ILP], gk[ILP], vk[ILP];
+        for (int k = 0; k < ILP; ++k) {
+            const long long e = e0 + k * stride;
+            wk[k] = e < n ? w[e] : T(0);
+            gk[k] = e < n ? g[e] : T(0);
+            vk[k] = e < n ? v[e] : T(0);
+        }
+        for (int k = 0; k < ILP; ++k) {
+            const long long e = e0 + k * stride;
+            T u = mul_rn(vk[k], momentum);
+            if (wd_lr != T(0))
+                u = u - mul_rn(wd_lr, wk[k]);
+            u = u - mul_rn(lr, gk[k]);
+            if (e < n) {
+                v[e] = u;
+                w[e] = wk[k] + u;
+            }
+        }
+    }
+}
+
+// Inverted dropout with the counter hash of cpnet.layers.counter_uniform: element first + e (mod 2^32) draws
+//   h = (first + e) * 0x9E3779B9, then for each key: h ^= key; h ^= h >> 16; h *= 0x7FEB352D; h ^= h >> 15;
+//   h *= 0x846CA68B; h ^= h >> 16;   u = (h >> 8) * 2^-24 in [0, 1)
+// and is kept when u >= p: mask = scale (= 1 / (1 - p)) or 0, y = x * mask. The keys and `first` are the uint32
+// bit patterns passed as int.
+extern "C" __global__ void dropout_forward_kernel(const T* __restrict__ x, T* __restrict__ y,
+                                                  T* __restrict__ mask, int n, int first, T p, T scale,
+                                                  int key0, int key1)
+{
+    const unsigned int keys[2] = {(unsigned int)key0, (unsigned int)key1};
+    const long long stride = (long long)blockDim.x * gridDim.x;
+    for (long long e0 = (long long)blockIdx.x * blockDim.x + threadIdx.x; e0 < n; e0 += ILP * stride) {
+        T xk[ILP];
+        for (int k = 0; k < ILP; ++k) {
+            const long long e = e0 + k * stride;
+            xk[k] = e < n ? x[e] : T(0);
+        }
+        for (int k = 0; k < ILP; ++k) {
+            const long long e = e0 + k * stride;
+            unsigned int h = ((unsigned int)first + (unsigned int)e) * 0x9E3779B9u;
+            for (int r = 0; r < 2; ++r) {
+                h ^= keys[r];
+                h ^= h >> 16;
+                h *= 0x7FEB352Du;
+                h ^= h >> 15;
+                h *= 0x846CA68Bu;
+                h ^= h >> 16;
+            }
+            const T u = T(h >> 8) * T(1.0 / 16777216.0);
+            const T m = u >= p ? scale : T(0);
+            if (e < n) {
+                mask[e] = m;
+                y[e] = xk[k] * m;
+            }
+        }
+    }
+}
+
+// ReLU: y = x > 0 ? x : 0 (NaN gives 0).
+extern "C" __global__ void relu_forward_kernel(const T* __restrict__ x, T* __restrict__ y, int n)
+{
+    const long long stride = (long long)blockDim.x * gridDim.x;
+    for (long long e0 = (long long)blockIdx.x * blockDim.x + threadIdx.x; e0 < n; e0 += ILP * stride) {
+        T xk[ILP];
+        for (int k = 0; k < ILP; ++k) {
+            const long long e = e0 + k * stride;
+            xk[k] = e < n ? x[e] : T(0);
+        }
+        for (int k = 0; k < ILP; ++k) {
+            const long long e = e0 + k * stride;
+            if (e < n)
+                y[e] = xk[k] > T(0) ? xk[k] : T(0);
+        }
+    }
+}
+
+// ReLU backward from the forward's output: dx = y > 0 ? dy : 0 (y > 0 exactly where x > 0).
+extern "C" __global__ void relu_backward_kernel(const T* __restrict__ y, const T* __restrict__ dy,
+                                                T* __restrict__ dx, int n)
+{
+    const long long stride = (long long)blockDim.x * gridDim.x;
+    for (long long e0 = (long long)blockIdx.x * blockDim.x + threadIdx.x; e0 < n; e0 += ILP * stride) {
+        T yk[ILP], dyk[ILP];
+        for (int k = 0; k < ILP; ++k) {
+            const long long e = e0 + k * stride;
+            yk[k] = e < n ? y[e] : T(0);
+            dyk[k] = e < n ? dy[e] : T(0);
+        }
+        for (int k = 0; k < ILP; ++k) {
+            const long long e = e0 + k * stride;
+            if (e < n)
+                dx[e] = yk[k] > T(0) ? dyk[k] : T(0);
+        }
+    }
+}
