@@ -181,12 +181,22 @@ def check_one_step(preset="alexnet-tiny", batch_size=4, num_classes=10, tdev="cp
     vel_t = split_by_tower(net, "grad")
 
     g_err = {k: _rel_err(grads_c[k], grads_t[k]) for k in grads_t}
+    ref_err = None
+    if dtype != np.float64:  # which side is off: both against cpnet's float64 step on the same weights and batch
+        ref = build_model(cfg, placement=[backend.HOST, backend.HOST], dtype=np.float64)
+        ref.set_params({k: v.astype(np.float64) for k, v in host0.items()})
+        ref.set_step(0)
+        ref.loss(x.astype(np.float64), y)
+        ref.loss_backward()
+        g64 = {k: backend.to_host(v) for k, v in ref.grads().items()}
+        ref_err = {"cpnet": max(_rel_err(grads_c[k], g64[k]) for k in grads_t),
+                   "torch": max(_rel_err(grads_t[k], g64[k]) for k in grads_t)}
     w_err = {k: _rel_err(vel_c[k], vel_t[k]) for k in vel_t}
     lc, lt = float(backend.to_host(loss_c)), float(loss_t.item())
     res = {"loss_cpnet": lc, "loss_torch": lt, "loss_rel_err": abs(lc - lt) / abs(lt),
            "grad_rel_err": g_err, "update_rel_err": w_err,
            "max_grad_rel_err": max(g_err.values()), "max_update_rel_err": max(w_err.values()), "tol": tol,
-           "dtype": dtype.name}
+           "dtype": dtype.name, "grad_rel_err_vs_float64": ref_err}
     res["ok"] = bool(res["loss_rel_err"] < tol and res["max_grad_rel_err"] < tol and res["max_update_rel_err"] < tol)
     return res
 
@@ -323,6 +333,10 @@ def main(argv=None):
                   f"vs {chk['loss_torch']:.6f}; max rel. error: gradients {chk['max_grad_rel_err']:.1e} ({worst}), "
                   f"momentum update {chk['max_update_rel_err']:.1e}; tolerance {chk['tol']:.0e} -> "
                   f"{'OK' if chk['ok'] else 'MISMATCH'}")
+            if chk["grad_rel_err_vs_float64"]:
+                r64 = chk["grad_rel_err_vs_float64"]
+                print(f"  each against cpnet's float64 step (host): max gradient rel. error cpnet {r64['cpnet']:.1e}, "
+                      f"PyTorch {r64['torch']:.1e}")
             failed = failed or not chk["ok"]
     if not a.no_time:
         modes = [("fp32", False)] + ([("tf32", True)] if gpu else [])

@@ -9,8 +9,8 @@
 # fails, through a temporary sitecustomize.py on PYTHONPATH that maps cpnet.cli and cpnet.data onto the checkout.
 # Every step runs (so one costly GPU session gives every answer) under its own time limit; the script then
 # exits 1 with a FAILED banner if any step failed. Budget: under 6 minutes on one H100 even if every step runs to
-# its limit (140 + 100 + 40 + 80 s; the bench step runs the fused default and the two-tower path, the loader
-# step `bench/loader_bench.py` with 0 to 12 workers, its table appended to bench.log). It writes 8 files in OUTDIR
+# its limit (120 + 80 + 30 + 30 + 80 s; the bench step runs the fused default and the two-tower path, the loader
+# step `bench/loader_bench.py` with 0 to 12 workers and `bench/conv_parts.py`, their tables appended to bench.log). It writes 8 files in OUTDIR
 # (env.txt, pytest_gpu.log, bench.log, bench.json, bench_split.json, compare_torch.log/.json, summary.txt): the
 # device tool returns at most 8.
 #
@@ -20,6 +20,7 @@
 #   GPU_CHECK_MODEL, GPU_CHECK_BATCH, GPU_CHECK_STEPS   override the model (alexnet), batch (128), steps (10)
 #   PYTHON               the interpreter (python3)
 #   GPU_CHECK_INSTALL=pythonpath   skip pip and use the sitecustomize route (to test it)
+#   GPU_CHECK_LOADER=0   skip the loader step (it measures the host only: once per machine is enough)
 set -uo pipefail
 
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
@@ -64,7 +65,7 @@ importable() { "$PY" -c "import cpnet.cli.main, cpnet.data, cpnet.bench, threadp
   echo "== install ($(date -u +%FT%TZ))"
   if importable && [ "$("$PY" -c 'import cpnet, os; print(os.path.dirname(os.path.dirname(cpnet.__file__)))')" = "$ROOT" ]; then
     echo "cpnet already importable from $ROOT"
-  elif [ "${GPU_CHECK_INSTALL:-pip}" = pip ] && "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . && importable; then
+  elif [ "${GPU_CHECK_INSTALL:-pip}" = pip ] && PIP_NO_INDEX=1 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . && importable; then
     echo "installed with pip -e (no network)"
   else
     PYPATH=$(mktemp -d "${TMPDIR:-/tmp}/cpnet-pypath.XXXXXX")
@@ -125,22 +126,28 @@ if [ "$DRY" != 1 ] && ! "$PY" -c "from cpnet import backend; assert backend.use_
 fi
 
 # ---- 1. the GPU tests --------------------------------------------------------------------------------------
-step "pytest -m gpu" 140 "$OUT/pytest_gpu.log" "$PY" -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests
+step "pytest -m gpu" 120 "$OUT/pytest_gpu.log" "$PY" -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests
 rc=$?
 if [ $rc -eq 5 ] && [ "$DRY" = 1 ]; then unset 'FAILED[${#FAILED[@]}-1]'; say "(dry: no GPU tests collected)"; fi
 
 # ---- 2. cpnet bench ----------------------------------------------------------------------------------------
 # the default path (towers sharing the GPU run fused), then the two-tower path for comparison
-step "cpnet bench" 100 "$OUT/bench.log" \
+step "cpnet bench" 80 "$OUT/bench.log" \
   bash -c "'$PY' -m cpnet bench --model '$MODEL' --batch-size '$BATCH' --steps '$STEPS' --json >'$OUT/bench.json' &&
            CPNET_FUSE_TOWERS=0 '$PY' -m cpnet bench --model '$MODEL' --batch-size '$BATCH' --steps '$STEPS' \
              --no-loader --json >'$OUT/bench_split.json'"
 
 # ---- 3. the loader beside the step (S=256, crop 227, batch 128) with several worker counts ----------------------
 if [ "$DRY" = 1 ]; then LW=0,1; LN=256; else LW=0,4,8,12; LN=1024; fi
-APPEND=1 step "loader" 40 "$OUT/bench.log" "$PY" bench/loader_bench.py --n "$LN" --epochs 1 --workers "$LW"
+if [ "${GPU_CHECK_LOADER:-1}" = 1 ]; then
+  APPEND=1 step "loader" 30 "$OUT/bench.log" "$PY" bench/loader_bench.py --n "$LN" --epochs 1 --workers "$LW"
+fi
 
-# ---- 4. PyTorch side by side -------------------------------------------------------------------------------
+# ---- 4. where each convolution's time goes (im2col, GEMMs, layout, col2im), appended to bench.log ------------
+APPEND=1 step "conv parts" 30 "$OUT/bench.log" "$PY" bench/conv_parts.py --model "$MODEL" --batch-size "$BATCH" \
+  --repeats "$STEPS"
+
+# ---- 5. PyTorch side by side -------------------------------------------------------------------------------
 if "$PY" -c "import torch" >/dev/null 2>&1; then
   step "compare_torch" 80 "$OUT/compare_torch.log" "$PY" bench/compare_torch.py --model "$MODEL" \
     --batch-size "$BATCH" --steps "$STEPS" --json "$OUT/compare_torch.json"
@@ -181,6 +188,9 @@ if b:
     lw = re.findall(r"^\s*train S=\S+ C=\S+ B=\S+\s+(\d+)\s+(\d+)", blog, re.M)
     if lw:
         rows.append(("loader by workers", ", ".join(f"{w}: {v} images/s" for w, v in lw)))
+    cp = re.search(r"^layer +im2col.*?(?=^====|\Z)", blog, re.M | re.S)
+    if cp:
+        rows.append(("conv parts (ms)", "\n" + cp.group(0).rstrip()))
     mem = b["memory"]
     gp = "; ".join(f"{k} {v['total'] / 2**20:.0f} MiB" for k, v in mem["gpu_pool_bytes"].items())
     rows.append(("memory", f"host RSS {mem['host_peak_rss_bytes'] / 2**20:.0f} MiB" + (f"; pool {gp}" if gp else "")))
@@ -189,7 +199,9 @@ else:
 c = load("compare_torch.json")
 if c:
     for dt, chk in (c.get("check") or {}).items():
-        rows.append((f"torch check {dt}", f"{'OK' if chk['ok'] else 'MISMATCH'} (grad rel err {chk['max_grad_rel_err']:.1e})"))
+        r64 = chk.get("grad_rel_err_vs_float64") or {}
+        vs64 = f"; vs float64: cpnet {r64['cpnet']:.1e}, torch {r64['torch']:.1e}" if r64 else ""
+        rows.append((f"torch check {dt}", f"{'OK' if chk['ok'] else 'MISMATCH'} (grad rel err {chk['max_grad_rel_err']:.1e}{vs64})"))
     for mode, r in (c.get("timing") or {}).items():
         rows.append((f"vs torch {mode}", f"cpnet {r['cpnet']['ms_median']:.2f} ms, torch {r['torch']['ms_median']:.2f} ms, ratio {r['ratio']:.2f}"))
 else:
