@@ -12,7 +12,8 @@ import click
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: last.h5, best.h5, metrics.jsonl.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from last.h5.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--workers", default=0, show_default=True, help="Loader worker processes (0: in-process).")
+@click.option("--workers", type=click.IntRange(0), default=None,
+              help="Loader worker processes (0: in-process) [default: 0 on the CPU; on a GPU the CPUs less 2, at most 12].")
 @click.option("--crop", type=int, default=None, help="Crop size [default: 227 for alexnet; stored size minus an eighth for the small presets].")
 @click.option("--conventions", default="paper", show_default=True, help="paper | ccn2 | caffe: LRN alpha convention, k, where LRN sits.")
 @click.option("--init", default="he", show_default=True, help="he | paper | caffe: weight and bias initialisation.")
@@ -26,7 +27,7 @@ import click
 @click.option("--dropout", default=0.5, show_default=True)
 @click.option("--scale", type=float, default=None, help="Multiply mean-subtracted 0-255 inputs by this "
               "[default: 1/their standard deviation with --init he, 1 otherwise].")
-@click.option("--threads", type=int, default=None, help="Host BLAS threads per tower [default: (CPUs - --workers) // 2, at least 1].")
+@click.option("--threads", type=int, default=None, help="Host BLAS threads per tower [default: (CPUs - workers) // 2, at least 1].")
 @click.option("--tf32", is_flag=True, help="GPU: let cuBLAS use TF32 tensor cores for float32 GEMMs (opt-in).")
 def command(data, model, epochs, batch_size, lr, out, resume, seed, workers, crop, conventions, init, momentum,
             weight_decay, decay_biases, schedule, patience, step_epochs, lighting, dropout, scale, threads, tf32):

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from . import checkpoint as ckpt_io
-from .backend import default_host_threads, host_threads, to_device, to_host
+from .backend import default_host_threads, default_loader_workers, host_threads, to_device, to_host
 from .errors import CpnetError
 from .evaluate import evaluate, topk_hits
 from .model import PRESETS, build_model, check_crop, make_config
@@ -46,7 +46,7 @@ class TrainConfig:
     patience: int = 1
     step_epochs: int = 10
     seed: int = 0
-    workers: int = 0
+    workers: int | None = None  # loader worker processes; None: backend.default_loader_workers()
     crop: int | None = None
     conventions: str = "paper"
     init: str | None = None
@@ -144,6 +144,8 @@ def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=
     `explicit`: the TrainConfig fields the user set on purpose (the CLI's flags); with `resume`, one that differs
     from the saved run is an error instead of being silently replaced by the saved value.
     """
+    if cfg.workers is None:
+        cfg = replace(cfg, workers=default_loader_workers())
     threads = cfg.threads if cfg.threads is not None else default_host_threads(cfg.workers)
     with host_threads(threads):
         return _run(cfg, on_step, on_epoch, on_start, placement, explicit)

@@ -117,3 +117,14 @@ def test_set_tf32_switches_float32_products_on_a_gpu():
     finally:
         backend.set_tf32(False)
     assert off < 2e-5 < on, (off, on)
+
+
+def test_default_loader_workers_cpu_and_gpu(monkeypatch):
+    import os
+
+    monkeypatch.setattr(backend, "use_gpu", lambda: False)
+    assert backend.default_loader_workers() == 0  # the host's CPUs run the BLAS threads
+    monkeypatch.setattr(backend, "use_gpu", lambda: True)
+    for cpus, want in ((16, 12), (8, 6), (2, 0), (1, 0), (64, 12)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
+        assert backend.default_loader_workers() == want, cpus
