@@ -89,7 +89,9 @@ export -f cpnet 2>/dev/null || true
 # ---- the machine -------------------------------------------------------------------------------------------
 {
   echo "date: $(date -u +%FT%TZ)"
-  echo "commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  # a copied working tree may carry an older .git than its files: the count of changed files shows that
+  echo "commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+       "($(git -C "$ROOT" status --porcelain 2>/dev/null | wc -l) files differ from it)"
   echo "CPNET_DEVICE=$CPNET_DEVICE model=$MODEL batch=$BATCH steps=$STEPS dry=$DRY"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   lscpu 2>/dev/null | grep -E '^(Model name|CPU\(s\))'
