@@ -69,9 +69,10 @@ def flop_table(num_classes=1000) -> dict:
 
 def step_flops_per_image(cfg) -> int:
     """FLOPs (2 per multiply-add) of one training step per image: forward, the input gradient and the weight
-    gradient of every conv and FC layer, each as large as the forward GEMM (conv1's input gradient included,
-    since the backward pass computes it)."""
-    return int(2 * 3 * forward_macs(cfg)["total"])
+    gradient of every conv and FC layer, each as large as the forward GEMM, less conv1's input gradient, which
+    the model never computes (its input is the image: Conv2D input_grad=False)."""
+    macs = forward_macs(cfg)
+    return int(2 * (3 * macs["total"] - macs["conv1"]))
 
 
 def gemm_gflops(device=backend.HOST, n=2048, repeats=5) -> dict:
