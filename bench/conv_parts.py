@@ -33,7 +33,7 @@ except ImportError:  # run from a checkout without installing
 
 from cpnet import backend, ops  # noqa: E402
 from cpnet.model import feature_shapes, make_config  # noqa: E402
-from cpnet.ops.conv import _col2im, _group_gemm, _im2col  # noqa: E402
+from cpnet.ops.conv import _col2im, _group_gemm, _im2col, _to_nchw  # noqa: E402
 
 
 def layer_geometry(cfg, batch_size):
@@ -70,8 +70,7 @@ def time_parts(dev, name, x_shape, w_shape, stride, pad, G, repeats, need_dx):
         parts = {
             "im2col": lambda: _im2col(x, *geom),
             "gemm_fwd": lambda: _group_gemm(xp, Wm, col.reshape(G, K, M), ym),
-            "layout": lambda: xp.add(ym.reshape(F, N, Ho * Wo).transpose(1, 0, 2), b[None, :, None],
-                                     out=out.reshape(N, F, Ho * Wo)),
+            "layout": lambda: _to_nchw(xp, ym, b, out),
             "forward": lambda: ops.conv2d_forward(x, W, b, stride, pad, G),
             "dW": lambda: _group_gemm(xp, d, col.reshape(G, K, M).transpose(0, 2, 1), dWb),
             "dcol": lambda: _group_gemm(xp, Wm.transpose(0, 2, 1), d, dcol),

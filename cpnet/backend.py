@@ -312,14 +312,15 @@ def default_host_threads(workers: int = 0) -> int:
     return max(1, (cpus - max(0, int(workers))) // 2)
 
 
-def default_loader_workers() -> int:
-    """Loader worker processes when --workers is not given: 0 on the host, where the CPUs run the towers' BLAS
-    threads, and on a GPU the CPUs less two (the training process and one spare), at most 12.
+def default_loader_workers(devices=None) -> int:
+    """Loader worker processes when --workers is not given: 0 when the towers run on the host (`devices`, default
+    `default_placement(2)`), where the CPUs run their BLAS threads, and with a GPU the CPUs less two (the training
+    process and one spare), at most 12.
 
     Measured on a 16-CPU H200 host (docs/PERFORMANCE.md): the in-process loader makes about 2,000 images/s at
     S=256/C=227, 8 workers about 7,900 and 12 about 11,800, against a step of about 6,000 (FP32) and 10,000 (TF32).
     """
-    if not use_gpu():
+    if not any(d.is_gpu for d in (devices if devices is not None else default_placement(2))):
         return 0
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -344,8 +345,8 @@ def host_threads(n: int | None):
 def enable_tf32():
     """Let cuBLAS use TF32 tensor cores for float32 GEMMs (opt-in; about 10 bits of mantissa in the products).
 
-    Sets CUPY_TF32=1, which CuPy reads at its first float32 matrix product; when CuPy is already in use the
-    switch is made at run time (`set_tf32`). A no-op on the host.
+    Sets CUPY_TF32=1 in the environment, which CuPy reads at its first float32 matrix product; when CuPy is
+    already in use the switch is made at run time (`set_tf32`). On the host nothing else changes.
     """
     os.environ["CUPY_TF32"] = "1"
     if _cupy:

@@ -82,8 +82,7 @@ class MomentumSGD:
                     v -= (wd * lr) * w
                 v -= lr * g
                 w += v
-        # The largest arrays first: the GPU is busy with them while Python issues the small ones.
-        for w, g, v, wd in sorted(launches, key=lambda u: -u[0].size):
+        for w, g, v, wd in launches:
             kernels.sgd_momentum_gpu(w, g, v, m, wd * lr, lr)
 
     def state(self) -> dict:

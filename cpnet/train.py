@@ -145,7 +145,7 @@ def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=
     from the saved run is an error instead of being silently replaced by the saved value.
     """
     if cfg.workers is None:
-        cfg = replace(cfg, workers=default_loader_workers())
+        cfg = replace(cfg, workers=default_loader_workers(placement))
     threads = cfg.threads if cfg.threads is not None else default_host_threads(cfg.workers)
     with host_threads(threads):
         return _run(cfg, on_step, on_epoch, on_start, placement, explicit)

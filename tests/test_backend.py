@@ -92,9 +92,13 @@ def test_enable_tf32_sets_cupys_switch_and_switches_a_loaded_cupy(monkeypatch):
 
 
 def test_set_tf32_is_a_no_op_on_the_host(monkeypatch):
+    import os
+
     monkeypatch.setattr(backend, "_cupy", False)
-    backend.set_tf32(True)
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    backend.set_tf32(True)  # no CuPy: nothing to switch, and no error
     backend.set_tf32(False)
+    assert "CUPY_TF32" not in os.environ
 
 
 @pytest.mark.gpu
@@ -125,6 +129,8 @@ def test_default_loader_workers_cpu_and_gpu(monkeypatch):
     monkeypatch.setattr(backend, "use_gpu", lambda: False)
     assert backend.default_loader_workers() == 0  # the host's CPUs run the BLAS threads
     monkeypatch.setattr(backend, "use_gpu", lambda: True)
+    monkeypatch.setattr(backend, "gpu_count", lambda: 1)
     for cpus, want in ((16, 12), (8, 6), (2, 0), (1, 0), (64, 12)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
         assert backend.default_loader_workers() == want, cpus
+        assert backend.default_loader_workers([backend.HOST, backend.HOST]) == 0  # towers placed on the host

@@ -816,3 +816,33 @@ def test_nvrtc_compiles_the_loader_text(filename, dtype):
     lib.nvrtcGetProgramLog(prog, log)
     lib.nvrtcDestroyProgram(ctypes.byref(prog))
     assert rc == 0, log.value.decode(errors="replace")
+
+
+def test_each_launcher_decides_wide_by_the_largest_array_it_indexes(monkeypatch):
+    """`wide` must be 1 as soon as any array a kernel indexes passes INDEX32_MAX, not only the one it loops over."""
+    seen = {}
+
+    def run(name, dtype, n, *args):  # records the launch instead of running it
+        seen[name] = args[-1]
+
+    x = np.zeros((2, 3, 8, 8), np.float32)
+    col = np.zeros((27, 72), np.float32)  # im2col of x for a 3x3 window, stride 1, no padding: larger than x
+    pooled = np.zeros((2, 3, 3, 3), np.float32)  # 3x3 pool, stride 2: smaller than x
+    argmax = np.zeros(pooled.shape, np.int32)
+    cases = [  # (kernel, launch, smaller array, larger array)
+        ("im2col_kernel", lambda: kernels._im2col(run, np, x, 3, 3, 1, 1, 0, 0), x, col),
+        ("col2im_kernel", lambda: kernels._col2im(run, np, col, x.shape, 3, 3, 1, 1, 0, 0), x, col),
+        ("maxpool_forward_kernel", lambda: kernels._maxpool_forward(run, np, x, 3, 2, 0), pooled, x),
+        ("maxpool_backward_kernel", lambda: kernels._maxpool_backward(run, np, pooled, argmax, x.shape, 3, 2, 0),
+         pooled, x),
+    ]
+    for name, launch, small, large in cases:
+        for limit, want in ((small.size, 1), (large.size, 0)):
+            monkeypatch.setattr(kernels, "INDEX32_MAX", limit)
+            launch()
+            assert seen.pop(name) == want, (name, limit)
+    for limit, want in ((x.size - 1, 1), (x.size, 0)):
+        monkeypatch.setattr(kernels, "INDEX32_MAX", limit)
+        kernels._lrn_forward(run, np, x, 5, 2.0, 1e-4, 0.75)
+        kernels._lrn_backward(run, np, x, x, x + 1, x, 5, 1e-4, 0.75)
+        assert (seen.pop("lrn_forward_kernel"), seen.pop("lrn_backward_kernel")) == (want, want)

@@ -146,7 +146,7 @@ def pack_args(name: str, dtype, args, array_check) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The six operations, written once for any launcher.
+# The indexing operations (im2col, col2im, max pool, LRN), written once for any launcher.
 # `run(name, dtype, n, *args)` launches kernel `name` for `n` output elements; xp is numpy or cupy.
 
 

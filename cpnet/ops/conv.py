@@ -78,13 +78,27 @@ def _group_gemm(xp, a, b, out):
     """out[g] = a[g] @ b[g] for every group g, as one 2-D product per group; returns out.
 
     2-D products take transposed views as they are (BLAS/cuBLAS transpose flags, no copy), and on a GPU they
-    follow the TF32 switch (`backend.set_tf32`); a 3-D `matmul` would copy a transposed operand whole (for
-    conv1's weight gradient, the 560 MB column matrix at batch 128) and run in plain FP32 whatever the switch.
+    follow the TF32 switch (`backend.set_tf32`). CuPy's 3-D `matmul` (as of CuPy 14, `_routines_linalg.matmul`)
+    makes its operands contiguous first, copying a transposed one whole (for conv1's weight gradient the 560 MB
+    column matrix at batch 128), and calls cuBLAS's strided-batched GEMM with the FP32 compute type whatever
+    the switch.
     `out` must be C-contiguous, so each out[g] is too.
     """
     for g in range(a.shape[0]):
         xp.matmul(a[g], b[g], out=out[g])
     return out
+
+
+def _to_nchw(xp, ym, b, y):
+    """The GEMM's (F, N*Ho*Wo) output (any leading group split of F) written into y (N, F, Ho, Wo), plus the
+    bias when b is not None, in one pass over the output; returns y."""
+    N, F, Ho, Wo = y.shape
+    src = ym.reshape(F, N, Ho * Wo).transpose(1, 0, 2)
+    if b is not None:
+        xp.add(src, b[None, :, None], out=y.reshape(N, F, Ho * Wo))
+    else:
+        y.reshape(N, F, Ho * Wo)[...] = src
+    return y
 
 
 def conv2d_forward(x, W, b, stride=1, pad=0, groups=1):
@@ -116,13 +130,7 @@ def conv2d_forward(x, W, b, stride=1, pad=0, groups=1):
     K, M = Cg * kh * kw, N * Ho * Wo
     Wm = xp.ascontiguousarray(W).reshape(G, F // G, K)
     ym = _group_gemm(xp, Wm, col.reshape(G, K, M), xp.empty((G, F // G, M), dtype=x.dtype))
-    # (F, N*Ho*Wo) -> NCHW and the bias, in one pass over the output
-    y = xp.empty((N, F, Ho, Wo), dtype=x.dtype)
-    src = ym.reshape(F, N, Ho * Wo).transpose(1, 0, 2)
-    if b is not None:
-        xp.add(src, b[None, :, None], out=y.reshape(N, F, Ho * Wo))
-    else:
-        y.reshape(N, F, Ho * Wo)[...] = src
+    y = _to_nchw(xp, ym, b, xp.empty((N, F, Ho, Wo), dtype=x.dtype))
     return y, (col, Wm, tuple(x.shape), tuple(W.shape), tuple(y.shape), b is not None, geom)
 
 
