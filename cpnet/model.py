@@ -335,6 +335,14 @@ class AlexNet:
                     n = tl.params[key].shape[0]
                     tl.grads[key] = g[t * n:(t + 1) * n]
 
+    def fused_blocks(self):
+        """[(fused layer, key, [tower 0's name, tower 1's])] for every parameter array of the fused layers: the two
+        towers' parameters are its row blocks (views: `full` in _build_fused). [] when the towers are not fused."""
+        if self._fused_net is None:
+            return []
+        return [(layer, key, [f"t{t}.{lname}.{key}" for t in range(2)])
+                for lname, layer in self._fused_net.named() for key in layer.params]
+
     # ---- parameters -------------------------------------------------------------------------------------------
     def param_slots(self):
         """[(name, layer, key, tower)] for every parameter, in a fixed order ('t0.conv1.W', ..., 'fc8.b')."""

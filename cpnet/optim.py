@@ -31,26 +31,28 @@ class MomentumSGD:
         self.model = model
         self.lr, self.momentum, self.weight_decay, self.decay_biases = float(lr), float(momentum), \
             float(weight_decay), bool(decay_biases)
-        self.velocity = {}
-        self._tiles = []  # [(w, v, [(name, layer, key, element offset)])]: GPU arrays whose row blocks are parameters
-        shared = {}
-        for name, layer, key, t in model.param_slots():
+        # On a GPU, where the towers run fused, each parameter array of the fused layers holds both towers'
+        # parameters as row blocks; the velocities are laid out alike, so one kernel updates each such array.
+        vel = {}
+        self._blocks = []  # [(fused layer, key, velocity of the whole array, [(tower name, tower layer)])]
+        blocks = model.fused_blocks() if hasattr(model, "fused_blocks") else []
+        slots = {name: layer for name, layer, _, _ in model.param_slots()} if blocks else {}
+        for layer, key, names in blocks:
             w = layer.params[key]
-            if is_gpu_array(w) and w.base is not None and w.flags.c_contiguous and w.base.flags.c_contiguous:
-                shared.setdefault(id(w.base), (w.base, []))[1].append((name, layer, key, _offset(w, w.base)))
-        for base, parts in shared.values():
-            spans = sorted((off, layer.params[key].size) for _, layer, key, off in parts)
-            if len(parts) < 2 or [a + n for a, n in spans[:-1]] != [a for a, _ in spans[1:]] or \
-                    spans[0][0] != 0 or sum(n for _, n in spans) != base.size:
-                continue  # the blocks do not make up the whole array
-            with backend.device_of(base):
-                vb = backend.get_array_module(base).zeros(base.shape, dtype=base.dtype)
-            for name, layer, key, off in parts:
-                w = layer.params[key]
-                self.velocity[name] = vb.reshape(-1)[off:off + w.size].reshape(w.shape)
-            self._tiles.append((base, vb, parts))
+            rows = w.shape[0] // 2
+            if not (is_gpu_array(w) and w.dtype in kernels.DTYPES and w.flags.c_contiguous) or \
+                    any(slots[n].params[key].shape != w[:rows].shape for n in names):
+                continue
+            with backend.device_of(w):
+                v = backend.get_array_module(w).zeros_like(w)
+            for t, name in enumerate(names):
+                vel[name] = v[t * rows:(t + 1) * rows]
+            self._blocks.append((layer, key, v, [(n, slots[n]) for n in names]))
+        self.velocity = {}
         for name, layer, key, t in model.param_slots():
-            if name not in self.velocity:
+            if name in vel:
+                self.velocity[name] = vel[name]
+            else:
                 with model.devices[t]:
                     self.velocity[name] = model.devices[t].xp.zeros_like(layer.params[key])
 
@@ -61,15 +63,16 @@ class MomentumSGD:
         """Apply one update from the gradients the last backward pass left in the layers."""
         lr, m = self.lr, self.momentum
         launches, done = [], set()  # (w, g, v, weight decay) for the GPU kernel
-        for w, v, parts in self._tiles:
-            g = _tiled_grad(w, parts)
-            wds = {self._decay(key) for _, _, key, _ in parts}
-            if g is not None and len(wds) == 1 and _one_kernel(w, g, v) \
-                    and all(self.velocity[name].base is v for name, *_ in parts):
-                launches.append((w, g, v, wds.pop()))
-                done.update((id(layer), key) for _, layer, key, _ in parts)
+        for layer, key, v, towers in self._blocks:
+            w, g = layer.params[key], layer.grads.get(key)
+            # Only while the towers' gradients and velocities are still views of these arrays (as backward and
+            # checkpoint loading leave them); one replaced from outside is updated on its own below.
+            if g is not None and _one_kernel(w, g, v) and all(
+                    _owner(tl.grads.get(key)) is _owner(g) and self.velocity[n].base is v for n, tl in towers):
+                launches.append((w, g, v, self._decay(key)))
+                done.update(n for n, _ in towers)
         for name, layer, key, t in self.model.param_slots():
-            if (id(layer), key) in done:
+            if name in done:
                 continue
             w, g, v = layer.params[key], layer.grads[key], self.velocity[name]
             wd = self._decay(key)
@@ -90,27 +93,9 @@ class MomentumSGD:
                 "decay_biases": self.decay_biases}
 
 
-def _offset(a, base) -> int:
-    """Where view `a` starts inside `base`, in elements."""
-    def address(x):  # cupy's MemoryPointer, or NumPy's array interface
-        d = x.data
-        return d.ptr if hasattr(d, "ptr") else x.__array_interface__["data"][0]
-
-    return (address(a) - address(base)) // a.itemsize
-
-
-def _tiled_grad(w, parts):
-    """The one array whose row blocks are the gradients of `parts` at the parameters' offsets inside `w` (as the
-    fused model's backward hands them out), viewed with w's shape; None when they are laid out otherwise."""
-    grads = [layer.grads.get(key) for _, layer, key, _ in parts]
-    gb = getattr(grads[0], "base", None)
-    if gb is None or not is_gpu_array(gb) or gb.size != w.size or not gb.flags.c_contiguous:
-        return None
-    for (_, layer, key, off), g in zip(parts, grads):
-        if layer.params[key].base is not w or g.base is not gb or not g.flags.c_contiguous \
-                or g.shape != layer.params[key].shape or _offset(g, gb) != off:
-            return None
-    return gb.reshape(w.shape)
+def _owner(a):
+    """The array that owns `a`'s memory (a itself when it is not a view)."""
+    return a if getattr(a, "base", None) is None else a.base
 
 
 def _one_kernel(w, g, v) -> bool:

@@ -237,7 +237,7 @@ def test_momentum_sgd_updates_the_fused_models_parameters_in_place(cp, monkeypat
             dev.fc8.grads[key] = cp.asarray(grads[f"fc8.{key}"])
         oh.step()
         od.step()
-    assert len(od._tiles) == 14 and len(calls) == 2 * (14 + 2)  # W, b of conv1-5, fc6, fc7; then fc8's two
+    assert len(od._blocks) == 14 and len(calls) == 2 * (14 + 2)  # W, b of conv1-5, fc6, fc7; then fc8's two
     want = host.host_params()
     for name, got in dev.host_params().items():
         np.testing.assert_array_equal(_bits(got), _bits(want[name]), err_msg=name)
@@ -313,6 +313,6 @@ def test_a_fused_training_step_updates_with_one_kernel_per_layer_array(cp, monke
     dev.loss_backward()
     before = dev.host_params()
     opt.step()
-    assert len(calls) == len(opt._tiles) + 2 == 16
+    assert len(calls) == len(opt._blocks) + 2 == 16
     after = dev.host_params()
     assert all(not np.array_equal(after[k], before[k]) for k in before if k.endswith(".W"))  # decayed: all move

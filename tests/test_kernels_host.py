@@ -410,7 +410,7 @@ def test_momentum_sgd_one_kernel_per_array_of_tower_blocks(shim, monkeypatch):
     fast = optim.MomentumSGD(models[0], lr=0.01)
     monkeypatch.setattr(optim, "is_gpu_array", lambda a: False)
     plain = optim.MomentumSGD(models[1], lr=0.01)
-    assert len(fast._tiles) == 14 and not plain._tiles  # W and b of conv1-5, fc6, fc7
+    assert len(fast._blocks) == 14 and not plain._blocks  # W and b of conv1-5, fc6, fc7
     rng = np.random.default_rng(0)
     for _ in range(2):
         grads = {n: rng.standard_normal(w.shape).astype(np.float32) for n, w in models[0].params().items()}
