@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cpnet import backend, ops  # noqa: E402
+from cpnet import backend  # noqa: E402
 from cpnet.model import PRESETS, build_model, make_config  # noqa: E402
 from cpnet.optim import MomentumSGD  # noqa: E402
 

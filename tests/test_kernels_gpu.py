@@ -8,6 +8,7 @@ The elementwise kernels (SGD, dropout, ReLU) repeat the NumPy operations exactly
 
 import numpy as np
 import pytest
+from bitwise import float_bits, random_array, with_specials
 
 from cpnet import backend, kernels
 
@@ -47,10 +48,6 @@ def _shim():
         return None
 
 
-def _x(shape, dtype, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
-
-
 def _host(a):
     return backend.to_host(a)
 
@@ -61,12 +58,12 @@ def test_im2col_col2im_gpu(cp, case, dtype):
     from cpnet.ops.conv import col2im_cpu, im2col_cpu
 
     N, C, H, W, *geom = case
-    x = _x((N, C, H, W), dtype)
+    x = random_array((N, C, H, W), dtype)
     col = kernels.im2col_gpu(cp.asarray(x), *geom)
     assert isinstance(col, cp.ndarray) and col.dtype == dtype
     np.testing.assert_array_equal(_host(col), im2col_cpu(x, *geom))
 
-    c = _x(col.shape, dtype, seed=1)
+    c = random_array(col.shape, dtype, seed=1)
     xg = kernels.col2im_gpu(cp.asarray(c), x.shape, *geom)
     assert xg.shape == x.shape and xg.dtype == dtype
     np.testing.assert_allclose(_host(xg), col2im_cpu(c, x.shape, *geom), **TOL[dtype])
@@ -81,14 +78,14 @@ def test_maxpool_gpu(cp, case, dtype):
     from cpnet.ops.pool import maxpool_backward_cpu, maxpool_forward_cpu
 
     N, C, H, W, k, s, p = case
-    for x in (_x((N, C, H, W), dtype), np.round(_x((N, C, H, W), dtype, seed=2))):  # distinct, and many ties
+    for x in (random_array((N, C, H, W), dtype), np.round(random_array((N, C, H, W), dtype, seed=2))):  # distinct, and many ties
         y, arg = kernels.maxpool_forward_gpu(cp.asarray(x), k, s, p)
         assert arg.dtype == np.int32
         y_ref, arg_ref = maxpool_forward_cpu(x, k, s, p)
         np.testing.assert_array_equal(_host(y), y_ref)
         np.testing.assert_array_equal(_host(arg), arg_ref)
 
-        dy = _x(y.shape, dtype, seed=3)
+        dy = random_array(y.shape, dtype, seed=3)
         dx = kernels.maxpool_backward_gpu(cp.asarray(dy), arg, x.shape, k, s, p)
         np.testing.assert_allclose(_host(dx), maxpool_backward_cpu(dy, arg_ref, x.shape, k, s, p), **TOL[dtype])
         shim = _shim()
@@ -104,13 +101,13 @@ def test_lrn_gpu(cp, case, params, dtype):
 
     N, C, H, W, size = case
     k, alpha, beta = params
-    x = _x((N, C, H, W), dtype)
+    x = random_array((N, C, H, W), dtype)
     y, scale = kernels.lrn_forward_gpu(cp.asarray(x), size, k, alpha, beta)
     y_ref, scale_ref = lrn_forward_cpu(x, size, k, alpha, beta)
     np.testing.assert_allclose(_host(scale), scale_ref, **TOL[dtype])
     np.testing.assert_allclose(_host(y), y_ref, **TOL[dtype])
 
-    dy = _x(x.shape, dtype, seed=4)
+    dy = random_array(x.shape, dtype, seed=4)
     dx = kernels.lrn_backward_gpu(cp.asarray(x), y, scale, cp.asarray(dy), size, alpha, beta)
     np.testing.assert_allclose(_host(dx), lrn_backward_cpu(x, y_ref, scale_ref, dy, size, alpha, beta), **TOL[dtype])
 
@@ -119,15 +116,15 @@ def test_grid_stride_loop_covers_more_elements_than_one_launch(cp):
     """More output elements than GPU_GRID_CAP * GPU_BLOCK threads: the grid-stride loop must reach them all."""
     from cpnet.ops.conv import im2col_cpu
 
-    x = _x((12, 96, 27, 27), np.float32)  # conv2's geometry: 2400 * 12 * 729 = 21M column entries
+    x = random_array((12, 96, 27, 27), np.float32)  # conv2's geometry: 2400 * 12 * 729 = 21M column entries
     col = kernels.im2col_gpu(cp.asarray(x), 5, 5, 1, 1, 2, 2)
     assert col.size > kernels.GPU_GRID_CAP * kernels.GPU_BLOCK
     np.testing.assert_array_equal(_host(col), im2col_cpu(x, 5, 5, 1, 1, 2, 2))
 
 
 def test_results_are_deterministic_and_modules_cached(cp):
-    x = cp.asarray(_x((2, 6, 9, 9), np.float32))
-    dy = cp.asarray(_x((2, 6, 4, 4), np.float32, seed=5))
+    x = cp.asarray(random_array((2, 6, 9, 9), np.float32))
+    dy = cp.asarray(random_array((2, 6, 4, 4), np.float32, seed=5))
     first = None
     for _ in range(2):
         y, arg = kernels.maxpool_forward_gpu(x, 3, 2, 0)
@@ -148,14 +145,14 @@ def test_results_are_deterministic_and_modules_cached(cp):
 
 def test_gpu_functions_reject_host_arrays(cp):
     with pytest.raises(TypeError, match="cupy array"):
-        kernels.im2col_gpu(_x((1, 1, 4, 4), np.float32), 3, 3, 1, 1, 0, 0)
+        kernels.im2col_gpu(random_array((1, 1, 4, 4), np.float32), 3, 3, 1, 1, 0, 0)
 
 
 @pytest.mark.skipif(backend.gpu_count() < 2, reason="needs two GPUs")
 def test_kernels_run_on_the_inputs_device(cp):
     from cpnet.ops.pool import maxpool_forward_cpu
 
-    x = _x((1, 2, 7, 7), np.float64)
+    x = random_array((1, 2, 7, 7), np.float64)
     with cp.cuda.Device(1):
         xg = cp.asarray(x)
     y, arg = kernels.maxpool_forward_gpu(xg, 3, 2, 0)  # the current device is still 0
@@ -170,36 +167,23 @@ def test_kernels_run_on_the_inputs_device(cp):
 ELEMENTWISE_SHAPES = [(1,), (255,), (257,), (3, 1001), (128, 4096)]
 
 
-def _bits(a):
-    a = np.ascontiguousarray(a)
-    return a.view(f"u{a.itemsize}")
-
-
 def _bitwise(cp, actual, expected):
     """Bit for bit (so -0.0 != 0.0), except NaN payloads: the GPU writes its canonical NaN, x86 another."""
     actual = cp.asnumpy(actual)
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, (actual.dtype, actual.shape)
     nan = np.isnan(expected)
     np.testing.assert_array_equal(np.isnan(actual), nan)
-    np.testing.assert_array_equal(_bits(actual)[~nan], _bits(expected)[~nan])
-
-
-def _specials(shape, dtype, seed):
-    x = _x(shape, dtype, seed).ravel()
-    for i, v in enumerate((0.0, -0.0, np.inf, -np.inf, np.nan)):
-        if 3 * i < x.size:
-            x[3 * i] = v
-    return x.reshape(shape)
+    np.testing.assert_array_equal(float_bits(actual)[~nan], float_bits(expected)[~nan])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES, ids=str)
 def test_sgd_momentum_gpu(cp, shape, dtype):
     """Three updates in place on the GPU against MomentumSGD's NumPy statements."""
-    w, v = _x(shape, dtype, 10), np.zeros(shape, dtype)
+    w, v = random_array(shape, dtype, 10), np.zeros(shape, dtype)
     wg, vg = cp.asarray(w), cp.asarray(v)
     for step, (lr, m, wd) in enumerate(((0.01, 0.9, 5e-4), (0.37, 0.5, 0.0), (0.001, 0.99, 1e-2))):
-        g = _x(shape, dtype, 11 + step) * dtype(10.0 ** -step)
+        g = random_array(shape, dtype, 11 + step) * dtype(10.0 ** -step)
         v *= m
         if wd:
             v -= (wd * lr) * w
@@ -240,11 +224,11 @@ def test_momentum_sgd_updates_the_fused_models_parameters_in_place(cp, monkeypat
     assert len(od._blocks) == 14 and len(calls) == 2 * (14 + 2)  # W, b of conv1-5, fc6, fc7; then fc8's two
     want = host.host_params()
     for name, got in dev.host_params().items():
-        np.testing.assert_array_equal(_bits(got), _bits(want[name]), err_msg=name)
+        np.testing.assert_array_equal(float_bits(got), float_bits(want[name]), err_msg=name)
     for lname, layer in dev._fused_net.named():  # the fused layers see the same memory
         for key, full in layer.params.items():
             both = np.concatenate([want[f"t{t}.{lname}.{key}"] for t in range(2)])
-            np.testing.assert_array_equal(_bits(cp.asnumpy(full)), _bits(both), err_msg=f"{lname}.{key}")
+            np.testing.assert_array_equal(float_bits(cp.asnumpy(full)), float_bits(both), err_msg=f"{lname}.{key}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -254,7 +238,7 @@ def test_dropout_forward_gpu(cp, shape, p, dtype):
     from cpnet.layers import counter_keys, counter_uniform
     from cpnet.ops import dropout_forward
 
-    x = _specials(shape, dtype, 12)
+    x = with_specials(shape, dtype, 12)
     for seed, step in ((0, 0), (9, 3), (2**31 + 5, 10**6)):
         keep = counter_uniform(np, shape, seed, step, dtype) >= dtype(p)
         with np.errstate(invalid="ignore"):
@@ -269,11 +253,11 @@ def test_dropout_forward_gpu(cp, shape, p, dtype):
 def test_relu_gpu(cp, shape, dtype):
     from cpnet.ops import relu_backward, relu_forward
 
-    x = _specials(shape, dtype, 13)
+    x = with_specials(shape, dtype, 13)
     y_ref, cache_ref = relu_forward(x)
     y = kernels.relu_forward_gpu(cp.asarray(x))
     _bitwise(cp, y, y_ref)
-    dy = _specials(shape, dtype, 14)
+    dy = with_specials(shape, dtype, 14)
     _bitwise(cp, kernels.relu_backward_gpu(y, cp.asarray(dy)), relu_backward(dy, cache_ref))
     y_op, cache = relu_forward(cp.asarray(x))  # the op takes the kernel path for CuPy arrays
     _bitwise(cp, y_op, y_ref)
@@ -287,7 +271,7 @@ def test_elementwise_kernels_cover_more_elements_than_one_launch(cp, chunk, monk
 
     if chunk is not None:
         monkeypatch.setattr(kernels, "ELEMENTWISE_CHUNK", chunk)
-    x = _x((4100, 4100), np.float32, 15)
+    x = random_array((4100, 4100), np.float32, 15)
     assert x.size > kernels.GPU_GRID_CAP * kernels.GPU_BLOCK
     y, mask = kernels.dropout_forward_gpu(cp.asarray(x), 0.5, *counter_keys(3, 4))
     keep = counter_uniform(np, x.shape, 3, 4, np.float32) >= np.float32(0.5)

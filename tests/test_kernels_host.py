@@ -15,6 +15,7 @@ import types
 
 import numpy as np
 import pytest
+from bitwise import float_bits, random_array, with_specials
 
 from cpnet import kernels
 
@@ -203,10 +204,6 @@ ALL_POOL = POOL_CASES + _random_pool_cases(2)
 ALL_LRN = LRN_CASES + _random_lrn_cases(3)
 
 
-def _x(shape, dtype, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
-
-
 def _distinct(shape, dtype, seed=0):
     """A random permutation of well-separated values: no ties anywhere."""
     return (np.random.default_rng(seed).permutation(math.prod(shape)).reshape(shape) * 0.5 - 7.0).astype(dtype)
@@ -224,7 +221,7 @@ def _close(actual, expected, dtype):
 @pytest.mark.parametrize("case", ALL_CONV, ids=str)
 def test_im2col(shim, case, dtype):
     N, C, H, W, *geom = case
-    x = _x((N, C, H, W), dtype)
+    x = random_array((N, C, H, W), dtype)
     col = shim.im2col_host(x, *geom)
     assert col.dtype == dtype and col.flags.c_contiguous
     np.testing.assert_array_equal(col, naive_im2col(x, *geom))
@@ -236,7 +233,7 @@ def test_im2col(shim, case, dtype):
 def test_col2im(shim, case, dtype):
     N, C, H, W, kh, kw, sy, sx, ph, pw = case
     Ho, Wo = _outs(H, W, kh, kw, sy, sx, ph, pw)
-    col = _x((C * kh * kw, N * Ho * Wo), dtype, seed=1)
+    col = random_array((C * kh * kw, N * Ho * Wo), dtype, seed=1)
     x = shim.col2im_host(col, (N, C, H, W), kh, kw, sy, sx, ph, pw)
     assert x.shape == (N, C, H, W) and x.dtype == dtype
     _close(x, naive_col2im(col, (N, C, H, W), kh, kw, sy, sx, ph, pw), dtype)
@@ -247,8 +244,8 @@ def test_col2im(shim, case, dtype):
 def test_col2im_is_the_adjoint_of_im2col(shim, dtype):
     """<im2col(x), c> == <x, col2im(c)> for every geometry."""
     for N, C, H, W, *geom in ALL_CONV:
-        x = _x((N, C, H, W), dtype, seed=2)
-        c = _x(shim.im2col_host(x, *geom).shape, dtype, seed=3)
+        x = random_array((N, C, H, W), dtype, seed=2)
+        c = random_array(shim.im2col_host(x, *geom).shape, dtype, seed=3)
         lhs = float(np.vdot(shim.im2col_host(x, *geom).astype(np.float64), c))
         rhs = float(np.vdot(x.astype(np.float64), shim.col2im_host(c, x.shape, *geom)))
         assert lhs == pytest.approx(rhs, rel=1e-4 if dtype == np.float32 else 1e-12, abs=1e-5)
@@ -258,7 +255,7 @@ def test_col2im_is_the_adjoint_of_im2col(shim, dtype):
 @pytest.mark.parametrize("case", ALL_POOL, ids=str)
 def test_maxpool_forward(shim, case, dtype):
     N, C, H, W, k, s, p = case
-    for x in (_distinct((N, C, H, W), dtype), np.round(_x((N, C, H, W), dtype, seed=4))):  # no ties, many ties
+    for x in (_distinct((N, C, H, W), dtype), np.round(random_array((N, C, H, W), dtype, seed=4))):  # no ties, many ties
         y, arg = shim.maxpool_forward_host(x, k, s, p)
         assert arg.dtype == np.int32
         y_ref, arg_ref = naive_maxpool_forward(x, k, s, p)
@@ -283,9 +280,9 @@ def test_maxpool_ties_go_to_the_first_maximum_and_padding_never_wins(shim, dtype
 @pytest.mark.parametrize("case", ALL_POOL, ids=str)
 def test_maxpool_backward(shim, case, dtype):
     N, C, H, W, k, s, p = case
-    for x in (_distinct((N, C, H, W), dtype), np.round(_x((N, C, H, W), dtype, seed=5))):
+    for x in (_distinct((N, C, H, W), dtype), np.round(random_array((N, C, H, W), dtype, seed=5))):
         y, arg = shim.maxpool_forward_host(x, k, s, p)
-        dy = _x(y.shape, dtype, seed=6)
+        dy = random_array(y.shape, dtype, seed=6)
         dx = shim.maxpool_backward_host(dy, arg, x.shape, k, s, p)
         assert dx.shape == x.shape and dx.dtype == dtype
         _close(dx, naive_maxpool_backward(dy, arg, x.shape), dtype)
@@ -297,7 +294,7 @@ def test_maxpool_backward(shim, case, dtype):
 @pytest.mark.parametrize("case", ALL_LRN, ids=str)
 def test_lrn_forward(shim, case, params, dtype):
     N, C, H, W, size = case
-    x = _x((N, C, H, W), dtype, seed=7)
+    x = random_array((N, C, H, W), dtype, seed=7)
     y, scale = shim.lrn_forward_host(x, size, *params)
     assert y.dtype == scale.dtype == dtype
     y_ref, scale_ref = naive_lrn_forward(x, size, *params)
@@ -314,9 +311,9 @@ def test_lrn_forward(shim, case, params, dtype):
 def test_lrn_backward(shim, case, params, dtype):
     N, C, H, W, size = case
     k, alpha, beta = params
-    x = _x((N, C, H, W), dtype, seed=8)
+    x = random_array((N, C, H, W), dtype, seed=8)
     y, scale = shim.lrn_forward_host(x, size, k, alpha, beta)
-    dy = _x(x.shape, dtype, seed=9)
+    dy = random_array(x.shape, dtype, seed=9)
     dx = shim.lrn_backward_host(x, y, scale, dy, size, alpha, beta)
     assert dx.dtype == dtype
     _close(dx, naive_lrn_backward(x, y, scale, dy, size, alpha, beta), dtype)
@@ -328,24 +325,9 @@ def test_lrn_backward(shim, case, params, dtype):
 ELEMENTWISE_SHAPES = [(1,), (7,), (31,), (33,), (5, 7), (3, 100), (2, 3, 5, 7)]  # sizes off the 32-thread blocks
 
 
-def _bits(a):
-    """The raw bits of a float array (so -0.0 != 0.0 and NaNs compare by payload)."""
-    a = np.ascontiguousarray(a)
-    return a.view({4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
-
-
 def _bitwise(actual, expected):
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, (actual.dtype, actual.shape)
-    np.testing.assert_array_equal(_bits(actual), _bits(expected))
-
-
-def _specials(shape, dtype, seed):
-    """Random values with zeros of both signs, infinities and a NaN sprinkled in (where there is room)."""
-    x = _x(shape, dtype, seed).ravel()
-    for i, v in enumerate((0.0, -0.0, np.inf, -np.inf, np.nan)):
-        if 3 * i < x.size:
-            x[3 * i] = v
-    return x.reshape(shape)
+    np.testing.assert_array_equal(float_bits(actual), float_bits(expected))
 
 
 class _OneLayer:
@@ -375,12 +357,12 @@ def test_sgd_momentum(shim, shape, hyper, dtype):
     from cpnet.optim import MomentumSGD
 
     lr, m, wd, decay_biases = hyper
-    model = _OneLayerModel(_x(shape, dtype, 20), _x(shape[:1], dtype, 21))
+    model = _OneLayerModel(random_array(shape, dtype, 20), random_array(shape[:1], dtype, 21))
     opt = MomentumSGD(model, lr=lr, momentum=m, weight_decay=wd, decay_biases=decay_biases)
     mine = {k: (a.copy(), np.zeros_like(a)) for k, a in model.layer.params.items()}  # (w, v) the kernel updates
     for step in range(3):
         for i, (k, a) in enumerate(model.layer.params.items()):
-            model.layer.grads[k] = _x(a.shape, dtype, 30 + 2 * step + i) * dtype(10.0 ** (i - step))
+            model.layer.grads[k] = random_array(a.shape, dtype, 30 + 2 * step + i) * dtype(10.0 ** (i - step))
         opt.step()
         for k, (w, v) in mine.items():
             wd_k = wd if (k == "W" or decay_biases) else 0.0
@@ -450,7 +432,7 @@ def test_dropout_forward(shim, shape, p, dtype):
     from cpnet.layers import counter_keys, counter_uniform
     from cpnet.ops import dropout_forward
 
-    x = _specials(shape, dtype, 22)
+    x = with_specials(shape, dtype, 22)
     for seed, step in ((0, 0), (9, 3), (2**31 + 5, 10**6)):
         keep = counter_uniform(np, shape, seed, step, dtype) >= dtype(p)
         with np.errstate(invalid="ignore"):  # inf * 0
@@ -465,7 +447,7 @@ def test_dropout_forward(shim, shape, p, dtype):
 def test_relu_forward(shim, shape, dtype):
     from cpnet.ops import relu_forward
 
-    x = _specials(shape, dtype, 23)
+    x = with_specials(shape, dtype, 23)
     y_ref, cache = relu_forward(x)
     y = shim.relu_forward_host(x)
     _bitwise(y, y_ref)
@@ -477,9 +459,9 @@ def test_relu_forward(shim, shape, dtype):
 def test_relu_backward(shim, shape, dtype):
     from cpnet.ops import relu_backward, relu_forward
 
-    x = _specials(shape, dtype, 24)
+    x = with_specials(shape, dtype, 24)
     y, cache = relu_forward(x)
-    dy = _specials(shape, dtype, 25)[..., ::-1].copy()
+    dy = with_specials(shape, dtype, 25)[..., ::-1].copy()
     dx = shim.relu_backward_host(y, dy)
     _bitwise(dx, relu_backward(dy, cache))
     _bitwise(dx, np.where(x > 0, dy, dtype(0)))
@@ -548,9 +530,9 @@ _LAUNCHES = [(1, 1), (7, 3), (32, 1), (64, 10**6)]  # one thread; odd shape; one
 
 def _run_all_kernels(shim):
     """Every kernel once, on small odd shapes; returns their outputs in a fixed order."""
-    x = _x((2, 5, 6, 7), np.float32, seed=10)
-    dy_pool = _x((2, 5, 2, 3), np.float32, seed=11)
-    dy = _x(x.shape, np.float32, seed=12)
+    x = random_array((2, 5, 6, 7), np.float32, seed=10)
+    dy_pool = random_array((2, 5, 2, 3), np.float32, seed=11)
+    dy = random_array(x.shape, np.float32, seed=12)
     col = shim.im2col_host(x, 3, 2, 2, 1, 1, 1)
     y, arg = shim.maxpool_forward_host(x, 3, 2, 0)
     ly, ls = shim.lrn_forward_host(x, 5, 2.0, 0.1, 0.75)
@@ -592,9 +574,9 @@ def test_the_64_bit_index_path_gives_the_same_results(shim, monkeypatch):
 
 def _run_elementwise_kernels(shim):
     """Every elementwise kernel once on an odd size; returns the outputs in a fixed order."""
-    x = _specials((3, 37), np.float32, 26)
-    dy = _x(x.shape, np.float32, 27)
-    w, v = _x(x.shape, np.float32, 28), _x(x.shape, np.float32, 29)
+    x = with_specials((3, 37), np.float32, 26)
+    dy = random_array(x.shape, np.float32, 27)
+    w, v = random_array(x.shape, np.float32, 28), random_array(x.shape, np.float32, 29)
     shim.sgd_momentum_host(w, dy, v, 0.9, 5e-6, 0.01)
     y = shim.relu_forward_host(x)
     return [w, v, *shim.dropout_forward_host(x, 0.5, 12345, 2**32 - 7), y, shim.relu_backward_host(y, dy)]
@@ -620,7 +602,7 @@ def test_elementwise_kernels_in_chunks_give_the_same_results(shim, monkeypatch):
 
 def test_elementwise_functions_check_their_inputs(shim):
     assert kernels._bits32(2**32 - 1) == -1 and kernels._bits32(2**31) == -(2**31) and kernels._bits32(5) == 5
-    w = _x((4, 6), np.float32)
+    w = random_array((4, 6), np.float32)
     with pytest.raises(ValueError, match="w is updated in place and must be C-contiguous"):
         shim.sgd_momentum_host(w.T, w.T.copy(), np.zeros((6, 4), np.float32), 0.9, 0.0, 0.1)
     with pytest.raises(ValueError, match="expected v of w's shape"):
@@ -632,9 +614,9 @@ def test_elementwise_functions_check_their_inputs(shim):
     with pytest.raises(ValueError, match="expected dy of y's shape"):
         shim.relu_backward_host(w, w[:2])
     # In place through row-block views of one array (the fused model's parameters), and g may be strided.
-    full, vfull = _x((6, 5), np.float64, 1), np.zeros((6, 5))
+    full, vfull = random_array((6, 5), np.float64, 1), np.zeros((6, 5))
     ref_w, ref_v = full.copy(), vfull.copy()
-    g = _x((5, 6), np.float64, 2).T
+    g = random_array((5, 6), np.float64, 2).T
     for rows in (slice(0, 2), slice(2, 6)):
         shim.sgd_momentum_host(full[rows], g[rows], vfull[rows], 0.9, 1e-3, 0.1)
     shim.sgd_momentum_host(ref_w, np.ascontiguousarray(g), ref_v, 0.9, 1e-3, 0.1)
@@ -700,7 +682,7 @@ def test_gpu_entry_points_with_a_stand_in_cupy(shim, monkeypatch):
 
     for dtype in DTYPES:
         for _ in range(2):  # the second round must reuse the compiled modules
-            x = _x((2, 3, 7, 6), dtype, seed=13)
+            x = random_array((2, 3, 7, 6), dtype, seed=13)
             col = kernels.im2col_gpu(cp.asarray(x), 3, 2, 2, 1, 1, 1)
             np.testing.assert_array_equal(col, shim.im2col_host(x, 3, 2, 2, 1, 1, 1))
             np.testing.assert_array_equal(kernels.col2im_gpu(col, x.shape, 3, 2, 2, 1, 1, 1),
@@ -709,18 +691,18 @@ def test_gpu_entry_points_with_a_stand_in_cupy(shim, monkeypatch):
             y_ref, arg_ref = shim.maxpool_forward_host(x, 3, 2, 1)
             np.testing.assert_array_equal(y, y_ref)
             np.testing.assert_array_equal(arg, arg_ref)
-            dy = _x(y.shape, dtype, seed=14)
+            dy = random_array(y.shape, dtype, seed=14)
             np.testing.assert_array_equal(kernels.maxpool_backward_gpu(cp.asarray(dy), arg, x.shape, 3, 2, 1),
                                           shim.maxpool_backward_host(dy, arg_ref, x.shape, 3, 2, 1))
             ly, ls = kernels.lrn_forward_gpu(cp.asarray(x), 4, 2.0, 0.1, 0.75)
             ly_ref, ls_ref = shim.lrn_forward_host(x, 4, 2.0, 0.1, 0.75)
             np.testing.assert_array_equal(ly, ly_ref)
             np.testing.assert_array_equal(ls, ls_ref)
-            dly = _x(x.shape, dtype, seed=15)
+            dly = random_array(x.shape, dtype, seed=15)
             np.testing.assert_array_equal(kernels.lrn_backward_gpu(cp.asarray(x), ly, ls, cp.asarray(dly), 4, 0.1, 0.75),
                                           shim.lrn_backward_host(x, ly_ref, ls_ref, dly, 4, 0.1, 0.75))
             # The elementwise kernels; sgd_momentum_gpu updates its w and v in place.
-            w, v, g = cp.asarray(_x(x.shape, dtype, 16)), cp.asarray(_x(x.shape, dtype, 17)), _x(x.shape, dtype, 18)
+            w, v, g = cp.asarray(random_array(x.shape, dtype, 16)), cp.asarray(random_array(x.shape, dtype, 17)), random_array(x.shape, dtype, 18)
             w_ref, v_ref = np.array(w), np.array(v)
             assert kernels.sgd_momentum_gpu(w, cp.asarray(g), v, 0.9, 5e-6, 0.01) is None
             shim.sgd_momentum_host(w_ref, g, v_ref, 0.9, 5e-6, 0.01)
@@ -744,11 +726,11 @@ def test_gpu_entry_points_with_a_stand_in_cupy(shim, monkeypatch):
     assert ("sgd_momentum_kernel", (1,), (256,)) in launches  # 2*3*7*6 = 252 elements
 
     with pytest.raises(TypeError, match="cupy array"):
-        kernels.lrn_forward_gpu(_x((1, 2, 2, 2), np.float32), 5, 2.0, 1e-4, 0.75)
+        kernels.lrn_forward_gpu(random_array((1, 2, 2, 2), np.float32), 5, 2.0, 1e-4, 0.75)
 
 
 def test_host_functions_check_their_inputs(shim):
-    x = _x((1, 2, 5, 5), np.float32)
+    x = random_array((1, 2, 5, 5), np.float32)
     with pytest.raises(ValueError, match="float32 or float64"):
         shim.im2col_host(x.astype(np.int32), 3, 3, 1, 1, 0, 0)
     with pytest.raises(ValueError, match="4-d"):
