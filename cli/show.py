@@ -22,22 +22,6 @@ def _save(image, out):
     click.echo(f"wrote {out} ({image.width}x{image.height})")
 
 
-def _load_model(checkpoint):
-    """(model, ckpt) with a clear error when the file lacks some of the parameters its config needs."""
-    from cpnet.checkpoint import load
-    from cpnet.errors import CpnetError
-    from cpnet.model import build_model
-
-    ck = load(checkpoint, with_momentum=False)
-    layers = [f"t{t}.{name}" for t in range(2) for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")]
-    missing = [f"{layer}.{key}" for layer in layers + ["fc8"] for key in ("W", "b") if f"{layer}.{key}" not in ck.params]
-    if missing:
-        raise CpnetError(f"{checkpoint}: checkpoint lacks parameters {', '.join(missing[:4])}"
-                         + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
-    model = build_model(ck.config, params=ck.params)
-    return model, ck
-
-
 def _open_data(path, flag, ck, checkpoint):
     """An H5Dataset checked against the checkpoint (same classes, images at least as large as the crop)."""
     import os
@@ -161,7 +145,9 @@ def predictions(checkpoint, data, n, seed, cols, out):
     from cpnet.evaluate import predict_proba
     from cpnet.viz import predictions_panel
 
-    model, ck = _load_model(checkpoint)
+    from cpnet.checkpoint import load_model
+
+    model, ck = load_model(checkpoint)  # a file missing parameters: a clear error naming it
     with _open_data(data, "--data", ck, checkpoint) as ds:
         idx = _pick(ds, n, seed, "-n", data)
         images, labels = ds.read(idx), ds.labels[idx]
@@ -194,7 +180,9 @@ def neighbors(checkpoint, query, pool, n, k, seed, batch_size, workers, out):
     from cpnet.errors import CpnetError
     from cpnet.viz import fc7_features, nearest_neighbors, neighbors_panel
 
-    model, ck = _load_model(checkpoint)
+    from cpnet.checkpoint import load_model
+
+    model, ck = load_model(checkpoint)  # a file missing parameters: a clear error naming it
     with _open_data(query, "--query", ck, checkpoint) as qds:
         qi = _pick(qds, n, seed, "-n", query)
         q_images, q_labels = qds.read(qi), qds.labels[qi]

@@ -163,7 +163,7 @@ def test_predictions_incomplete_checkpoint(tiny, tmp_path):
     checkpoint.save(path, checkpoint.Checkpoint(**{**ck.__dict__, "params": {
         k: v for k, v in ck.params.items() if not k.startswith("fc8")}}))
     r = invoke("show", "predictions", path, "--data", d / "val.h5", "-o", tmp_path / "p.png")
-    assert r.exit_code != 0 and "lacks parameters" in r.output and "Traceback" not in r.output
+    assert r.exit_code != 0 and "parameters missing" in r.output and "Traceback" not in r.output
 
 
 # ---- neighbours -------------------------------------------------------------------------------------------------
