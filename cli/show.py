@@ -144,7 +144,6 @@ def predictions(checkpoint, data, n, seed, cols, out):
     """
     from cpnet.evaluate import predict_proba
     from cpnet.viz import predictions_panel
-
     from cpnet.checkpoint import load_model
 
     model, ck = load_model(checkpoint)  # a file missing parameters: a clear error naming it
@@ -179,7 +178,6 @@ def neighbors(checkpoint, query, pool, n, k, seed, batch_size, workers, out):
     from cpnet.data import EvalLoader
     from cpnet.errors import CpnetError
     from cpnet.viz import fc7_features, nearest_neighbors, neighbors_panel
-
     from cpnet.checkpoint import load_model
 
     model, ck = load_model(checkpoint)  # a file missing parameters: a clear error naming it
