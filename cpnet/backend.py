@@ -298,6 +298,14 @@ def gpu_name(index: int = 0) -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
+def _cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def default_host_threads(workers: int = 0) -> int:
     """BLAS threads for the host path: the CPUs not taken by the loader's worker processes, shared by the two
     towers that run in two threads (model.AlexNet): half of them each, at least 1.
@@ -305,10 +313,7 @@ def default_host_threads(workers: int = 0) -> int:
     OpenBLAS threads spin while they wait: with more runnable threads than cores a GEMM can run a hundred times
     slower (docs/PERFORMANCE.md). `--threads` overrides this.
     """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
+    cpus = _cpu_count()
     return max(1, (cpus - max(0, int(workers))) // 2)
 
 
@@ -322,10 +327,7 @@ def default_loader_workers(devices=None) -> int:
     """
     if not any(d.is_gpu for d in (devices if devices is not None else default_placement(2))):
         return 0
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
+    cpus = _cpu_count()
     return max(0, min(12, cpus - 2))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+from cpnet.kernels import DTYPES as KERNEL_DTYPES  # the element types the CUDA kernels are compiled for
 
 
 def fail(op: str, msg: str):
