@@ -68,3 +68,37 @@ def lrn(x, size, k, alpha, beta, convention):
                             s += float(x[n, cc, h, w]) ** 2
                     y[n, c, h, w] = float(x[n, c, h, w]) * math.pow(k + a * s, -beta)
     return y
+
+
+def _im2col_pairs(x_shape, kh, kw, sy, sx, ph, pw):
+    """(col row, col column, (n, c, h, w)) for every in-bounds position of the im2col layout: row
+    c*kh*kw + i*kw + j, column n*Ho*Wo + oy*Wo + ox, reading x[n, c, oy*sy - ph + i, ox*sx - pw + j]."""
+    N, C, H, W = x_shape
+    Ho, Wo = (H + 2 * ph - kh) // sy + 1, (W + 2 * pw - kw) // sx + 1
+    for c in range(C):
+        for i in range(kh):
+            for j in range(kw):
+                for n in range(N):
+                    for oy in range(Ho):
+                        for ox in range(Wo):
+                            h, w = oy * sy - ph + i, ox * sx - pw + j
+                            if 0 <= h < H and 0 <= w < W:
+                                yield c * kh * kw + i * kw + j, n * Ho * Wo + oy * Wo + ox, (n, c, h, w)
+
+
+def im2col(x, kh, kw, sy, sx, ph, pw):
+    """The column matrix (C*kh*kw, N*Ho*Wo), zeros where a window reaches into the padding."""
+    N, C, H, W = x.shape
+    Ho, Wo = (H + 2 * ph - kh) // sy + 1, (W + 2 * pw - kw) // sx + 1
+    col = np.zeros((C * kh * kw, N * Ho * Wo), dtype=x.dtype)
+    for r, q, at in _im2col_pairs(x.shape, kh, kw, sy, sx, ph, pw):
+        col[r, q] = x[at]
+    return col
+
+
+def col2im(col, x_shape, kh, kw, sy, sx, ph, pw):
+    """The adjoint of im2col: every column entry added back onto the input position it was read from (float64)."""
+    x = np.zeros(x_shape, dtype=np.float64)
+    for r, q, at in _im2col_pairs(x_shape, kh, kw, sy, sx, ph, pw):
+        x[at] += col[r, q]
+    return x

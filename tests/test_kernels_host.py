@@ -16,6 +16,7 @@ import types
 import numpy as np
 import pytest
 from bitwise import float_bits, random_array, with_specials
+import naive
 
 from cpnet import kernels
 
@@ -50,38 +51,6 @@ def _ops(module, name):
 
 def _outs(H, W, kh, kw, sy, sx, ph, pw):
     return (H + 2 * ph - kh) // sy + 1, (W + 2 * pw - kw) // sx + 1
-
-
-def naive_im2col(x, kh, kw, sy, sx, ph, pw):
-    N, C, H, W = x.shape
-    Ho, Wo = _outs(H, W, kh, kw, sy, sx, ph, pw)
-    col = np.zeros((C * kh * kw, N * Ho * Wo), dtype=x.dtype)
-    for c in range(C):
-        for i in range(kh):
-            for j in range(kw):
-                for n in range(N):
-                    for oy in range(Ho):
-                        for ox in range(Wo):
-                            h, w = oy * sy - ph + i, ox * sx - pw + j
-                            if 0 <= h < H and 0 <= w < W:
-                                col[c * kh * kw + i * kw + j, n * Ho * Wo + oy * Wo + ox] = x[n, c, h, w]
-    return col
-
-
-def naive_col2im(col, x_shape, kh, kw, sy, sx, ph, pw):
-    N, C, H, W = x_shape
-    Ho, Wo = _outs(H, W, kh, kw, sy, sx, ph, pw)
-    x = np.zeros(x_shape, dtype=np.float64)
-    for c in range(C):
-        for i in range(kh):
-            for j in range(kw):
-                for n in range(N):
-                    for oy in range(Ho):
-                        for ox in range(Wo):
-                            h, w = oy * sy - ph + i, ox * sx - pw + j
-                            if 0 <= h < H and 0 <= w < W:
-                                x[n, c, h, w] += col[c * kh * kw + i * kw + j, n * Ho * Wo + oy * Wo + ox]
-    return x
 
 
 def naive_maxpool_forward(x, k, s, p):
@@ -224,7 +193,7 @@ def test_im2col(shim, case, dtype):
     x = random_array((N, C, H, W), dtype)
     col = shim.im2col_host(x, *geom)
     assert col.dtype == dtype and col.flags.c_contiguous
-    np.testing.assert_array_equal(col, naive_im2col(x, *geom))
+    np.testing.assert_array_equal(col, naive.im2col(x, *geom))
     np.testing.assert_array_equal(col, _ops("conv", "im2col_cpu")(x, *geom))
 
 
@@ -236,7 +205,7 @@ def test_col2im(shim, case, dtype):
     col = random_array((C * kh * kw, N * Ho * Wo), dtype, seed=1)
     x = shim.col2im_host(col, (N, C, H, W), kh, kw, sy, sx, ph, pw)
     assert x.shape == (N, C, H, W) and x.dtype == dtype
-    _close(x, naive_col2im(col, (N, C, H, W), kh, kw, sy, sx, ph, pw), dtype)
+    _close(x, naive.col2im(col, (N, C, H, W), kh, kw, sy, sx, ph, pw), dtype)
     _close(x, _ops("conv", "col2im_cpu")(col, (N, C, H, W), kh, kw, sy, sx, ph, pw), dtype)
 
 
