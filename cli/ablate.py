@@ -2,33 +2,37 @@
 
 import click
 
+from cpnet.ablate import TRAIN_DEFAULTS, AblationConfig
+from cpnet.config import defaults
+
+D = {**defaults(), **TRAIN_DEFAULTS, **defaults(AblationConfig)}  # the flags' defaults: the configs'
+
 
 @click.command("ablate")
 @click.option("--data", required=True, type=click.Path(), help="Folder with train.h5 and val.h5 (from `cpnet prep`).")
 @click.option("--out", default="ablation", show_default=True, type=click.Path(file_okay=False),
               help="Folder for ablation.md, ablation.json, ablation.png and runs/<name>/ (one training each).")
-@click.option("--experiments", default="activation,lrn,pool,dropout", show_default=True,
+@click.option("--experiments", default=",".join(D["experiments"]), show_default=True,
               help="Comma-separated: activation (ReLU vs tanh), lrn, pool (3/2 vs 2/2), dropout.")
-@click.option("--model", default="alexnet-small", show_default=True, help="alexnet | alexnet-small | alexnet-tiny")
-@click.option("--epochs", default=4, show_default=True, help="Budget of every run, in epochs.")
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--lr", default=0.01, show_default=True, help="Learning rate (constant, the same for every run).")
-@click.option("--momentum", default=0.9, show_default=True)
-@click.option("--weight-decay", default=5e-4, show_default=True)
-@click.option("--seed", default=0, show_default=True, help="The same seed for every run.")
-@click.option("--crop", type=int, default=None, help="Crop size [default: as `cpnet train`].")
-@click.option("--conventions", default="paper", show_default=True, help="paper | ccn2 | caffe (LRN flavour).")
-@click.option("--init", default="he", show_default=True, help="he | paper | caffe.")
-@click.option("--scale", type=float, default=None, help="Multiply mean-subtracted 0-255 inputs by this "
+@click.option("--model", default=D["model"], show_default=True, help="alexnet | alexnet-small | alexnet-tiny")
+@click.option("--epochs", default=D["epochs"], show_default=True, help="Budget of every run, in epochs.")
+@click.option("--batch-size", default=D["batch_size"], show_default=True)
+@click.option("--lr", default=D["lr"], show_default=True, help="Learning rate (constant, the same for every run).")
+@click.option("--momentum", default=D["momentum"], show_default=True)
+@click.option("--weight-decay", default=D["weight_decay"], show_default=True)
+@click.option("--seed", default=D["seed"], show_default=True, help="The same seed for every run.")
+@click.option("--crop", type=int, default=D["crop"], help="Crop size [default: as `cpnet train`].")
+@click.option("--conventions", default=D["conventions"], show_default=True, help="paper | ccn2 | caffe (LRN flavour).")
+@click.option("--init", default=D["init"], show_default=True, help="he | paper | caffe.")
+@click.option("--scale", type=float, default=D["scale"], help="Multiply mean-subtracted 0-255 inputs by this "
               "[default: as `cpnet train`: 1/their standard deviation with --init he, 1 otherwise].")
-@click.option("--lighting", default=0.1, show_default=True, help="PCA lighting sigma (0 disables).")
-@click.option("--workers", default=0, show_default=True, help="Loader worker processes.")
-@click.option("--target", default=0.25, show_default=True,
+@click.option("--lighting", default=D["lighting"], show_default=True, help="PCA lighting sigma (0 disables).")
+@click.option("--workers", default=D["workers"], show_default=True, help="Loader worker processes.")
+@click.option("--target", default=D["target"], show_default=True,
               help="Training error the activation pair races to (the paper's Figure 1: 25%).")
-@click.option("--window", default=20, show_default=True,
+@click.option("--window", default=D["window"], show_default=True,
               help="Batches averaged for the training error that is compared with --target.")
-def command(data, out, experiments, model, epochs, batch_size, lr, momentum, weight_decay, seed, crop, conventions,
-            init, scale, lighting, workers, target, window):
+def command(experiments, **options):
     """The paper's design claims at small scale: short trainings that differ in one choice each.
 
     ReLU vs tanh (iterations until the training error first reaches --target), with vs without LRN, overlapping
@@ -38,14 +42,12 @@ def command(data, out, experiments, model, epochs, batch_size, lr, momentum, wei
     """
     import time
 
-    from cpnet.ablate import AblationConfig, run, write_outputs
+    from cpnet.ablate import ablation_config, run, write_outputs
 
     from ._progress import Line, fmt_time
 
-    cfg = AblationConfig(data=data, out=out, experiments=[e.strip() for e in experiments.split(",") if e.strip()],
-                         model=model, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                         weight_decay=weight_decay, seed=seed, crop=crop, conventions=conventions, init=init,
-                         scale=scale, lighting=lighting, workers=workers, target=target, window=window)
+    cfg = ablation_config(experiments=[e.strip() for e in experiments.split(",") if e.strip()], **options)
+    out, epochs, target = cfg.train.out, cfg.train.epochs, cfg.target
     line = Line()
     t0 = time.monotonic()
 

@@ -2,35 +2,38 @@
 
 import click
 
+from cpnet.config import defaults
+
+D = defaults()  # every flag's default is TrainConfig's
+
 
 @click.command("train")
 @click.option("--data", required=True, type=click.Path(exists=True), help="Folder with train.h5 and val.h5 (from `cpnet prep`).")
-@click.option("--model", default="alexnet-small", show_default=True, help="alexnet | alexnet-small | alexnet-tiny")
-@click.option("--epochs", default=10, show_default=True, help="Total epochs (with --resume: continue up to this).")
-@click.option("--batch-size", default=128, show_default=True)
-@click.option("--lr", default=0.01, show_default=True, help="Initial learning rate.")
+@click.option("--model", default=D["model"], show_default=True, help="alexnet | alexnet-small | alexnet-tiny")
+@click.option("--epochs", default=D["epochs"], show_default=True, help="Total epochs (with --resume: continue up to this).")
+@click.option("--batch-size", default=D["batch_size"], show_default=True)
+@click.option("--lr", default=D["lr"], show_default=True, help="Initial learning rate.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: last.h5, best.h5, metrics.jsonl.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from last.h5.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--workers", type=click.IntRange(0), default=None,
+@click.option("--resume", is_flag=True, default=D["resume"], help="Continue the run in --out from last.h5.")
+@click.option("--seed", default=D["seed"], show_default=True)
+@click.option("--workers", type=click.IntRange(0), default=D["workers"],
               help="Loader worker processes (0: in-process) [default: 0 on the CPU; on a GPU the CPUs less 2, at most 12].")
-@click.option("--crop", type=int, default=None, help="Crop size [default: 227 for alexnet; stored size minus an eighth for the small presets].")
-@click.option("--conventions", default="paper", show_default=True, help="paper | ccn2 | caffe: LRN alpha convention, k, where LRN sits.")
-@click.option("--init", default="he", show_default=True, help="he | paper | caffe: weight and bias initialisation.")
-@click.option("--momentum", default=0.9, show_default=True)
-@click.option("--weight-decay", default=5e-4, show_default=True)
-@click.option("--decay-biases", is_flag=True, help="Apply weight decay to biases too.")
-@click.option("--schedule", default="plateau", show_default=True, help="plateau | step | constant")
-@click.option("--patience", default=1, show_default=True, help="plateau: epochs without improvement before dividing the lr by 10.")
-@click.option("--step-epochs", default=10, show_default=True, help="step: divide the lr by 10 every N epochs.")
-@click.option("--lighting", default=0.1, show_default=True, help="PCA lighting sigma (0 disables).")
-@click.option("--dropout", default=0.5, show_default=True)
-@click.option("--scale", type=float, default=None, help="Multiply mean-subtracted 0-255 inputs by this "
+@click.option("--crop", type=int, default=D["crop"], help="Crop size [default: 227 for alexnet; stored size minus an eighth for the small presets].")
+@click.option("--conventions", default=D["conventions"], show_default=True, help="paper | ccn2 | caffe: LRN alpha convention, k, where LRN sits.")
+@click.option("--init", default=D["init"], show_default=True, help="he | paper | caffe: weight and bias initialisation.")
+@click.option("--momentum", default=D["momentum"], show_default=True)
+@click.option("--weight-decay", default=D["weight_decay"], show_default=True)
+@click.option("--decay-biases", is_flag=True, default=D["decay_biases"], help="Apply weight decay to biases too.")
+@click.option("--schedule", default=D["schedule"], show_default=True, help="plateau | step | constant")
+@click.option("--patience", default=D["patience"], show_default=True, help="plateau: epochs without improvement before dividing the lr by 10.")
+@click.option("--step-epochs", default=D["step_epochs"], show_default=True, help="step: divide the lr by 10 every N epochs.")
+@click.option("--lighting", default=D["lighting"], show_default=True, help="PCA lighting sigma (0 disables).")
+@click.option("--dropout", default=D["dropout"], show_default=True)
+@click.option("--scale", type=float, default=D["scale"], help="Multiply mean-subtracted 0-255 inputs by this "
               "[default: 1/their standard deviation with --init he, 1 otherwise].")
-@click.option("--threads", type=int, default=None, help="Host BLAS threads per tower [default: (CPUs - workers) // 2, at least 1].")
+@click.option("--threads", type=int, default=D["threads"], help="Host BLAS threads per tower [default: (CPUs - workers) // 2, at least 1].")
 @click.option("--tf32", is_flag=True, help="GPU: let cuBLAS use TF32 tensor cores for float32 GEMMs (opt-in).")
-def command(data, model, epochs, batch_size, lr, out, resume, seed, workers, crop, conventions, init, momentum,
-            weight_decay, decay_biases, schedule, patience, step_epochs, lighting, dropout, scale, threads, tf32):
+def command(tf32, **options):
     """Train AlexNet on an HDF5 dataset with momentum SGD.
 
     Shows loss, top-1/top-5 training error, images/s, data-wait vs compute time and ETA; validates on the centre
@@ -46,11 +49,8 @@ def command(data, model, epochs, batch_size, lr, out, resume, seed, workers, cro
         from cpnet import backend
 
         backend.enable_tf32()
-    cfg = TrainConfig(data=data, out=out, model=model, epochs=epochs, batch_size=batch_size, lr=lr,
-                      momentum=momentum, weight_decay=weight_decay, decay_biases=decay_biases, schedule=schedule,
-                      patience=patience, step_epochs=step_epochs, seed=seed, workers=workers, crop=crop,
-                      conventions=conventions, init=init, dropout=dropout, lighting=lighting, scale=scale,
-                      resume=resume, threads=threads)
+    cfg = TrainConfig(**options)  # the flags are TrainConfig's fields, named alike
+    out = cfg.out
     line = Line()
     t_start = time.monotonic()
     ctx = {}

@@ -26,8 +26,9 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
+from .config import DEFAULT_INIT, TrainConfig
 from .errors import CpnetError
 
 EXPERIMENTS = {
@@ -53,26 +54,33 @@ DEFAULTS = {"activation": "relu", "lrn": True, "pool": [3, 2], "dropout": 0.5}
 LEVELS = (0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)  # training errors whose first crossing is recorded
 
 
+# where the runs of an ablation start from other defaults than `cpnet train` (a short budget, in-process loading)
+TRAIN_DEFAULTS = dict(epochs=4, batch_size=64, workers=0)
+# and what every run of it uses: one constant learning rate, validation, a training error for every iteration
+# (on a GPU too)
+TRAIN_FIXED = dict(schedule="constant", validate=True, sync_every=1)
+
+
 @dataclass
 class AblationConfig:
-    data: str
-    out: str
+    """The experiments and their target; `train` holds what every run shares (its `out` is the ablation's folder,
+    each run trains in out/runs/<name>, and the experiments' variants replace activation, lrn, pool, dropout)."""
+    train: TrainConfig
     experiments: list = field(default_factory=lambda: list(EXPERIMENTS))
-    model: str = "alexnet-small"
-    epochs: int = 4
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
-    crop: int | None = None
-    conventions: str = "paper"
-    init: str | None = None
-    scale: float | None = None  # None: as `cpnet train` (1/std of the pixels for he, 1 for paper/caffe)
-    lighting: float = 0.1
-    workers: int = 0
     target: float = 0.25
     window: int = 20
+
+
+def ablation_config(data: str, out: str, **options) -> AblationConfig:
+    """An AblationConfig from flat options: AblationConfig's own fields, the rest TrainConfig's (TRAIN_DEFAULTS
+    where not given)."""
+    own = {f.name: options.pop(f.name) for f in fields(AblationConfig) if f.name in options}
+    return AblationConfig(TrainConfig(data=data, out=out, **{**TRAIN_DEFAULTS, **options, **TRAIN_FIXED}), **own)
+
+
+def config_record(cfg: AblationConfig) -> dict:
+    """The flat dict ablation.json keeps as "config": the shared training settings and the ablation's own."""
+    return dict(asdict(cfg.train), experiments=list(cfg.experiments), target=cfg.target, window=cfg.window)
 
 
 def plan(cfg: AblationConfig) -> tuple[dict, list]:
@@ -124,18 +132,15 @@ def moving_average(values, window):
 def _train_one(cfg: AblationConfig, name: str, opts: dict, on_step=None) -> dict:
     from .data import EvalLoader
     from .evaluate import evaluate
-    from .train import TrainConfig, dataset_paths
+    from .train import TrainingDiverged, dataset_paths
     from .train import run as train_run
 
-    out = os.path.join(cfg.out, "runs", name)
+    base = cfg.train
+    out = os.path.join(base.out, "runs", name)
     if os.path.isdir(out):
         shutil.rmtree(out)   # a fresh run each time: the folder is this tool's own
-    tc = TrainConfig(data=cfg.data, out=out, model=cfg.model, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                     lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, schedule="constant",
-                     seed=cfg.seed, workers=cfg.workers, crop=cfg.crop, conventions=cfg.conventions, init=cfg.init,
-                     activation=opts["activation"], lrn=opts["lrn"], pool=list(opts["pool"]),
-                     dropout=opts["dropout"], lighting=cfg.lighting, scale=cfg.scale, validate=True,
-                     sync_every=1)  # a training error for every iteration, on a GPU too
+    tc = replace(base, out=out, activation=opts["activation"], lrn=opts["lrn"], pool=list(opts["pool"]),
+                 dropout=opts["dropout"])
     steps = {"iteration": [], "loss": [], "top1": []}
     epochs, holder = [], {}
 
@@ -150,9 +155,7 @@ def _train_one(cfg: AblationConfig, name: str, opts: dict, on_step=None) -> dict
     diverged = None
     try:
         train_run(tc, on_step=step, on_epoch=lambda r: epochs.append(r), on_start=lambda i: holder.update(i))
-    except CpnetError as e:
-        if not str(e).startswith("loss became"):
-            raise
+    except TrainingDiverged as e:
         diverged = str(e)
     seconds = time.perf_counter() - t0
     res = dict(name=name, options=opts, folder=out, seconds=seconds, diverged=diverged, steps=steps,
@@ -161,10 +164,10 @@ def _train_one(cfg: AblationConfig, name: str, opts: dict, on_step=None) -> dict
                crossings={f"{t:g}": first_crossing(steps["top1"], t, cfg.window) for t in LEVELS},
                iterations=steps["iteration"][-1] if steps["iteration"] else 0)
     if diverged is None and "model" in holder:
-        train_path, _ = dataset_paths(cfg.data)
+        train_path, _ = dataset_paths(base.data)
         model = holder["model"]
-        with EvalLoader(train_path, max(cfg.batch_size, 128), holder["config"].crop, views="center",
-                        workers=cfg.workers, scale=cfg.scale) as ld:
+        with EvalLoader(train_path, max(base.batch_size, 128), holder["config"].crop, views="center",
+                        workers=base.workers, scale=base.scale) as ld:
             res["train_eval"] = evaluate(model, ld)
     return res
 
@@ -185,25 +188,25 @@ def run(cfg: AblationConfig, on_run_start=None, on_step=None, on_run_end=None) -
 
     on_run_start(name, options, index, total), on_step(name, step_dict), on_run_end(name, result).
     """
-    from .model import DEFAULT_INIT
     from .train import dataset_paths, input_scale
 
-    if cfg.epochs < 1:
-        raise CpnetError(f"--epochs {cfg.epochs}: expected at least 1")
+    tc = cfg.train
+    if tc.epochs < 1:
+        raise CpnetError(f"--epochs {tc.epochs}: expected at least 1")
     if not 0 < cfg.target < 1:
         raise CpnetError(f"--target {cfg.target}: expected an error rate between 0 and 1")
     if cfg.window < 1:
         raise CpnetError(f"--window {cfg.window}: expected at least 1 batch")
-    _, val = dataset_paths(cfg.data)
+    train_path, val = dataset_paths(tc.data)
     if val is None:
-        raise CpnetError(f"--data {cfg.data}: no val.h5 beside train.h5 (the ablations compare validation error)")
-    if cfg.scale is None:  # resolved once, so every run sees the same inputs
-        cfg = replace(cfg, scale=input_scale(dataset_paths(cfg.data)[0]) if (cfg.init or DEFAULT_INIT) == "he"
-                      else 1.0)
+        raise CpnetError(f"--data {tc.data}: no val.h5 beside train.h5 (the ablations compare validation error)")
+    if tc.scale is None:  # resolved once, so every run sees the same inputs
+        tc = replace(tc, scale=input_scale(train_path) if (tc.init or DEFAULT_INIT) == "he" else 1.0)
+        cfg = replace(cfg, train=tc)
     runs, uses = plan(cfg)
     from .data import H5Dataset
 
-    with H5Dataset(dataset_paths(cfg.data)[0]) as ds:
+    with H5Dataset(train_path) as ds:
         num_classes = ds.num_classes
     t0 = time.perf_counter()
     results = {}
@@ -219,7 +222,7 @@ def run(cfg: AblationConfig, on_run_start=None, on_step=None, on_run_end=None) -
         experiments.append(dict(name=exp, title=spec["title"], claim=spec["claim"],
                                 variants=[dict(label=label, run=name, **_summary(results[name]))
                                           for label, name in labels]))
-    return dict(config=asdict(cfg), classes=num_classes, seconds=time.perf_counter() - t0, experiments=experiments, runs=results)
+    return dict(config=config_record(cfg), classes=num_classes, seconds=time.perf_counter() - t0, experiments=experiments, runs=results)
 
 
 # ---- outputs ----------------------------------------------------------------------------------------------------
@@ -289,8 +292,6 @@ def markdown(results: dict) -> str:
     for exp in results["experiments"]:
         lines.append(f"- **{exp['title']}**: {_verdict(exp, cfg['target'])}. Paper: {exp['claim']}.")
     lines.append("")
-    from .model import DEFAULT_INIT
-
     init = cfg["init"] or DEFAULT_INIT
     lines.append(f"Model {cfg['model']}, {cfg['epochs']} epochs per run, batch {cfg['batch_size']}, lr {cfg['lr']:g} "
                  f"(constant), momentum {cfg['momentum']:g}, weight decay {cfg['weight_decay']:g}, "

@@ -24,6 +24,7 @@ import numpy as np
 
 from . import ops
 from .backend import HOST, Device, default_placement, device_of, to_device, to_host, transfer
+from .config import DEFAULT_INIT
 from .errors import CpnetError
 from .backend import get_array_module
 from .layers import LRN, Conv2D, Dropout, Flatten, Layer, Linear, MaxPool, ReLU, Sequential, Tanh
@@ -63,9 +64,6 @@ CONVENTIONS = {
 }
 
 INITS = ("paper", "caffe", "he")
-# The paper's N(0, 0.01) did not start learning alexnet-small on the synthetic set within 2 epochs, where He's
-# initialisation on unit-variance inputs did (README, "Conventions and initialisation"): he is the default.
-DEFAULT_INIT = "he"
 ACTIVATIONS = ("relu", "tanh")
 
 

@@ -19,55 +19,35 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from . import checkpoint as ckpt_io
 from .backend import default_host_threads, default_loader_workers, host_threads, to_device, to_host
+from .config import TrainConfig
 from .errors import CpnetError
 from .evaluate import evaluate, topk_hits
 from .model import PRESETS, build_model, check_crop, make_config
 from .optim import MomentumSGD, Schedule
 
-
-@dataclass
-class TrainConfig:
-    data: str
-    out: str
-    model: str = "alexnet-small"
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    decay_biases: bool = False
-    schedule: str = "plateau"
-    patience: int = 1
-    step_epochs: int = 10
-    seed: int = 0
-    workers: int | None = None  # loader worker processes; None: backend.default_loader_workers()
-    crop: int | None = None
-    conventions: str = "paper"
-    init: str | None = None
-    activation: str = "relu"
-    lrn: bool = True
-    pool: list = field(default_factory=lambda: [3, 2])
-    dropout: float = 0.5
-    lighting: float = 0.1
-    scale: float | None = None  # None: 1/std of the mean-subtracted pixels for --init he, else 1 (0-255 inputs)
-    resume: bool = False
-    validate: bool = True
-    max_iterations: int | None = None
-    threads: int | None = None  # host BLAS threads per tower; None: backend.default_host_threads(workers)
-    sync_every: int | None = None  # steps between loss read-backs (and on_step calls); None: 1 on the host, 20 on a GPU
-
+__all__ = ["TrainConfig", "TrainingDiverged", "TrainingInterrupted", "Trainer", "run"]
 
 SYNC_EVERY = 20  # on a GPU, read the loss back (and check it) every this many steps
+
+# what a resumed run may change; every other setting comes from the checkpoint
+RESUMABLE = {"data", "out", "epochs", "workers", "threads", "resume", "max_iterations", "sync_every"}
+# the TrainConfig fields a checkpoint does not record (they belong to one invocation, not to the run)
+NOT_RECORDED = ("resume", "max_iterations", "threads", "sync_every")
+SUM_KEYS = ("loss", "top1", "top5", "n", "data_s", "compute_s")
 
 
 class TrainingInterrupted(Exception):
     """Raised after Ctrl-C once the current step has finished and RUN/last.h5 holds the position."""
+
+
+class TrainingDiverged(CpnetError):
+    """The training loss became NaN or infinite; the run stopped before the step that would have used it."""
 
 
 def dataset_paths(data: str) -> tuple[str, str | None]:
@@ -134,9 +114,7 @@ class _StopFlag:
         return False
 
 
-# what a resumed run may change; every other setting comes from the checkpoint
-RESUMABLE = {"data", "out", "epochs", "workers", "threads", "resume", "max_iterations", "sync_every"}
-
+# ---- the run, in parts: options, start-or-resume, build, one epoch, end of epoch ---------------------------------
 
 def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=None, explicit=None) -> dict:
     """Train per `cfg`; returns the last epoch's metrics. See the module docstring for the files it writes.
@@ -148,11 +126,27 @@ def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=
         cfg = replace(cfg, workers=default_loader_workers(placement))
     threads = cfg.threads if cfg.threads is not None else default_host_threads(cfg.workers)
     with host_threads(threads):
-        return _run(cfg, on_step, on_epoch, on_start, placement, explicit)
+        data = check_options(cfg)
+        cfg, net_cfg, state, ck = start_or_resume(cfg, data, explicit)
+        model, opt = build_model_and_optimizer(cfg, net_cfg, state, ck, placement)
+        trainer = Trainer(cfg, net_cfg, state, data, model, opt, *build_loaders(cfg, net_cfg, data))
+        with trainer:
+            return trainer.run(on_step, on_epoch, on_start)
 
 
-def _run(cfg, on_step, on_epoch, on_start, placement, explicit):
-    from cpnet.data import EvalLoader, H5Dataset, TrainLoader
+@dataclass
+class DataFiles:
+    """The dataset as the loop needs it before anything is built: the two files and the training file's header."""
+    train: str
+    val: str | None
+    classes: list
+    stored: int       # stored image size (pixels)
+    mean: np.ndarray  # mean image, (S, S, 3), 0-255 scale
+
+
+def check_options(cfg: TrainConfig) -> DataFiles:
+    """The options that need no checkpoint, and the dataset files (`--data`)."""
+    from cpnet.data import H5Dataset
 
     train_path, val_path = dataset_paths(cfg.data)
     if cfg.epochs < 1:
@@ -169,51 +163,67 @@ def _run(cfg, on_step, on_epoch, on_start, placement, explicit):
         with H5Dataset(val_path) as vds:
             if list(vds.classes) != classes:
                 raise CpnetError(f"{val_path}: its classes differ from {train_path}'s")
-    os.makedirs(cfg.out, exist_ok=True)
-    last, best, metrics_path = (os.path.join(cfg.out, n) for n in ("last.h5", "best.h5", "metrics.jsonl"))
+    return DataFiles(train_path, val_path, classes, stored, mean)
 
+
+def start_or_resume(cfg: TrainConfig, data: DataFiles, explicit=None):
+    """(the run's TrainConfig, its NetConfig, the loop state, the checkpoint or None) for a new or resumed run."""
+    os.makedirs(cfg.out, exist_ok=True)
+    last = os.path.join(cfg.out, "last.h5")
     if cfg.resume:
-        if not os.path.exists(last):
-            raise CpnetError(f"--resume: {last} does not exist (nothing to resume)")
-        ck = ckpt_io.load(last)
-        if ck.classes != classes:
-            raise CpnetError(f"--resume: {last} was trained on other classes than {train_path}")
-        net_cfg, state = ck.config, ck.state
-        saved = TrainConfig(**{**ck.train, "data": cfg.data, "out": cfg.out, "epochs": cfg.epochs,
-                               "workers": cfg.workers, "threads": cfg.threads, "resume": True,
-                               "max_iterations": cfg.max_iterations, "sync_every": cfg.sync_every})
-        resolved = {"crop": net_cfg.crop, "init": net_cfg.init}  # what a run that left these out actually used
-        for name in sorted(explicit or ()):
-            if name in RESUMABLE or not hasattr(saved, name):
-                continue
-            was = getattr(saved, name)
-            if was is None:
-                was = resolved.get(name)
-            if getattr(cfg, name) != was:
-                raise CpnetError(f"--resume: --{name.replace('_', '-')} {getattr(cfg, name)} differs from the saved "
-                                 f"run's {was}; a resumed run keeps its settings (drop the flag, or start a new run "
-                                 f"in another --out)")
-        cfg = saved
+        cfg, net_cfg, state, ck = _resume(cfg, data, last, explicit)
     else:
         if os.path.exists(last):
             raise CpnetError(f"--out {cfg.out}: already holds a run (last.h5); use --resume or another --out")
-        crop = cfg.crop or default_crop(cfg.model, stored)
-        if cfg.model not in PRESETS:
-            raise CpnetError(f"--model {cfg.model!r}: expected one of {', '.join(PRESETS)}")
-        net_cfg = make_config(cfg.model, len(classes), crop, cfg.conventions, cfg.init, cfg.activation, cfg.lrn,
-                              cfg.pool, cfg.dropout, cfg.seed)
-        if cfg.scale is None:
-            cfg = replace(cfg, scale=input_scale(train_path) if net_cfg.init == "he" else 1.0)
-        if not (cfg.scale > 0 and math.isfinite(cfg.scale)):
-            raise CpnetError(f"--scale {cfg.scale}: expected a positive number")
-        state = dict(epoch=0, pos=0, iteration=0, lr=cfg.lr, schedule=Schedule(
-            cfg.schedule, patience=cfg.patience, step_epochs=cfg.step_epochs).state(), best_val=None,
-            sums=None, history=[])
+        cfg, net_cfg, state = _start(cfg, data)
         ck = None
-    if cfg.schedule == "plateau" and (val_path is None or not cfg.validate):
+    if cfg.schedule == "plateau" and (data.val is None or not cfg.validate):
         raise CpnetError("--schedule plateau needs validation data (val.h5 beside train.h5)")
-    check_crop(net_cfg, stored)
+    check_crop(net_cfg, data.stored)
+    return cfg, net_cfg, state, ck
 
+
+def _start(cfg: TrainConfig, data: DataFiles):
+    if cfg.model not in PRESETS:
+        raise CpnetError(f"--model {cfg.model!r}: expected one of {', '.join(PRESETS)}")
+    crop = cfg.crop or default_crop(cfg.model, data.stored)
+    net_cfg = make_config(cfg.model, len(data.classes), crop, cfg.conventions, cfg.init, cfg.activation, cfg.lrn,
+                          cfg.pool, cfg.dropout, cfg.seed)
+    if cfg.scale is None:
+        cfg = replace(cfg, scale=input_scale(data.train) if net_cfg.init == "he" else 1.0)
+    if not (cfg.scale > 0 and math.isfinite(cfg.scale)):
+        raise CpnetError(f"--scale {cfg.scale}: expected a positive number")
+    state = dict(epoch=0, pos=0, iteration=0, lr=cfg.lr, schedule=Schedule(
+        cfg.schedule, patience=cfg.patience, step_epochs=cfg.step_epochs).state(), best_val=None,
+        sums=None, history=[])
+    return cfg, net_cfg, state
+
+
+def _resume(cfg: TrainConfig, data: DataFiles, last: str, explicit):
+    """The saved run's settings, with what this invocation may change (RESUMABLE) taken from `cfg`."""
+    if not os.path.exists(last):
+        raise CpnetError(f"--resume: {last} does not exist (nothing to resume)")
+    ck = ckpt_io.load(last)
+    if ck.classes != data.classes:
+        raise CpnetError(f"--resume: {last} was trained on other classes than {data.train}")
+    net_cfg = ck.config
+    saved = TrainConfig(**{**ck.train, **{k: getattr(cfg, k) for k in RESUMABLE}})
+    resolved = {"crop": net_cfg.crop, "init": net_cfg.init}  # what a run that left these out actually used
+    for name in sorted(explicit or ()):
+        if name in RESUMABLE or not hasattr(saved, name):
+            continue
+        was = getattr(saved, name)
+        if was is None:
+            was = resolved.get(name)
+        if getattr(cfg, name) != was:
+            raise CpnetError(f"--resume: --{name.replace('_', '-')} {getattr(cfg, name)} differs from the saved "
+                             f"run's {was}; a resumed run keeps its settings (drop the flag, or start a new run "
+                             f"in another --out)")
+    return saved, net_cfg, ck.state, ck
+
+
+def build_model_and_optimizer(cfg: TrainConfig, net_cfg, state: dict, ck=None, placement=None):
+    """The model on its devices and its MomentumSGD, with the checkpoint's weights and momentum when resuming."""
     model = build_model(net_cfg, placement=placement)
     opt = MomentumSGD(model, lr=state["lr"], momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                       decay_biases=cfg.decay_biases)
@@ -224,118 +234,174 @@ def _run(cfg, on_step, on_epoch, on_start, placement, explicit):
                 raise CpnetError("no momentum/ in the file (a weights-only checkpoint cannot be resumed)")
             model.set_params(ck.momentum, into=opt.velocity)
         except CpnetError as e:
-            raise CpnetError(f"--resume: {last}: {e}") from None
-    schedule = Schedule.from_state(state["schedule"])
-    history = list(state["history"])
-    train_dict = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "max_iterations", "threads",
-                                                                     "sync_every")}
+            raise CpnetError(f"--resume: {os.path.join(cfg.out, 'last.h5')}: {e}") from None
+    return model, opt
 
-    def save(path, epoch, pos, sums, weights_only=False):
-        ckpt_io.save(path, ckpt_io.Checkpoint(
-            config=net_cfg, params=model.host_params(), classes=classes, mean=mean, scale=cfg.scale,
-            stored_size=stored,
-            momentum=None if weights_only else {k: to_host(v) for k, v in opt.velocity.items()},
-            state=dict(epoch=epoch, pos=pos, iteration=iteration, lr=opt.lr, schedule=schedule.state(),
-                       best_val=best_val, sums=sums, history=history, seed=cfg.seed),
-            train=train_dict))
 
-    loader = TrainLoader(train_path, cfg.batch_size, net_cfg.crop, seed=cfg.seed, workers=cfg.workers,
+def build_loaders(cfg: TrainConfig, net_cfg, data: DataFiles):
+    """(training loader, validation loader or None). A data-parallel run passes its own sharded loaders instead."""
+    from cpnet.data import EvalLoader, TrainLoader
+
+    loader = TrainLoader(data.train, cfg.batch_size, net_cfg.crop, seed=cfg.seed, workers=cfg.workers,
                          lighting=cfg.lighting, scale=cfg.scale)
-    val_loader = EvalLoader(val_path, cfg.batch_size, net_cfg.crop, views="center", workers=cfg.workers,
-                            scale=cfg.scale) if (val_path and cfg.validate) else None
-    iteration, best_val = int(state["iteration"]), state["best_val"]
-    nb = loader.batches_per_epoch
-    dev0 = model.devices[0]
-    sync_every = cfg.sync_every or (SYNC_EVERY if dev0.is_gpu else 1)
-    if on_start:
-        on_start(dict(model=model, config=net_cfg, train=cfg, batches_per_epoch=nb, classes=classes,
-                      start_epoch=state["epoch"], start_pos=state["pos"], iteration=iteration))
-    result = history[-1] if history else {}
+    val_loader = EvalLoader(data.val, cfg.batch_size, net_cfg.crop, views="center", workers=cfg.workers,
+                            scale=cfg.scale) if (data.val and cfg.validate) else None
+    return loader, val_loader
 
-    def flush(pending, pending_n, n_steps, sums, epoch):
-        """Read the pending device sums back (the step's only host synchronisation), check them, add them up."""
-        if pending is None:
+
+class _Pending:
+    """The device-side loss and error sums of the steps since the last read-back (one host synchronisation)."""
+
+    def __init__(self):
+        self.sums, self.n, self.steps = None, 0, 0
+
+    def add(self, part, b):
+        self.sums = part if self.sums is None else self.sums + part
+        self.n += b
+        self.steps += 1
+
+    def flush(self, totals: dict, iteration: int, epoch: int, last: str) -> dict | None:
+        """Read the sums back, check them, add them to `totals`; the mean loss and errors of these steps."""
+        if self.sums is None:
             return None
-        loss_sum, miss1, miss5 = (float(v) for v in to_host(pending))
+        loss_sum, miss1, miss5 = (float(v) for v in to_host(self.sums))
+        n, steps = self.n, self.steps
+        self.sums, self.n, self.steps = None, 0, 0
         if not math.isfinite(loss_sum):
-            where = (f"at iteration {iteration - 1}" if n_steps == 1 else
-                     f"between iterations {iteration - n_steps} and {iteration - 1}")
-            raise CpnetError(
-                f"loss became {loss_sum / pending_n} {where} (epoch {epoch + 1}): training stopped; "
+            where = (f"at iteration {iteration - 1}" if steps == 1 else
+                     f"between iterations {iteration - steps} and {iteration - 1}")
+            raise TrainingDiverged(
+                f"loss became {loss_sum / n} {where} (epoch {epoch + 1}): training stopped; "
                 f"{last if os.path.exists(last) else 'no checkpoint'} keeps the last good state (try a lower --lr)")
-        sums["loss"] += loss_sum
-        sums["top1"] += miss1
-        sums["top5"] += miss5
-        sums["n"] += pending_n
-        return dict(loss=loss_sum / pending_n, top1=miss1 / pending_n, top5=miss5 / pending_n)
+        for key, v in (("loss", loss_sum), ("top1", miss1), ("top5", miss5), ("n", n)):
+            totals[key] += v
+        return dict(loss=loss_sum / n, top1=miss1 / n, top5=miss5 / n)
 
-    try:
+
+class Trainer:
+    """One run's live parts (model, optimizer, loaders, schedule, counters) and the loop over them.
+
+    Hook points for a data-parallel wrapper: `reduce_gradients()` runs between backward and the optimizer step
+    (a world of one has nothing to reduce), and `loader` / `val_loader` are whatever yields this replica's batches.
+    """
+
+    def __init__(self, cfg, net_cfg, state, data: DataFiles, model, opt, loader, val_loader=None):
+        self.cfg, self.net_cfg, self.state, self.data = cfg, net_cfg, dict(state), data
+        self.model, self.opt, self.loader, self.val_loader = model, opt, loader, val_loader
+        self.schedule = Schedule.from_state(state["schedule"])
+        self.history = list(state["history"])
+        self.iteration, self.best_val = int(state["iteration"]), state["best_val"]
+        self.dev0 = model.devices[0]
+        self.sync_every = cfg.sync_every or (SYNC_EVERY if self.dev0.is_gpu else 1)
+        self.last, self.best, self.metrics = (os.path.join(cfg.out, n) for n in ("last.h5", "best.h5",
+                                                                                  "metrics.jsonl"))
+        self.train_record = {k: v for k, v in asdict(cfg).items() if k not in NOT_RECORDED}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.loader.close()
+        if self.val_loader is not None:
+            self.val_loader.close()
+        return False
+
+    def run(self, on_step=None, on_epoch=None, on_start=None) -> dict:
+        """Every remaining epoch; the last one's metrics (the saved run's last row if none remained)."""
+        if on_start:
+            on_start(dict(model=self.model, config=self.net_cfg, train=self.cfg,
+                          batches_per_epoch=self.loader.batches_per_epoch, classes=self.data.classes,
+                          start_epoch=self.state["epoch"], start_pos=self.state["pos"], iteration=self.iteration))
+        result = self.history[-1] if self.history else {}
         with _StopFlag() as stop:
-            for epoch in range(int(state["epoch"]), cfg.epochs):
-                start = int(state["pos"]) if epoch == state["epoch"] else 0
-                sums = dict(state["sums"] or {}) if (epoch == state["epoch"] and start) else {}
-                for key in ("loss", "top1", "top5", "n", "data_s", "compute_s"):
-                    sums.setdefault(key, 0.0)
-                t_epoch = time.perf_counter()
-                t_wait = time.perf_counter()
-                pos = start
-                pending, pending_n, pending_steps = None, 0, 0
-                for x, y in loader.epoch(epoch, start=start):
-                    t0 = time.perf_counter()
-                    sums["data_s"] += t0 - t_wait
-                    model.set_step(iteration)
-                    loss, logits = model.loss(x, y, train=True)
-                    model.loss_backward()
-                    b = len(y)
-                    with dev0:
-                        h1, h5 = topk_hits(logits, to_device(y, dev0))
-                        part = dev0.xp.stack([loss.astype(np.float64) * b, b - h1, b - h5])
-                        pending = part if pending is None else pending + part
-                    pending_n += b
-                    pending_steps += 1
-                    iteration += 1
-                    pos += 1
-                    stopping = stop.requested or (cfg.max_iterations is not None and iteration >= cfg.max_iterations)
-                    step_info = None
-                    if iteration % sync_every == 0 or pos == nb or pos == start + 1 or stopping:
-                        step_info = flush(pending, pending_n, pending_steps, sums, epoch)
-                        pending, pending_n, pending_steps = None, 0, 0
-                    opt.step()
-                    model.clear()
-                    t_wait = time.perf_counter()
-                    sums["compute_s"] += t_wait - t0
-                    if on_step and step_info is not None:
-                        on_step(dict(step_info, epoch=epoch, batch=pos, batches=nb, iteration=iteration, lr=opt.lr,
-                                     ln_classes=math.log(len(classes)), sums=dict(sums), elapsed=t_wait - t_epoch))
-                    if stopping or stop.requested:
-                        flush(pending, pending_n, pending_steps, sums, epoch)
-                        save(last, epoch, pos, sums)
-                        raise TrainingInterrupted(
-                            f"stopped at epoch {epoch + 1}, batch {pos}/{nb} (iteration {iteration}); "
-                            f"{last} holds the position: continue with --resume")
-                n = max(sums["n"], 1)
-                row = dict(epoch=epoch + 1, iteration=iteration, lr=opt.lr, train_loss=sums["loss"] / n,
-                           train_top1=sums["top1"] / n, train_top5=sums["top5"] / n,
-                           images_per_s=sums["n"] / max(sums["data_s"] + sums["compute_s"], 1e-9),
-                           data_s=sums["data_s"], compute_s=sums["compute_s"])
-                if val_loader is not None:
-                    v = evaluate(model, val_loader)
-                    row.update(val_loss=v["loss"], val_top1=v["top1"], val_top5=v["top5"])
-                history.append(row)
-                improved = val_loader is not None and (best_val is None or row["val_top1"] < best_val)
-                if improved:
-                    best_val = row["val_top1"]
-                opt.lr = schedule.update(opt.lr, row.get("val_top1"))
-                save(last, epoch + 1, 0, None)
-                if improved:
-                    save(best, epoch + 1, 0, None, weights_only=True)
-                _write_metrics(metrics_path, history)
-                state = dict(state, epoch=epoch + 1, pos=0, sums=None)
-                result = row
+            for epoch in range(int(self.state["epoch"]), self.cfg.epochs):
+                row = self.end_epoch(epoch, self.train_epoch(epoch, stop, on_step))
+                result = {k: v for k, v in row.items() if k not in ("improved", "best_val")}
                 if on_epoch:
-                    on_epoch(dict(row, improved=improved, best_val=best_val))
-    finally:
-        loader.close()
-        if val_loader is not None:
-            val_loader.close()
-    return result
+                    on_epoch(row)
+        return result
+
+    def save(self, path, epoch, pos, sums, weights_only=False):
+        opt = self.opt
+        ckpt_io.save(path, ckpt_io.Checkpoint(
+            config=self.net_cfg, params=self.model.host_params(), classes=self.data.classes, mean=self.data.mean,
+            scale=self.cfg.scale, stored_size=self.data.stored,
+            momentum=None if weights_only else {k: to_host(v) for k, v in opt.velocity.items()},
+            state=dict(epoch=epoch, pos=pos, iteration=self.iteration, lr=opt.lr, schedule=self.schedule.state(),
+                       best_val=self.best_val, sums=sums, history=self.history, seed=self.cfg.seed),
+            train=self.train_record))
+
+    def forward_backward(self, x, y):
+        """One batch's forward and backward; the device-side [loss sum, top-1 misses, top-5 misses]."""
+        model, dev0, b = self.model, self.dev0, len(y)
+        model.set_step(self.iteration)
+        loss, logits = model.loss(x, y, train=True)
+        model.loss_backward()
+        with dev0:
+            h1, h5 = topk_hits(logits, to_device(y, dev0))
+            return dev0.xp.stack([loss.astype(np.float64) * b, b - h1, b - h5])
+
+    def reduce_gradients(self):
+        """Between backward and the update: where replicas sum their gradients. A world of one has none to add."""
+
+    def update(self):
+        self.opt.step()
+        self.model.clear()
+
+    def train_epoch(self, epoch: int, stop, on_step=None) -> dict:
+        """One pass over the training batches (from the saved position when resuming); the epoch's sums."""
+        cfg, nb = self.cfg, self.loader.batches_per_epoch
+        resuming = epoch == self.state["epoch"]
+        start = int(self.state["pos"]) if resuming else 0
+        sums = dict(self.state["sums"] or {}) if (resuming and start) else {}
+        for key in SUM_KEYS:
+            sums.setdefault(key, 0.0)
+        t_epoch = t_wait = time.perf_counter()
+        pos, pending = start, _Pending()
+        for x, y in self.loader.epoch(epoch, start=start):
+            t0 = time.perf_counter()
+            sums["data_s"] += t0 - t_wait
+            pending.add(self.forward_backward(x, y), len(y))
+            self.reduce_gradients()
+            self.iteration += 1
+            pos += 1
+            stopping = stop.requested or (cfg.max_iterations is not None and self.iteration >= cfg.max_iterations)
+            step_info = None
+            if self.iteration % self.sync_every == 0 or pos == nb or pos == start + 1 or stopping:
+                step_info = pending.flush(sums, self.iteration, epoch, self.last)
+            self.update()
+            t_wait = time.perf_counter()
+            sums["compute_s"] += t_wait - t0
+            if on_step and step_info is not None:
+                on_step(dict(step_info, epoch=epoch, batch=pos, batches=nb, iteration=self.iteration,
+                             lr=self.opt.lr, ln_classes=math.log(len(self.data.classes)), sums=dict(sums),
+                             elapsed=t_wait - t_epoch))
+            if stopping or stop.requested:
+                pending.flush(sums, self.iteration, epoch, self.last)
+                self.save(self.last, epoch, pos, sums)
+                raise TrainingInterrupted(
+                    f"stopped at epoch {epoch + 1}, batch {pos}/{nb} (iteration {self.iteration}); "
+                    f"{self.last} holds the position: continue with --resume")
+        return sums
+
+    def end_epoch(self, epoch: int, sums: dict) -> dict:
+        """Validation, the schedule, last.h5 / best.h5 / metrics.jsonl; the epoch's row (+ improved, best_val)."""
+        n = max(sums["n"], 1)
+        row = dict(epoch=epoch + 1, iteration=self.iteration, lr=self.opt.lr, train_loss=sums["loss"] / n,
+                   train_top1=sums["top1"] / n, train_top5=sums["top5"] / n,
+                   images_per_s=sums["n"] / max(sums["data_s"] + sums["compute_s"], 1e-9),
+                   data_s=sums["data_s"], compute_s=sums["compute_s"])
+        if self.val_loader is not None:
+            v = evaluate(self.model, self.val_loader)
+            row.update(val_loss=v["loss"], val_top1=v["top1"], val_top5=v["top5"])
+        self.history.append(row)
+        improved = self.val_loader is not None and (self.best_val is None or row["val_top1"] < self.best_val)
+        if improved:
+            self.best_val = row["val_top1"]
+        self.opt.lr = self.schedule.update(self.opt.lr, row.get("val_top1"))
+        self.save(self.last, epoch + 1, 0, None)
+        if improved:
+            self.save(self.best, epoch + 1, 0, None, weights_only=True)
+        _write_metrics(self.metrics, self.history)
+        self.state = dict(self.state, epoch=epoch + 1, pos=0, sums=None)
+        return dict(row, improved=improved, best_val=self.best_val)

@@ -24,13 +24,44 @@ def data(tmp_path_factory):
 
 
 def test_plan_shares_identical_runs():
-    runs, uses = ablate.plan(ablate.AblationConfig(data="d", out="o"))
+    runs, uses = ablate.plan(ablate.ablation_config("d", "o"))
     assert sorted(runs) == ["baseline", "dropout0", "nolrn", "pool2-2", "tanh-dropout0"]
     used = dict(uses)
     assert used["activation"] == [("ReLU", "dropout0"), ("tanh", "tanh-dropout0")]
     assert used["lrn"][0][1] == used["pool"][0][1] == used["dropout"][0][1] == "baseline"
     assert used["dropout"][1][1] == "dropout0"
     assert runs["pool2-2"] == dict(activation="relu", lrn=True, pool=[2, 2], dropout=0.5)
+
+
+def test_ablation_config_is_a_train_config_plus_the_experiments():
+    cfg = ablate.ablation_config("d", "o", lr=0.05, target=0.3, experiments=["pool"])
+    assert (cfg.train.data, cfg.train.out, cfg.train.lr, cfg.target, cfg.experiments) == ("d", "o", 0.05, 0.3, ["pool"])
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.workers) == (4, 64, 0)   # the ablations' defaults
+    assert (cfg.train.schedule, cfg.train.validate, cfg.train.sync_every) == ("constant", True, 1)
+    rec = ablate.config_record(cfg)
+    assert rec["lr"] == 0.05 and rec["window"] == 20 and rec["experiments"] == ["pool"]
+
+
+def test_divergence_is_caught_by_type(monkeypatch, tmp_path):
+    """A diverged run is recorded; any other error (even one whose text looks alike) propagates."""
+    from cpnet import train
+    from cpnet.errors import CpnetError
+
+    cfg = ablate.ablation_config(str(tmp_path), str(tmp_path / "o"))
+
+    def diverging(tc, **kw):
+        raise train.TrainingDiverged("loss became nan at iteration 3 (epoch 1): training stopped")
+
+    monkeypatch.setattr(train, "run", diverging)
+    res = ablate._train_one(cfg, "baseline", dict(ablate.DEFAULTS))
+    assert res["diverged"].startswith("loss became nan") and res["iterations"] == 0 and "train_eval" not in res
+
+    def failing(tc, **kw):
+        raise CpnetError("loss became a file error")
+
+    monkeypatch.setattr(train, "run", failing)
+    with pytest.raises(CpnetError, match="a file error"):
+        ablate._train_one(cfg, "baseline", dict(ablate.DEFAULTS))
 
 
 def test_first_crossing_and_moving_average():

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from cpnet import checkpoint, ops
 from cpnet.cli.main import cli
 from cpnet.errors import CpnetError
-from cpnet.train import TrainConfig, TrainingInterrupted, run
+from cpnet.train import TrainConfig, TrainingDiverged, TrainingInterrupted, run
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth, tmp_path, monkeypa
         return loss * np.nan, cache
 
     monkeypatch.setattr(ops, "softmax_cross_entropy_forward", poisoned)
-    with pytest.raises(CpnetError, match=r"loss became nan at iteration \d+ \(epoch 2\).*last\.h5"):
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at iteration \d+ \(epoch 2\).*last\.h5"):
         run(tiny_cfg(synth, out, epochs=2, resume=True))
     after = _params(out / "last.h5")
     for k in before:
@@ -265,7 +265,7 @@ def test_sync_every_batches_the_loss_read_back_without_changing_the_run(synth, t
 
     monkeypatch.setattr(ops, "softmax_cross_entropy_forward", nan_from_third_step)
     # step 0 is read back alone (the first of the epoch); steps 1..3 together at iteration 4
-    with pytest.raises(CpnetError, match=r"loss became nan between iterations 1 and 3 \(epoch 1\)"):
+    with pytest.raises(TrainingDiverged, match=r"loss became nan between iterations 1 and 3 \(epoch 1\)"):
         run(tiny_cfg(synth, tmp_path / "c", epochs=1, sync_every=4))
 
 
@@ -285,3 +285,20 @@ def test_predict_rejects_folders_and_a_zero_top(synth, tmp_path):
     assert r.exit_code != 0 and "is a folder, not an image file" in r.output
     r = CliRunner().invoke(cli, ["predict", str(out / "last.h5"), "--top", "0", str(tmp_path)])
     assert r.exit_code != 0 and "--top" in r.output
+
+
+def test_cli_defaults_are_the_configs():
+    """`cpnet train` and `cpnet ablate` take their flags' defaults from TrainConfig (and the ablation's own)."""
+    from cpnet import ablate
+    from cpnet.cli.ablate import command as ablate_command
+    from cpnet.cli.train import command as train_command
+    from cpnet.config import defaults
+
+    assert issubclass(TrainingDiverged, CpnetError)
+    train_flags = {p.name: p.default for p in train_command.params if p.name in defaults()}
+    assert len(train_flags) >= 20 and train_flags == {k: defaults()[k] for k in train_flags}
+    expected = {**defaults(), **ablate.TRAIN_DEFAULTS, **defaults(ablate.AblationConfig)}
+    expected["experiments"] = ",".join(expected["experiments"])
+    ablate_flags = {p.name: p.default for p in ablate_command.params if p.name in expected and p.name != "out"}
+    assert len(ablate_flags) >= 15 and ablate_flags == {k: expected[k] for k in ablate_flags}
+    assert ablate_flags["epochs"] == 4 and ablate_flags["workers"] == 0 and train_flags["workers"] is None
