@@ -170,6 +170,7 @@ class Series:
     dashed: bool = False
     markers: bool = False
     width: int = 2
+    band: tuple | None = None   # (lo, hi): per-x bounds drawn as a light area behind the line (spread over seeds)
 
 
 @dataclass
@@ -227,6 +228,18 @@ def _finite(v):
     return v is not None and isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(v)
 
 
+def _band_runs(s, log_x):
+    """The stretches of (x, lo, hi) where a series' band is finite (a missing bound breaks the band)."""
+    runs, cur = [], []
+    for x, lo, hi in zip(s.x, *s.band):
+        if _finite(x) and _finite(lo) and _finite(hi) and (x > 0 or not log_x):
+            cur.append((x, lo, hi))
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return [r for r in runs + [cur] if len(r) > 1]
+
+
 def chart(series, size=(460, 320), title="", xlabel="", ylabel="", xlim=None, ylim=None, marks=(), legend=True,
           log_x=False, integer_x=False):
     """A line chart of `series` (lists of Series) with axes, ticks, a light grid, dashed `marks` and a legend.
@@ -245,6 +258,8 @@ def chart(series, size=(460, 320), title="", xlabel="", ylabel="", xlim=None, yl
 
     xs = [x for s in series for x, y in zip(s.x, s.y) if _finite(x) and _finite(y) and (x > 0 or not log_x)]
     ys = [y for s in series for x, y in zip(s.x, s.y) if _finite(x) and _finite(y)]
+    ys += [v for s in series if s.band for x, lo, hi in zip(s.x, *s.band) if _finite(x) for v in (lo, hi)
+           if _finite(v)]
     xs += [m.value for m in marks if m.axis == "x" and _finite(m.value)]
     ys += [m.value for m in marks if m.axis == "y" and _finite(m.value)]
     tx = lambda v: math.log10(v) if log_x else v  # noqa: E731
@@ -291,6 +306,17 @@ def chart(series, size=(460, 320), title="", xlabel="", ylabel="", xlim=None, yl
         ImageDraw.Draw(lab).text((2, 0), ylabel, fill=BLACK, font=fnt)
         lab = lab.rotate(90, expand=True)
         img.paste(lab, (2, int((py0 + py1 - lab.height) / 2)))
+
+    for s in series:   # each band a translucent layer, so that overlapping bands stay visible
+        runs = _band_runs(s, log_x) if s.band else []
+        if runs:
+            layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
+            ld = ImageDraw.Draw(layer)
+            for pts in runs:
+                ld.polygon([(X(x), Y(hi)) for x, lo, hi in pts] + [(X(x), Y(lo)) for x, lo, hi in reversed(pts)],
+                           fill=s.color + (64,))
+            img = Image.alpha_composite(img.convert("RGBA"), layer).convert("RGB")
+            d = ImageDraw.Draw(img)
 
     for m in marks:
         if not _finite(m.value):
