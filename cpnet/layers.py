@@ -6,10 +6,7 @@ stores gradients for the parameters in `self.grads` (same keys as `self.params`)
 
 from __future__ import annotations
 
-import numpy as np
-
-from . import kernels, ops
-from .backend import get_array_module
+from . import ops
 
 
 class Layer:
@@ -117,59 +114,19 @@ class Flatten(Layer):
         return dy.reshape(shape)
 
 
-def counter_keys(seed: int, step: int) -> tuple:
-    """The two uint32 keys of counter_uniform's hash for (seed, step)."""
-    return tuple(np.uint32(v) for v in np.random.SeedSequence([seed, step]).generate_state(2, np.uint32))
-
-
-def counter_uniform(xp, shape, seed: int, step: int, dtype=np.float32):
-    """Uniform [0, 1) numbers that are a pure function of (seed, step, element index): a 32-bit integer hash
-    (two rounds of the 'lowbias32' mixer, keyed from a SeedSequence) over the element counter.
-
-    The same few integer operations run on NumPy and CuPy, so the CPU and the GPU draw identical numbers,
-    and nothing needs a generator object or state: a resumed run recomputes any step's masks from its number.
-    kernels.dropout_forward_gpu computes the same hash inside its one kernel.
-    """
-    k0, k1 = counter_keys(seed, step)
-    n = int(np.prod(shape))
-    h = xp.arange(n, dtype=xp.uint32)
-    h *= np.uint32(0x9E3779B9)
-    for key in (k0, k1):
-        h ^= key
-        h ^= h >> np.uint32(16)
-        h *= np.uint32(0x7FEB352D)
-        h ^= h >> np.uint32(15)
-        h *= np.uint32(0x846CA68B)
-        h ^= h >> np.uint32(16)
-    u = (h >> np.uint32(8)).astype(dtype)
-    u *= np.dtype(dtype).type(2.0 ** -24)
-    return u.reshape(shape)
-
-
 class Dropout(Layer):
-    """Inverted dropout whose mask is a pure function of (seed, step): a resumed run draws the same masks,
-    and so do the CPU and the GPU. `step` is set by the model before each training forward pass. On a GPU the
-    draw, the mask and the product are one kernel (kernels.dropout_forward_gpu), bit-identical to the NumPy path."""
+    """Holds p, the seed and the training step (set by the model before each training forward pass) for
+    ops.dropout_forward; `offset` is the global row of the batch's first row (0 in a world of one)."""
 
     def __init__(self, p, seed):
         super().__init__()
-        self.p, self.seed, self.step = p, int(seed), 0
+        self.p, self.seed, self.step, self.offset = p, int(seed), 0, 0
 
     def forward(self, x, train=False):
-        if not train or self.p == 0:
-            self._cache = None
-            return x
-        xp = get_array_module(x)
-        if xp is not np and x.dtype in kernels.DTYPES:
-            y, self._cache = kernels.dropout_forward_gpu(x, self.p, *counter_keys(self.seed, self.step))
-            return y
-        keep = counter_uniform(xp, x.shape, self.seed, self.step, x.dtype.type) >= x.dtype.type(self.p)
-        y, self._cache = ops.dropout_forward(x, self.p, keep, True)
+        y, self._cache = ops.dropout_forward(x, self.p, self.seed, self.step, train, self.offset)
         return y
 
     def backward(self, dy):
-        if self._cache is None:
-            return dy
         dx = ops.dropout_backward(dy, self._cache)
         self._cache = None
         return dx

@@ -235,15 +235,14 @@ def test_momentum_sgd_updates_the_fused_models_parameters_in_place(cp, monkeypat
 @pytest.mark.parametrize("p", [0.5, 0.1, 0.9])
 @pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES, ids=str)
 def test_dropout_forward_gpu(cp, shape, p, dtype):
-    from cpnet.layers import counter_keys, counter_uniform
-    from cpnet.ops import dropout_forward
+    from cpnet.ops import counter_keys, counter_uniform, dropout_with_mask
 
     x = with_specials(shape, dtype, 12)
-    for seed, step in ((0, 0), (9, 3), (2**31 + 5, 10**6)):
-        keep = counter_uniform(np, shape, seed, step, dtype) >= dtype(p)
+    for seed, step, first in ((0, 0, 0), (9, 3, 0), (2**31 + 5, 10**6, 0), (9, 3, 7 * 2**29 + 3)):  # wraps 2^32
+        keep = counter_uniform(np, shape, seed, step, dtype, first) >= dtype(p)
         with np.errstate(invalid="ignore"):
-            y_ref, mask_ref = dropout_forward(x, p, keep, True)
-        y, mask = kernels.dropout_forward_gpu(cp.asarray(x), p, *counter_keys(seed, step))
+            y_ref, mask_ref = dropout_with_mask(x, p, keep)
+        y, mask = kernels.dropout_forward_gpu(cp.asarray(x), p, *counter_keys(seed, step), first=first)
         _bitwise(cp, mask, mask_ref)
         _bitwise(cp, y, y_ref)
 
@@ -267,7 +266,7 @@ def test_relu_gpu(cp, shape, dtype):
 @pytest.mark.parametrize("chunk", [None, 5_000_003])
 def test_elementwise_kernels_cover_more_elements_than_one_launch(cp, chunk, monkeypatch):
     """More elements than GPU_GRID_CAP * GPU_BLOCK threads (the grid-stride loop); then in several chunks."""
-    from cpnet.layers import counter_keys, counter_uniform
+    from cpnet.ops import counter_keys, counter_uniform
 
     if chunk is not None:
         monkeypatch.setattr(kernels, "ELEMENTWISE_CHUNK", chunk)

@@ -397,16 +397,16 @@ def test_momentum_sgd_one_kernel_per_array_of_tower_blocks(shim, monkeypatch):
 @pytest.mark.parametrize("p", [0.5, 0.1, 0.9, 1e-3])
 @pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES, ids=str)
 def test_dropout_forward(shim, shape, p, dtype):
-    """y and mask bit for bit equal to Dropout's NumPy path (counter_uniform, then ops.dropout_forward)."""
-    from cpnet.layers import counter_keys, counter_uniform
-    from cpnet.ops import dropout_forward
+    """y and mask bit for bit equal to the NumPy path (counter_uniform, then ops.dropout_with_mask), from counter 0
+    and from a global row offset."""
+    from cpnet.ops import counter_keys, counter_uniform, dropout_with_mask
 
     x = with_specials(shape, dtype, 22)
-    for seed, step in ((0, 0), (9, 3), (2**31 + 5, 10**6)):
-        keep = counter_uniform(np, shape, seed, step, dtype) >= dtype(p)
+    for seed, step, first in ((0, 0, 0), (9, 3, 0), (2**31 + 5, 10**6, 0), (9, 3, 7 * 2**29 + 3)):  # wraps 2^32
+        keep = counter_uniform(np, shape, seed, step, dtype, first) >= dtype(p)
         with np.errstate(invalid="ignore"):  # inf * 0
-            y_ref, mask_ref = dropout_forward(x, p, keep, True)
-        y, mask = shim.dropout_forward_host(x, p, *counter_keys(seed, step))
+            y_ref, mask_ref = dropout_with_mask(x, p, keep)
+        y, mask = shim.dropout_forward_host(x, p, *counter_keys(seed, step), first=first)
         _bitwise(mask, mask_ref)
         _bitwise(y, y_ref)
 
@@ -548,7 +548,8 @@ def _run_elementwise_kernels(shim):
     w, v = random_array(x.shape, np.float32, 28), random_array(x.shape, np.float32, 29)
     shim.sgd_momentum_host(w, dy, v, 0.9, 5e-6, 0.01)
     y = shim.relu_forward_host(x)
-    return [w, v, *shim.dropout_forward_host(x, 0.5, 12345, 2**32 - 7), y, shim.relu_backward_host(y, dy)]
+    return [w, v, *shim.dropout_forward_host(x, 0.5, 12345, 2**32 - 7), *shim.dropout_forward_host(x, 0.5, 1, 2, 2**32 - 50),
+            y, shim.relu_backward_host(y, dy)]
 
 
 @pytest.mark.parametrize("launch", _LAUNCHES, ids=str)

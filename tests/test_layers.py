@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from cpnet.backend import to_host
-from cpnet.layers import Dropout, counter_uniform
+from cpnet.layers import Dropout
+from cpnet.ops import counter_uniform
 
 
 def test_counter_uniform_is_a_function_of_seed_step_and_index(xp):

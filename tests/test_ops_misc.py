@@ -5,6 +5,7 @@ from cpnet.backend import to_host
 from cpnet.ops import (
     dropout_backward,
     dropout_forward,
+    dropout_with_mask,
     linear_backward,
     linear_forward,
     relu_backward,
@@ -114,27 +115,26 @@ def test_dropout_gradient_with_fixed_mask(xp):
     """A fixed mask makes dropout linear: eps 1e-3, max relative error below 1e-8."""
     x = _r(xp, (4, 6), 8)
     mask = xp.asarray(np.random.default_rng(9).random((4, 6)) > 0.5)
-    y, cache = dropout_forward(x, 0.5, mask, True)
+    y, cache = dropout_with_mask(x, 0.5, mask)
     np.testing.assert_array_equal(to_host(y), np.where(to_host(mask), 2 * to_host(x), 0.0))
     dy = _r(xp, x.shape, 10)
     dx = dropout_backward(dy, cache)
-    f = projected(xp, lambda: dropout_forward(x, 0.5, mask, True)[0], dy)
+    f = projected(xp, lambda: dropout_with_mask(x, 0.5, mask)[0], dy)
     assert rel_error(dx, numerical_grad(f, x, 1e-3)) < 1e-8
 
 
 def test_dropout_mask_of_zeros_and_ones(xp):
     x = xp.ones((2, 3), dtype=np.float32)
     m = xp.asarray(np.array([[1, 0, 1], [0, 0, 1]], dtype=np.float32))
-    y, cache = dropout_forward(x, 0.25, m, True)
+    y, cache = dropout_with_mask(x, 0.25, m)
     assert y.dtype == np.float32
     np.testing.assert_allclose(to_host(y), to_host(m) / 0.75)
     np.testing.assert_allclose(to_host(dropout_backward(x, cache)), to_host(m) / 0.75)
 
 
-def test_dropout_with_a_generator_keeps_one_minus_p_and_preserves_the_mean(xp):
+def test_dropout_keeps_one_minus_p_and_preserves_the_mean(xp):
     x = xp.ones((200, 500), dtype=np.float32)
-    rng = xp.random.default_rng(0)
-    y, cache = dropout_forward(x, 0.5, rng, True)
+    y, cache = dropout_forward(x, 0.5, 0, 0, True)
     assert y.dtype == np.float32
     yh = to_host(y)
     assert set(np.unique(yh)) <= {0.0, 2.0}
@@ -146,16 +146,31 @@ def test_dropout_with_a_generator_keeps_one_minus_p_and_preserves_the_mean(xp):
 def test_dropout_is_the_identity_at_test_time_and_for_p_zero(xp):
     x = _r(xp, (3, 4), 11)
     for p, train in ((0.5, False), (0.0, True)):
-        y, cache = dropout_forward(x, p, xp.random.default_rng(1), train)
+        y, cache = dropout_forward(x, p, 1, 2, train)
         assert y is x
         assert dropout_backward(x, cache) is x
 
 
 def test_dropout_errors(xp):
     with pytest.raises(ValueError, match=r"dropout_forward: p must be in \[0, 1\), got 1.0"):
-        dropout_forward(xp.zeros(3), 1.0, xp.ones(3), True)
+        dropout_forward(xp.zeros(3), 1.0, 0, 0, True)
+    with pytest.raises(ValueError, match=r"dropout_forward: p must be in \[0, 1\), got -0.5"):
+        dropout_forward(xp.zeros(3), -0.5, 0, 0, False)   # checked even where the op is the identity
     with pytest.raises(ValueError, match=r"dropout_forward: mask must have x's shape \(3,\), got \(4,\)"):
-        dropout_forward(xp.zeros(3), 0.5, xp.ones(4), True)
+        dropout_with_mask(xp.zeros(3), 0.5, xp.ones(4))
+    with pytest.raises(ValueError, match="dropout_forward: x must have a floating dtype"):
+        dropout_forward(xp.zeros(3, dtype=np.int32), 0.5, 0, 0, True)
+
+
+def test_dropout_offset_draws_the_global_rows_masks(xp):
+    """Rows [offset, offset + n) of a global batch get exactly those rows' masks, whatever the split."""
+    x = _r(xp, (12, 5, 3), 12).astype(np.float32)
+    y_all, m_all = dropout_forward(x, 0.5, 7, 11, True)
+    parts = [dropout_forward(x[a:b], 0.5, 7, 11, True, offset=a) for a, b in ((0, 5), (5, 6), (6, 12))]
+    np.testing.assert_array_equal(to_host(xp.concatenate([m for _, m in parts])), to_host(m_all))
+    np.testing.assert_array_equal(to_host(xp.concatenate([y for y, _ in parts])), to_host(y_all))
+    shifted = dropout_forward(x[:6], 0.5, 7, 11, True, offset=1)[1]
+    assert not np.array_equal(to_host(shifted), to_host(m_all[:6]))   # the offset moves the counters
 
 
 # softmax cross-entropy

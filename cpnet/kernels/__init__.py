@@ -278,17 +278,18 @@ def _bits32(v) -> int:
     return int(np.uint32(int(v) & 0xFFFFFFFF).view(np.int32))
 
 
-def _elementwise(run, name, dt, arrays, *scalars, counter=False):
+def _elementwise(run, name, dt, arrays, *scalars, counter=None):
     """Launch `name` over `arrays` (C-contiguous, one size) in chunks: arrays, n[, first], scalars.
-    `counter` passes each chunk's first flat index (mod 2^32)."""
+    `counter` (an int): pass each chunk's first counter, counter + its first flat index (mod 2^32)."""
     n = int(arrays[0].size)
     if n <= ELEMENTWISE_CHUNK:  # the common case, without the views (each costs microseconds on CuPy)
-        run(name, dt, -(-n // ELEMENTWISE_ILP), *arrays, n, *((0,) if counter else ()), *scalars)
+        run(name, dt, -(-n // ELEMENTWISE_ILP), *arrays, n, *(() if counter is None else (_bits32(counter),)),
+            *scalars)
         return
     flat = [a.reshape(-1) for a in arrays]
     for s in range(0, n, ELEMENTWISE_CHUNK):
         t = min(s + ELEMENTWISE_CHUNK, n)
-        first = (_bits32(s),) if counter else ()
+        first = () if counter is None else (_bits32(counter + s),)
         run(name, dt, -(-(t - s) // ELEMENTWISE_ILP), *(f[s:t] for f in flat), t - s, *first, *scalars)
 
 
@@ -307,7 +308,7 @@ def _sgd_momentum(run, xp, w, g, v, momentum, wd_lr, lr):
     _elementwise(run, "sgd_momentum_kernel", dt, (w, xp.ascontiguousarray(g), v), momentum, wd_lr, lr)
 
 
-def _dropout_forward(run, xp, x, p, key0, key1):
+def _dropout_forward(run, xp, x, p, key0, key1, first=0):
     dt = _float_dtype("dropout_forward", x)
     p = float(p)
     if not 0.0 <= p < 1.0:
@@ -316,7 +317,7 @@ def _dropout_forward(run, xp, x, p, key0, key1):
     y = xp.empty_like(x)
     mask = xp.empty_like(x)
     _elementwise(run, "dropout_forward_kernel", dt, (x, y, mask), dt.type(p), dt.type(1.0 / (1.0 - p)),
-                 _bits32(key0), _bits32(key1), counter=True)
+                 _bits32(key0), _bits32(key1), counter=int(first))
     return y, mask
 
 
@@ -430,9 +431,10 @@ def sgd_momentum_gpu(w, g, v, momentum, wd_lr, lr):
     _on_gpu("sgd_momentum_gpu", _sgd_momentum, (w, g, v), momentum, wd_lr, lr)
 
 
-def dropout_forward_gpu(x, p, key0, key1):
-    """-> (y, mask): mask = 1/(1-p) where counter_uniform's draw (keys key0, key1: uint32) is >= p, else 0."""
-    return _on_gpu("dropout_forward_gpu", _dropout_forward, (x,), p, key0, key1)
+def dropout_forward_gpu(x, p, key0, key1, first=0):
+    """-> (y, mask): mask = 1/(1-p) where counter_uniform's draw (keys key0, key1: uint32; counters from
+    `first`) is >= p, else 0."""
+    return _on_gpu("dropout_forward_gpu", _dropout_forward, (x,), p, key0, key1, first)
 
 
 def relu_forward_gpu(x):

@@ -43,7 +43,7 @@ extern "C" __global__ void sgd_momentum_kernel(T* __restrict__ w, const T* __res
     }
 }
 
-// Inverted dropout with the counter hash of cpnet.layers.counter_uniform: element first + e (mod 2^32) draws
+// Inverted dropout with the counter hash of cpnet.ops.dropout.counter_uniform: element first + e (mod 2^32) draws
 //   h = (first + e) * 0x9E3779B9, then for each key: h ^= key; h ^= h >> 16; h *= 0x7FEB352D; h ^= h >> 15;
 //   h *= 0x846CA68B; h ^= h >> 16;   u = (h >> 8) * 2^-24 in [0, 1)
 // and is kept when u >= p: mask = scale (= 1 / (1 - p)) or 0, y = x * mask. The keys and `first` are the uint32

@@ -251,8 +251,8 @@ def sgd_momentum_host(w, g, v, momentum, wd_lr, lr):
     _sgd_momentum(_host_run, np, w, g, v, momentum, wd_lr, lr)
 
 
-def dropout_forward_host(x, p, key0, key1):
-    return _dropout_forward(_host_run, np, x, p, key0, key1)
+def dropout_forward_host(x, p, key0, key1, first=0):
+    return _dropout_forward(_host_run, np, x, p, key0, key1, first)
 
 
 def relu_forward_host(x):

@@ -12,10 +12,17 @@ The two networks differ only by the constant factor 1 / (1 - p) on this layer's 
 the next layer's weights absorb; the inverted form needs no rescaling at test time.
 
 Backward: dx = dy * mask / (1 - p) (the same units, the same scale).
+
+The mask is a pure function of (seed, step, global row, unit): a counter-based hash, no generator state. A
+resumed run recomputes any step's masks from its number, the CPU and the GPU draw identical masks, and a replica
+that holds rows [offset, offset + n) of a global batch draws exactly those rows' masks (`offset`).
 """
 
 from __future__ import annotations
 
+import numpy as np
+
+from cpnet import kernels
 from cpnet.backend import get_array_module
 
 from . import _check
@@ -23,21 +30,67 @@ from . import _check
 OP_F = "dropout_forward"
 
 
-def dropout_forward(x, p, rng_or_mask, train):
-    """Returns (y, cache). `rng_or_mask`: a keep-mask (bool or 0/1, x's shape) or a generator with
-    ``.random(shape, dtype=...)`` (numpy's or cupy's default_rng). p == 0 or train=False: the identity."""
-    xp = get_array_module(x)
-    _check.floating(OP_F, "x", x)
+def counter_keys(seed: int, step: int) -> tuple:
+    """The two uint32 keys of counter_uniform's hash for (seed, step)."""
+    return tuple(np.uint32(v) for v in np.random.SeedSequence([seed, step]).generate_state(2, np.uint32))
+
+
+def counter_uniform(xp, shape, seed: int, step: int, dtype=np.float32, first: int = 0):
+    """Uniform [0, 1) numbers that are a pure function of (seed, step, element counter): a 32-bit integer hash
+    (two rounds of the 'lowbias32' mixer, keyed from a SeedSequence) over the counters first, first + 1, ...
+    (mod 2^32) in C order.
+
+    The same few integer operations run on NumPy and CuPy, so the CPU and the GPU draw identical numbers.
+    kernels.dropout_forward_gpu computes the same hash inside its one kernel.
+    """
+    k0, k1 = counter_keys(seed, step)
+    n = int(np.prod(shape))
+    h = xp.arange(n, dtype=xp.uint32)
+    h += np.uint32(int(first) & 0xFFFFFFFF)
+    h *= np.uint32(0x9E3779B9)
+    for key in (k0, k1):
+        h ^= key
+        h ^= h >> np.uint32(16)
+        h *= np.uint32(0x7FEB352D)
+        h ^= h >> np.uint32(15)
+        h *= np.uint32(0x846CA68B)
+        h ^= h >> np.uint32(16)
+    u = (h >> np.uint32(8)).astype(dtype)
+    u *= np.dtype(dtype).type(2.0 ** -24)
+    return u.reshape(shape)
+
+
+def _check_p(p) -> float:
     p = float(p)
     if not 0.0 <= p < 1.0:
         _check.fail(OP_F, f"p must be in [0, 1), got {p}")
+    return p
+
+
+def dropout_forward(x, p, seed: int, step: int, train: bool, offset: int = 0):
+    """Returns (y, cache). Row r of x (its first axis) is row `offset + r` of the global batch: unit j of it is
+    kept when counter_uniform's draw for counter (offset + r) * units + j is >= p. On a GPU the draw, the mask
+    and the product are one kernel, bit-identical to the NumPy path. p == 0 or train=False: the identity."""
+    _check.floating(OP_F, "x", x)
+    p = _check_p(p)
     if not train or p == 0.0:
         return x, None
-    if hasattr(rng_or_mask, "random"):
-        keep = rng_or_mask.random(x.shape, dtype=x.dtype) >= p
-    else:
-        keep = xp.asarray(rng_or_mask)
-        _check.same_shape(OP_F, "mask", keep, x.shape, f"x's shape {tuple(x.shape)}")
+    xp = get_array_module(x)
+    first = int(offset) * (int(np.prod(x.shape[1:])) if x.ndim else 1)
+    if xp is not np and x.dtype in kernels.DTYPES:
+        return kernels.dropout_forward_gpu(x, p, *counter_keys(seed, step), first=first)
+    keep = counter_uniform(xp, x.shape, seed, step, x.dtype.type, first) >= x.dtype.type(p)
+    return dropout_with_mask(x, p, keep)
+
+
+def dropout_with_mask(x, p, keep):
+    """(y, cache) for a given keep-mask (bool or 0/1, x's shape): y = x * keep / (1 - p). Gradient checks fix
+    the mask this way; dropout_forward draws it."""
+    xp = get_array_module(x)
+    _check.floating(OP_F, "x", x)
+    p = _check_p(p)
+    keep = xp.asarray(keep)
+    _check.same_shape(OP_F, "mask", keep, x.shape, f"x's shape {tuple(x.shape)}")
     m = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
     return x * m, m
 
