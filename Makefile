@@ -12,7 +12,7 @@ DEMO_EPOCHS ?= 8
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,dist]'
 	touch $(STAMP)
 
 install: $(STAMP)

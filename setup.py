@@ -24,6 +24,9 @@ setup(
         "gpu": ["cupy-cuda12x"],
         "gpu13": ["cupy-cuda13x"],
         "test": ["pytest>=7"],
+        # Data-parallel replicas (cpnet.dist): mpi4py, and the MPICH wheel that brings `mpiexec` into the venv
+        # (on a cluster, build mpi4py against the site's MPI instead and leave out the mpich wheel).
+        "dist": ["mpi4py>=4.0", "mpich"],
     },
     entry_points={"console_scripts": ["cpnet=cpnet.cli.main:cli"]},
 )

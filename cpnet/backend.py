@@ -208,6 +208,32 @@ def reset_transfer_stats():
     _transfer_stats["count"] = 0
 
 
+def nccl_module():
+    """CuPy's NCCL bindings (cupy.cuda.nccl), or None when CuPy or its NCCL is missing (cpnet.dist uses them)."""
+    if _load_cupy() is None:
+        return None
+    try:
+        from cupy.cuda import nccl
+
+        return nccl if getattr(nccl, "available", True) else None
+    except Exception:  # ImportError, or a CuPy built without NCCL
+        return None
+
+
+def data_ptr(a) -> int:
+    """The address of an array's first element (a CuPy device pointer or a NumPy host pointer)."""
+    return int(a.data.ptr) if is_gpu_array(a) else int(a.ctypes.data)
+
+
+def current_stream_ptr(device: "Device") -> int:
+    """The handle of `device`'s current CUDA stream (0, the legacy default stream, on the host)."""
+    if not device.is_gpu:
+        return 0
+    cp = cupy_module()
+    with cp.cuda.Device(device.index):
+        return int(cp.cuda.get_current_stream().ptr)
+
+
 def synchronize_all():
     """Wait for every GPU (no-op on the host); benchmarks call this before reading a clock."""
     for i in range(gpu_count()):
@@ -306,28 +332,29 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def default_host_threads(workers: int = 0) -> int:
-    """BLAS threads for the host path: the CPUs not taken by the loader's worker processes, shared by the two
-    towers that run in two threads (model.AlexNet): half of them each, at least 1.
+def default_host_threads(workers: int = 0, ranks: int = 1) -> int:
+    """BLAS threads for the host path: this process's share of the CPUs (`ranks` processes of one job share the
+    node: cpnet.dist's node-local size) less its loader worker processes, shared by the two towers that run in
+    two threads (model.AlexNet): half of them each, at least 1.
 
     OpenBLAS threads spin while they wait: with more runnable threads than cores a GEMM can run a hundred times
     slower (docs/PERFORMANCE.md). `--threads` overrides this.
     """
-    cpus = _cpu_count()
+    cpus = _cpu_count() // max(1, int(ranks))
     return max(1, (cpus - max(0, int(workers))) // 2)
 
 
-def default_loader_workers(devices=None) -> int:
+def default_loader_workers(devices=None, ranks: int = 1) -> int:
     """Loader worker processes when --workers is not given: 0 when the towers run on the host (`devices`, default
-    `default_placement(2)`), where the CPUs run their BLAS threads, and with a GPU the CPUs less two (the training
-    process and one spare), at most 12.
+    `default_placement(2)`), where the CPUs run their BLAS threads, and with a GPU this process's share of the
+    CPUs (`ranks` processes of one job on the node) less two (the training process and one spare), at most 12.
 
     Measured on a 16-CPU H200 host (docs/PERFORMANCE.md): the in-process loader makes about 2,000 images/s at
     S=256/C=227, 8 workers about 7,900 and 12 about 11,800, against a step of about 6,000 (FP32) and 10,000 (TF32).
     """
     if not any(d.is_gpu for d in (devices if devices is not None else default_placement(2))):
         return 0
-    cpus = _cpu_count()
+    cpus = _cpu_count() // max(1, int(ranks))
     return max(0, min(12, cpus - 2))
 
 

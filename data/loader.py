@@ -30,10 +30,13 @@ class _Spec:
     """What a process needs to make any batch of one loader (small and picklable)."""
 
     def __init__(self, path, kind, batch_size, crop, seed=0, lighting=0.0, flip=False, scale=1.0, views="center",
-                 mean=None):
+                 mean=None, rows=None, span=None):
         self.path, self.kind, self.batch_size, self.crop = path, kind, batch_size, crop
         self.seed, self.lighting, self.flip, self.scale, self.views = seed, lighting, flip, scale, views
         self.mean = mean  # (S, S, 3) float32 to subtract instead of the file's own, or None
+        # training: (first, count) rows of each global batch this loader makes (a replica's share), or all of them
+        self.rows = rows or (0, batch_size)
+        self.span = span  # evaluation: the (start, stop) range of images this loader visits, or the whole file
 
 
 class _Maker:
@@ -46,7 +49,7 @@ class _Maker:
         if mean.shape != ds.mean.shape:
             raise CpnetError(f"{ds.path}: images are {ds.size}px but the mean image given is {mean.shape[:2]}")
         self.mean_chw = np.ascontiguousarray(mean.transpose(2, 0, 1))
-        self.buf = np.empty((spec.batch_size, ds.size, ds.size, 3), np.uint8)
+        self.buf = np.empty((spec.rows[1], ds.size, ds.size, 3), np.uint8)
         self.offsets = augment.view_offsets(ds.size, spec.crop, spec.views) if spec.kind == "eval" else None
         self._order = (None, None)   # (epoch, permutation) of the last epoch seen
 
@@ -56,8 +59,10 @@ class _Maker:
             epoch, bi = key
             if self._order[0] != epoch:
                 self._order = (epoch, augment.epoch_order(s.seed, epoch, self.ds.n))
-            return self._order[1][bi * b:(bi + 1) * b]
-        return np.arange(key * b, min(self.ds.n, (key + 1) * b))
+            first, count = s.rows
+            return self._order[1][bi * b + first:bi * b + first + count]
+        start, stop = s.span or (0, self.ds.n)
+        return np.arange(start + key * b, min(stop, start + (key + 1) * b))
 
     def make(self, key, x, y):
         """Fill x[:k], y[:k] with batch `key` ((epoch, index) for training, index for evaluation); return k."""
@@ -69,7 +74,11 @@ class _Maker:
         rows = np.empty(k, np.int64)
         rows[order] = np.arange(k)          # batch position j is buffer row rows[j]
         if s.kind == "train":
-            params = augment.train_params(s.seed, key[0], key[1], k, self.ds.size, s.crop, s.lighting, s.flip)
+            # drawn for the whole global batch, then this loader's rows: an image's crop, flip and lighting
+            # depend on its position in the global batch, not on how many replicas share the batch
+            first = s.rows[0]
+            params = tuple(p[first:first + k] for p in augment.train_params(
+                s.seed, key[0], key[1], s.batch_size, self.ds.size, s.crop, s.lighting, s.flip))
             augment.train_batch_into(x[:k], self.buf, rows, params, self.mean_chw, self.ds.eigval,
                                      self.ds.eigvec, s.scale)
         else:
@@ -275,6 +284,14 @@ class _Workers:
         self._finalizer()
 
 
+def _check_part(part):
+    """(r, n) with 0 <= r < n."""
+    r, n = (int(v) for v in part)
+    if not (n >= 1 and 0 <= r < n):
+        raise CpnetError(f"part {tuple(part)}: expected (r, n) with 0 <= r < n")
+    return r, n
+
+
 class _Loader:
     def _setup(self, path, batch_size, crop, workers, spec, slots, x_shape):
         self.path = os.fspath(path)
@@ -302,7 +319,7 @@ class _Loader:
             ds.close()
             self._ds = self._maker = None
             self._slots = max(slots, self.workers) + 1    # + the one the caller is holding
-            self._workers = _Workers(spec, self.workers, self._slots, x_shape, self.batch_size)
+            self._workers = _Workers(spec, self.workers, self._slots, x_shape, x_shape[0])
 
     def _batches(self, keys, sizes, ahead=()):
         if self._workers is not None:
@@ -344,17 +361,27 @@ class TrainLoader(_Loader):
     Each epoch visits a permutation of the file drawn from (seed, epoch); the incomplete last batch is dropped.
     Crop position, flip and lighting of batch i of epoch e come from (seed, e, i) alone, so `epoch(e, start=k)`
     yields exactly batches k.. of `epoch(e)`, for any number of workers. See `data.augment` for the maths.
+
+    `part=(r, n)`: this loader is replica r of n and yields rows [r*B/n, (r+1)*B/n) of each global batch of B
+    (the same order, crops, flips and lighting as those rows of the whole batch; B must be a multiple of n).
+    `first_row` is r*B/n.
     """
 
-    def __init__(self, path, batch_size, crop, seed=0, workers=0, lighting=0.1, flip=True, prefetch=4, scale=1.0):
+    def __init__(self, path, batch_size, crop, seed=0, workers=0, lighting=0.1, flip=True, prefetch=4, scale=1.0,
+                 part=(0, 1)):
         if int(seed) < 0:
             raise CpnetError(f"seed must be 0 or more, got {seed}")
         if int(prefetch) < 1:
             raise CpnetError(f"prefetch must be at least 1, got {prefetch}")
+        r, n = _check_part(part)
+        if int(batch_size) % n:
+            raise CpnetError(f"batch size {batch_size} does not split into {n} equal parts")
+        rows = int(batch_size) // n
+        self.first_row, self.rows = r * rows, rows
         spec = _Spec(os.fspath(path), "train", int(batch_size), int(crop), int(seed), float(lighting), bool(flip),
-                     float(scale))
+                     float(scale), rows=(self.first_row, rows))
         self.seed, self.lighting, self.flip, self.scale = int(seed), float(lighting), bool(flip), float(scale)
-        self._setup(path, batch_size, crop, workers, spec, int(prefetch), (int(batch_size), 3, int(crop), int(crop)))
+        self._setup(path, batch_size, crop, workers, spec, int(prefetch), (rows, 3, int(crop), int(crop)))
         if self.n < self.batch_size:
             n = self.n
             self.close()
@@ -367,7 +394,7 @@ class TrainLoader(_Loader):
             raise ValueError(f"start must be in [0, {self.batches_per_epoch}], got {start}")
         keys = [(int(epoch), i) for i in range(int(start), self.batches_per_epoch)]
         ahead = [(int(epoch) + 1, i) for i in range(min(self.batches_per_epoch, getattr(self, "_slots", 0)))]
-        return self._batches(keys, [self.batch_size] * len(keys), ahead)
+        return self._batches(keys, [self.rows] * len(keys), ahead)
 
     def __len__(self):
         return self.batches_per_epoch
@@ -378,21 +405,30 @@ class EvalLoader(_Loader):
     possibly smaller. views='center': V=1, the centre crop; views='ten': the paper's 10 views in
     `augment.TEN_VIEW_ORDER` (centre, top-left, top-right, bottom-left, bottom-right, then the same mirrored).
     No lighting; the mean image is subtracted at each view's window: the file's own, or `mean` (S, S, 3) when
-    given (a checkpoint's training mean, for a file prepared apart from the training set)."""
+    given (a checkpoint's training mean, for a file prepared apart from the training set).
 
-    def __init__(self, path, batch_size, crop, views="center", workers=0, scale=1.0, prefetch=2, mean=None):
+    `part=(r, n)`: only images [r*N/n, (r+1)*N/n) of the file's N (replica r's share of a sharded evaluation:
+    the n parts together hold every image exactly once). `len(loader.span)` images are visited."""
+
+    def __init__(self, path, batch_size, crop, views="center", workers=0, scale=1.0, prefetch=2, mean=None,
+                 part=(0, 1)):
         if views not in augment.VIEWS:
             raise CpnetError(f"views must be 'center' or 'ten', got {views!r}")
+        r, n = _check_part(part)
         self.views, self.num_views, self.scale = views, augment.VIEWS[views], float(scale)
+        with H5Dataset(os.fspath(path)) as ds:
+            total = ds.n
+        self.span = range(r * total // n, (r + 1) * total // n)
         spec = _Spec(os.fspath(path), "eval", int(batch_size), int(crop), scale=float(scale), views=views,
-                     mean=None if mean is None else np.ascontiguousarray(mean, np.float32))
+                     mean=None if mean is None else np.ascontiguousarray(mean, np.float32),
+                     span=(self.span.start, self.span.stop))
         self._setup(path, batch_size, crop, workers, spec, max(1, int(prefetch)),
                     (int(batch_size), self.num_views, 3, int(crop), int(crop)))
 
     def __len__(self):
-        return -(-self.n // self.batch_size)
+        return -(-len(self.span) // self.batch_size)
 
     def __iter__(self):
-        b = self.batch_size
+        b, m = self.batch_size, len(self.span)
         keys = list(range(len(self)))
-        return self._batches(keys, [min(b, self.n - i * b) for i in keys])
+        return self._batches(keys, [min(b, m - i * b) for i in keys])

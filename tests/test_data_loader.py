@@ -323,3 +323,49 @@ def test_eval_loader_subtracts_a_given_mean_at_each_view(coded):
     with pytest.raises(CpnetError, match="coded.h5: images are 12px but the mean image given is"):
         with EvalLoader(path, 10, 8, mean=np.zeros((10, 10, 3), np.float32)) as bad:
             next(iter(bad))
+
+
+@pytest.mark.parametrize("parts", [2, 4])
+def test_replica_parts_are_row_blocks_of_the_global_batch(coded, parts):
+    """Replica r of n yields rows [r*B/n, (r+1)*B/n) of every global batch, with the crops, flips and lighting
+    those rows have in the whole batch (keyed by the global position); workers change nothing."""
+    path, _ = coded
+    whole = TrainLoader(path, 8, 9, seed=3, lighting=0.5)
+    expect = [(x.copy(), y.copy()) for e in range(2) for x, y in whole.epoch(e)]
+    whole.close()
+    got = [[] for _ in range(parts)]
+    for r in range(parts):
+        with TrainLoader(path, 8, 9, seed=3, lighting=0.5, part=(r, parts), workers=r % 2) as part:
+            assert part.first_row == r * 8 // parts and part.rows == 8 // parts
+            got[r] = [(x.copy(), y.copy()) for e in range(2) for x, y in part.epoch(e)]
+    for i, (x, y) in enumerate(expect):
+        assert np.array_equal(np.concatenate([got[r][i][0] for r in range(parts)]), x)
+        assert np.array_equal(np.concatenate([got[r][i][1] for r in range(parts)]), y)
+    # every image of an epoch's batches is used once, by exactly one replica
+    seen = np.concatenate([decode_batch(got[r][i][0]) for r in range(parts) for i in range(len(expect) // 2)])
+    assert len(seen) == len(set(seen.tolist())) == (37 // 8) * 8
+
+
+def decode_batch(x):
+    return np.array([decode(im)[0] for im in x])
+
+
+def test_replica_parts_need_a_batch_that_splits(coded):
+    path, _ = coded
+    with pytest.raises(CpnetError, match="does not split into 3"):
+        TrainLoader(path, 8, 9, part=(0, 3))
+    with pytest.raises(CpnetError, match="0 <= r < n"):
+        TrainLoader(path, 8, 9, part=(2, 2))
+
+
+@pytest.mark.parametrize("parts", [1, 2, 4, 5])
+def test_eval_parts_hold_every_image_once(coded, parts):
+    path, labels = coded
+    idx, ys = [], []
+    for r in range(parts):
+        with EvalLoader(path, 4, 12, part=(r, parts), workers=r % 2) as part:
+            batches = [(decode_batch(x[:, 0]), y) for x, y in part]
+            assert len(batches) == len(part)
+        idx += [i for b, _ in batches for i in b]
+        ys += [v for _, y in batches for v in y]
+    assert idx == list(range(37)) and np.array_equal(ys, labels)

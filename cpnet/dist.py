@@ -1,0 +1,431 @@
+"""The world: N data-parallel replicas of the two-tower net, each one process (MPI through mpi4py; NCCL on GPUs).
+
+This is the only module that talks to MPI or NCCL. The model knows nothing of replicas; this module plays the part
+of ChainerMN's communicator and PyTorch DDP's wrapper:
+
+    world()            the processes of the job: a world of one (no launcher, or mpi4py absent), or MPI's
+                       COMM_WORLD when `mpiexec`/`srun` started several. Rank, size, node-local rank.
+    replica_placement  where a replica's two towers live: the host, one GPU (fused) or two GPUs, by node-local rank
+    Replicas           start (rank 0's parameters and momentum broadcast, then a checksum check), and the sum of
+                       every tower's gradients over the replicas in a few flat buffers per device, in reverse
+                       layer order (fc8 first), scaled to the mean over the global batch
+
+A world of one does nothing at all: no buffer, no copy, the numbers and files of a single-process run.
+
+Reduction paths, per tower device: the host (MPI Allreduce on the flat buffers in place), a GPU with NCCL (one
+NCCL communicator per tower device across the replicas, its unique id sent by MPI broadcast), and a GPU without
+NCCL (the flat buffers staged through host memory and reduced with MPI; `Replicas.note` says so).
+
+Faults: when several processes run, an uncaught exception in one of them (and `fail`) prints one line naming the
+rank and calls MPI_Abort, which makes the launcher end every process at once; nobody waits in a collective for a
+peer that is gone. A killed process is noticed by the launcher itself (MPICH's hydra ends the others within a
+second and names its PID; the start line lists every rank's PID, so it can be tied to a rank).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+import zlib
+
+import numpy as np
+
+from . import backend
+from .backend import HOST, Device, is_gpu_array, to_device, to_host
+from .errors import CpnetError
+
+# Environment variables through which common launchers announce how many processes they started.
+_SIZE_VARS = ("PMI_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
+
+BUCKET_BYTES = 32 << 20  # flat-buffer size cap: a few buckets for alexnet (244 MB), one for the small presets
+
+_world = None
+
+
+def launched_size() -> int:
+    """How many processes the launcher says it started (1 when no launcher variable is set).
+
+    CPNET_MPI=0 ignores them (a world of one even under a launcher); CPNET_MPI=1 initialises MPI anyway.
+    """
+    flag = os.environ.get("CPNET_MPI", "").strip()
+    if flag not in ("", "0", "1"):
+        raise CpnetError(f"CPNET_MPI={flag!r}: expected 0 or 1 (unset: MPI when a launcher started several processes)")
+    if flag == "0":
+        return 1
+    sizes = []
+    for var in _SIZE_VARS:
+        v = os.environ.get(var, "").strip()
+        if v.isdigit():
+            sizes.append(int(v))
+    return max(sizes + [2 if flag == "1" else 1])
+
+
+def world() -> "World":
+    """The world of this process, made once: MPI when a launcher started several processes, else a world of one."""
+    global _world
+    if _world is None:
+        n = launched_size()
+        _world = World() if n <= 1 else MPIWorld.start(n)
+    return _world
+
+
+def _reset_world_for_tests(w=None):
+    global _world
+    _world = w
+
+
+class World:
+    """A world of one process: every collective is the identity."""
+
+    kind = "one"
+    rank, size, local_rank, local_size, nodes = 0, 1, 0, 1, 1
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, buf):
+        """Sum a contiguous host array over the ranks, in place; returns it."""
+        return buf
+
+    def sum_start(self, buf):
+        """Start summing `buf` in place; returns a handle for `wait`."""
+        return None
+
+    def wait(self, handles):
+        pass
+
+    def sum_scalars(self, values) -> np.ndarray:
+        """float64 sums over the ranks of a few numbers (loss sums, error counts, image counts)."""
+        return self.sum(np.array(values, dtype=np.float64))
+
+    def any(self, flag) -> bool:
+        """True on every rank when `flag` is true on any (e.g. Ctrl-C, which reaches the ranks at different steps)."""
+        return bool(self.sum_scalars([1.0 if flag else 0.0])[0])
+
+    def bcast(self, obj, root=0):
+        """A small picklable object from `root` to everyone."""
+        return obj
+
+    def bcast_array(self, a, root=0):
+        """A contiguous host array from `root` into every rank's `a`, in place; returns it."""
+        return a
+
+    def gather(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] on every rank."""
+        return [obj]
+
+    def barrier(self):
+        pass
+
+    def describe(self) -> str:
+        return "one process"
+
+    def fail(self, message: str, code: int = 1):
+        """End the whole job with `message` (one line) and a non-zero exit code."""
+        sys.stderr.write(f"Error: {message}\n")
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class MPIWorld(World):
+    """MPI's COMM_WORLD through mpi4py."""
+
+    kind = "mpi"
+
+    def __init__(self, MPI, comm):
+        self.MPI, self.comm = MPI, comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
+        node.Free()
+        self.nodes = int(self.sum_scalars([1.0 if self.local_rank == 0 else 0.0])[0])
+        self.pids = self.gather((os.getpid(), socket.gethostname()))
+        self._install_excepthook()
+
+    @classmethod
+    def start(cls, launched: int) -> "MPIWorld":
+        try:
+            from mpi4py import MPI
+        except ImportError as e:
+            raise CpnetError(f"started by a launcher as {launched} processes, but mpi4py cannot be imported ({e}); "
+                             f"install it with pip install 'cpnet[dist]' (or run one process, or set CPNET_MPI=0)")
+        return cls(MPI, MPI.COMM_WORLD)
+
+    def _install_excepthook(self):
+        """An uncaught exception on any rank ends the job (instead of a hang in MPI_Finalize or a collective)."""
+        previous = sys.excepthook
+
+        def hook(kind, value, tb):
+            if isinstance(value, CpnetError):  # the user's error: its line is enough
+                self.fail(str(value))
+            previous(kind, value, tb)
+            self.fail(f"{kind.__name__}: {value}")
+
+        sys.excepthook = hook
+
+    def sum(self, buf):
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        return buf
+
+    def sum_start(self, buf):
+        return self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+
+    def wait(self, handles):
+        handles = [h for h in handles if h is not None]
+        if handles:
+            self.MPI.Request.Waitall(handles)
+
+    def bcast(self, obj, root=0):
+        return self.comm.bcast(obj, root=root)
+
+    def bcast_array(self, a, root=0):
+        self.comm.Bcast(a, root=root)
+        return a
+
+    def gather(self, obj) -> list:
+        return self.comm.allgather(obj)
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def describe(self) -> str:
+        where = ", ".join(f"{r}:{pid}" for r, (pid, _) in enumerate(self.pids))
+        return (f"{self.size} replicas (MPI, {self.nodes} node{'s' if self.nodes > 1 else ''}, "
+                f"{self.local_size} on this one; rank:pid {where})")
+
+    def fail(self, message: str, code: int = 1):
+        """One line naming this rank, then MPI_Abort. Ranks other than 0 wait a moment first: when every rank hits
+        the same error (a bad flag, a missing file), rank 0's abort ends the job with its line alone."""
+        if self.rank != 0:
+            time.sleep(1.0)
+        sys.stderr.write(f"Error: rank {self.rank} of {self.size}: {message}\n")
+        sys.stderr.flush()
+        self.comm.Abort(code)
+        os._exit(code)  # Abort returns while the launcher tears the job down
+
+
+# ---- where a replica's towers live ---------------------------------------------------------------------------
+
+def replica_placement(w: World, gpus_per_replica: int | None = None, gpu_count: int | None = None) -> list[Device]:
+    """The two towers' devices for this replica: the host without a GPU; else GPUs taken by node-local rank,
+    `gpus_per_replica` of them (2: a tower per GPU as in the paper; 1: both towers fused on one GPU).
+    None: 2 when the node has two GPUs per replica, else 1. A world of one with None is `default_placement`."""
+    if gpus_per_replica is not None and gpus_per_replica not in (1, 2):
+        raise CpnetError(f"--gpus-per-replica {gpus_per_replica}: expected 1 or 2")
+    if not backend.use_gpu():
+        return [HOST, HOST]
+    if w.size == 1 and gpus_per_replica is None:
+        return backend.default_placement(2)
+    n = backend.gpu_count() if gpu_count is None else gpu_count
+    g = gpus_per_replica or (2 if n >= 2 * w.local_size else 1)
+    first = w.local_rank * g
+    if first + g > n:
+        raise CpnetError(f"--gpus-per-replica {g}: rank {w.rank} is replica {w.local_rank} of {w.local_size} on its "
+                         f"node and needs GPUs {first}..{first + g - 1}, but the node has {n}")
+    return [Device("gpu", first), Device("gpu", first + g - 1)]
+
+
+def shard_rows(w: World, batch_size: int) -> tuple[int, int]:
+    """(first row, rows) of each global batch that this replica takes: rows [r*B/N, (r+1)*B/N)."""
+    if batch_size % w.size:
+        raise CpnetError(f"--batch-size {batch_size}: the global batch must split evenly over the {w.size} replicas "
+                         f"(a multiple of {w.size})")
+    b = batch_size // w.size
+    return w.rank * b, b
+
+
+# ---- start and gradient reduction ---------------------------------------------------------------------------
+
+def checksum(arrays) -> int:
+    """crc32 of the bytes of host copies of `arrays`, in order (bitwise: any difference changes it)."""
+    crc = 0
+    for a in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(to_host(a)).view(np.uint8).ravel(), crc)
+    return crc
+
+
+def check_same(w: World, what: str, value):
+    """An error on every rank unless `value` (picklable) is the same on all of them."""
+    values = w.gather(value)
+    odd = [r for r, v in enumerate(values) if v != values[0]]
+    if odd:
+        raise CpnetError(f"{what} differ between replicas: rank{'s' if len(odd) > 1 else ''} "
+                         f"{', '.join(map(str, odd))} differ{'' if len(odd) > 1 else 's'} from rank 0")
+
+
+class _Bucket:
+    """One flat buffer of a device: the gradients of `slots` [(name, offset, size, shape)], contiguous."""
+
+    def __init__(self, device, dtype, slots):
+        self.device, self.slots = device, slots
+        self.size = sum(s[2] for s in slots)
+        with device:
+            self.buf = device.xp.empty(self.size, dtype)
+        self.host = np.empty(self.size, dtype) if device.is_gpu else self.buf
+
+
+class Replicas:
+    """The data-parallel wrapper around one replica's model and optimizer.
+
+    `start()` makes every replica hold rank 0's parameters and velocities and checks it (crc32 over the ranks);
+    `reduce()`, after each backward pass, replaces every gradient by its sum over the replicas divided by the
+    number of replicas: each replica's loss is the mean over its B/N rows, so the result is the gradient of the
+    mean over the global batch B.
+
+    Gradients are gathered per tower device into flat buffers (at most `bucket_bytes` each) in reverse layer order,
+    fc8 and fc7 first, the order backward produces them in; each bucket's reduction starts as soon as it is
+    packed. `nccl`: the NCCL module to use on GPU devices (default: CuPy's, when it is there); the host staging
+    path otherwise (`note` says so).
+    """
+
+    def __init__(self, w: World, model, optimizer=None, bucket_bytes=BUCKET_BYTES, nccl="auto"):
+        self.world, self.model, self.optimizer = w, model, optimizer
+        self.note = None
+        self.buckets = []
+        self._nccl_comms = {}
+        if w.size == 1:
+            return
+        slots = {name: (layer, key, t) for name, layer, key, t in model.param_slots()}
+        order = _reverse_layer_order(list(slots))
+        dtype = model.dtype
+        by_device = {}
+        for name in order:
+            layer, key, t = slots[name]
+            by_device.setdefault(model.devices[t], []).append((name, tuple(layer.params[key].shape)))
+        for device, names in by_device.items():
+            cur, size = [], 0
+            for name, shape in names:
+                n = int(np.prod(shape))
+                if cur and (size + n) * dtype.itemsize > bucket_bytes:
+                    self.buckets.append(_Bucket(device, dtype, cur))
+                    cur, size = [], 0
+                cur.append((name, size, n, shape))
+                size += n
+            if cur:
+                self.buckets.append(_Bucket(device, dtype, cur))
+        gpu_devices = [d for d in by_device if d.is_gpu or nccl not in ("auto", None)]
+        if gpu_devices:
+            mod = backend.nccl_module() if nccl == "auto" else nccl
+            if mod is None:
+                self.note = ("NCCL is not available: gradients are staged through host memory and summed with MPI "
+                             "(slower; install a CuPy with NCCL)")
+            else:
+                for device in sorted(gpu_devices, key=lambda d: d.index):  # the same order on every rank
+                    self._nccl_comms[device] = _nccl_comm(w, mod, device)
+
+    # -- start ---------------------------------------------------------------------------------------------------
+    def start(self):
+        """Broadcast rank 0's parameters (and the optimizer's velocities) and check that every replica holds them."""
+        w = self.world
+        if w.size == 1:
+            return
+        arrays = dict(self.model.params())
+        if self.optimizer is not None:
+            arrays.update({f"momentum/{k}": v for k, v in self.optimizer.velocity.items()})
+        for name in sorted(arrays):
+            a = arrays[name]
+            host = np.ascontiguousarray(to_host(a))
+            w.bcast_array(host)
+            if is_gpu_array(a):
+                with backend.device_of(a):
+                    a[...] = to_device(host, backend.device_of(a))
+            else:
+                a[...] = host
+        check_same(w, "start parameters (crc32 after the broadcast)", checksum(arrays[n] for n in sorted(arrays)))
+
+    # -- gradients -----------------------------------------------------------------------------------------------
+    def reduce(self):
+        """Every gradient := (sum over replicas) / replicas, in place (views such as the fused towers' stay valid)."""
+        w = self.world
+        if w.size == 1:
+            return
+        grads = self.model.grads()
+        inv = self.model.dtype.type(1.0 / w.size)
+        pending = []
+        for bucket in self.buckets:
+            with bucket.device:
+                for name, off, n, _ in bucket.slots:
+                    bucket.buf[off:off + n] = grads[name].reshape(-1)
+                pending.append(self._start(bucket))
+        self._finish(pending)
+        for bucket in self.buckets:
+            with bucket.device:
+                xp = bucket.device.xp
+                for name, off, n, shape in bucket.slots:
+                    g = grads[name]
+                    xp.multiply(bucket.buf[off:off + n].reshape(shape), inv, out=g)
+
+    def _start(self, bucket):
+        comm = self._nccl_comms.get(bucket.device)
+        if comm is not None:
+            comm.sum(bucket.buf)
+            return None
+        if bucket.device.is_gpu:  # staged through the host
+            bucket.host[...] = to_host(bucket.buf)
+            return (bucket, self.world.sum_start(bucket.host))
+        return (bucket, self.world.sum_start(bucket.buf))
+
+    def _finish(self, pending):
+        handles = [p for p in pending if p is not None]
+        self.world.wait([h for _, h in handles])
+        for bucket, _ in handles:
+            if bucket.device.is_gpu:
+                with bucket.device:
+                    bucket.buf[...] = to_device(bucket.host, bucket.device)
+        for comm in self._nccl_comms.values():
+            comm.synchronize()
+
+    def describe(self) -> str:
+        """Where the reduction runs and how it is laid out (for the start line)."""
+        if self.world.size == 1:
+            return ""
+        per = {}
+        for b in self.buckets:
+            per.setdefault(b.device, []).append(b.size * self.model.dtype.itemsize)
+        how = {d: ("NCCL" if d in self._nccl_comms else "MPI via host" if d.is_gpu else "MPI") for d in per}
+        return "; ".join(f"{d}: {len(s)} flat buffer{'s' if len(s) > 1 else ''} of {sum(s) / 1e6:.1f} MB by {how[d]}"
+                         for d, s in per.items())
+
+
+def _reverse_layer_order(names):
+    """Parameter names in the order backward produces their gradients: fc8, fc7, fc6, conv5, ..., conv1 (tower 0
+    before tower 1 within a layer, W before b)."""
+    layers = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
+
+    def key(name):
+        parts = name.split(".")
+        tower, layer = (0, parts[0]) if parts[0] == "fc8" else (int(parts[0][1:]), parts[1])
+        return (-layers.index(layer), tower, parts[-1] != "W", name)
+
+    return sorted(names, key=key)
+
+
+class _NcclComm:
+    """One NCCL communicator: this replica's `device` with the same device slot of every other replica."""
+
+    def __init__(self, mod, comm, device, size):
+        self.mod, self.comm, self.device, self.size = mod, comm, device, size
+
+    def sum(self, buf):
+        dtypes = {np.dtype(np.float32): self.mod.NCCL_FLOAT32, np.dtype(np.float64): self.mod.NCCL_FLOAT64}
+        ptr = backend.data_ptr(buf)
+        self.comm.allReduce(ptr, ptr, buf.size, dtypes[np.dtype(buf.dtype)], self.mod.NCCL_SUM,
+                            backend.current_stream_ptr(self.device))
+
+    def synchronize(self):
+        self.device.synchronize()
+
+
+def _nccl_comm(w: World, mod, device) -> _NcclComm:
+    """Rank 0 draws the unique id, MPI broadcasts it, every rank joins with its rank (inside its device)."""
+    uid = mod.get_unique_id() if w.rank == 0 else None
+    uid = w.bcast(uid)
+    with device:
+        return _NcclComm(mod, mod.NcclCommunicator(w.size, uid, w.rank), device, w.size)
+
+
+__all__ = ["World", "MPIWorld", "Replicas", "world", "replica_placement", "shard_rows", "checksum", "check_same",
+           "launched_size"]
