@@ -16,10 +16,10 @@ D = {**defaults(), **TRAIN_DEFAULTS, **defaults(AblationConfig)}  # the flags' d
               help="Comma-separated: activation (ReLU vs tanh), lrn, pool (3/2 vs 2/2), dropout.")
 @click.option("--model", default=D["model"], show_default=True, help="alexnet | alexnet-small | alexnet-tiny")
 @click.option("--epochs", default=D["epochs"], show_default=True, help="Budget of every run, in epochs.")
-@click.option("--batch-size", default=D["batch_size"], show_default=True)
+@click.option("--batch-size", default=D["batch_size"], show_default=True, help="Images per SGD step.")
 @click.option("--lr", default=D["lr"], show_default=True, help="Learning rate (constant, the same for every run).")
-@click.option("--momentum", default=D["momentum"], show_default=True)
-@click.option("--weight-decay", default=D["weight_decay"], show_default=True)
+@click.option("--momentum", default=D["momentum"], show_default=True, help="SGD momentum.")
+@click.option("--weight-decay", default=D["weight_decay"], show_default=True, help="L2 weight decay.")
 @click.option("--seed", default=D["seed"], show_default=True, help="The same seed for every run.")
 @click.option("--crop", type=int, default=D["crop"], help="Crop size [default: as `cpnet train`].")
 @click.option("--conventions", default=D["conventions"], show_default=True, help="paper | ccn2 | caffe (LRN flavour).")
@@ -27,7 +27,8 @@ D = {**defaults(), **TRAIN_DEFAULTS, **defaults(AblationConfig)}  # the flags' d
 @click.option("--scale", type=float, default=D["scale"], help="Multiply mean-subtracted 0-255 inputs by this "
               "[default: as `cpnet train`: 1/their standard deviation with --init he, 1 otherwise].")
 @click.option("--lighting", default=D["lighting"], show_default=True, help="PCA lighting sigma (0 disables).")
-@click.option("--workers", default=D["workers"], show_default=True, help="Loader worker processes.")
+@click.option("--workers", default=D["workers"], show_default=True, type=click.IntRange(0),
+              help="Loader worker processes.")
 @click.option("--target", default=D["target"], show_default=True,
               help="Training error the activation pair races to (the paper's Figure 1: 25%).")
 @click.option("--window", default=D["window"], show_default=True,

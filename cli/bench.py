@@ -10,6 +10,10 @@ def _fmt_bytes(n):
         n /= 1024
 
 
+def _plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _synthetic_set(tmp, n, size, workers):
     """A temporary dataset made by `cpnet prep synthetic`; returns the path of its train.h5."""
     import contextlib
@@ -49,8 +53,9 @@ def _loader_figures(loader_data, model, batch_size, crop, workers, batches):
 
 
 @click.command("bench")
-@click.option("--model", default="alexnet", show_default=True, help="alexnet | alexnet-small | alexnet-tiny")
-@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--model", default=None, help="alexnet | alexnet-small | alexnet-tiny [default: alexnet-small on the "
+              "CPU, as `cpnet train`; alexnet on a GPU].")
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1), help="Images per step.")
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(1), help="Timed iterations.")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(0),
               help="Untimed iterations first (kernel compilation, first allocations).")
@@ -81,12 +86,12 @@ def command(model, batch_size, steps, warmup, as_json, loader_data, loader_worke
     import subprocess
 
     from cpnet import __version__, backend, bench
-    from cpnet.model import PRESETS, make_config
+    from cpnet.model import make_config  # an unknown --model: a one-line error naming the presets
 
     if tf32:
         backend.enable_tf32()
-    if model not in PRESETS:
-        raise click.BadParameter(f"{model!r}: expected one of {', '.join(PRESETS)}", param_hint="--model")
+    if model is None:
+        model = "alexnet" if backend.default_placement(2)[0].is_gpu else "alexnet-small"
     if no_loader and loader_data:
         raise click.UsageError("--no-loader and --loader-data contradict each other")
     num_classes = classes or (1000 if model == "alexnet" else 10)
@@ -120,9 +125,12 @@ def command(model, batch_size, steps, warmup, as_json, loader_data, loader_worke
         return
 
     c, s = res["config"], res["step"]
-    click.echo(f"cpnet bench: {c['model']} ({c['params']:,} parameters), batch {c['batch_size']}, crop {c['crop']}, "
-               f"{c['steps']} steps after {c['warmup']} warm-up; {res['machine']['backend']} on "
-               f"{', '.join(res['devices'])}")
+    devs = list(dict.fromkeys(res["devices"]))
+    where = "the host" if devs == ["host"] else ", ".join(devs)
+    lib = {"numpy": "NumPy", "cupy": "CuPy"}.get(res["machine"]["backend"], res["machine"]["backend"])
+    click.echo(f"Timing {c['model']} ({c['params']:,} parameters) at batch {c['batch_size']} and crop {c['crop']}: "
+               f"the mean of {_plural(c['steps'], 'step')} after {_plural(c['warmup'], 'warm-up step')}, {lib} on "
+               f"{where} with {_plural(threads, 'BLAS thread')}.")
     click.echo(f"{'layer':<10}{'forward ms':>12}{'backward ms':>13}   (both towers)")
     for r in res["layers"]:
         click.echo(f"{r['name']:<10}{r['forward_ms']:>12.3f}{r['backward_ms']:>13.3f}")

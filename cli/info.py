@@ -1,12 +1,33 @@
-"""`cpnet info FILE.h5`: what a dataset file holds."""
+"""`cpnet info FILE.h5|DIR`: what a dataset file holds."""
 
 import click
 
 
 @click.command("info")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 def command(file):
-    """Print a dataset file's size, classes, per-class counts, mean RGB and PCA."""
+    """Print a dataset file's size, classes, per-class counts, mean RGB and PCA.
+
+    FILE: a dataset file, or the folder `cpnet prep` wrote (then its train.h5 and val.h5, one after the other).
+    """
+    import os
+
+    from cpnet.errors import CpnetError
+
+    if os.path.isdir(file):
+        files = [os.path.join(file, n) for n in ("train.h5", "val.h5") if os.path.isfile(os.path.join(file, n))]
+        if not files:
+            raise CpnetError(f"{file}: a folder without train.h5 or val.h5 (give a dataset file, or the folder "
+                             "`cpnet prep` wrote)")
+    else:
+        files = [file]
+    for i, f in enumerate(files):
+        if i:
+            click.echo("")
+        _describe(f)
+
+
+def _describe(file):
     import numpy as np
 
     from cpnet.data.prep import describe

@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 
 import click
+from click.exceptions import NoArgsIsHelpError
 
 from cpnet import __version__
 from cpnet.errors import CpnetError
@@ -25,8 +26,36 @@ COMMANDS = {
 }
 
 
+class OneLineError(click.ClickException):
+    """Shown as the single line `Error: ...` (click's usage errors print the usage and a hint as well)."""
+
+    def __init__(self, message, exit_code=1):
+        super().__init__(" ".join(str(message).split()))  # one line, whatever the message held
+        self.exit_code = exit_code
+
+
+def _one_line(e):
+    """A click usage error as one line, with where the flags are listed; any other ClickException unchanged."""
+    if isinstance(e, NoArgsIsHelpError) or not isinstance(e, click.UsageError):
+        return e
+    msg = e.format_message().strip()
+    if e.ctx is not None:
+        msg = f"{msg}{'' if msg.endswith(('.', '?')) else '.'} See '{e.ctx.command_path} --help'."
+    return OneLineError(msg, e.exit_code)
+
+
 class LazyGroup(click.Group):
-    """A group whose commands are imported on first use; modules not present yet are not listed."""
+    """A group whose commands are imported on first use; modules not present yet are not listed.
+
+    Every error leaves as one line `Error: ...` with a non-zero status: cpnet's own (CpnetError) and click's
+    usage errors (a missing or misspelt flag, a value out of range) alike.
+    """
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as e:
+            raise _one_line(e) from None
 
     def list_commands(self, ctx):
         return sorted(n for n, m in COMMANDS.items() if importlib.util.find_spec(f"{__package__}.{m}") is not None)
@@ -46,7 +75,9 @@ class LazyGroup(click.Group):
             with backend.host_threads(backend.default_host_threads()):
                 return super().invoke(ctx)
         except CpnetError as e:
-            raise click.ClickException(str(e)) from None
+            raise OneLineError(str(e)) from None
+        except click.ClickException as e:
+            raise _one_line(e) from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -33,19 +33,55 @@ class _Bar:
         click.echo(line if self.tty else line[1:], err=True, nl=done >= total)
 
 
-def _common(f):
+class Colour(click.ParamType):
+    """A colour: a name Pillow knows (white, black, grey, ...), #rrggbb, or R,G,B with values 0-255."""
+
+    name = "colour"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from PIL import ImageColor
+
+        text = str(value).strip()
+        try:
+            if "," in text:
+                rgb = tuple(int(v) for v in text.split(","))
+                if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+                    raise ValueError
+                return rgb
+            return tuple(ImageColor.getrgb(text)[:3])
+        except ValueError:
+            self.fail(f"{value!r}: expected a colour name (white, black, ...), #rrggbb or R,G,B (0-255)", param, ctx)
+
+
+BACKGROUND_HELP = ("Colour that transparent pixels are composited over (a name, #rrggbb or R,G,B); use the same "
+                   "for `cpnet predict`.")
+
+
+def _common(f, strict=True):
     f = click.option("--out", "out", required=True, type=click.Path(file_okay=False),
-                     help="Output folder for train.h5, val.h5 (and skipped.txt).")(f)
+                     help="Output folder for train.h5, val.h5" + (" (and skipped.txt)." if strict else ".") +
+                          " Made if missing.")(f)
     f = click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
-                     help="Processes decoding images in parallel (0: this process).")(f)
+                     help="Processes " + ("decoding" if strict else "drawing") + " images in parallel (0: this "
+                          "process).")(f)
     f = click.option("--resume", is_flag=True, help="Continue an interrupted prep (keeps finished files).")(f)
     f = click.option("--overwrite", is_flag=True, help="Replace existing output files.")(f)
-    f = click.option("--strict", is_flag=True, help="Stop at the first unreadable input instead of skipping it.")(f)
+    if strict:
+        f = click.option("--strict", is_flag=True, help="Stop at the first unreadable input instead of skipping "
+                                                        "it.")(f)
     f = click.option("--quiet", "-q", is_flag=True, help="No progress line.")(f)
     return f
 
 
+# a prepared set where more than this fraction of the (sampled) images are one colour only gets a warning
+CONSTANT_WARN = 0.1
+
+
 def _run(jobs, out, workers, resume, overwrite, strict, quiet):
+    import os
+
     from cpnet.data import prep
 
     if resume and overwrite:
@@ -59,6 +95,15 @@ def _run(jobs, out, workers, resume, overwrite, strict, quiet):
         total_skipped += len(s["skipped"])
     if total_skipped:
         click.echo(f"{total_skipped} inputs skipped, listed in {out}/skipped.txt")
+    for split, s in summaries.items():
+        constant, checked = prep.constant_images(s["file"])
+        if checked and constant > CONSTANT_WARN * checked:
+            what = "of its images are" if checked == s["n"] else f"of {checked} sampled images are"
+            click.echo(f"warning: {os.path.basename(s['file'])}: {constant} {what} one colour only (transparent "
+                       "drawings? blank files?); look at a few before training", err=True)
+
+
+DEFAULT_VAL_FRACTION = 0.1
 
 
 @click.group("prep")
@@ -77,32 +122,43 @@ def command():
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="The set is a function of it.")
 @click.option("--val-fraction", default=0.2, show_default=True, type=float,
               help="Validation images = round(F * n), generated apart from the training images.")
-@_common
-def synthetic(n, classes, size, seed, val_fraction, out, workers, resume, overwrite, strict, quiet):
+@lambda f: _common(f, strict=False)
+def synthetic(n, classes, size, seed, val_fraction, out, workers, resume, overwrite, quiet):
     """The built-in synthetic set: shapes and textures in random colours, sizes, places, backgrounds, noise."""
     from cpnet.data.sources import synthetic_jobs
 
-    _run(synthetic_jobs(n, classes, size, seed, val_fraction), out, workers, resume, overwrite, strict, quiet)
+    _run(synthetic_jobs(n, classes, size, seed, val_fraction), out, workers, resume, overwrite, False, quiet)
 
 
 @command.command("folder")
 @click.argument("root", type=click.Path(file_okay=False))
-@click.option("--size", default=256, show_default=True, type=click.IntRange(8), help="Stored image side S.")
+@click.option("--size", default=256, show_default=True, type=click.IntRange(8),
+              help="Stored image side S (the shorter side is resized to S, then the centre S x S kept). 256 suits "
+                   "the paper's alexnet (227 crops); 36-64 suits alexnet-small and small sets.")
 @click.option("--val-root", type=click.Path(file_okay=False),
               help="Validation images: VALROOT/<class>/<image>, or a flat folder with --val-labels.")
 @click.option("--val-labels", type=click.Path(dir_okay=False),
               help="Labels of a flat --val-root: '<file> <class>' per line, or '<class>' per file in sorted order.")
-@click.option("--val-fraction", default=0.0, show_default=True, type=float,
-              help="Hold out this fraction of each class of ROOT as the validation set instead.")
+@click.option("--val-fraction", default=None, type=float,
+              help="Hold out this fraction of each class of ROOT as the validation set; 0: none "
+                   f"[default: {DEFAULT_VAL_FRACTION} without --val-root].")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="For --val-fraction.")
+@click.option("--background", default="white", show_default=True, type=Colour(), help=BACKGROUND_HELP)
 @_common
-def folder(root, size, val_root, val_labels, val_fraction, seed, out, workers, resume, overwrite, strict, quiet):
-    """ROOT/<class>/<image> folders (ImageNet's training layout), any format Pillow reads."""
+def folder(root, size, val_root, val_labels, val_fraction, seed, background, out, workers, resume, overwrite, strict,
+           quiet):
+    """ROOT/<class>/<image> folders (ImageNet's training layout), any format Pillow reads.
+
+    Without --val-root, a stratified tenth of each class becomes val.h5 (so that `cpnet train`'s default plateau
+    schedule has validation data); --val-fraction 0 keeps every image for training.
+    """
     from cpnet.data.sources import folder_jobs
 
     if val_labels is not None and val_root is None:
         raise click.UsageError("--val-labels needs --val-root")
-    jobs = folder_jobs(root, size, val_root, val_labels, val_fraction, seed)
+    if val_fraction is None:
+        val_fraction = 0.0 if val_root is not None else DEFAULT_VAL_FRACTION
+    jobs = folder_jobs(root, size, val_root, val_labels, val_fraction, seed, background=background)
     _run(jobs, out, workers, resume, overwrite, strict, quiet)
 
 
@@ -124,7 +180,7 @@ def cifar(tarball, size, coarse, out, workers, resume, overwrite, strict, quiet)
 @command.command("idx")
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--size", default=28, show_default=True, type=click.IntRange(8), help="Stored image side S.")
-@click.option("--class-names", help="Comma-separated class names (default: 0, 1, 2, ...).")
+@click.option("--class-names", help="Comma-separated class names [default: 0, 1, 2, ...].")
 @_common
 def idx(folder, size, class_names, out, workers, resume, overwrite, strict, quiet):
     """MNIST-family IDX files in FOLDER: train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz] -> train.h5,

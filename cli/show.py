@@ -13,12 +13,28 @@ def _out_option(default):
                         help="PNG file to write.")
 
 
-def _save(image, out):
+def _check_out(out):
+    """-o must name a file in a folder that exists: a typo in the folder is an error, not a new folder."""
     import os
 
+    from cpnet.errors import CpnetError
+
     d = os.path.dirname(os.path.abspath(out))
-    os.makedirs(d, exist_ok=True)
-    image.save(out, format="PNG")
+    if not os.path.isdir(d):
+        raise CpnetError(f"-o {out}: the folder {d} does not exist (create it first, or pick another -o)")
+
+
+def _save(image, out):
+    """Write `image` as PNG to `out` atomically (a temporary file beside it, read back, then renamed)."""
+    from PIL import Image
+
+    from cpnet.checkpoint import atomic_path
+
+    _check_out(out)
+    with atomic_path(out) as tmp:
+        image.save(tmp, format="PNG")
+        with Image.open(tmp) as im:
+            im.verify()
     click.echo(f"wrote {out} ({image.width}x{image.height})")
 
 
@@ -78,6 +94,7 @@ def filters(checkpoint, out, cols, zoom):
 
     Each kernel is stretched on its own from its minimum (black) to its maximum (white), colours kept.
     """
+    _check_out(out)
     import numpy as np
 
     from cpnet.checkpoint import load
@@ -92,17 +109,49 @@ def filters(checkpoint, out, cols, zoom):
     W = np.concatenate([np.asarray(ck.params[n]) for n in names], axis=0)  # tower 0 first, as model.conv1_weights()
     if W.ndim != 4 or W.shape[1] != 3:
         raise CpnetError(f"{checkpoint}: conv1 weights have shape {W.shape}, expected (F, 3, k, k) per tower")
-    _save(filter_grid(W, cols=cols, zoom=zoom), out)
+    epoch = ck.state.get("epoch")
+    trained = f", after {epoch} epoch{'s' if epoch != 1 else ''}" if isinstance(epoch, int) else ""
+    title = [f"conv1 kernels of {checkpoint} ({ck.config.preset}{trained})",
+             "Each kernel is stretched from its own minimum (black) to its maximum (white). Colour share: the "
+             "part of a kernel's variance that is not grey (0: R = G = B; random kernels: about 0.67). In the "
+             "paper's Figure 3 one tower's kernels came out largely colour-agnostic and the other's "
+             "colour-specific, after 90 epochs on ImageNet; a small net after a few epochs stays close to its "
+             "random start."]
+    _save(filter_grid(W, cols=cols, zoom=zoom, title=title), out)
+
+
+def _run_settings(folder):
+    """'alexnet-small, batch 32, lr 0.02 (plateau), ...' from folder/last.h5, or '' when there is none."""
+    import os
+
+    from cpnet.checkpoint import load
+    from cpnet.errors import CpnetError
+
+    last = os.path.join(folder, "last.h5")
+    if not os.path.isfile(last):
+        return ""
+    try:
+        t = load(last, with_momentum=False).train
+    except CpnetError:
+        return ""
+    parts = [t.get("model"), t.get("batch_size") and f"batch {t['batch_size']}",
+             t.get("lr") and f"lr {t['lr']:g}" + (f" ({t['schedule']})" if t.get("schedule") else ""),
+             t.get("init") and f"init {t['init']}", t.get("epochs") and f"{t['epochs']} epochs",
+             t.get("data") and f"data {t['data']}"]
+    return ", ".join(str(p) for p in parts if p)
 
 
 @command.command("curves")
 @click.argument("run", type=click.Path())
 @_out_option("curves.png")
-@click.option("--width", type=click.IntRange(300), default=900, show_default=True)
-@click.option("--height", type=click.IntRange(200), default=340, show_default=True)
+@click.option("--width", type=click.IntRange(300), default=900, show_default=True, help="Image width in pixels.")
+@click.option("--height", type=click.IntRange(200), default=380, show_default=True,
+              help="Image height in pixels, title included.")
 def curves(run, out, width, height):
     """Training and validation loss and top-1/top-5 error per epoch from RUN/metrics.jsonl (RUN: a run folder or
-    the metrics file itself); learning-rate drops are dashed vertical lines."""
+    the metrics file itself); learning-rate drops are dashed vertical lines. The title names the run and, from
+    RUN/last.h5, its settings."""
+    _check_out(out)
     import json
     import os
 
@@ -112,21 +161,29 @@ def curves(run, out, width, height):
     path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
     if not os.path.exists(path):
         raise CpnetError(f"{path}: no metrics file (a run folder from `cpnet train` holds metrics.jsonl)")
+    with open(path, "rb") as f:
+        if f.read(8) == b"\x89HDF\r\n\x1a\n":
+            raise CpnetError(f"{path}: an HDF5 file (a checkpoint?), not a metrics file; give the run folder "
+                             "or its metrics.jsonl")
     rows = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                raise CpnetError(f"{path} line {i}: not a JSON object") from None
+                raise CpnetError(f"{path} line {i}: not a JSON object (expected metrics.jsonl from `cpnet "
+                                 "train`)") from None
             if not isinstance(row, dict) or "epoch" not in row:
                 raise CpnetError(f"{path} line {i}: expected a JSON object with an 'epoch' field")
             rows.append(row)
     if not rows:
         raise CpnetError(f"{path}: empty metrics file (no finished epoch yet)")
-    title = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    folder = os.path.dirname(path) or "."
+    name = os.path.relpath(folder) if not os.path.relpath(folder).startswith("..") else os.path.abspath(folder)
+    settings = _run_settings(folder)
+    title = f"run {name}" + (f": {settings}" if settings else "")
     _save(curves_figure(rows, title=title, size=(width, height)), out)
 
 
@@ -142,7 +199,8 @@ def predictions(checkpoint, data, n, seed, cols, out):
 
     Centre crops; the bars show the softmax probabilities of CHECKPOINT.
     """
-    from cpnet.evaluate import predict_proba
+    _check_out(out)
+    from cpnet.evaluate import predict_proba, top5_informative
     from cpnet.viz import predictions_panel
     from cpnet.checkpoint import load_model
 
@@ -152,7 +210,12 @@ def predictions(checkpoint, data, n, seed, cols, out):
         images, labels = ds.read(idx), ds.labels[idx]
         x = _centre_crops(images, ds.mean, ck.config.crop, ck.scale)
     probs = predict_proba(model, x[:, None])
-    _save(predictions_panel(images, probs, labels, ck.classes, cols=cols), out)
+    k = min(5, len(ck.classes))
+    title = [f"top-{k} predictions of {checkpoint} for {n} images of {data} (centre crop)"]
+    if not top5_informative(len(ck.classes)):
+        title.append(f"With {len(ck.classes)} classes the bars list every class: top-5 says nothing here, "
+                     "look at the first bar (top-1).")
+    _save(predictions_panel(images, probs, labels, ck.classes, cols=cols, title=title), out)
 
 
 @command.command("neighbors")
@@ -173,6 +236,7 @@ def neighbors(checkpoint, query, pool, n, k, seed, batch_size, workers, out):
     Features are extracted in batches on the model's device and searched there with matrix products. Frames:
     green when a neighbour has the query's class, red otherwise.
     """
+    _check_out(out)
     import time
 
     from cpnet.data import EvalLoader
@@ -199,6 +263,11 @@ def neighbors(checkpoint, query, pool, n, k, seed, batch_size, workers, out):
                    f"{time.perf_counter() - t0:.1f}s on {model.devices[0]}")
         nb_images = pds.read(idx.reshape(-1)).reshape((n, k) + q_images.shape[1:])
         nb_labels = pds.labels[idx]
-    captions = [[ck.classes[q_labels[r]]] + [f"{dist[r, j]:.3g}" for j in range(k)] for r in range(n)]
+    captions = [[f"query\n{ck.classes[q_labels[r]]}"]
+                + [f"{ck.classes[nb_labels[r, j]]}\nd {dist[r, j]:.3g}" for j in range(k)] for r in range(n)]
     same = nb_labels == q_labels[:, None]
-    _save(neighbors_panel(q_images, nb_images, same, captions), out)
+    title = [f"nearest neighbours in fc7 space: {n} images of {query}, each with the {k} images of {pool} "
+             f"whose fc7 features are nearest ({checkpoint})",
+             "Under each image its class and its Euclidean fc7 distance d from the query; green frame: the query's "
+             f"class, red: another class ({int(same.sum())} of {same.size} share the query's class)."]
+    _save(neighbors_panel(q_images, nb_images, same, captions, title=title), out)

@@ -7,28 +7,37 @@ from cpnet.config import defaults
 D = defaults()  # every flag's default is TrainConfig's
 
 
+def _top5(ctx, value):
+    """' top5 0.123', or nothing where top-5 error is uninformative (5 classes or fewer)."""
+    return f" top5 {value:.3f}" if ctx.get("top5", True) else ""
+
+
 @click.command("train")
-@click.option("--data", required=True, type=click.Path(exists=True), help="Folder with train.h5 and val.h5 (from `cpnet prep`).")
+@click.option("--data", required=True, type=click.Path(exists=True),
+              help="The folder `cpnet prep` wrote (train.h5, and val.h5 for validation), or its train.h5.")
 @click.option("--model", default=D["model"], show_default=True, help="alexnet | alexnet-small | alexnet-tiny")
 @click.option("--epochs", default=D["epochs"], show_default=True, help="Total epochs (with --resume: continue up to this).")
-@click.option("--batch-size", default=D["batch_size"], show_default=True)
+@click.option("--batch-size", default=D["batch_size"], show_default=True, help="Images per SGD step (the paper: 128).")
 @click.option("--lr", default=D["lr"], show_default=True, help="Initial learning rate.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: last.h5, best.h5, metrics.jsonl.")
 @click.option("--resume", is_flag=True, default=D["resume"], help="Continue the run in --out from last.h5.")
-@click.option("--seed", default=D["seed"], show_default=True)
+@click.option("--seed", default=D["seed"], show_default=True,
+              help="Seeds the weights, the data order, the augmentation and dropout.")
 @click.option("--workers", type=click.IntRange(0), default=D["workers"],
               help="Loader worker processes (0: in-process) [default: 0 on the CPU; on a GPU the CPUs less 2, at most 12].")
 @click.option("--crop", type=int, default=D["crop"], help="Crop size [default: 227 for alexnet; stored size minus an eighth for the small presets].")
 @click.option("--conventions", default=D["conventions"], show_default=True, help="paper | ccn2 | caffe: LRN alpha convention, k, where LRN sits.")
 @click.option("--init", default=D["init"], show_default=True, help="he | paper | caffe: weight and bias initialisation.")
-@click.option("--momentum", default=D["momentum"], show_default=True)
-@click.option("--weight-decay", default=D["weight_decay"], show_default=True)
+@click.option("--momentum", default=D["momentum"], show_default=True, help="SGD momentum (the paper: 0.9).")
+@click.option("--weight-decay", default=D["weight_decay"], show_default=True,
+              help="L2 weight decay (the paper: 0.0005).")
 @click.option("--decay-biases", is_flag=True, default=D["decay_biases"], help="Apply weight decay to biases too.")
 @click.option("--schedule", default=D["schedule"], show_default=True, help="plateau | step | constant")
 @click.option("--patience", default=D["patience"], show_default=True, help="plateau: epochs without improvement before dividing the lr by 10.")
 @click.option("--step-epochs", default=D["step_epochs"], show_default=True, help="step: divide the lr by 10 every N epochs.")
 @click.option("--lighting", default=D["lighting"], show_default=True, help="PCA lighting sigma (0 disables).")
-@click.option("--dropout", default=D["dropout"], show_default=True)
+@click.option("--dropout", default=D["dropout"], show_default=True,
+              help="Probability of dropping a unit of fc6 and fc7 while training (0 disables).")
 @click.option("--scale", type=float, default=D["scale"], help="Multiply mean-subtracted 0-255 inputs by this "
               "[default: 1/their standard deviation with --init he, 1 otherwise].")
 @click.option("--threads", type=int, default=D["threads"], help="Host BLAS threads per tower [default: (CPUs - workers) // 2, at least 1].")
@@ -41,6 +50,7 @@ def command(tf32, **options):
     """
     import time
 
+    from cpnet.evaluate import top5_informative
     from cpnet.train import TrainConfig, TrainingInterrupted, run
 
     from ._progress import Line, fmt_time
@@ -61,6 +71,10 @@ def command(tf32, **options):
         devs = ", ".join(f"tower {t}: {d}" for t, d in enumerate(m.devices))
         click.echo(f"model {c.preset} ({m.num_params():,} parameters), crop {c.crop}, {c.num_classes} classes, "
                    f"conventions {c.conventions}, init {c.init}, input scale {info['train'].scale:.4g}; {devs}")
+        ctx["top5"] = top5_informative(c.num_classes)
+        if not ctx["top5"]:
+            click.echo(f"{c.num_classes} classes: every class is among the top 5, so top-5 error (always 0) is not "
+                       "shown")
         if info["start_epoch"] or info["start_pos"]:
             click.echo(f"resuming at epoch {info['start_epoch'] + 1}, batch {info['start_pos']} "
                        f"(iteration {info['iteration']})")
@@ -79,15 +93,15 @@ def command(tf32, **options):
         eta = el / max(done, 1) * (total - done)
         ips = sums["n"] / max(sums["data_s"] + sums["compute_s"], 1e-9)
         line.show(f"epoch {s['epoch'] + 1}/{cfg.epochs} batch {s['batch']}/{s['batches']} loss {sums['loss'] / n:.4f} "
-                  f"top1 {sums['top1'] / n:.3f} top5 {sums['top5'] / n:.3f} lr {s['lr']:.2g} {ips:.0f} img/s "
+                  f"top1 {sums['top1'] / n:.3f}{_top5(ctx, sums['top5'] / n)} lr {s['lr']:.2g} {ips:.0f} img/s "
                   f"data {sums['data_s']:.1f}s compute {sums['compute_s']:.1f}s ETA {fmt_time(eta)}")
 
     def on_epoch(r):
         line.done()
-        val = (f" | val loss {r['val_loss']:.4f} top1 {r['val_top1']:.3f} top5 {r['val_top5']:.3f}"
+        val = (f" | val loss {r['val_loss']:.4f} top1 {r['val_top1']:.3f}{_top5(ctx, r['val_top5'])}"
                + (" *best*" if r["improved"] else "")) if "val_top1" in r else ""
-        click.echo(f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} top1 {r['train_top1']:.3f} "
-                   f"top5 {r['train_top5']:.3f} ({r['images_per_s']:.0f} img/s){val}")
+        click.echo(f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} top1 {r['train_top1']:.3f}"
+                   f"{_top5(ctx, r['train_top5'])} ({r['images_per_s']:.0f} img/s){val}")
 
     from click.core import ParameterSource
 
@@ -110,6 +124,7 @@ def command(tf32, **options):
             with open(os.path.join(out, "metrics.jsonl")) as f:
                 rows = [json.loads(line) for line in f if line.strip()]
             b = min(rows, key=lambda row: row.get("val_top1", float("inf")))
+            top5 = f", top-5 {b['val_top5']:.4f}" if ctx.get("top5", True) else ""
             best = (f"last epoch val top-1 error {r['val_top1']:.4f}; best.h5 (epoch {b['epoch']}): top-1 "
-                    f"{b['val_top1']:.4f}, top-5 {b['val_top5']:.4f}; ")
+                    f"{b['val_top1']:.4f}{top5}; ")
         click.echo(f"done in {fmt_time(time.monotonic() - t_start)}: {best}checkpoints in {out}")

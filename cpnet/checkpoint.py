@@ -99,10 +99,12 @@ def load(path, with_momentum=True) -> Checkpoint:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CpnetError(f"{path}: checkpoint not found")
+    if os.path.isdir(path):
+        raise CpnetError(f"{path}: a folder, not a checkpoint file (a run folder holds best.h5 and last.h5)")
     try:
         f = h5py.File(path, "r")
-    except OSError as e:
-        raise CpnetError(f"{path}: not an HDF5 checkpoint ({e.__class__.__name__})") from None
+    except OSError:
+        raise CpnetError(f"{path}: not an HDF5 file (expected a checkpoint written by `cpnet train`)") from None
     with f:
         if f.attrs.get("format") != FORMAT:
             raise CpnetError(f"{path}: not a cpnet checkpoint (no format attribute {FORMAT!r})")

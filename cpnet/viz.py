@@ -81,14 +81,49 @@ def stack(images, direction="vertical", gap=0, bg=WHITE):
     return out
 
 
-def titled(image, title, size=13):
-    """`image` with a line of text above it."""
-    fnt = font(size)
-    th = text_size("Ag", fnt)[1] + 8
-    out = Image.new("RGB", (max(image.width, text_size(title, fnt)[0] + 8), image.height + th), WHITE)
-    ImageDraw.Draw(out).text((4, 3), title, fill=BLACK, font=fnt)
-    out.paste(image, (0, th))
+def wrap_text(text, width, fnt=None):
+    """`text` broken at spaces into lines at most `width` pixels wide (a word wider than that is cut)."""
+    fnt = fnt or font()
+    lines = []
+    for para in str(text).split("\n"):
+        cur = ""
+        for word in para.split():
+            trial = f"{cur} {word}" if cur else word
+            if cur and text_size(trial, fnt)[0] > width:
+                lines.append(cur)
+                cur = word
+            else:
+                cur = trial
+        lines.append(fit_text(cur, width, fnt))
+    return lines
+
+
+def title_block(lines, width, size=13, fg=BLACK, bg=WHITE, note_size=11, note_fg=GREY):
+    """A strip `width` pixels wide: the first of `lines` as a title in `size` px, the rest as notes in
+    `note_size` px, each wrapped to the width. An empty `lines` gives None."""
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        return None
+    rows = []
+    for i, text in enumerate(lines):
+        fnt, color = (font(size), fg) if i == 0 else (font(note_size), note_fg)
+        rows += [(ln, fnt, color) for ln in wrap_text(text, width - 8, fnt)]
+    heights = [text_size("Ag", f)[1] + 5 for _, f, _ in rows]
+    out = Image.new("RGB", (width, sum(heights) + 6), bg)
+    d = ImageDraw.Draw(out)
+    y = 3
+    for (text, fnt, color), h in zip(rows, heights):
+        d.text((4, y), text, fill=color, font=fnt)
+        y += h
     return out
+
+
+def titled(image, title, size=13, width=None):
+    """`image` with its title (and notes: further lines of `title`, a str or a list) above it, wrapped to the
+    image's width (or `width`)."""
+    lines = [title] if isinstance(title, str) else list(title)
+    head = title_block(lines, width or image.width, size)
+    return stack([head, image], "vertical") if head is not None else image
 
 
 # ---- conv1 filters ----------------------------------------------------------------------------------------------
@@ -103,9 +138,23 @@ def normalise_kernel(w):
     return np.round((w - lo) / (hi - lo) * 255).astype(np.uint8).transpose(1, 2, 0)
 
 
+def colour_share(w):
+    """The fraction of a kernel's (3, k, k) variance that is not grey: 0 for a kernel with R = G = B at every
+    pixel (colour-agnostic), near 1 when its channels cancel (colour-opponent). The paper's Figure 3 found one
+    tower's kernels largely colour-agnostic and the other's colour-specific."""
+    w = np.asarray(w, dtype=np.float64)
+    w0 = w - w.mean()
+    total = float((w0 * w0).sum())
+    if not total > 0:
+        return 0.0
+    chroma = w0 - w0.mean(axis=0, keepdims=True)
+    return float((chroma * chroma).sum()) / total
+
+
 @dataclass
 class GridLayout:
-    """Where tile j of tower t sits in a filter grid."""
+    """Where tile j of tower t sits in a filter grid: each tower a block of a label line and rows of tiles, the
+    blocks one below the other `gap` apart, below a title strip `top` pixels high, centred across `width`."""
 
     per_tower: int
     cols: int
@@ -113,49 +162,88 @@ class GridLayout:
     pad: int
     gap: int
     towers: int = 2
+    label: int = 0
+    top: int = 0
+    min_width: int = 0
 
     @property
     def rows(self):
         return -(-self.per_tower // self.cols)
 
     @property
+    def grid_width(self):
+        return self.pad + self.cols * (self.tile + self.pad)
+
+    @property
+    def block(self):
+        return self.label + self.pad + self.rows * (self.tile + self.pad)
+
+    @property
+    def left(self):
+        return (self.size[0] - self.grid_width) // 2
+
+    @property
     def size(self):
-        w = self.pad + self.cols * (self.tile + self.pad)
-        h = self.pad + self.towers * self.rows * (self.tile + self.pad) + (self.towers - 1) * self.gap
-        return w, h
+        return (max(self.grid_width, self.min_width),
+                self.top + self.towers * self.block + (self.towers - 1) * self.gap)
+
+    def tower_top(self, t):
+        """y of tower t's label line."""
+        return self.top + t * (self.block + self.gap)
 
     def box(self, t, j):
         """(left, top, right, bottom) of kernel j of tower t (right/bottom exclusive)."""
         r, c = divmod(j, self.cols)
-        x = self.pad + c * (self.tile + self.pad)
-        y = self.pad + t * (self.rows * (self.tile + self.pad) + self.gap) + r * (self.tile + self.pad)
+        x = self.left + self.pad + c * (self.tile + self.pad)
+        y = self.tower_top(t) + self.label + self.pad + r * (self.tile + self.pad)
         return x, y, x + self.tile, y + self.tile
 
 
-def filter_layout(W_shape, cols=None, zoom=None, pad=2, gap=8, towers=2):
+FILTER_TEXT, FILTER_NOTE = (235, 235, 235), (175, 175, 175)
+
+
+def filter_layout(W_shape, cols=None, zoom=None, pad=2, gap=10, towers=2, top=0, labels=True, min_width=0):
+    """The layout of `filter_grid` for conv1 weights of shape W_shape, and the zoom it uses: about 48-pixel
+    tiles, rows of at most 16 kernels."""
     n, _, k, _ = W_shape
     per = n // towers
     cols = int(cols or min(per, 16))
-    zoom = int(zoom or max(1, math.ceil(40 / k)))
-    return GridLayout(per_tower=per, cols=cols, tile=k * zoom, pad=pad, gap=gap, towers=towers), zoom
+    zoom = int(zoom or max(1, math.ceil(48 / k)))
+    label = text_size("Ag", font(12))[1] + 8 if labels else 0
+    return GridLayout(per_tower=per, cols=cols, tile=k * zoom, pad=pad, gap=gap, towers=towers, label=label,
+                      top=top, min_width=min_width), zoom
 
 
-def filter_grid(W, cols=None, zoom=None, pad=2, gap=8, towers=2):
-    """conv1 kernels W (towers * F, 3, k, k), tower 0's first, as a grid: each tower's F kernels in rows of `cols`,
-    tower 0 above tower 1 with a `gap` between them; each kernel normalised on its own and enlarged `zoom` times."""
+def filter_grid(W, cols=None, zoom=None, pad=2, gap=10, towers=2, title=None):
+    """conv1 kernels W (towers * F, 3, k, k), tower 0's first, as a grid: each tower's F kernels in rows of `cols`
+    under a label line (the tower, its kernel count and mean `colour_share`), tower 0 above tower 1; each kernel
+    normalised on its own and enlarged `zoom` times. `title`: a str or lines (title, then notes) drawn above,
+    wrapped to at least 480 pixels."""
     W = np.asarray(W)
     if W.ndim != 4 or W.shape[1] != 3 or W.shape[2] != W.shape[3] or W.shape[0] % towers:
         raise ValueError(f"conv1 weights of shape {W.shape}: expected ({towers}*F, 3, k, k)")
     lay, zoom = filter_layout(W.shape, cols, zoom, pad, gap, towers)
+    width = max(lay.grid_width, 480 if title else 0)
+    head = title_block([title] if isinstance(title, str) else list(title or []), width, fg=FILTER_TEXT,
+                       bg=FILTER_BG, note_fg=FILTER_NOTE)
+    lay, zoom = filter_layout(W.shape, cols, zoom, pad, gap, towers, top=head.height if head else 0,
+                              min_width=width)
     out = Image.new("RGB", lay.size, FILTER_BG)
-    if towers > 1:
-        d = ImageDraw.Draw(out)
-        for t in range(1, towers):
-            y = lay.box(t, 0)[1] - lay.pad - gap // 2 - 1
-            d.rectangle([0, y, out.width - 1, y + 1], fill=(150, 150, 150))
+    if head is not None:
+        out.paste(head, (0, 0))
+    d = ImageDraw.Draw(out)
+    fnt = font(12)
     for t in range(towers):
+        if t:
+            y = lay.tower_top(t) - gap // 2 - 1
+            d.rectangle([0, y, out.width - 1, y + 1], fill=(150, 150, 150))
+        kernels = W[t * lay.per_tower:(t + 1) * lay.per_tower]
+        share = np.mean([colour_share(w) for w in kernels])
+        text = f"tower {t}: {lay.per_tower} kernels of {W.shape[2]}x{W.shape[3]}x3, mean colour share {share:.2f}"
+        d.text((lay.left + pad, lay.tower_top(t) + 4), fit_text(text, out.width - 2 * pad, fnt), fill=FILTER_TEXT,
+               font=fnt)
         for j in range(lay.per_tower):
-            out.paste(enlarge(normalise_kernel(W[t * lay.per_tower + j]), zoom), lay.box(t, j)[:2])
+            out.paste(enlarge(normalise_kernel(kernels[j]), zoom), lay.box(t, j)[:2])
     return out
 
 
@@ -385,21 +473,25 @@ def lr_drops(rows):
 
 def curves_figure(rows, title="", size=(900, 340)):
     """Loss (left) and top-1/top-5 error (right) per epoch from metrics.jsonl rows; training dashed, validation
-    solid; learning-rate drops as dashed vertical lines."""
+    solid; learning-rate drops as dashed vertical lines. The whole picture, title included, is `size`
+    (width, height); `title` is a str or lines (title, then notes), wrapped to the width."""
     ep = [r.get("epoch") for r in rows]
     col = lambda key: [r.get(key) for r in rows]  # noqa: E731
     marks = [Mark(e, "x", f"lr {lr:g}") for e, lr in lr_drops(rows)]
-    half = (size[0] // 2, size[1])
+    head = title_block([title] if isinstance(title, str) else list(title), size[0])
+    h = size[1] - (head.height if head else 0)
+    if h < 120:
+        raise ValueError(f"a curves figure of height {size[1]} leaves {h} px for the charts under its title")
+    left = (size[0] // 2, h)
     loss = chart([Series(ep, col("train_loss"), "train", PALETTE[0], dashed=True, markers=True),
                   Series(ep, col("val_loss"), "validation", PALETTE[0], markers=True)],
-                 half, "loss", "epoch", "cross-entropy", marks=marks, integer_x=True)
+                 left, "loss", "epoch", "cross-entropy", marks=marks, integer_x=True)
     err = chart([Series(ep, col("train_top1"), "train top-1", PALETTE[3], dashed=True, markers=True),
                  Series(ep, col("val_top1"), "val top-1", PALETTE[3], markers=True),
                  Series(ep, col("train_top5"), "train top-5", PALETTE[2], dashed=True, markers=True),
                  Series(ep, col("val_top5"), "val top-5", PALETTE[2], markers=True)],
-                half, "error", "epoch", "error rate", ylim=(0, 1), marks=marks, integer_x=True)
-    fig = stack([loss, err], "horizontal")
-    return titled(fig, title) if title else fig
+                (size[0] - left[0], h), "error", "epoch", "error rate", ylim=(0, 1), marks=marks, integer_x=True)
+    return stack([head, stack([loss, err], "horizontal")], "vertical")
 
 
 # ---- predictions ------------------------------------------------------------------------------------------------
@@ -414,62 +506,100 @@ class PanelLayout:
     pad: int = 8
     bars: int = 5
     line: int = 14
+    header: int = 0    # title and legend strip above the cells
+    pct: int = 0       # width of the column that holds the percentages, right of the bars
 
     @property
     def size(self):
-        return self.pad + self.cols * (self.cell_w + self.pad), self.pad + self.rows * (self.cell_h + self.pad)
+        return (self.pad + self.cols * (self.cell_w + self.pad),
+                self.header + self.pad + self.rows * (self.cell_h + self.pad))
 
     def origin(self, i):
         r, c = divmod(i, self.cols)
-        return self.pad + c * (self.cell_w + self.pad), self.pad + r * (self.cell_h + self.pad)
+        return self.pad + c * (self.cell_w + self.pad), self.header + self.pad + r * (self.cell_h + self.pad)
 
     def image_box(self, i):
         x, y = self.origin(i)
         x += (self.cell_w - self.image) // 2
         return x, y, x + self.image, y + self.image
 
+    def bar_box(self, i, rank):
+        """(left, top, right, bottom) of the full-length (100 %) bar of the rank-th most probable class of image
+        i (rank 0: the most probable); the percentage is written right of it, never over it."""
+        x, y = self.origin(i)
+        y += self.image + 4 + self.line + rank * self.line
+        return x, y + 1, x + self.cell_w - self.pct, y + self.line - 1
 
-def predictions_layout(n, size, top=5, cols=None, zoom=None):
+
+PANEL_FONT = 11
+
+
+def predictions_layout(n, size, top=5, cols=None, zoom=None, header=0):
     zoom = int(zoom or max(1, math.ceil(96 / size)))
     image = size * zoom
     cols = int(cols or min(n, 4))
-    line = text_size("Ag", font(10))[1] + 5
-    cell_w = max(image, 150)
+    fnt = font(PANEL_FONT)
+    line = text_size("Ag", fnt)[1] + 6
+    cell_w = max(image, 170)
     cell_h = image + 4 + line + top * line
-    return PanelLayout(cols=cols, rows=-(-n // cols), image=image, cell_w=cell_w, cell_h=cell_h, bars=top, line=line)
+    return PanelLayout(cols=cols, rows=-(-n // cols), image=image, cell_w=cell_w, cell_h=cell_h, bars=top, line=line,
+                       header=header, pct=text_size("100%", fnt)[0] + 8)
 
 
-def predictions_panel(images, probs, labels, classes, top=5, cols=None, zoom=None):
-    """Each image with its true class under it and its `top` most probable classes as bars (length = probability);
-    the true class's bar is red when it is among them (the paper's Figure 4, left)."""
+def _swatch_legend(items, width, fnt):
+    """One line of coloured squares and their labels: items [(colour, label)]."""
+    h = text_size("Ag", fnt)[1] + 8
+    out = Image.new("RGB", (width, h), WHITE)
+    d = ImageDraw.Draw(out)
+    x = 4
+    for color, label in items:
+        d.rectangle([x, 4, x + h - 9, h - 5], fill=color)
+        x += h - 4
+        d.text((x, 3), label, fill=BLACK, font=fnt)
+        x += text_size(label, fnt)[0] + 16
+    return out
+
+
+def predictions_panel(images, probs, labels, classes, top=5, cols=None, zoom=None, title=None):
+    """Each image with its true class under it and its `top` most probable classes as bars (length =
+    probability, the percentage right of the bar); the true class's bar is red when it is among them, and its
+    rank is given when it is not (the paper's Figure 4, left). Above: `title` (a str or lines: title, then
+    notes) and a legend of the bar colours."""
     images, probs, labels = np.asarray(images), np.asarray(probs), np.asarray(labels)
     n = len(images)
     top = min(top, probs.shape[1])
+    fnt = font(PANEL_FONT)
     lay = predictions_layout(n, images.shape[1], top, cols, zoom)
+    head = title_block([title] if isinstance(title, str) else list(title or []), lay.size[0])
+    legend = _swatch_legend([(BAR_TRUE, "the true class"), (BAR, "another class")], lay.size[0], fnt)
+    header = stack([head, legend], "vertical")
+    lay = predictions_layout(n, images.shape[1], top, cols, zoom, header=header.height)
     zoom = lay.image // images.shape[1]
     out = Image.new("RGB", lay.size, WHITE)
+    out.paste(header, (0, 0))
     d = ImageDraw.Draw(out)
-    fnt = font(10)
+    name = lambda c: str(classes[c]) if 0 <= c < len(classes) else str(c)  # noqa: E731
     for i in range(n):
         x, y = lay.origin(i)
         ix, iy, _, _ = lay.image_box(i)
         out.paste(enlarge(images[i], zoom), (ix, iy))
         y += lay.image + 4
-        truth = classes[int(labels[i])] if 0 <= int(labels[i]) < len(classes) else str(int(labels[i]))
+        label = int(labels[i])
+        order = np.argsort(-probs[i], kind="stable")
+        truth = f"true: {name(label)}"
+        if label not in order[:top].tolist():
+            truth += f" (rank {order.tolist().index(label) + 1})" if 0 <= label < probs.shape[1] else ""
         d.text((x + 2, y), fit_text(truth, lay.cell_w - 4, fnt), fill=BLACK, font=fnt)
-        y += lay.line
-        order = np.argsort(-probs[i], kind="stable")[:top]
-        for c in order:
+        for rank, c in enumerate(order[:top]):
             p = float(probs[i, c])
-            w = int(round(p * lay.cell_w))
-            d.rectangle([x, y + 1, x + lay.cell_w - 1, y + lay.line - 2], fill=(244, 244, 244))
+            x0, y0, x1, y1 = lay.bar_box(i, rank)
+            w = int(round(p * (x1 - x0)))
+            d.rectangle([x0, y0, x1 - 1, y1 - 1], fill=(244, 244, 244))
             if w > 0:
-                d.rectangle([x, y + 1, x + w - 1, y + lay.line - 2], fill=BAR_TRUE if c == labels[i] else BAR)
-            name = f"{classes[c] if c < len(classes) else c}"
+                d.rectangle([x0, y0, x0 + w - 1, y1 - 1], fill=BAR_TRUE if c == label else BAR)
+            d.text((x0 + 3, y0 + 1), fit_text(name(int(c)), x1 - x0 - 6, fnt), fill=BLACK, font=fnt)
             pct = f"{100 * p:.0f}%"
-            d.text((x + 3, y), fit_text(name, lay.cell_w - text_size(pct, fnt)[0] - 12, fnt), fill=BLACK, font=fnt)
-            d.text((x + lay.cell_w - 3 - text_size(pct, fnt)[0], y), pct, fill=GREY, font=fnt)
-            y += lay.line
+            d.text((x0 + lay.cell_w - 2 - text_size(pct, fnt)[0], y0 + 1), pct, fill=GREY, font=fnt)
     return out
 
 
@@ -483,7 +613,8 @@ class RowsLayout:
     pad: int = 4
     sep: int = 14      # extra space between the query and its neighbours
     rows: int = 1
-    label: int = 0     # height of the caption line under each tile (0: none)
+    label: int = 0     # height of the caption lines under each tile (0: none)
+    header: int = 0    # title strip above the rows
 
     @property
     def cell(self):
@@ -492,12 +623,12 @@ class RowsLayout:
     @property
     def size(self):
         return (self.pad + (self.k + 1) * (self.cell + self.pad) + self.sep,
-                self.pad + self.rows * (self.cell + self.label + self.pad))
+                self.header + self.pad + self.rows * (self.cell + self.label + self.pad))
 
     def box(self, r, j):
         """Frame box of tile j of row r (j = 0: the query, 1..k: its neighbours, nearest first)."""
         x = self.pad + j * (self.cell + self.pad) + (self.sep if j else 0)
-        y = self.pad + r * (self.cell + self.label + self.pad)
+        y = self.header + self.pad + r * (self.cell + self.label + self.pad)
         return x, y, x + self.cell, y + self.cell
 
     def image_box(self, r, j):
@@ -505,21 +636,28 @@ class RowsLayout:
         return x + self.frame, y + self.frame, x + self.frame + self.tile, y + self.frame + self.tile
 
 
-def neighbors_layout(n, k, size, zoom=None, captions=True):
-    zoom = int(zoom or max(1, math.ceil(64 / size)))
-    label = text_size("Ag", font(10))[1] + 4 if captions else 0
-    return RowsLayout(k=k, tile=size * zoom, rows=n, label=label), zoom
+def neighbors_layout(n, k, size, zoom=None, captions=True, header=0, lines=2):
+    zoom = int(zoom or max(1, math.ceil(72 / size)))
+    label = lines * (text_size("Ag", font(10))[1] + 3) + 2 if captions else 0
+    return RowsLayout(k=k, tile=size * zoom, rows=n, label=label, header=header), zoom
 
 
-def neighbors_panel(queries, neighbours, same=None, captions=None, zoom=None):
+def neighbors_panel(queries, neighbours, same=None, captions=None, zoom=None, title=None):
     """One row per query: the query (black frame), then its k neighbours nearest first, framed green when of the
-    query's class and red otherwise (`same`: bool (n, k)); `captions`: optional (n, k + 1) strings under tiles."""
+    query's class and red otherwise (`same`: bool (n, k)); `captions`: optional (n, k + 1) strings under the
+    tiles, each up to two lines ('\n'); `title`: a str or lines (title, then notes) above."""
     queries, neighbours = np.asarray(queries), np.asarray(neighbours)
     n, k = neighbours.shape[:2]
     lay, zoom = neighbors_layout(n, k, queries.shape[1], zoom, captions is not None)
+    head = title_block([title] if isinstance(title, str) else list(title or []), lay.size[0])
+    lay, zoom = neighbors_layout(n, k, queries.shape[1], zoom, captions is not None,
+                                 header=head.height if head else 0)
     out = Image.new("RGB", lay.size, WHITE)
+    if head is not None:
+        out.paste(head, (0, 0))
     d = ImageDraw.Draw(out)
     fnt = font(10)
+    lh = text_size("Ag", fnt)[1] + 3
     for r in range(n):
         for j in range(k + 1):
             im = queries[r] if j == 0 else neighbours[r, j - 1]
@@ -528,7 +666,8 @@ def neighbors_panel(queries, neighbours, same=None, captions=None, zoom=None):
             d.rectangle([x0, y0, x1 - 1, y1 - 1], fill=color)
             out.paste(enlarge(im, zoom), lay.image_box(r, j)[:2])
             if captions is not None:
-                d.text((x0, y1 + 1), fit_text(str(captions[r][j]), lay.cell, fnt), fill=BLACK, font=fnt)
+                for li, text in enumerate(str(captions[r][j]).split("\n")[:2]):
+                    d.text((x0, y1 + 1 + li * lh), fit_text(text, lay.cell, fnt), fill=BLACK, font=fnt)
     return out
 
 
@@ -583,4 +722,4 @@ def nearest_neighbors(queries, pool, k, chunk=8192):
 
 __all__ = ["filter_grid", "filter_layout", "normalise_kernel", "chart", "Series", "Mark", "curves_figure", "lr_drops",
            "predictions_panel", "predictions_layout", "neighbors_panel", "neighbors_layout", "fc7_features",
-           "nearest_neighbors", "stack", "titled", "enlarge", "nice_ticks"]
+           "nearest_neighbors", "stack", "titled", "title_block", "wrap_text", "colour_share", "enlarge", "nice_ticks"]

@@ -263,3 +263,18 @@ def describe(path):
             "counts": counts.tolist(), "mean_rgb": ds.mean.reshape(-1, 3).mean(axis=0).tolist(),
             "eigval": ds.eigval.tolist(), "eigvec": ds.eigvec.tolist(), "attrs": ds.attrs,
         }
+
+
+def constant_images(path, sample=2000):
+    """(constant, checked): how many of an even sample of at most `sample` images of a dataset file hold one
+    colour only (every pixel alike), and how many were checked. Many such images point at a preparation problem,
+    e.g. drawings carried by an alpha channel alone."""
+    with H5Dataset(path) as ds:
+        if ds.n == 0:
+            return 0, 0
+        idx = np.unique(np.linspace(0, ds.n - 1, min(sample, ds.n)).astype(np.int64))
+        constant = 0
+        for a in range(0, len(idx), 256):
+            x = ds.read(idx[a:a + 256]).reshape(len(idx[a:a + 256]), -1, 3)
+            constant += int((x == x[:, :1]).all(axis=(1, 2)).sum())
+        return constant, len(idx)

@@ -23,11 +23,31 @@ from .prep import Job
 
 # ---------------------------------------------------------------------------------------------------- resizing
 
-def fit_square(img, size):
-    """A PIL image -> RGB uint8 (size, size, 3): shorter side to `size` (antialiased), centre crop."""
+WHITE = (255, 255, 255)
+
+
+def has_alpha(img):
+    """Whether a PIL image carries transparency: an alpha band (RGBA, LA, PA, ...) or a palette or grey level
+    marked transparent."""
+    return "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info
+
+
+def to_rgb(img, background=WHITE):
+    """A PIL image in RGB. Transparent pixels are composited over `background` (an RGB triple): dropping the
+    alpha would leave whatever the invisible pixels hold, often black, where only the alpha drew the shape."""
     from PIL import Image
-    if img.mode != "RGB":
-        img = img.convert("RGB")          # L, LA, P, RGBA (alpha dropped), CMYK, I;16 ...
+    if has_alpha(img):
+        rgba = img.convert("RGBA")
+        out = Image.new("RGBA", rgba.size, tuple(background) + (255,))
+        return Image.alpha_composite(out, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")   # L, P, CMYK, I;16 ...
+
+
+def fit_square(img, size, background=WHITE):
+    """A PIL image -> RGB uint8 (size, size, 3): transparency over `background`, shorter side to `size`
+    (antialiased), centre crop."""
+    from PIL import Image
+    img = to_rgb(img, background)
     w, h = img.size
     if (w, h) != (size, size):
         if min(w, h) != size:
@@ -104,7 +124,7 @@ def _class_dirs(root):
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
-def _folder_task(items, size):
+def _folder_task(items, size, background=WHITE):
     """Decode [(path, label)] -> images, labels, skipped [(path, reason)]."""
     from PIL import Image
     images, labels, skipped = [], [], []
@@ -113,7 +133,7 @@ def _folder_task(items, size):
             with Image.open(path) as img:
                 img.draft("RGB", (size, size))   # JPEG: let the decoder shrink by 1/2, 1/4, 1/8 while >= size
                 img.load()
-                images.append(fit_square(img, size))
+                images.append(fit_square(img, size, background))
             labels.append(label)
         except Exception as e:                 # unreadable, truncated, not an image: skipped and listed
             skipped.append((path, f"{type(e).__name__}: {e}".replace("\n", " ").replace("\t", " ")))
@@ -175,11 +195,14 @@ def read_labels_file(path, files, classes):
     return [(f, label(t[0], n)) for f, (n, t) in zip(files, rows)]
 
 
-def folder_jobs(root, size=256, val_root=None, val_labels=None, val_fraction=0.0, seed=0, unit=64):
+def folder_jobs(root, size=256, val_root=None, val_labels=None, val_fraction=0.0, seed=0, unit=64,
+                background=WHITE):
     """Jobs for ROOT/<class>/<image> (ImageNet's training layout) and a validation split.
 
     Validation: `val_root` with class folders, or flat with a `val_labels` file (ImageNet's validation layout);
-    or a stratified `val_fraction` of each class of ROOT, drawn from `seed`; or none.
+    or a stratified `val_fraction` of each class of ROOT (at least one image of a class with two or more), drawn
+    from `seed`; or none. Transparent images are
+    composited over `background` (RGB).
     """
     root = os.fspath(root)
     classes, items = _folder_listing(root)
@@ -213,7 +236,8 @@ def folder_jobs(root, size=256, val_root=None, val_labels=None, val_fraction=0.0
             by_class.setdefault(it[1], []).append(it)
         items, val_items = [], []
         for c, its in sorted(by_class.items()):
-            k = int(round(val_fraction * len(its)))
+            # at least one image of every class that has two, so that a small set still gets a validation file
+            k = max(int(round(val_fraction * len(its))), 1 if len(its) >= 2 else 0)
             pick = set(np.random.default_rng(np.random.SeedSequence([seed, c])).permutation(len(its))[:k].tolist())
             items += [it for i, it in enumerate(its) if i not in pick]
             val_items += [it for i, it in enumerate(its) if i in pick]
@@ -225,7 +249,10 @@ def folder_jobs(root, size=256, val_root=None, val_labels=None, val_fraction=0.0
         h = hashlib.sha1("\n".join(f"{p}\t{c}" for p, c in its).encode()).hexdigest()
         sig = {"source": "folder", "root": os.path.abspath(root), "size": size, "listing_sha1": h, "n": len(its),
                "classes": classes}
-        tasks = [(_folder_task, (its[a:a + unit], size), len(its[a:a + unit])) for a in range(0, len(its), unit)]
+        if tuple(background) != WHITE:   # files made before --background existed keep their signature
+            sig["background"] = list(background)
+        tasks = [(_folder_task, (its[a:a + unit], size, tuple(background)), len(its[a:a + unit]))
+                 for a in range(0, len(its), unit)]
         jobs[split] = Job(f"folder {os.path.abspath(root if split == 'train' or val_root is None else val_root)}",
                           classes, size, tasks, sig)
     return jobs
@@ -294,8 +321,9 @@ def read_cifar(tarball, coarse=False):
         raise CpnetError(f"{tarball}: no such file (expected a CIFAR-10/100 tarball)")
     try:
         tf = tarfile.open(tarball, "r:*")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise CpnetError(f"{tarball}: not a tar archive ({e}); expected a CIFAR-10/100 tarball") from None
+    except (tarfile.TarError, OSError, EOFError):
+        raise CpnetError(f"{tarball}: not a tar archive (plain, gzip, bzip2 or xz); expected a CIFAR-10/100 "
+                         "tarball") from None
     with tf:
         members = {os.path.basename(m.name): m for m in tf.getmembers() if m.isfile()}
         variant = next((v for v, (tr, te, meta) in CIFAR_LAYOUTS.items()

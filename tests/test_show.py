@@ -1,6 +1,7 @@
 """cpnet show: every picture from a tiny checkpoint and dataset made here, checked for size and content."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -64,7 +65,11 @@ def test_filters_grid_shows_each_kernel_in_its_tile(tiny, tmp_path):
     r = invoke("show", "filters", path, "-o", tmp_path / "f.png", "--zoom", 5)
     assert r.exit_code == 0, r.output
     lay, zoom = viz.filter_layout((2 * F, 3, k, k), zoom=5)
-    a = png(tmp_path / "f.png", lay.size)
+    a = png(tmp_path / "f.png")
+    # the title strip sits above the grid, which is centred across the picture's width (at least 480 px)
+    assert a.shape[1] == 480 > lay.size[0] and a.shape[0] > lay.size[1]
+    lay = replace(lay, top=a.shape[0] - lay.size[1], min_width=a.shape[1])
+    assert tuple(a.shape[1::-1]) == lay.size
     x0, y0, x1, y1 = lay.box(0, 1)
     tile = a[y0:y1, x0:x1]
     assert tile.shape == (k * zoom, k * zoom, 3)
@@ -103,8 +108,7 @@ def test_curves_from_metrics(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = invoke("show", "curves", run, "-o", tmp_path / "c.png", "--width", 700, "--height", 300)
     assert r.exit_code == 0, r.output
-    a = png(tmp_path / "c.png")
-    assert a.shape[1] == 700 and a.shape[0] >= 300
+    a = png(tmp_path / "c.png", (700, 300))   # --height is the picture's height, title included
     assert count(a, viz.PALETTE[3]) > 100     # top-1 error lines
     assert count(a, viz.PALETTE[2]) > 100     # top-5 error lines
     assert count(a, viz.PALETTE[0]) > 100     # loss lines
@@ -138,7 +142,9 @@ def test_predictions_panel(tiny, tmp_path):
     r = invoke("show", "predictions", d / "ck.h5", "--data", d / "val.h5", "-n", 5, "-o", tmp_path / "p.png")
     assert r.exit_code == 0, r.output
     lay = viz.predictions_layout(5, SIZE, top=CLASSES)
-    a = png(tmp_path / "p.png", lay.size)
+    a = png(tmp_path / "p.png")
+    assert a.shape[1] == lay.size[0] and a.shape[0] > lay.size[1]   # a title and a legend above the cells
+    lay = replace(lay, header=a.shape[0] - lay.size[1])
     with H5Dataset(d / "val.h5") as ds:
         images = ds.read(np.arange(ds.n))
     zoom = lay.image // SIZE
@@ -175,7 +181,9 @@ def test_neighbors_query_finds_itself(tiny, tmp_path):
                "-k", k, "--batch-size", 7, "-o", tmp_path / "nn.png")
     assert r.exit_code == 0, r.output
     lay, _ = viz.neighbors_layout(n, k, SIZE)
-    a = png(tmp_path / "nn.png", lay.size)
+    a = png(tmp_path / "nn.png")
+    assert a.shape[1] == lay.size[0] and a.shape[0] > lay.size[1]   # a title above the rows
+    lay = replace(lay, header=a.shape[0] - lay.size[1])
     for row in range(n):
         q = lay.image_box(row, 0)
         first = lay.image_box(row, 1)

@@ -186,7 +186,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         checkpoint.load_model(path)
     path2 = tmp_path / "junk.h5"
     path2.write_bytes(b"not hdf5")
-    with pytest.raises(CpnetError, match="junk.h5: not an HDF5 checkpoint"):
+    with pytest.raises(CpnetError, match="junk.h5: not an HDF5 file"):
         checkpoint.load(path2)
 
 
@@ -282,7 +282,7 @@ def test_predict_rejects_folders_and_a_zero_top(synth, tmp_path):
     out = tmp_path / "r"
     run(tiny_cfg(synth, out, epochs=1))
     r = CliRunner().invoke(cli, ["predict", str(out / "last.h5"), str(tmp_path)])
-    assert r.exit_code != 0 and "is a folder, not an image file" in r.output
+    assert r.exit_code != 0 and "a folder, not an image file" in r.output
     r = CliRunner().invoke(cli, ["predict", str(out / "last.h5"), "--top", "0", str(tmp_path)])
     assert r.exit_code != 0 and "--top" in r.output
 
