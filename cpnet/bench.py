@@ -5,12 +5,13 @@ Nothing here prints; every function returns plain dicts (JSON-ready). Times are 
 each figure is the work of exactly the call it brackets. Warm-up iterations (kernel compilation, first
 allocations, BLAS thread start-up) are run and discarded first.
 
-Per-layer times follow `caffe time`: the model's own layers are called one at a time, in the order the model's
-forward and backward passes call them, with the device synchronised around each call; a layer's figure is the
-sum over both towers. The cross-tower exchanges (the concatenations before conv3, fc6, fc7 and fc8, and the
-gradient splits after them) are reported as one row, `exchange`. A model whose towers share a GPU runs fused
-(model.AlexNet): then each row is one fused layer doing both towers' work, and there is no exchange row. Because of the synchronisation around every
-call, the layer rows add up to a little more than the whole step, which is timed separately without it.
+Per-layer times follow `caffe time`: the model's own forward and backward passes run with a per-layer hook
+(model.AlexNet's `hook`), which synchronises the devices around each layer call and times it; a layer's figure is
+the sum over both towers (run one after the other while hooked). The cross-tower exchanges (the concatenations
+before conv3, fc6, fc7 and fc8, and the gradient splits after them) are reported as one row, `exchange`. A model
+whose towers share a GPU runs fused (cpnet.fused): then each row is one fused layer doing both towers' work, and
+there is no exchange row. Because of the synchronisation around every call, the layer rows add up to a little
+more than the whole step, which is timed separately without it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 
 import numpy as np
 
-from . import backend, ops
+from . import backend
 from .model import PRESETS, build_model, feature_shapes, make_config
 from .optim import MomentumSGD
 
@@ -93,102 +94,26 @@ def gemm_gflops(device=backend.HOST, n=2048, repeats=5) -> dict:
 
 # ---- the training step, layer by layer -----------------------------------------------------------------------------
 class _Recorder:
-    """Accumulates forward/backward milliseconds per layer name, in first-seen order."""
+    """The model's per-layer hook: times every call on its devices and adds the milliseconds to the layer's row
+    (rows in first-seen order; the model reports the exchanges as 'exchange' and the loss as 'loss')."""
 
     def __init__(self):
         self.rows = {}
         self.on = True
 
-    def add(self, name, phase, ms):
+    def __call__(self, name, phase, devices, call):
+        with backend.Timer(devices) as tm:
+            out = call()
         if self.on:
-            self.rows.setdefault(name, {"forward_ms": 0.0, "backward_ms": 0.0})[phase] += ms
+            self.rows.setdefault(name, {"forward_ms": 0.0, "backward_ms": 0.0})[f"{phase}_ms"] += tm.ms
+        return out
 
 
-def _run_layers(model, xs, labels, rec: _Recorder, opt):
+def _timed_step(model, x, labels, rec: _Recorder, opt):
     """One training step (forward, backward, update) with every layer call timed on its own."""
-    devs = model.devices
-
-    def fwd(seq, x, t):
-        for name, layer in seq.layers:
-            with devs[t], backend.Timer(devs[t]) as tm:
-                x = layer.forward(x, True)
-            rec.add(name, "forward_ms", tm.ms)
-        return x
-
-    def bwd(seq, d, t):
-        for name, layer in reversed(seq.layers):
-            with devs[t], backend.Timer(devs[t]) as tm:
-                d = layer.backward(d)
-            rec.add(name, "backward_ms", tm.ms)
-        return d
-
-    def exchange(fn, phase):
-        with backend.Timer(devs) as tm:
-            out = fn()
-        rec.add("exchange", phase, tm.ms)
-        return out
-
-    h = [fwd(model.stem[t], xs[t], t) for t in range(2)]
-    widths = {}
-    for key, seqs in (("p2", model.mid), ("p5", model.fc6), ("f6", model.fc7)):
-        widths[key] = [a.shape[1] for a in h]
-        g = exchange(lambda: [model.gather(h, t) for t in range(2)], "forward_ms")
-        h = [fwd(seqs[t], g[t], t) for t in range(2)]
-    widths["f7"] = [a.shape[1] for a in h]
-    g = exchange(lambda: model.gather(h, 0), "forward_ms")
-    with devs[0], backend.Timer(devs[0]) as tm:
-        logits = model.fc8.forward(g, True)
-    rec.add("fc8", "forward_ms", tm.ms)
-    with devs[0], backend.Timer(devs[0]) as tm:
-        loss, cache = ops.softmax_cross_entropy_forward(logits, labels)
-    rec.add("loss", "forward_ms", tm.ms)
-
-    with devs[0], backend.Timer(devs[0]) as tm:
-        d = ops.softmax_cross_entropy_backward(cache)
-    rec.add("loss", "backward_ms", tm.ms)
-    with devs[0], backend.Timer(devs[0]) as tm:
-        d = model.fc8.backward(d)
-    rec.add("fc8", "backward_ms", tm.ms)
-    d = exchange(lambda: model.scatter(d, widths["f7"], [None, None]), "backward_ms")
-    for key, seqs in (("f6", model.fc7), ("p5", model.fc6), ("p2", model.mid)):
-        dt = [bwd(seqs[t], d[t], t) for t in range(2)]
-
-        def split_back():
-            acc = [None, None]
-            for t in range(2):
-                model.scatter(dt[t], widths[key], acc)
-            return acc
-
-        d = exchange(split_back, "backward_ms")
-    for t in range(2):
-        bwd(model.stem[t], d[t], t)
-    with backend.Timer(devs) as tm:
-        opt.step()
-    return float(backend.to_host(loss)), tm.ms
-
-
-def _run_fused_layers(model, xs, labels, rec: _Recorder, opt):
-    """As _run_layers for a model whose towers share a device and run fused: each row times one fused layer
-    (both towers at once); there are no exchanges."""
-    dev = model.devices[0]
-
-    def timed(name, phase, fn, arg):
-        with dev, backend.Timer(dev) as tm:
-            out = fn(arg)
-        rec.add(name, phase, tm.ms)
-        return out
-
-    h = xs[0]
-    for name, layer in model._fused_net.named():
-        h = timed(name, "forward_ms", lambda a, layer=layer: layer.forward(a, True), h)
-    logits = timed("fc8", "forward_ms", lambda a: model.fc8.forward(a, True), h)
-    loss, cache = timed("loss", "forward_ms", lambda a: ops.softmax_cross_entropy_forward(a, labels), logits)
-    d = timed("loss", "backward_ms", ops.softmax_cross_entropy_backward, cache)
-    d = timed("fc8", "backward_ms", model.fc8.backward, d)
-    for name, layer in reversed(model._fused_net.named()):
-        d = timed(name, "backward_ms", layer.backward, d)
-    model._fused_grads_to_towers()
-    with backend.Timer(dev) as tm:
+    loss, _ = model.loss(x, labels, train=True, hook=rec)
+    model.loss_backward(hook=rec)
+    with backend.Timer(model.devices) as tm:
         opt.step()
     return float(backend.to_host(loss)), tm.ms
 
@@ -215,7 +140,6 @@ def bench_model(preset="alexnet", batch_size=128, steps=10, warmup=2, num_classe
     devs = model.devices
     opt = MomentumSGD(model, lr=lr)
     x, y = _batch(cfg, batch_size, devs[0], seed)
-    xs = [backend.transfer(x, d) for d in devs]
 
     # Per-layer pass.
     rec = _Recorder()
@@ -224,8 +148,7 @@ def bench_model(preset="alexnet", batch_size=128, steps=10, warmup=2, num_classe
     for i in range(warmup + steps):
         rec.on = i >= warmup
         model.set_step(i)
-        run = _run_fused_layers if model.fused else _run_layers
-        loss, upd_ms = run(model, xs, y, rec, opt)
+        loss, upd_ms = _timed_step(model, x, y, rec, opt)
         first_loss = loss if first_loss is None else first_loss
         if rec.on:
             update.append(upd_ms)

@@ -6,6 +6,8 @@ stores gradients for the parameters in `self.grads` (same keys as `self.params`)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from . import ops
 
 
@@ -155,3 +157,26 @@ class Sequential(Layer):
 
     def named(self):
         return list(self.layers)
+
+
+@dataclass
+class ParamBlock:
+    """One contiguous parameter array: what an optimizer updates, and a gradient reduction sums, in one go.
+
+    `layer.params[key]` is the array, on `device`; after backward `layer.grads[key]` is its gradient. `parts`:
+    [(name, holder, start, stop)], the named parameter `name` is rows start:stop of the array, held by the layer
+    `holder` as a view (one part covering the whole array where a parameter has its own memory; the fused towers'
+    two row blocks where both towers share one array).
+    """
+    layer: Layer
+    key: str
+    device: object
+    parts: list
+
+    @property
+    def param(self):
+        return self.layer.params[self.key]
+
+    @property
+    def grad(self):
+        return self.layer.grads.get(self.key)

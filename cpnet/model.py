@@ -26,8 +26,7 @@ from . import ops
 from .backend import HOST, Device, default_placement, device_of, to_device, to_host, transfer
 from .config import DEFAULT_INIT
 from .errors import CpnetError
-from .backend import get_array_module
-from .layers import LRN, Conv2D, Dropout, Flatten, Layer, Linear, MaxPool, ReLU, Sequential, Tanh
+from .layers import LRN, Conv2D, Dropout, Flatten, Linear, MaxPool, ParamBlock, ReLU, Sequential, Tanh
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 
@@ -208,8 +207,25 @@ def _init_params(cfg: NetConfig, dtype) -> list[dict]:
     return towers
 
 
+@dataclass
+class Stage:
+    """One step of the towers' schedule: `streams[s]` (a Sequential) runs on `devices[s]`, one stream per tower, or
+    one for both towers fused (and for fc8). `gathers`: the stage reads both towers' previous outputs, so an
+    exchange comes before it (none where there is only one previous output: a fused model's)."""
+    name: str
+    streams: list
+    devices: list
+    gathers: bool
+
+
 class AlexNet:
-    """The two-tower network. `forward` takes a batch (host or device array), returns logits on tower 0's device."""
+    """The two-tower network. `forward` takes a batch (host or device array), returns logits on tower 0's device.
+
+    `stages` is the schedule, walked in order by forward and in reverse by backward: stem (conv1-pool2, own tower),
+    mid (conv3-pool5, conv3 reading both towers), fc6, fc7 (both towers' inputs), fc8 (tower 0, both towers'
+    fc7). Both walks take an optional `hook(name, phase, devices, call)` that runs every layer call and every
+    exchange (`call()` does the work and its result must be returned): bench times each call through it.
+    """
 
     def __init__(self, cfg: NetConfig, placement: list[Device] | None = None, dtype=np.float32, params=None,
                  check_devices: bool | None = None, tower_threads: bool | None = None, fuse: bool | None = None):
@@ -221,58 +237,25 @@ class AlexNet:
         self.check_devices = bool(int(os.environ.get("CPNET_DEBUG_DEVICES", "0"))) if check_devices is None \
             else check_devices
         host = _init_params(cfg, self.dtype) if params is None else _split_params(params, self.dtype)
+        self.fused = self._choose_fuse(fuse)
+        placed = self._place(host)
         act = ReLU if cfg.activation == "relu" else Tanh
-        pk, ps = cfg.pool
-        # Towers sharing a GPU run "fused": each layer of both towers is one grouped convolution / one GEMM (half
-        # the kernel launches, larger products). The towers' parameters are then views into one array per layer.
-        if fuse is None:
-            env = os.environ.get("CPNET_FUSE_TOWERS", "").strip()
-            if env not in ("", "0", "1"):
-                raise CpnetError(f"CPNET_FUSE_TOWERS={env!r}: expected 0 or 1 (unset: fused on a shared GPU)")
-            fuse = self.devices[0] == self.devices[1] and (self.devices[0].is_gpu if env == "" else env == "1")
-        if fuse and self.devices[0] != self.devices[1]:
-            raise ValueError("fused towers need both towers on one device")
-        self.fused = bool(fuse)
-        placed = [{}, {}]
-        for name in host[0]:
-            for t in range(2 if name != "fc8" else 1):
-                dev = self.devices[t]
-                with dev:
-                    if self.fused and name != "fc8":
-                        full = {k: to_device(np.concatenate([host[0][name][k], host[1][name][k]]), dev)
-                                for k in host[0][name]}
-                        n = host[0][name]["W"].shape[0]
-                        placed[0][name] = {k: v[:n] for k, v in full.items()}
-                        placed[1][name] = {k: v[n:] for k, v in full.items()}
-                        break
-                    placed[t][name] = {k: to_device(v, dev) for k, v in host[t][name].items()}
-        self.stem, self.mid, self.fc6, self.fc7 = [], [], [], []
-        for t, dev in enumerate(self.devices):
+        self.towers = []  # per tower: [stem, mid, fc6, fc7] Sequentials
+        for t in range(2):
             P = placed[t]
             conv = [Conv2D(P[f"conv{i + 1}"]["W"], P[f"conv{i + 1}"]["b"], stride=c[2], pad=c[3], input_grad=i > 0)
                     for i, c in enumerate(cfg.conv)]
+            fc6, fc7 = (Linear(P[n]["W"], P[n]["b"]) for n in ("fc6", "fc7"))
+            drops = [Dropout(cfg.dropout, seed=cfg.seed * 4 + 2 * t + i) for i in range(2)]
+            self.towers.append([Sequential(ls) for ls in self.stage_layers(conv, fc6, fc7, *drops, act=act)])
+        self.fc8 = Linear(placed[0]["fc8"]["W"], placed[0]["fc8"]["b"])
+        self.fused_net = None
+        if self.fused:  # both towers as one grouped stream on their device, on the same parameter memory
+            from .fused import FusedTowers
 
-            def norm_pool(tag):
-                pool = (f"pool{tag}", MaxPool(ksize=pk, stride=ps))
-                if cfg.lrn is None:
-                    return [pool]
-                lrn = (f"lrn{tag}", LRN(**cfg.lrn))
-                return [lrn, pool] if cfg.lrn_position == "before_pool" else [pool, lrn]
-
-            self.stem.append(Sequential(
-                [("conv1", conv[0]), ("act1", act())] + norm_pool(1)
-                + [("conv2", conv[1]), ("act2", act())] + norm_pool(2)))
-            self.mid.append(Sequential([
-                ("conv3", conv[2]), ("act3", act()), ("conv4", conv[3]), ("act4", act()),
-                ("conv5", conv[4]), ("act5", act()), ("pool5", MaxPool(ksize=pk, stride=ps)), ("flat", Flatten())]))
-            self.fc6.append(Sequential([("fc6", Linear(P["fc6"]["W"], P["fc6"]["b"])), ("act6", act()),
-                                        ("drop6", Dropout(cfg.dropout, seed=cfg.seed * 4 + 2 * t))]))
-            self.fc7.append(Sequential([("fc7", Linear(P["fc7"]["W"], P["fc7"]["b"])), ("act7", act()),
-                                        ("drop7", Dropout(cfg.dropout, seed=cfg.seed * 4 + 2 * t + 1))]))
-            if t == 0:
-                self.fc8 = Linear(P["fc8"]["W"], P["fc8"]["b"])
+            self.fused_net = FusedTowers(self, act)
+        self.stages = self._stage_table()
         self._widths = {}
-        self._fused_net = self._build_fused(act, pk, ps) if self.fused else None
         # two host towers run in two threads unless told otherwise (or only one CPU is there)
         if tower_threads is None:
             tower_threads = os.environ.get("CPNET_TOWER_THREADS", "1") != "0" and (os.cpu_count() or 1) >= 2
@@ -282,77 +265,95 @@ class AlexNet:
 
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cpnet-tower")
 
-    # ---- both towers on one device, fused ------------------------------------------------------------------------
-    def _build_fused(self, act, pk, ps):
-        """One Sequential computing both towers at once on their shared device, on the same parameter memory:
-        conv2, conv4, conv5 as groups=2 convolutions, conv1, conv3, fc6, fc7 as single products over both towers'
-        kernels, LRN and dropout per tower (so the results equal the two-tower run's)."""
+    def _choose_fuse(self, fuse) -> bool:
+        """Towers sharing a GPU run fused (half the kernel launches, larger products); CPNET_FUSE_TOWERS=0|1."""
+        if fuse is None:
+            env = os.environ.get("CPNET_FUSE_TOWERS", "").strip()
+            if env not in ("", "0", "1"):
+                raise CpnetError(f"CPNET_FUSE_TOWERS={env!r}: expected 0 or 1 (unset: fused on a shared GPU)")
+            fuse = self.devices[0] == self.devices[1] and (self.devices[0].is_gpu if env == "" else env == "1")
+        if fuse and self.devices[0] != self.devices[1]:
+            raise ValueError("fused towers need both towers on one device")
+        return bool(fuse)
+
+    def _place(self, host) -> list[dict]:
+        """The host parameters on their towers' devices; fused, each layer's two towers are row blocks (views) of
+        one array."""
+        placed = [{}, {}]
+        for name in host[0]:
+            if self.fused and name != "fc8":
+                with self.devices[0]:
+                    full = {k: to_device(np.concatenate([host[0][name][k], host[1][name][k]]), self.devices[0])
+                            for k in host[0][name]}
+                n = host[0][name]["W"].shape[0]
+                placed[0][name] = {k: v[:n] for k, v in full.items()}
+                placed[1][name] = {k: v[n:] for k, v in full.items()}
+                continue
+            for t in range(2 if name != "fc8" else 1):
+                with self.devices[t]:
+                    placed[t][name] = {k: to_device(v, self.devices[t]) for k, v in host[t][name].items()}
+        return placed
+
+    def stage_layers(self, conv, fc6, fc7, drop6, drop7, act, lrn=LRN) -> list[list]:
+        """The (name, layer) lists of the stages stem, mid, fc6, fc7 from one tower's (or the fused) layers."""
         cfg = self.cfg
-
-        def full(name, key):
-            a = self._tower_layer(0, name).params[key]
-            return a.base if a.base is not None else a
-
-        groups = {"conv1": 1, "conv2": 2, "conv3": 1, "conv4": 2, "conv5": 2}
-        conv = {n: Conv2D(full(n, "W"), full(n, "b"), stride=c[2], pad=c[3], groups=groups[n], input_grad=n != "conv1")
-                for n, c in zip(groups, cfg.conv)}
+        pk, ps = cfg.pool
 
         def norm_pool(tag):
             pool = (f"pool{tag}", MaxPool(ksize=pk, stride=ps))
             if cfg.lrn is None:
                 return [pool]
-            lrn = (f"lrn{tag}", _TowerLRN(**cfg.lrn))
-            return [lrn, pool] if cfg.lrn_position == "before_pool" else [pool, lrn]
+            norm = (f"lrn{tag}", lrn(**cfg.lrn))
+            return [norm, pool] if cfg.lrn_position == "before_pool" else [pool, norm]
 
-        drops = {n: _PerTower(*(self._tower_layer(t, n) for t in range(2)), axis=1) for n in ("drop6", "drop7")}
-        with self.devices[0]:
-            return Sequential(
-                [("conv1", conv["conv1"]), ("act1", act())] + norm_pool(1)
-                + [("conv2", conv["conv2"]), ("act2", act())] + norm_pool(2)
-                + [("conv3", conv["conv3"]), ("act3", act()), ("conv4", conv["conv4"]), ("act4", act()),
-                   ("conv5", conv["conv5"]), ("act5", act()), ("pool5", MaxPool(ksize=pk, stride=ps)),
-                   ("flat", Flatten()),
-                   ("fc6", Linear(full("fc6", "W"), full("fc6", "b"))), ("act6", act()), ("drop6", drops["drop6"]),
-                   ("fc7", Linear(full("fc7", "W"), full("fc7", "b"))), ("act7", act()), ("drop7", drops["drop7"])])
+        return [[("conv1", conv[0]), ("act1", act())] + norm_pool(1) + [("conv2", conv[1]), ("act2", act())]
+                + norm_pool(2),
+                [("conv3", conv[2]), ("act3", act()), ("conv4", conv[3]), ("act4", act()), ("conv5", conv[4]),
+                 ("act5", act()), ("pool5", MaxPool(ksize=pk, stride=ps)), ("flat", Flatten())],
+                [("fc6", fc6), ("act6", act()), ("drop6", drop6)],
+                [("fc7", fc7), ("act7", act()), ("drop7", drop7)]]
 
-    def _tower_layer(self, t, name):
-        for seq in (self.stem[t], self.mid[t], self.fc6[t], self.fc7[t]):
+    def _stage_table(self) -> list[Stage]:
+        names, gathers = ("stem", "mid", "fc6", "fc7"), (False, True, True, True)
+        if self.fused:
+            dev = [self.devices[0]]
+            stages = [Stage(n, [seq], dev, g) for n, seq, g in zip(names, self.fused_net.streams, gathers)]
+        else:
+            stages = [Stage(n, [self.towers[t][i] for t in range(2)], list(self.devices), g)
+                      for i, (n, g) in enumerate(zip(names, gathers))]
+        return stages + [Stage("fc8", [Sequential([("fc8", self.fc8)])], [self.devices[0]], True)]
+
+    def tower_layer(self, t, name):
+        """Tower t's layer called `name` ('conv1', 'drop6', ...)."""
+        for seq in self.towers[t]:
             for lname, layer in seq.named():
                 if lname == name:
                     return layer
         raise KeyError(name)
-
-    def _fused_grads_to_towers(self):
-        """Hand each tower's layers their rows of the fused gradients (views, no copies)."""
-        for lname, layer in self._fused_net.named():
-            if not layer.params:
-                continue
-            for t in range(2):
-                tl = self._tower_layer(t, lname)
-                for key, g in layer.grads.items():
-                    n = tl.params[key].shape[0]
-                    tl.grads[key] = g[t * n:(t + 1) * n]
-
-    def fused_blocks(self):
-        """[(fused layer, key, [tower 0's name, tower 1's])] for every parameter array of the fused layers: the two
-        towers' parameters are its row blocks (views: `full` in _build_fused). [] when the towers are not fused."""
-        if self._fused_net is None:
-            return []
-        return [(layer, key, [f"t{t}.{lname}.{key}" for t in range(2)])
-                for lname, layer in self._fused_net.named() for key in layer.params]
 
     # ---- parameters -------------------------------------------------------------------------------------------
     def param_slots(self):
         """[(name, layer, key, tower)] for every parameter, in a fixed order ('t0.conv1.W', ..., 'fc8.b')."""
         slots = []
         for t in range(2):
-            for seq in (self.stem[t], self.mid[t], self.fc6[t], self.fc7[t]):
+            for seq in self.towers[t]:
                 for lname, layer in seq.named():
                     for key in layer.params:
                         slots.append((f"t{t}.{lname}.{key}", layer, key, t))
         for key in self.fc8.params:
             slots.append((f"fc8.{key}", self.fc8, key, 0))
         return slots
+
+    def param_memory(self) -> list[ParamBlock]:
+        """The parameter memory, as an optimizer updates it and a gradient reduction sums it: every contiguous
+        parameter array with the named parameters that are its rows. Two-tower: one block per parameter; fused:
+        one per fused layer array (both towers' rows), then fc8's."""
+        if self.fused_net is not None:
+            return self.fused_net.param_blocks() + [
+                ParamBlock(self.fc8, key, self.devices[0], [(f"fc8.{key}", self.fc8, 0, w.shape[0])])
+                for key, w in self.fc8.params.items()]
+        return [ParamBlock(layer, key, self.devices[t], [(name, layer, 0, layer.params[key].shape[0])])
+                for name, layer, key, t in self.param_slots()]
 
     def params(self) -> dict:
         return {name: layer.params[key] for name, layer, key, _ in self.param_slots()}
@@ -383,7 +384,7 @@ class AlexNet:
 
     def conv1_weights(self):
         """conv1 kernels as a host array (2*F, 3, k, k): tower 0's first, then tower 1's (the paper's Figure 3)."""
-        return np.concatenate([to_host(self.stem[t].layers[0][1].params["W"]) for t in range(2)], axis=0)
+        return np.concatenate([to_host(self.tower_layer(t, "conv1").params["W"]) for t in range(2)], axis=0)
 
     # ---- exchanges --------------------------------------------------------------------------------------------
     def _check(self, a, t):
@@ -409,101 +410,108 @@ class AlexNet:
                 into[s] = piece.copy() if into[s] is None else into[s] + piece
         return into
 
-    # ---- forward / backward -----------------------------------------------------------------------------------
+    # ---- forward / backward: one walk over the stage table each ---------------------------------------------
     def set_step(self, step: int):
         """The training iteration: dropout masks are a function of (seed, step)."""
         for t in range(2):
-            for seq in (self.fc6[t], self.fc7[t]):
-                seq.layers[-1][1].step = step
+            for name in ("drop6", "drop7"):
+                self.tower_layer(t, name).step = step
 
-    def _each(self, fn):
-        """[fn(0), fn(1)]: the towers' share of a stage. When both towers live on the host they run side by side in
+    def _each(self, fn, n, hook=None):
+        """[fn(0), ..., fn(n-1)]: the streams of a stage. When both towers live on the host they run side by side in
         two threads (NumPy releases the GIL inside its array loops and BLAS), as the paper's towers ran on two
-        GPUs; results are the same as one after the other, since the towers share nothing inside a stage."""
-        if self._pool is None:
-            return [fn(t) for t in range(2)]
-        futures = [self._pool.submit(fn, t) for t in range(2)]
+        GPUs; results are the same as one after the other, since the towers share nothing inside a stage. With a
+        hook (timing each call) they run one after the other."""
+        if self._pool is None or n == 1 or hook is not None:
+            return [fn(s) for s in range(n)]
+        futures = [self._pool.submit(fn, s) for s in range(n)]
         wait(futures)  # both towers finish (or fail) before anyone reads a result or touches the layers again
         return [f.result() for f in futures]
 
-    def forward(self, x, train=False, upto=None):
+    @staticmethod
+    def _call(hook, name, phase, devices, call):
+        return call() if hook is None else hook(name, phase, devices, call)
+
+    def _layers(self, st, s, x, phase, train, hook):
+        """Stream s of stage `st`, forward or backward, on its device."""
+        seq, dev = st.streams[s], st.devices[s]
+        with dev:
+            if hook is None:
+                return self._check(seq.forward(x, train), s) if phase == "forward" else seq.backward(x)
+            layers = seq.layers if phase == "forward" else reversed(seq.layers)
+            for name, layer in layers:
+                fn = (lambda a, layer=layer: layer.forward(a, train)) if phase == "forward" else layer.backward
+                x = hook(name, phase, [dev], lambda fn=fn, a=x: fn(a))
+            return self._check(x, s) if phase == "forward" else x
+
+    def forward(self, x, train=False, upto=None, hook=None):
         """Logits (N, classes) on tower 0's device; `upto='fc7'` returns both towers' fc7 outputs (features)."""
         if x.ndim != 4 or x.shape[1:] != (3, self.cfg.crop, self.cfg.crop):
             raise CpnetError(f"input batch has shape {tuple(x.shape)}, the model expects (N, 3, {self.cfg.crop}, "
                              f"{self.cfg.crop})")
-
         inputs = {}  # the batch goes to each distinct device once (not an exchange: to_device, not transfer)
         for dev in self.devices:
             if dev not in inputs:
                 with dev:
                     xd = to_device(x, dev)
                     inputs[dev] = xd if xd.dtype == self.dtype else xd.astype(self.dtype)
+        h = [inputs[dev] for dev in self.stages[0].devices]
+        for st in self.stages:
+            if st.gathers and len(h) > 1:
+                self._widths[st.name] = [a.shape[1] for a in h]
+                h = self._call(hook, "exchange", "forward", self.devices,
+                               lambda h=h, n=len(st.streams): [self.gather(h, s) for s in range(n)])
+            if upto == "fc7" and st.name == "fc8":
+                return h[0]
+            h = self._each(lambda s, st=st, h=h: self._layers(st, s, h[s], "forward", train, hook), len(st.streams),
+                           hook)
+        return h[0]
 
-        if self.fused:
-            with self.devices[0]:
-                h = self._check(self._fused_net.forward(inputs[self.devices[0]], train), 0)
-                return h if upto == "fc7" else self.fc8.forward(h, train)
-
-        def stem(t):
-            with self.devices[t]:
-                return self._check(self.stem[t].forward(inputs[self.devices[t]], train), t)
-
-        h = self._each(stem)
-        for name, seqs in (("p2", self.mid), ("p5", self.fc6), ("f6", self.fc7)):
-            self._widths[name] = [a.shape[1] for a in h]
-            h = self._each(lambda t: self._stage(seqs[t], self.gather(h, t), t, train))
-        self._widths["f7"] = [a.shape[1] for a in h]
-        if upto == "fc7":
-            return self.gather(h, 0)
-        with self.devices[0]:
-            return self.fc8.forward(self.gather(h, 0), train)
-
-    def _stage(self, seq, x, t, train):
-        with self.devices[t]:
-            return self._check(seq.forward(x, train), t)
-
-    def backward(self, dlogits):
+    def backward(self, dlogits, hook=None):
         """Gradients for every parameter (in each layer's .grads) from d loss / d logits."""
-        with self.devices[0]:
-            d = self.fc8.backward(dlogits)
-            if self.fused:
-                self._fused_net.backward(d)
-                self._fused_grads_to_towers()
-                return
-        d = self.scatter(d, self._widths["f7"], [None, None])
-        for name, seqs in (("f6", self.fc7), ("p5", self.fc6), ("p2", self.mid)):
-            dts = self._each(lambda t: self._stage_back(seqs[t], d[t], t))
-            acc = [None, None]
-            for dt in dts:  # tower order, so the sums are the same however the towers ran
-                self.scatter(dt, self._widths[name], acc)
-            d = acc
-        self._each(lambda t: self._stage_back(self.stem[t], d[t], t))
+        d = [dlogits]
+        for st in reversed(self.stages):
+            d = self._each(lambda s, st=st, d=d: self._layers(st, s, d[s], "backward", False, hook),
+                           len(st.streams), hook)
+            widths = self._widths.get(st.name) if st.gathers else None
+            if widths:
+                d = self._call(hook, "exchange", "backward", self.devices,
+                               lambda d=d, w=widths: self._scatter_all(d, w))
+        if self.fused_net is not None:
+            self.fused_net.grads_to_towers()
 
-    def _stage_back(self, seq, d, t):
-        with self.devices[t]:
-            return seq.backward(d)
+    def _scatter_all(self, ds, widths):
+        acc = [None] * len(widths)
+        for dt in ds:  # stream order, so the sums are the same however the towers ran
+            self.scatter(dt, widths, acc)
+        return acc
 
-    def loss(self, x, labels, train=True):
+    def loss(self, x, labels, train=True, hook=None):
         """Forward pass and mean softmax cross-entropy; returns (loss, logits) and keeps what backward needs."""
-        logits = self.forward(x, train)
-        with self.devices[0]:
-            labels = to_device(labels, self.devices[0])
-            loss, self._loss_cache = ops.softmax_cross_entropy_forward(logits, labels)
+        logits = self.forward(x, train, hook=hook)
+        dev = self.devices[0]
+        with dev:
+            labels = to_device(labels, dev)
+            loss, self._loss_cache = self._call(hook, "loss", "forward", [dev],
+                                                lambda: ops.softmax_cross_entropy_forward(logits, labels))
         return loss, logits
 
-    def loss_backward(self):
-        with self.devices[0]:
-            dlogits = ops.softmax_cross_entropy_backward(self._loss_cache)
+    def loss_backward(self, hook=None):
+        dev = self.devices[0]
+        with dev:
+            dlogits = self._call(hook, "loss", "backward", [dev],
+                                 lambda: ops.softmax_cross_entropy_backward(self._loss_cache))
         self._loss_cache = None
-        self.backward(dlogits)
+        self.backward(dlogits, hook)
 
     def clear(self):
-        for t in range(2):
-            for seq in (self.stem[t], self.mid[t], self.fc6[t], self.fc7[t]):
+        for st in self.stages:
+            for seq in st.streams:
                 seq.clear()
-        self.fc8.clear()
-        if self._fused_net is not None:
-            self._fused_net.clear()
+        if self.fused_net is not None:
+            for t in range(2):
+                for seq in self.towers[t]:
+                    seq.clear()
 
 
 def _split_params(flat: dict, dtype) -> list[dict]:
@@ -518,54 +526,6 @@ def _split_params(flat: dict, dtype) -> list[dict]:
         towers[t].setdefault(layer, {})[key] = np.asarray(v).astype(dtype)
     # layer names inside Sequential are conv1.., fc6.. ; both match the parameter names
     return towers
-
-
-class _TowerLRN(LRN):
-    """LRN over both towers' channels at once without mixing them: (N, 2C, H, W) is viewed as (2N, C, H, W)."""
-
-    def forward(self, x, train=False):
-        n, c, h, w = x.shape
-        return super().forward(x.reshape(2 * n, c // 2, h, w), train).reshape(x.shape)
-
-    def backward(self, dy):
-        n, c, h, w = dy.shape
-        return super().backward(dy.reshape(2 * n, c // 2, h, w)).reshape(dy.shape)
-
-
-class _PerTower(Layer):
-    """Applies tower 0's dropout layer to the first half of `axis` and tower 1's to the second (each tower draws
-    its own mask); the identity when dropout is off."""
-
-    def __init__(self, first, second, axis=1):
-        super().__init__()
-        self.parts, self.axis = (first, second), axis
-
-    def _halves(self, a):
-        n = a.shape[self.axis] // 2
-        idx = [slice(None)] * a.ndim
-        out = []
-        for t in range(2):
-            idx[self.axis] = slice(t * n, (t + 1) * n)
-            out.append(get_array_module(a).ascontiguousarray(a[tuple(idx)]))
-        return out
-
-    def forward(self, x, train=False):
-        if not train or all(getattr(p, "p", 1) == 0 for p in self.parts):  # dropout off: the identity
-            self._cache = "identity"
-            return x
-        self._cache = None
-        xp = get_array_module(x)
-        return xp.concatenate([p.forward(h, train) for p, h in zip(self.parts, self._halves(x))], axis=self.axis)
-
-    def backward(self, dy):
-        if self._cache == "identity":
-            return dy
-        xp = get_array_module(dy)
-        return xp.concatenate([p.backward(h) for p, h in zip(self.parts, self._halves(dy))], axis=self.axis)
-
-    def clear(self):
-        for p in self.parts:
-            p.clear()
 
 
 def build_model(cfg: NetConfig, placement=None, dtype=np.float32, params=None, check_devices=None,

@@ -5,17 +5,18 @@
 
 with momentum 0.9 and weight decay 0.0005 in the paper. The paper writes the rule for "w" without separating
 biases; like Caffe's reference models we leave biases out of the decay by default (`decay_biases=False`).
-Each velocity lives on the device of its parameter, and the update runs in place there: on a GPU one kernel per
-parameter array (kernels.sgd_momentum_gpu), with the same operations in the same order as the NumPy path. Where
-parameters are row blocks that together make up one array (the fused model's towers), their velocities are row
-blocks of one array too, and one kernel updates each such array whenever the gradients are laid out alike.
+The optimizer walks the model's parameter memory (`model.param_memory()`: contiguous arrays and the named
+parameters that are their rows) and keeps one velocity array per block on its device; the update runs in place
+there: on a GPU one kernel per array (kernels.sgd_momentum_gpu), with the same operations in the same order as
+the NumPy path. Where one array holds several parameters (the fused model's towers), one update covers it whenever
+the gradients are its rows too.
 """
 
 from __future__ import annotations
 
 import math
 
-from . import backend, kernels
+from . import kernels
 from .backend import is_gpu_array
 from .errors import CpnetError
 
@@ -31,30 +32,16 @@ class MomentumSGD:
         self.model = model
         self.lr, self.momentum, self.weight_decay, self.decay_biases = float(lr), float(momentum), \
             float(weight_decay), bool(decay_biases)
-        # On a GPU, where the towers run fused, each parameter array of the fused layers holds both towers'
-        # parameters as row blocks; the velocities are laid out alike, so one kernel updates each such array.
+        # One velocity array per block of the model's parameter memory; a parameter's velocity is its rows of it.
+        self._blocks = []  # [(ParamBlock, the velocity of the whole block)]
         vel = {}
-        self._blocks = []  # [(fused layer, key, velocity of the whole array, [(tower name, tower layer)])]
-        blocks = model.fused_blocks() if hasattr(model, "fused_blocks") else []
-        slots = {name: layer for name, layer, _, _ in model.param_slots()} if blocks else {}
-        for layer, key, names in blocks:
-            w = layer.params[key]
-            rows = w.shape[0] // 2
-            if not (is_gpu_array(w) and w.dtype in kernels.DTYPES and w.flags.c_contiguous) or \
-                    any(slots[n].params[key].shape != w[:rows].shape for n in names):
-                continue
-            with backend.device_of(w):
-                v = backend.get_array_module(w).zeros_like(w)
-            for t, name in enumerate(names):
-                vel[name] = v[t * rows:(t + 1) * rows]
-            self._blocks.append((layer, key, v, [(n, slots[n]) for n in names]))
-        self.velocity = {}
-        for name, layer, key, t in model.param_slots():
-            if name in vel:
-                self.velocity[name] = vel[name]
-            else:
-                with model.devices[t]:
-                    self.velocity[name] = model.devices[t].xp.zeros_like(layer.params[key])
+        for blk in model.param_memory():
+            with blk.device:
+                v = blk.device.xp.zeros_like(blk.param)
+            self._blocks.append((blk, v))
+            for name, _, start, stop in blk.parts:
+                vel[name] = v if len(blk.parts) == 1 else v[start:stop]
+        self.velocity = {name: vel[name] for name, *_ in model.param_slots()}
 
     def _decay(self, key):
         return self.weight_decay if (key == "W" or self.decay_biases) else 0.0
@@ -62,31 +49,35 @@ class MomentumSGD:
     def step(self):
         """Apply one update from the gradients the last backward pass left in the layers."""
         lr, m = self.lr, self.momentum
-        launches, done = [], set()  # (w, g, v, weight decay) for the GPU kernel
-        for layer, key, v, towers in self._blocks:
-            w, g = layer.params[key], layer.grads.get(key)
-            # Only while the towers' gradients and velocities are still views of these arrays (as backward and
-            # checkpoint loading leave them); one replaced from outside is updated on its own below.
-            if g is not None and _one_kernel(w, g, v) and all(
-                    _owner(tl.grads.get(key)) is _owner(g) and self.velocity[n].base is v for n, tl in towers):
-                launches.append((w, g, v, self._decay(key)))
-                done.update(n for n, _ in towers)
-        for name, layer, key, t in self.model.param_slots():
-            if name in done:
-                continue
-            w, g, v = layer.params[key], layer.grads[key], self.velocity[name]
-            wd = self._decay(key)
-            if _one_kernel(w, g, v):
-                launches.append((w, g, v, wd))
-                continue
-            with self.model.devices[t]:
-                v *= m
-                if wd:
-                    v -= (wd * lr) * w
-                v -= lr * g
-                w += v
+        launches = []  # (w, g, v, weight decay) for the GPU kernel
+        for blk, v in self._blocks:
+            wd = self._decay(blk.key)
+            if self._whole(blk, v):
+                arrays = [(blk.param, blk.grad, v)]
+            else:
+                arrays = [(holder.params[blk.key], holder.grads[blk.key], self.velocity[name])
+                          for name, holder, _, _ in blk.parts]
+            for w, g, vv in arrays:
+                if _one_kernel(w, g, vv):
+                    launches.append((w, g, vv, wd))
+                    continue
+                with blk.device:
+                    vv *= m
+                    if wd:
+                        vv -= (wd * lr) * w
+                    vv -= lr * g
+                    w += vv
         for w, g, v, wd in launches:
             kernels.sgd_momentum_gpu(w, g, v, m, wd * lr, lr)
+
+    def _whole(self, blk, v) -> bool:
+        """A block of several parameters is updated as one array while its parts' gradients and velocities are
+        still its rows (as backward and checkpoint loading leave them); one replaced from outside is updated on
+        its own."""
+        g = blk.grad
+        return len(blk.parts) > 1 and g is not None and all(
+            _owner(holder.grads.get(blk.key)) is _owner(g) and self.velocity[name].base is v
+            for name, holder, _, _ in blk.parts)
 
     def state(self) -> dict:
         return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,

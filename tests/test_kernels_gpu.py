@@ -213,19 +213,20 @@ def test_momentum_sgd_updates_the_fused_models_parameters_in_place(cp, monkeypat
         grads = {n: rng.standard_normal(w.shape).astype(np.float32) for n, w in host.params().items()}
         for name, layer, key, _t in host.param_slots():
             layer.grads[key] = grads[name]
-        for lname, layer in dev._fused_net.named():  # as backward leaves them: one array per layer, then views
+        for lname, layer in dev.fused_net.named():  # as backward leaves them: one array per layer, then views
             for key in layer.params:
                 layer.grads[key] = cp.asarray(np.concatenate([grads[f"t{t}.{lname}.{key}"] for t in range(2)]))
-        dev._fused_grads_to_towers()
+        dev.fused_net.grads_to_towers()
         for key in dev.fc8.params:
             dev.fc8.grads[key] = cp.asarray(grads[f"fc8.{key}"])
         oh.step()
         od.step()
-    assert len(od._blocks) == 14 and len(calls) == 2 * (14 + 2)  # W, b of conv1-5, fc6, fc7; then fc8's two
+    assert [len(blk.parts) for blk, _ in od._blocks] == [2] * 14 + [1] * 2  # W, b of conv1-5, fc6, fc7; fc8's
+    assert len(calls) == 2 * (14 + 2)
     want = host.host_params()
     for name, got in dev.host_params().items():
         np.testing.assert_array_equal(float_bits(got), float_bits(want[name]), err_msg=name)
-    for lname, layer in dev._fused_net.named():  # the fused layers see the same memory
+    for lname, layer in dev.fused_net.named():  # the fused layers see the same memory
         for key, full in layer.params.items():
             both = np.concatenate([want[f"t{t}.{lname}.{key}"] for t in range(2)])
             np.testing.assert_array_equal(float_bits(cp.asnumpy(full)), float_bits(both), err_msg=f"{lname}.{key}")
@@ -296,6 +297,6 @@ def test_a_fused_training_step_updates_with_one_kernel_per_layer_array(cp, monke
     dev.loss_backward()
     before = dev.host_params()
     opt.step()
-    assert len(calls) == len(opt._blocks) + 2 == 16
+    assert len(calls) == len(opt._blocks) == 16  # one per parameter array: 14 of both towers, fc8's W and b
     after = dev.host_params()
     assert all(not np.array_equal(after[k], before[k]) for k in before if k.endswith(".W"))  # decayed: all move

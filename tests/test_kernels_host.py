@@ -316,6 +316,12 @@ class _OneLayerModel:
     def param_slots(self):
         return [(f"l.{k}", self.layer, k, 0) for k in self.layer.params]
 
+    def param_memory(self):
+        from cpnet.layers import ParamBlock
+
+        return [ParamBlock(self.layer, k, self.devices[0], [(f"l.{k}", self.layer, 0, len(a))])
+                for k, a in self.layer.params.items()]
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hyper", [(0.01, 0.9, 5e-4, False), (0.37, 0.5, 0.0, False), (0.1, 0.9, 1e-2, True)],
@@ -361,15 +367,16 @@ def test_momentum_sgd_one_kernel_per_array_of_tower_blocks(shim, monkeypatch):
     fast = optim.MomentumSGD(models[0], lr=0.01)
     monkeypatch.setattr(optim, "is_gpu_array", lambda a: False)
     plain = optim.MomentumSGD(models[1], lr=0.01)
-    assert len(fast._blocks) == 14 and not plain._blocks  # W and b of conv1-5, fc6, fc7
+    for opt in (fast, plain):  # W and b of conv1-5, fc6, fc7 (both towers' rows), then fc8's W and b
+        assert [len(blk.parts) for blk, _ in opt._blocks] == [2] * 14 + [1] * 2
     rng = np.random.default_rng(0)
     for _ in range(2):
         grads = {n: rng.standard_normal(w.shape).astype(np.float32) for n, w in models[0].params().items()}
         for model in models:
-            for lname, layer in model._fused_net.named():  # as backward leaves them: one array, then row blocks
+            for lname, layer in model.fused_net.named():  # as backward leaves them: one array, then row blocks
                 for key in layer.params:
                     layer.grads[key] = np.concatenate([grads[f"t{t}.{lname}.{key}"] for t in range(2)])
-            model._fused_grads_to_towers()
+            model.fused_net.grads_to_towers()
             for key in model.fc8.params:
                 model.fc8.grads[key] = grads[f"fc8.{key}"]
         monkeypatch.setattr(optim, "is_gpu_array", lambda a: isinstance(a, np.ndarray))
@@ -377,7 +384,9 @@ def test_momentum_sgd_one_kernel_per_array_of_tower_blocks(shim, monkeypatch):
         fast.step()
         assert len(calls) == 14 + 2  # one per array of tower blocks, then fc8's W and b
         monkeypatch.setattr(optim, "is_gpu_array", lambda a: False)
+        calls.clear()
         plain.step()
+        assert not calls  # the NumPy path
     want = models[1].params()
     for name, got in models[0].params().items():
         _bitwise(got, want[name])

@@ -333,3 +333,63 @@ def test_fused_model_loads_parameters_into_its_shared_arrays():
     split.set_params(src)
     x = np.random.default_rng(0).standard_normal((3, 3, 15, 15))
     np.testing.assert_allclose(fused.forward(x), split.forward(x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_param_memory_describes_every_parameter_once(fuse):
+    """The blocks an optimizer (and a gradient reduction) walk: every named parameter is rows of exactly one
+    contiguous block, held by its layer as a view of it; fused, both towers' rows share one block per array."""
+    m = build_model(make_config("alexnet-tiny", 5, 15, seed=2), dtype=np.float64, fuse=fuse, tower_threads=False)
+    blocks = m.param_memory()
+    names = [name for blk in blocks for name, *_ in blk.parts]
+    assert sorted(names) == sorted(m.params()) and len(names) == len(set(names))
+    for blk in blocks:
+        w = blk.param
+        assert w.flags.c_contiguous and sum(b - a for _, _, a, b in blk.parts) == w.shape[0]
+        for name, holder, a, b in blk.parts:
+            assert holder.params[blk.key] is m.params()[name]
+            assert np.shares_memory(holder.params[blk.key], w) and np.array_equal(holder.params[blk.key], w[a:b])
+    assert [len(blk.parts) for blk in blocks] == ([2] * 14 + [1] * 2 if fuse else [1] * 30)
+    x, y = np.random.default_rng(0).standard_normal((2, 3, 15, 15)), np.array([0, 4])
+    m.loss(x, y)
+    m.loss_backward()
+    for blk in blocks:  # after backward each block's gradient holds its parts' gradients, in their rows
+        for name, holder, a, b in blk.parts:
+            np.testing.assert_array_equal(blk.grad[a:b], m.grads()[name])
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_the_stage_hook_sees_every_layer_call_and_changes_nothing(fuse):
+    """forward/backward with a hook call each layer of the stage table through it, in order, and the exchanges
+    (none when fused); the loss and every gradient are those of the unhooked pass, bit for bit."""
+    cfg = make_config("alexnet-tiny", 5, 15, seed=2)
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((3, 3, 15, 15)), rng.integers(0, 5, 3)
+    plain = build_model(cfg, dtype=np.float64, fuse=fuse)
+    hooked = build_model(cfg, dtype=np.float64, fuse=fuse)
+    calls = []
+
+    def hook(name, phase, devices, call):
+        calls.append((name, phase))
+        return call()
+
+    results = []
+    for m, h in ((plain, None), (hooked, hook)):
+        m.set_step(4)
+        loss, logits = m.loss(x, y, train=True, hook=h)
+        m.loss_backward(hook=h)
+        results.append((float(loss), logits.copy(), {k: v.copy() for k, v in m.grads().items()}))
+    assert results[0][0] == results[1][0] and np.array_equal(results[0][1], results[1][1])
+    for k, g in results[0][2].items():
+        np.testing.assert_array_equal(results[1][2][k], g, err_msg=k)
+    towers = 1 if fuse else 2
+    per_stage = [[n for n, _ in st.streams[0].named()] * (towers if len(st.streams) == 2 else 1)
+                 for st in hooked.stages]
+    forward = []
+    for i, names in enumerate(per_stage):
+        forward += (["exchange"] if (i and not fuse) else []) + names
+    forward.append("loss")
+    assert [n for n, p in calls if p == "forward"] == forward
+    backward = [n for n, p in calls if p == "backward"]
+    assert backward[:2] == ["loss", "fc8"] and backward.count("exchange") == (0 if fuse else 4)
+    assert sorted(backward) == sorted(forward)

@@ -1,0 +1,117 @@
+"""Both towers on one device as one grouped stream (model.AlexNet with fused towers), on the same memory.
+
+When both towers share a device, running them one after the other only halves every product. Fused, each stage
+of the model's schedule is one stream over both towers' channels: conv2, conv4, conv5 are groups=2 convolutions
+(each tower reads only its own channels), conv1, conv3, fc6 and fc7 one product over both towers' kernels (they
+read the whole input anyway), and LRN and dropout run per tower, so the results are the two-tower run's.
+
+The parameters live once: each fused layer's W and b is one array whose row blocks are the towers' parameters
+(the towers' layers hold views), so checkpoints, `set_params` and the per-tower names work unchanged, and the
+model's parameter memory (`param_blocks`) is one block per fused array with the towers' rows in it.
+"""
+
+from __future__ import annotations
+
+from .backend import get_array_module
+from .layers import LRN, Conv2D, Layer, Linear, ParamBlock, Sequential
+
+# groups of each fused convolution: 2 where a tower reads only its own tower's maps (the paper's Figure 2)
+GROUPS = {"conv1": 1, "conv2": 2, "conv3": 1, "conv4": 2, "conv5": 2}
+
+
+class FusedTowers:
+    """The fused streams of the model's stages (stem, mid, fc6, fc7; fc8 is the model's own), built on `model`'s
+    tower layers: their parameter arrays' memory and their dropout layers (so set_step reaches both)."""
+
+    def __init__(self, model, act):
+        self.model = model
+        cfg = model.cfg
+
+        def full(name, key):
+            a = model.tower_layer(0, name).params[key]
+            return a.base if a.base is not None else a
+
+        conv = [Conv2D(full(n, "W"), full(n, "b"), stride=c[2], pad=c[3], groups=GROUPS[n], input_grad=n != "conv1")
+                for n, c in zip(GROUPS, cfg.conv)]
+        fc6, fc7 = (Linear(full(n, "W"), full(n, "b")) for n in ("fc6", "fc7"))
+        drops = [_PerTower(*(model.tower_layer(t, n) for t in range(2)), axis=1) for n in ("drop6", "drop7")]
+        with model.devices[0]:
+            self.streams = [Sequential(layers) for layers in
+                            model.stage_layers(conv, fc6, fc7, *drops, act=act, lrn=_TowerLRN)]
+
+    def named(self):
+        return [nl for seq in self.streams for nl in seq.named()]
+
+    def grads_to_towers(self):
+        """Hand each tower's layers their rows of the fused gradients (views, no copies)."""
+        for lname, layer in self.named():
+            if not layer.params:
+                continue
+            for t in range(2):
+                tl = self.model.tower_layer(t, lname)
+                for key, g in layer.grads.items():
+                    n = tl.params[key].shape[0]
+                    tl.grads[key] = g[t * n:(t + 1) * n]
+
+    def param_blocks(self) -> list[ParamBlock]:
+        """One block per fused parameter array, the towers' parameters its row halves."""
+        blocks = []
+        for lname, layer in self.named():
+            for key, w in layer.params.items():
+                n = w.shape[0] // 2
+                parts = [(f"t{t}.{lname}.{key}", self.model.tower_layer(t, lname), t * n, (t + 1) * n)
+                         for t in range(2)]
+                blocks.append(ParamBlock(layer, key, self.model.devices[0], parts))
+        return blocks
+
+    def clear(self):
+        for seq in self.streams:
+            seq.clear()
+
+
+class _TowerLRN(LRN):
+    """LRN over both towers' channels at once without mixing them: (N, 2C, H, W) is viewed as (2N, C, H, W)."""
+
+    def forward(self, x, train=False):
+        n, c, h, w = x.shape
+        return super().forward(x.reshape(2 * n, c // 2, h, w), train).reshape(x.shape)
+
+    def backward(self, dy):
+        n, c, h, w = dy.shape
+        return super().backward(dy.reshape(2 * n, c // 2, h, w)).reshape(dy.shape)
+
+
+class _PerTower(Layer):
+    """Applies tower 0's dropout layer to the first half of `axis` and tower 1's to the second (each tower draws
+    its own mask); the identity when dropout is off."""
+
+    def __init__(self, first, second, axis=1):
+        super().__init__()
+        self.parts, self.axis = (first, second), axis
+
+    def _halves(self, a):
+        n = a.shape[self.axis] // 2
+        idx = [slice(None)] * a.ndim
+        out = []
+        for t in range(2):
+            idx[self.axis] = slice(t * n, (t + 1) * n)
+            out.append(get_array_module(a).ascontiguousarray(a[tuple(idx)]))
+        return out
+
+    def forward(self, x, train=False):
+        if not train or all(getattr(p, "p", 1) == 0 for p in self.parts):  # dropout off: the identity
+            self._cache = "identity"
+            return x
+        self._cache = None
+        xp = get_array_module(x)
+        return xp.concatenate([p.forward(h, train) for p, h in zip(self.parts, self._halves(x))], axis=self.axis)
+
+    def backward(self, dy):
+        if self._cache == "identity":
+            return dy
+        xp = get_array_module(dy)
+        return xp.concatenate([p.backward(h) for p, h in zip(self.parts, self._halves(dy))], axis=self.axis)
+
+    def clear(self):
+        for p in self.parts:
+            p.clear()
