@@ -277,7 +277,7 @@ def test_elementwise_kernels_cover_more_elements_than_one_launch(cp, chunk, monk
     keep = counter_uniform(np, x.shape, 3, 4, np.float32) >= np.float32(0.5)
     _bitwise(cp, mask, keep.astype(np.float32) * np.float32(2.0))
     _bitwise(cp, y, x * (keep.astype(np.float32) * np.float32(2.0)))
-    _bitwise(cp, kernels.relu_forward_gpu(cp.asarray(x)), np.where(x > 0, x, np.float32(0)))
+    _bitwise(cp, kernels.relu_forward_gpu(cp.asarray(x)), np.maximum(x, np.float32(0)))
 
 
 def test_a_fused_training_step_updates_with_one_kernel_per_layer_array(cp, monkeypatch):

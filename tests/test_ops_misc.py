@@ -83,14 +83,37 @@ def test_relu_derivative_at_zero_is_zero(xp):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_relu_maps_nan_and_negative_zero_to_zero_and_caches_y(xp, dtype):
-    x = xp.asarray(np.array([np.nan, -0.0, 0.0, -np.inf, np.inf, -2.5, 3.0], dtype))
+def test_relu_keeps_nan_maps_negative_zero_to_zero_and_caches_y(xp, dtype):
+    """NaN propagates (the training guard must see it); a NaN or inf upstream gradient stays non-finite where
+    the unit is off (dy * 0), a finite one gives +0 or -0 there."""
+    x = xp.asarray(np.array([np.nan, -0.0, 0.0, -np.inf, np.inf, -2.5, 3.0, -1.0, -1.0], dtype))
     y, cache = relu_forward(x)
     assert cache is y and y.dtype == dtype
     np.testing.assert_array_equal(np.signbit(to_host(y)), False)
-    np.testing.assert_array_equal(to_host(y), [0, 0, 0, 0, np.inf, 0, 3])
-    dx = relu_backward(xp.asarray(np.arange(1, 8, dtype=dtype)), cache)
-    np.testing.assert_array_equal(to_host(dx), [0, 0, 0, 0, 5, 0, 7])
+    np.testing.assert_array_equal(to_host(y), [np.nan, 0, 0, 0, np.inf, 0, 3, 0, 0])
+    with np.errstate(invalid="ignore"):
+        dx = relu_backward(xp.asarray(np.array([1, 2, 3, 4, 5, 6, 7, np.nan, np.inf], dtype)), cache)
+    np.testing.assert_array_equal(to_host(dx), [0, 0, 0, 0, 5, 0, 7, np.nan, np.nan])
+    assert dx.dtype == dtype
+
+
+def test_relu_equals_the_naive_loop_on_odd_sizes(xp):
+    """Odd sizes (SIMD tails) with specials: bit for bit the scalar rule x > 0 or x is NaN ? x : 0, and
+    dy * (y > 0)."""
+    from bitwise import with_specials
+
+    for shape in [(1,), (7,), (3, 5, 17), (2, 3, 33, 31)]:
+        x = with_specials(shape, np.float32, 3)
+        dy = with_specials(shape, np.float32, 4)[..., ::-1].copy()
+        y, cache = relu_forward(xp.asarray(x))
+        with np.errstate(invalid="ignore"):
+            dx = relu_backward(xp.asarray(dy), cache)
+        ref_y = np.array([v if (v > 0 or v != v) else np.float32(0) for v in x.ravel()], np.float32).reshape(shape)
+        with np.errstate(invalid="ignore"):
+            ref_dx = np.array([d * np.float32(1 if v > 0 else 0) for v, d in zip(ref_y.ravel(), dy.ravel())],
+                              np.float32).reshape(shape)
+        np.testing.assert_array_equal(to_host(y).view(np.uint32), ref_y.view(np.uint32))
+        np.testing.assert_array_equal(to_host(dx).view(np.uint32), ref_dx.view(np.uint32))
 
 
 def test_tanh_gradient(xp):

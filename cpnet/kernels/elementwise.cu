@@ -81,7 +81,7 @@ extern "C" __global__ void dropout_forward_kernel(const T* __restrict__ x, T* __
     }
 }
 
-// ReLU: y = x > 0 ? x : 0 (NaN gives 0).
+// ReLU: y = x > 0 ? x : 0, except that NaN stays NaN (as NumPy's maximum(x, 0): -0.0 gives +0.0).
 extern "C" __global__ void relu_forward_kernel(const T* __restrict__ x, T* __restrict__ y, int n)
 {
     const long long stride = (long long)blockDim.x * gridDim.x;
@@ -94,12 +94,13 @@ extern "C" __global__ void relu_forward_kernel(const T* __restrict__ x, T* __res
         for (int k = 0; k < ILP; ++k) {
             const long long e = e0 + k * stride;
             if (e < n)
-                y[e] = xk[k] > T(0) ? xk[k] : T(0);
+                y[e] = (xk[k] > T(0) || xk[k] != xk[k]) ? xk[k] : T(0);
         }
     }
 }
 
-// ReLU backward from the forward's output: dx = y > 0 ? dy : 0 (y > 0 exactly where x > 0).
+// ReLU backward from the forward's output: dx = dy * (y > 0 ? 1 : 0) (y > 0 exactly where x > 0); a mask
+// multiply, so a NaN or inf in dy stays non-finite where the unit is off.
 extern "C" __global__ void relu_backward_kernel(const T* __restrict__ y, const T* __restrict__ dy,
                                                 T* __restrict__ dx, int n)
 {
@@ -114,7 +115,7 @@ extern "C" __global__ void relu_backward_kernel(const T* __restrict__ y, const T
         for (int k = 0; k < ILP; ++k) {
             const long long e = e0 + k * stride;
             if (e < n)
-                dx[e] = yk[k] > T(0) ? dyk[k] : T(0);
+                dx[e] = dyk[k] * (yk[k] > T(0) ? T(1) : T(0));
         }
     }
 }
