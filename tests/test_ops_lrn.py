@@ -76,6 +76,38 @@ def test_cpu_helpers_take_alpha_eff():
                                   lrn_backward(dy, lrn_forward(x, 5, 2.0, 0.5, 0.75, "mean")[1]))
 
 
+@pytest.mark.parametrize("budget", [1, 700, 10**9])
+@pytest.mark.parametrize("beta", [0.75, 0.6])
+def test_host_chunks_match_the_naive_loops(monkeypatch, budget, beta):
+    """The host path walks the batch in chunks of images (one image, a few, all at once), with odd sizes and
+    the two-square-root power for beta = 0.75: float64 equal to the naive loops, float32 within rounding."""
+    monkeypatch.setattr("cpnet.ops._host.CHUNK_BYTES", budget)
+    x = np.random.default_rng(7).standard_normal((5, 7, 3, 5)) * 4
+    dy = np.random.default_rng(8).standard_normal(x.shape)
+    y, cache = lrn_forward(x, 5, 2.0, 0.3, beta)
+    np.testing.assert_allclose(y, naive.lrn(x, 5, 2.0, 0.3, beta, "sum"), rtol=1e-12, atol=1e-14)
+    monkeypatch.setattr("cpnet.ops._host.CHUNK_BYTES", 10**9)
+    y1, cache1 = lrn_forward(x, 5, 2.0, 0.3, beta)
+    dx1 = lrn_backward(dy, cache1)
+    monkeypatch.setattr("cpnet.ops._host.CHUNK_BYTES", budget)
+    np.testing.assert_allclose(lrn_backward(dy, cache), dx1, rtol=1e-12, atol=1e-14)
+    f = projected(np, lambda: lrn_forward(x, 5, 2.0, 0.3, beta)[0], dy)
+    assert rel_error(dx1, numerical_grad(f, x, 1e-5)) < 1e-6
+    x32 = x.astype(np.float32)
+    y32, c32 = lrn_forward(x32, 5, 2.0, 0.3, beta)
+    assert y32.dtype == np.float32
+    np.testing.assert_allclose(y32, y, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(lrn_backward(dy.astype(np.float32), c32), dx1, rtol=1e-5, atol=1e-5)
+
+
+def test_nan_reaches_every_channel_of_its_window():
+    x = np.ones((1, 7, 1, 2))
+    x[0, 3, 0, 1] = np.nan
+    y, _ = lrn_forward(x, 5, 2.0, 1e-4, 0.75)
+    np.testing.assert_array_equal(np.isnan(y[0, :, 0, 1]), [False, True, True, True, True, True, False])
+    assert not np.isnan(y[0, :, 0, 0]).any()
+
+
 def test_float32_stays_float32(xp):
     x = _x(xp, (2, 8, 4, 4), dtype=np.float32)
     y, cache = lrn_forward(x)

@@ -1,0 +1,27 @@
+"""Helpers for the NumPy (host) paths of the ops.
+
+The host paths of the memory-bound ops (LRN, max pooling, the convolutions' column matrices) walk the batch in
+chunks of images whose temporaries fit in a core's L2 cache: five passes over a 1 MB chunk cost little more than
+one pass over memory, where five passes over a whole 16 MB activation (alexnet-small's conv1 output of one tower
+at batch 128) each stream it from memory again. Measured per op in docs/PERFORMANCE.md (CPU section).
+"""
+
+from __future__ import annotations
+
+# Bytes of one temporary per chunk: the LRN and pool sweeps of alexnet-small ran fastest at 0.5-1 MB on a
+# 2-core AMD EPYC with 2 MB of L2 per core (larger chunks spill to L3 / memory, smaller ones pay Python per call).
+CHUNK_BYTES = 1 << 19
+
+
+def chunks(n: int, bytes_per_image: int, budget: int | None = None):
+    """(start, stop) ranges over n images, as many images per range as keep one temporary under `budget` bytes
+    (default CHUNK_BYTES; at least one image)."""
+    step = chunk_rows(n, bytes_per_image, budget)
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
+
+
+def chunk_rows(n: int, bytes_per_image: int, budget: int | None = None) -> int:
+    """The number of images in each range that `chunks` yields (the size of its temporaries' first axis)."""
+    budget = CHUNK_BYTES if budget is None else budget
+    return max(1, min(n, budget // max(1, int(bytes_per_image))))
