@@ -31,7 +31,7 @@ def conv2d(x, W, b, stride, pad, groups):
 
 
 def max_pool2d(x, k, s, p):
-    """Returns (y, argmax): first maximum in row-major window order, padding ignored."""
+    """Returns (y, argmax): first maximum in row-major window order, padding ignored; the first NaN wins."""
     N, C, H, W = x.shape
     Ho = (H + 2 * p - k) // s + 1
     Wo = (W + 2 * p - k) // s + 1
@@ -47,7 +47,7 @@ def max_pool2d(x, k, s, p):
                             h, w = oy * s - p + i, ox * s - p + j
                             if 0 <= h < H and 0 <= w < W:
                                 v = float(x[n, c, h, w])
-                                if best is None or v > best:
+                                if best is None or v > best or (v != v and best == best):
                                     best, where = v, h * W + w
                     y[n, c, oy, ox] = best
                     arg[n, c, oy, ox] = where

@@ -66,8 +66,11 @@ def naive_maxpool_forward(x, k, s, p):
                     for i in range(k):
                         for j in range(k):
                             h, w = oy * s - p + i, ox * s - p + j
-                            if 0 <= h < H and 0 <= w < W and (best is None or x[n, c, h, w] > best):
-                                best, where = x[n, c, h, w], h * W + w
+                            if not (0 <= h < H and 0 <= w < W):
+                                continue
+                            v = x[n, c, h, w]
+                            if best is None or v > best or (v != v and best == best):  # the first NaN wins
+                                best, where = v, h * W + w
                     y[n, c, oy, ox], arg[n, c, oy, ox] = best, where
     return y, arg
 
@@ -243,6 +246,22 @@ def test_maxpool_ties_go_to_the_first_maximum_and_padding_never_wins(shim, dtype
     # The first valid element of each window in row-major order: window rows/cols start at max(o*2 - 1, 0).
     first = [max(o * 2 - 1, 0) for o in range(3)]
     np.testing.assert_array_equal(arg[0, 0], [[h * 5 + w for w in first] for h in first])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_maxpool_nan_propagates_like_the_host_path(shim, dtype):
+    """A window holding NaN gives NaN and its first NaN wins, wherever the NaN sits (first, later, several)."""
+    x = np.round(random_array((2, 3, 7, 9), dtype, seed=8))
+    x.reshape(-1)[[0, 5, 17, 18, 40, 77, 100, 101]] = np.nan
+    x[1, 2] = -np.inf
+    for k, s, p in ((3, 2, 0), (3, 2, 1), (2, 1, 1)):
+        y, arg = shim.maxpool_forward_host(x, k, s, p)
+        y_ref, arg_ref = naive_maxpool_forward(x, k, s, p)
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(arg, arg_ref)
+        y_ops, arg_ops = _ops("pool", "maxpool_forward_cpu")(x, k, s, p)
+        np.testing.assert_array_equal(y, y_ops)
+        np.testing.assert_array_equal(arg, arg_ops)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

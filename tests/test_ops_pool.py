@@ -4,7 +4,7 @@ import pytest
 import naive
 from cpnet.backend import to_host
 from cpnet.ops import max_pool2d_backward, max_pool2d_forward
-from cpnet.ops.pool import maxpool_backward_cpu, maxpool_forward_cpu
+from cpnet.ops.pool import argmax_flat, maxpool_backward_cpu, maxpool_forward_cpu
 from gradcheck import numerical_grad, projected, rel_error
 
 # (N, C, H, W, ksize, stride, pad)
@@ -32,8 +32,8 @@ def test_forward_matches_naive_loops(xp, case):
     y, cache = max_pool2d_forward(x, k, s, p)
     ry, rarg = naive.max_pool2d(to_host(x), k, s, p)
     np.testing.assert_array_equal(to_host(y), ry)
-    assert cache[0].dtype == np.int32
-    np.testing.assert_array_equal(to_host(cache[0]), rarg)
+    assert argmax_flat(cache).dtype == np.int32
+    np.testing.assert_array_equal(to_host(argmax_flat(cache)), rarg)
 
 
 def test_padding_never_wins_against_negative_inputs(xp):
@@ -47,22 +47,22 @@ def test_padding_never_wins_against_negative_inputs(xp):
 def test_ties_go_to_the_first_maximum_in_row_major_order(xp):
     x = np.zeros((1, 1, 5, 5))
     x[0, 0, 1, 2] = x[0, 0, 2, 0] = x[0, 0, 2, 2] = 7.0  # window (0, 0) sees all three
-    y, (arg, *_) = max_pool2d_forward(xp.asarray(x), 3, 2, 0)
-    arg = to_host(arg)
+    y, cache = max_pool2d_forward(xp.asarray(x), 3, 2, 0)
+    arg = to_host(argmax_flat(cache))
     assert arg[0, 0, 0, 0] == 1 * 5 + 2
     assert arg[0, 0, 1, 0] == 2 * 5 + 0  # window (1, 0) starts at row 2: (2, 0) comes before (2, 2)
     assert arg[0, 0, 1, 1] == 2 * 5 + 2
     assert arg[0, 0, 0, 1] == 1 * 5 + 2
     flat = np.ones((1, 1, 4, 4))
-    _, (arg, *_) = max_pool2d_forward(xp.asarray(flat), 2, 2, 1)
+    _, cache = max_pool2d_forward(xp.asarray(flat), 2, 2, 1)
     # with pad 1 the first *real* element of each window wins
-    np.testing.assert_array_equal(to_host(arg)[0, 0], [[0, 1, 3], [4, 5, 7], [12, 13, 15]])
+    np.testing.assert_array_equal(to_host(argmax_flat(cache))[0, 0], [[0, 1, 3], [4, 5, 7], [12, 13, 15]])
 
 
 def test_first_real_element_wins_when_all_are_minus_infinity(xp):
     x = xp.asarray(np.full((1, 1, 3, 3), -np.inf))
-    y, (arg, *_) = max_pool2d_forward(x, 2, 1, 1)
-    np.testing.assert_array_equal(to_host(arg)[0, 0], [[0, 0, 1, 2], [0, 0, 1, 2], [3, 3, 4, 5], [6, 6, 7, 8]])
+    y, cache = max_pool2d_forward(x, 2, 1, 1)
+    np.testing.assert_array_equal(to_host(argmax_flat(cache))[0, 0], [[0, 0, 1, 2], [0, 0, 1, 2], [3, 3, 4, 5], [6, 6, 7, 8]])
     assert np.all(np.isneginf(to_host(y)))
 
 
@@ -98,6 +98,47 @@ def test_cpu_helpers_round_trip():
         for c in range(3):
             np.add.at(winners[n, c].reshape(-1), arg[n, c].reshape(-1), 1.0)
     np.testing.assert_array_equal(dx, winners)
+
+
+# (N, C, H, W, k, s, p): odd sizes, windows that do and do not overlap, padding, k*k > 255 (int32 offsets)
+HOST_CASES = [(5, 3, 9, 11, 3, 2, 0), (3, 2, 8, 7, 3, 2, 1), (2, 3, 7, 9, 2, 2, 0), (2, 1, 6, 6, 3, 1, 2),
+              (1, 2, 17, 18, 16, 1, 0)]
+
+
+@pytest.mark.parametrize("budget", [1, 2000, 10**9])
+@pytest.mark.parametrize("case", HOST_CASES, ids=str)
+def test_host_chunks_ties_and_nan_match_the_naive_loops(monkeypatch, case, budget):
+    """The host path in chunks of one image, a few, all at once, on inputs with many ties (rounded values, zeros
+    of both signs), -inf and NaN: values and winners equal to the naive loops (first maximum, first NaN), and
+    the backward equal to the naive gather over those winners."""
+    monkeypatch.setattr("cpnet.ops._host.CHUNK_BYTES", budget)
+    N, C, H, W, k, s, p = case
+    r = np.random.default_rng(11)
+    for dtype in (np.float32, np.float64):
+        x = np.round(r.standard_normal((N, C, H, W)) * 1.5).astype(dtype)
+        x.reshape(-1)[r.choice(x.size, 6, replace=False)] = [np.nan, np.nan, -np.inf, np.inf, -0.0, 0.0]
+        x[0, 0] = -np.inf  # a whole plane of -inf: the first real element of each window wins
+        y, cache = max_pool2d_forward(x, k, s, p)
+        ry, rarg = naive.max_pool2d(x, k, s, p)
+        np.testing.assert_array_equal(y, ry.astype(dtype))
+        np.testing.assert_array_equal(argmax_flat(cache), rarg)
+        dy = r.standard_normal(y.shape).astype(dtype)
+        dx = max_pool2d_backward(dy, cache)
+        ref = np.zeros((N, C, H * W))
+        for n in range(N):
+            for c in range(C):
+                for a, d in zip(rarg[n, c].ravel(), dy[n, c].ravel()):
+                    ref[n, c, a] += d
+        np.testing.assert_allclose(dx, ref.reshape(x.shape), rtol=1e-6, atol=1e-6)
+        assert dx.dtype == dtype
+
+
+def test_nan_propagates_and_the_first_nan_wins(xp):
+    x = np.zeros((1, 1, 3, 3))
+    x[0, 0, 2, 1], x[0, 0, 1, 2], x[0, 0, 0, 0] = np.nan, np.nan, 5.0
+    y, cache = max_pool2d_forward(xp.asarray(x), 3, 2, 0)
+    assert np.isnan(to_host(y)).all()
+    assert int(to_host(argmax_flat(cache))[0, 0, 0, 0]) == 1 * 3 + 2
 
 
 def test_float32_stays_float32(xp):

@@ -1,7 +1,8 @@
 // Max pooling over (possibly overlapping) ksize x ksize windows, NCHW.
 //
 // Output size is floor((H + 2*pad - ksize) / stride) + 1. Padding never wins: only positions inside the
-// input are compared. Ties go to the first maximum in row-major window order (strict >), and argmax holds
+// input are compared. Ties go to the first maximum in row-major window order (strict >); NaN propagates (the
+// first NaN of a window wins, as NumPy's maximum and the host path have it), and argmax holds
 // the flat index h*W + w of the winner inside its (n, c) plane (-1 if a window covers no input at all).
 // Index arithmetic in I: 32-bit unsigned unless the launcher sets `wide` (an array of 2^31 elements or more);
 // see im2col.cu.
@@ -27,7 +28,7 @@ __device__ __forceinline__ void maxpool_forward_body(const T* __restrict__ x, T*
         for (int h = hs; h < he; ++h) {
             for (int w = ws; w < we; ++w) {
                 const T v = plane[h * W + w];
-                if (best_at < 0 || v > best) {
+                if (best_at < 0 || v > best || (v != v && best == best)) {
                     best = v;
                     best_at = h * W + w;
                 }

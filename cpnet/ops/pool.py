@@ -3,8 +3,10 @@
     y[n, c, oy, ox] = max_{0 <= i, j < k} x[n, c, oy*s - p + i, ox*s - p + j]
 
 over the positions inside the input only: padding never wins. Output size floor((H + 2p - k) / s) + 1. Ties go
-to the FIRST maximum in row-major window order (i, then j; a strict `>`), on CPU and GPU alike. The cache holds
-``argmax`` (int32), the flat index h*W + w of the winner inside its (n, c) input plane.
+to the FIRST maximum in row-major window order (i, then j; a strict `>`), and a window holding NaN gives NaN
+(its first NaN wins), on CPU and GPU alike. The cache holds the winners: on a GPU ``argmax`` (int32), the flat
+index h*W + w of the winner inside its (n, c) input plane; on the host the offset i*k + j inside its window
+(uint8), which the backward compares k*k times (`argmax_flat` converts).
 
 Backward is a gather: dx[n, c, h, w] = sum of dy[n, c, oy, ox] over the outputs whose window covers (h, w) and
 whose argmax is h*W + w. No atomics, so the result is deterministic.
@@ -16,74 +18,141 @@ import numpy as np
 
 from cpnet.backend import get_array_module
 
-from . import _check
+from . import _check, _host
 
 OP_F = "max_pool2d_forward"
 OP_B = "max_pool2d_backward"
 
 
-def _offsets(H, W, Ho, Wo, k, s, p):
-    """For each window offset (i, j): the strided slices into the padded plane and the flat input index (-1 on
-    padding) of the element each output sees there."""
-    oy = np.arange(Ho) * s - p
-    ox = np.arange(Wo) * s - p
-    for i in range(k):
-        r = oy + i
-        for j in range(k):
-            c = ox + j
-            valid = ((r >= 0) & (r < H))[:, None] & ((c >= 0) & (c < W))[None, :]
-            flat = np.where(valid, r[:, None] * W + c[None, :], -1).astype(np.int32)
-            sl = (slice(i, i + s * (Ho - 1) + 1, s), slice(j, j + s * (Wo - 1) + 1, s))
-            yield sl, flat
+def _offset_dtype(k):
+    return np.uint8 if k * k <= 255 else np.int32
 
 
-def maxpool_forward_cpu(x, ksize, stride, pad):
-    """(N, C, H, W) -> (y (N, C, Ho, Wo), argmax int32 (N, C, Ho, Wo)); vectorised over the k*k offsets.
+def _windows(Ho, Wo, k, s):
+    """The k*k window offsets (i, j) in row-major order, each as the slices of the (padded) plane it reads."""
+    return [(slice(None), slice(None), slice(i, i + s * (Ho - 1) + 1, s), slice(j, j + s * (Wo - 1) + 1, s))
+            for i in range(k) for j in range(k)]
 
-    Branch-free: fmax keeps y (it also skips NaN, as a strict `>` does), and the winner's offset i*W + j from
-    the window's corner is updated arithmetically where v > y."""
+
+def maxpool_forward_host(x, ksize, stride, pad):
+    """(N, C, H, W) -> (y (N, C, Ho, Wo), off (N, C, Ho, Wo)): off = i*k + j, the winner's offset inside its window
+    (uint8 while k*k fits), a chunk of images at a time (cpnet.ops._host).
+
+    y is the maximum over the k*k offsets (NumPy's maximum keeps NaN); the winner is then the FIRST offset whose
+    value equals y (a running `found` flag: off = the number of offsets before the first hit), or, in a window
+    holding NaN, the first NaN. Padding (-inf) never wins: where a window's real values are all -inf, the first
+    real element does, as on the GPU."""
     N, C, H, W = x.shape
     k, s, p = ksize, stride, pad
     Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    y = np.empty((N, C, Ho, Wo), dtype=x.dtype)
+    off = np.empty((N, C, Ho, Wo), dtype=_offset_dtype(k))
+    per_image = C * (H + 2 * p) * (W + 2 * p) * x.itemsize
+    rows = _host.chunk_rows(N, per_image)
+    hit = np.empty((rows, C, Ho, Wo), dtype=bool)
+    found = np.empty_like(hit)
+    win = _windows(Ho, Wo, k, s)
     if p:
-        xp_ = np.full((N, C, H + 2 * p, W + 2 * p), -np.inf, dtype=x.dtype)
-        xp_[:, :, p : p + H, p : p + W] = x
-    else:
-        xp_ = x
-    y = np.full((N, C, Ho, Wo), -np.inf, dtype=x.dtype)
-    t = np.full((N, C, Ho, Wo), -1, dtype=np.int32)
-    take = np.empty(y.shape, dtype=bool)
-    d = np.empty(y.shape, dtype=np.int32)
-    for i in range(k):
-        for j in range(k):
-            v = xp_[:, :, i : i + s * (Ho - 1) + 1 : s, j : j + s * (Wo - 1) + 1 : s]
-            np.greater(v, y, out=take)
-            np.fmax(y, v, out=y)
-            np.subtract(i * W + j, t, out=d)
-            d *= take
-            t += d
-    oy = np.arange(Ho)[:, None] * s - p
-    ox = np.arange(Wo)[None, :] * s - p
-    if (t < 0).any():  # a window of -inf (or NaN) only: its first real element
-        t = np.where(t < 0, np.maximum(-oy, 0) * W + np.maximum(-ox, 0), t)
-    t += (oy * W + ox).astype(np.int32)
-    return y, t
+        padded = np.full((rows, C, H + 2 * p, W + 2 * p), -np.inf, dtype=x.dtype)
+    for n0, n1 in _host.chunks(N, per_image):
+        m = n1 - n0
+        if p:
+            xc = padded[:m]
+            xc[:, :, p:p + H, p:p + W] = x[n0:n1]
+        else:
+            xc = x[n0:n1]
+        yc, oc, h, f = y[n0:n1], off[n0:n1], hit[:m], found[:m]
+        np.copyto(yc, xc[win[0]])
+        for w in win[1:]:
+            np.maximum(xc[w], yc, out=yc)
+        oc.fill(k * k)
+        f.fill(False)
+        for w in win:
+            np.equal(xc[w], yc, out=h)
+            f |= h
+            oc -= f
+        if np.isnan(yc).any():  # a window with NaN: y is NaN, no value equals it, and the first NaN wins
+            nan_y = np.isnan(yc)
+            first = np.full(oc.shape, k * k, dtype=oc.dtype)
+            f.fill(False)
+            for w in win:
+                np.isnan(xc[w], out=h)
+                f |= h
+                first -= f
+            np.copyto(oc, first, where=nan_y)
+    if p and np.isneginf(y).any():  # all real values -inf: padding tied them; the first real element wins
+        i0 = np.maximum(p - np.arange(Ho) * s, 0)[:, None]
+        j0 = np.maximum(p - np.arange(Wo) * s, 0)[None, :]
+        np.copyto(off, np.broadcast_to((i0 * k + j0).astype(off.dtype), off.shape), where=np.isneginf(y))
+    return y, off
 
 
-def maxpool_backward_cpu(dy, argmax, x_shape, ksize, stride, pad):
-    """dx (x_shape) from dy and argmax: for each of the k*k window offsets, every output adds its dy to the
-    input it sees there if that input was its winner (an ordered, deterministic sum)."""
+def maxpool_backward_host(dy, off, x_shape, ksize, stride, pad):
+    """dx (x_shape) from dy and the window offsets of maxpool_forward_host: for each of the k*k offsets, every
+    output adds its dy to the input it sees there if that input won (an ordered, deterministic sum), a chunk of
+    images at a time."""
     N, C, H, W = x_shape
     k, s, p = ksize, stride, pad
     Ho, Wo = dy.shape[2:]
-    dxp = np.zeros((N, C, H + 2 * p, W + 2 * p), dtype=dy.dtype)
-    hit = np.empty(dy.shape, dtype=bool)
-    g = np.empty(dy.shape, dtype=dy.dtype)
-    for sl, flat in _offsets(H, W, Ho, Wo, k, s, p):
-        np.equal(argmax, flat, out=hit)
-        np.multiply(hit, dy, out=g)
-        dxp[(slice(None), slice(None)) + sl] += g
-    return np.ascontiguousarray(dxp[:, :, p : p + H, p : p + W]) if p else dxp
+    dx = np.zeros(x_shape, dtype=dy.dtype)
+    per_image = C * Ho * Wo * dy.itemsize
+    rows = _host.chunk_rows(N, per_image)
+    hit = np.empty((rows, C, Ho, Wo), dtype=bool)
+    g = np.empty((rows, C, Ho, Wo), dtype=dy.dtype)
+    if p:
+        padded = np.zeros((rows, C, H + 2 * p, W + 2 * p), dtype=dy.dtype)
+    win = _windows(Ho, Wo, k, s)
+    for n0, n1 in _host.chunks(N, per_image):
+        m = n1 - n0
+        dxc = padded[:m] if p else dx[n0:n1]
+        if p:
+            dxc.fill(0)
+        for t, w in enumerate(win):
+            np.equal(off[n0:n1], t, out=hit[:m])
+            np.multiply(hit[:m], dy[n0:n1], out=g[:m])
+            dxc[w] += g[:m]
+        if p:
+            dx[n0:n1] = dxc[:, :, p:p + H, p:p + W]
+    return dx
+
+
+def window_to_flat(off, x_shape, ksize, stride, pad):
+    """The host's window offsets as the GPU's argmax: the flat index h*W + w of the winner in its (n, c) plane."""
+    H, W = x_shape[2:]
+    Ho, Wo = off.shape[2:]
+    oy = (np.arange(Ho) * stride - pad)[:, None]
+    ox = (np.arange(Wo) * stride - pad)[None, :]
+    o = off.astype(np.int32)
+    return ((oy + o // ksize) * W + ox + o % ksize).astype(np.int32)
+
+
+def flat_to_window(argmax, x_shape, ksize, stride, pad):
+    """The inverse of window_to_flat."""
+    H, W = x_shape[2:]
+    Ho, Wo = argmax.shape[2:]
+    a = np.asarray(argmax, dtype=np.int64)
+    i = a // W - (np.arange(Ho) * stride - pad)[:, None]
+    j = a % W - (np.arange(Wo) * stride - pad)[None, :]
+    return (i * ksize + j).astype(_offset_dtype(ksize))
+
+
+def maxpool_forward_cpu(x, ksize, stride, pad):
+    """(y, argmax int32 flat h*W + w per plane), the GPU kernel's outputs, from the host path."""
+    y, off = maxpool_forward_host(x, ksize, stride, pad)
+    return y, window_to_flat(off, x.shape, ksize, stride, pad)
+
+
+def maxpool_backward_cpu(dy, argmax, x_shape, ksize, stride, pad):
+    """dx from dy and the GPU kernel's flat argmax, through the host path."""
+    return maxpool_backward_host(dy, flat_to_window(argmax, x_shape, ksize, stride, pad), x_shape, ksize, stride, pad)
+
+
+def argmax_flat(cache):
+    """The forward's winners as flat indices h*W + w per (n, c) plane, on either backend (for tests and tools)."""
+    arg, x_shape, _, k, s, p = cache
+    if get_array_module(arg) is np:
+        return window_to_flat(arg, x_shape, k, s, p)
+    return arg
 
 
 def max_pool2d_forward(x, ksize=3, stride=2, pad=0):
@@ -99,7 +168,7 @@ def max_pool2d_forward(x, ksize=3, stride=2, pad=0):
     _check.out_size(OP_F, H, k, s, p, "height")
     _check.out_size(OP_F, W, k, s, p, "width")
     if get_array_module(x) is np:
-        y, arg = maxpool_forward_cpu(x, k, s, p)
+        y, arg = maxpool_forward_host(x, k, s, p)
     else:
         from cpnet import kernels
 
@@ -114,7 +183,7 @@ def max_pool2d_backward(dy, cache):
     if dy.dtype != dtype:
         _check.fail(OP_B, f"dy must have the forward input's dtype {dtype}, got {dy.dtype}")
     if get_array_module(dy) is np:
-        return maxpool_backward_cpu(dy, arg, x_shape, k, s, p)
+        return maxpool_backward_host(dy, arg, x_shape, k, s, p)
     from cpnet import kernels
 
     return kernels.maxpool_backward_gpu(dy, arg, x_shape, k, s, p)
