@@ -87,7 +87,7 @@ def _run(jobs, out, workers, resume, overwrite, strict, quiet):
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
     summaries = prep.run(out, jobs, workers=workers, resume=resume, overwrite=overwrite, strict=strict,
-                         progress=_Bar(quiet))
+                         progress=_Bar(quiet), notice=lambda msg: click.echo(msg, err=True))
     total_skipped = 0
     for split, s in summaries.items():
         kept = " (kept, already complete)" if s.get("kept") else ""

@@ -96,20 +96,38 @@ def _slot_arrays(raw, x_shape, y_len):
     return x, y
 
 
-def _worker_main(spec, raws, x_shape, y_len, tasks, results):
-    """Worker process: make the batches asked for on `tasks` into the slots, report on `results`."""
+def _die_with_parent():
+    """Linux: have the kernel SIGKILL this process when its parent dies (the caller under spawn, the
+    forkserver under forkserver; the caller itself is watched through the liveness pipe). Best effort."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)   # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _worker_main(spec, raws, x_shape, y_len, tasks, results, alive):
+    """Worker process: make the batches asked for on `tasks` into the slots, report on `results`.
+
+    `alive` is the read end of a pipe whose only write end the loader's process holds: it reads EOF as soon as
+    that process is gone, however it died (SIGKILL included), and the worker then exits within a second.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides when to stop
-    ppid = os.getppid()    # the forkserver (or the caller, with spawn); it changes when that process is gone
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent()
     results.cancel_join_thread()
     slots = [_slot_arrays(r, x_shape, y_len) for r in raws]
     maker = None
     try:
         while True:
+            if alive.poll():                  # EOF (or anything): the loader's process is gone
+                return
             try:
-                task = tasks.get(timeout=1.0)
+                task = tasks.get(timeout=0.5)
             except queue.Empty:
-                if os.getppid() != ppid:      # orphaned: the parent is gone
-                    return
                 continue
             if task is None:
                 return
@@ -127,7 +145,7 @@ def _worker_main(spec, raws, x_shape, y_len, tasks, results):
             maker.ds.close()
 
 
-def _shutdown(procs, tasks, results):
+def _shutdown(procs, tasks, results, alive):
     """Stop the workers: ask politely, then terminate whatever is still running."""
     for _ in procs:
         try:
@@ -145,6 +163,7 @@ def _shutdown(procs, tasks, results):
             q.close()
         except Exception:
             pass
+    alive.close()
 
 
 def _context():
@@ -195,13 +214,17 @@ class _Workers:
         self._ready = {}                # key -> (slot, k) made and not yet yielded
         self._tasks, self._results = ctx.Queue(), ctx.Queue()
         self._procs = []
-        for i in range(workers):
-            p = ctx.Process(target=_worker_main, name=f"cpnet-loader-{i}", daemon=True,
-                            args=(spec, self._raws, x_shape, y_len, self._tasks, self._results))
-            with without_main_module():
-                p.start()
-            self._procs.append(p)
-        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._tasks, self._results)
+        alive_r, self._alive = ctx.Pipe(duplex=False)     # this process holds the only write end
+        try:
+            for i in range(workers):
+                p = ctx.Process(target=_worker_main, name=f"cpnet-loader-{i}", daemon=True,
+                                args=(spec, self._raws, x_shape, y_len, self._tasks, self._results, alive_r))
+                with without_main_module():
+                    p.start()
+                self._procs.append(p)
+        finally:
+            alive_r.close()
+        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._tasks, self._results, self._alive)
 
     def _reclaim(self):
         for slot in [s for s in self._lent if sys.getrefcount(self._slots[s][0]) == self._baseline[s]]:

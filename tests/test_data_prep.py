@@ -107,7 +107,7 @@ def test_resume_after_interruption(tmp_path):
         prep.run(out, jobs(), progress=stop_after_three)
     assert os.path.exists(out / "train.h5.partial") and not os.path.exists(out / "train.h5")
     with h5py.File(out / "train.h5.partial", "r") as f:
-        assert f["_progress"].attrs["units_done"] == 3 and f["images"].shape[0] == 768
+        assert f["_progress/record"][0] == 3 and f["_progress/record"][1] == 768 and f["images"].shape[0] == 768
     with pytest.raises(CpnetError, match=r"train\.h5\.partial.*--resume"):
         prep.run(out, jobs())
     with pytest.raises(CpnetError, match="partial"):

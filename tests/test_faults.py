@@ -1,0 +1,333 @@
+"""Fault injection: a full disk, kills at chosen points, damaged files and two runs on one folder.
+
+A full disk is real where the test may mount a small tmpfs (root with CAP_SYS_ADMIN); elsewhere the same tests
+inject OSError(ENOSPC) at the write call (`full_disk` says which ran in its id). The commands run as
+subprocesses (`python -c SCRIPT`), so that a crash in HDF5 fails the test instead of the test run, and the
+point of failure is chosen through a hook on the progress callback.
+"""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from cpnet.data import prep
+from cpnet.data.sources import synthetic_jobs
+
+PREP = ["prep", "synthetic", "--n", "600", "--classes", "4", "--size", "16", "--seed", "1", "--val-fraction",
+        "0.25", "-q"]                      # 256-image units: train 256, 512, 600; val 150
+
+# Runs `cpnet ARGS...` with a hook in prep's progress callback: once SPLIT has DONE items, ACTION happens:
+#   fill: fill the file system under BALLAST (a real full disk)   kill: SIGKILL this process
+#   inject: from then on every HDF5 dataset write raises OSError(ENOSPC), as a full disk would
+#   sleep: wait 3 s (holding whatever it holds)
+HOOKED = r"""
+import errno, os, signal, sys, time
+import h5py
+from cpnet.cli import prep as cli_prep
+from cpnet.cli.main import cli
+split_at, done_at, action, ballast = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+state = {"on": False}
+
+def fill(path):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    block = b"\0" * 65536
+    try:
+        while True:
+            try:
+                if os.write(fd, block) == 0:
+                    break
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                if len(block) == 1:
+                    break
+                block = block[:len(block) // 16 or 1]
+    finally:
+        os.close(fd)
+
+def refuse(*a, **k):
+    if state["on"]:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return orig_write(*a, **k)
+
+orig_write = h5py.Dataset.write_direct
+h5py.Dataset.write_direct = refuse
+orig_setitem = h5py.Dataset.__setitem__
+h5py.Dataset.__setitem__ = lambda self, k, v: (refuse() if state["on"] else orig_setitem(self, k, v))
+orig_create = h5py.Group.create_dataset
+h5py.Group.create_dataset = lambda self, *a, **k: (refuse() if state["on"] else orig_create(self, *a, **k))
+orig_bar = cli_prep._Bar.__call__
+
+def hook(self, split, done, *rest):
+    if split == split_at and done >= done_at and not state["on"]:
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "fill":
+            fill(ballast)
+            state["fill"] = True
+        elif action == "inject":
+            state["on"] = True
+        elif action == "sleep":
+            time.sleep(3)
+    return orig_bar(self, split, done, *rest)
+
+cli_prep._Bar.__call__ = hook
+cli(sys.argv[5:], prog_name="cpnet")
+"""
+
+
+def cpnet(*args, hook=None, cwd=None, timeout=120):
+    """Run `cpnet ARGS` (with `hook` = (split, done, action, ballast)) in a subprocess; (rc, stdout+stderr)."""
+    code = HOOKED if hook else "import sys; from cpnet.cli.main import cli; cli(sys.argv[1:], prog_name='cpnet')"
+    argv = [sys.executable, "-c", code] + ([str(h) for h in hook] if hook else []) + [str(a) for a in args]
+    p = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    return p.returncode, p.stdout + p.stderr
+
+
+def one_error_line(out):
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert "Traceback" not in out and "Segmentation" not in out and "Exception ignored" not in out, out
+    assert lines and lines[-1].startswith("Error: ") and len([ln for ln in lines if ln.startswith("Error")]) == 1, out
+    return lines[-1]
+
+
+def _mount_tmpfs(path, size):
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.fixture(params=["real", "injected"])
+def full_disk(request, tmp_path):
+    """(folder, action): a folder on a 2 MB tmpfs that the hook fills ('fill'), or a plain folder where the hook
+    injects ENOSPC at the write call ('inject') when no file system can be mounted."""
+    d = tmp_path / "fs"
+    d.mkdir()
+    if request.param == "real":
+        if not _mount_tmpfs(d, "2m"):
+            pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN); the injected variant runs")
+        request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(d)], capture_output=True))
+        return d, "fill"
+    return d, "inject"
+
+
+def read_all(path):
+    with h5py.File(path, "r") as f:
+        return {k: f[k][...] for k in ("images", "labels", "mean", "pca/eigval", "pca/eigvec", "pca/cov")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    rc, log = cpnet(*PREP, "--out", out)
+    assert rc == 0, log
+    return {s: read_all(out / f"{s}.h5") for s in ("train", "val")}
+
+
+def same_as(out, reference):
+    for split in ("train", "val"):
+        got = read_all(out / f"{split}.h5")
+        for k, v in reference[split].items():
+            np.testing.assert_array_equal(got[k], v, err_msg=f"{split} {k}")
+
+
+# ------------------------------------------------------------------------------------------------ prep, disk full
+
+@pytest.mark.parametrize("split,done", [("train", 256), ("train", 600), ("val", 150)],
+                         ids=["mid-train", "train-finish", "val-finish"])
+def test_prep_disk_full_is_one_line_and_resume_is_exact(full_disk, reference, split, done):
+    d, action = full_disk
+    out, ballast = d / "data", d / "ballast"
+    rc, log = cpnet(*PREP, "--out", out, hook=(split, done, action, ballast))
+    assert rc == 1, log
+    line = one_error_line(log)
+    assert "no space left on the device" in line and ".h5.partial" in line and "--resume" in line, line
+    assert not (out / f"{split}.h5").exists()
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    if ballast.exists():
+        ballast.unlink()
+    rc, log = cpnet(*PREP, "--out", out, "--resume")
+    assert rc == 0, log
+    assert not [p for p in os.listdir(out) if p.endswith((".partial", ".tmp"))]
+    same_as(out, reference)
+
+
+def test_prep_killed_at_chosen_points_resumes_exactly(tmp_path, reference):
+    out = tmp_path / "data"
+    for split, done in (("train", 256), ("train", 600), ("val", 150)):
+        rc, log = cpnet(*PREP, "--out", out, *(["--resume"] if (out / "train.h5.partial").exists()
+                                                or (out / "train.h5").exists() else []),
+                        hook=(split, done, "kill", tmp_path / "none"))
+        assert rc == -signal.SIGKILL, log
+    rc, log = cpnet(*PREP, "--out", out, "--resume")
+    assert rc == 0, log
+    same_as(out, reference)
+
+
+# ---------------------------------------------------------------------------------------- prep, a damaged partial
+
+def _stop_after(units):
+    class Stop(Exception):
+        pass
+
+    def progress(split, done, *rest):
+        if done >= units * 256:
+            raise Stop()
+    return Stop, progress
+
+
+def _damage_record(path):
+    with h5py.File(path, "r+") as f:
+        rec = f["_progress/record"][...]
+        rec[10] += 50.0                     # the sums move, the counters do not: the CRC tells
+        f["_progress/record"][...] = rec
+
+
+def _damage_image(path):
+    with h5py.File(path, "r+") as f:
+        f["images"][3, 0, 0, 0] ^= 0x40     # a bit flipped in an image the record covers
+
+
+def _truncate(path):
+    with open(path, "r+b") as fh:
+        fh.truncate(os.path.getsize(path) // 3)
+
+
+@pytest.mark.parametrize("damage,why", [(_damage_record, "checksum"), (_damage_image, "do not add up"),
+                                        (_truncate, "cannot be opened|damaged")])
+def test_prep_resume_starts_a_damaged_split_over(tmp_path, reference, damage, why):
+    import re
+
+    jobs = lambda: synthetic_jobs(n=600, classes=4, size=16, seed=1, val_fraction=0.25)   # noqa: E731
+    Stop, progress = _stop_after(2)
+    out = tmp_path / "data"
+    with pytest.raises(Stop):
+        prep.run(out, jobs(), progress=progress)
+    damage(out / "train.h5.partial")
+    notes = []
+    prep.run(out, jobs(), resume=True, notice=notes.append)
+    assert len(notes) == 1 and "train.h5.partial" in notes[0] and re.search(why, notes[0]) \
+        and "starting train over" in notes[0], notes
+    same_as(out, reference)
+
+
+def test_prep_never_renames_a_file_that_does_not_read_back(tmp_path, monkeypatch):
+    from cpnet.errors import CpnetError
+
+    real = prep._image_sum
+    calls = []
+
+    def lying_sum(images, n, size, **kw):       # the read-back sees other bytes than were written
+        calls.append(n)
+        s = real(images, n, size, **kw)
+        return s + 1 if len(calls) == 1 else s
+    monkeypatch.setattr(prep, "_image_sum", lying_sum)
+    with pytest.raises(CpnetError, match=r"train\.h5\.partial: its images read back differ.*--overwrite"):
+        prep.run(tmp_path, synthetic_jobs(n=300, classes=4, size=16, seed=1, val_fraction=0))
+    assert not (tmp_path / "train.h5").exists()
+
+
+# -------------------------------------------------------------------------------------------------- prep, a lock
+
+def test_second_prep_into_one_folder_is_refused_naming_the_first(tmp_path):
+    out = tmp_path / "data"
+    first = subprocess.Popen([sys.executable, "-c", HOOKED, "train", "256", "sleep", "x", *PREP, "--out", str(out),
+                              "--overwrite"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lock = out / ".cpnet.lock"
+        for _ in range(200):
+            if lock.exists() and lock.read_text().startswith("pid"):
+                break
+            time.sleep(0.05)
+        rc, log = cpnet(*PREP, "--out", out, "--overwrite")
+    finally:
+        first.wait(timeout=60)
+    assert rc == 1, log
+    line = one_error_line(log)
+    assert f"{out}: in use by another process (pid {first.pid}, cpnet prep" in line, line
+    assert first.returncode == 0, first.stdout.read()
+
+
+# ----------------------------------------------------------------------------------- loader workers and a kill
+
+def _children():
+    """{pid: ppid} of every process, from /proc."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    stat = fh.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] != "Z":                   # a zombie has exited
+                out[int(name)] = int(fields[1])
+    return out
+
+
+def _descendants(pid):
+    tree, found, todo = _children(), set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in tree.items() if pp == p]
+        found.update(kids)
+        todo += kids
+    return found
+
+
+def _alive(pids):
+    tree = _children()
+    return {p for p in pids if p in tree}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    prep.run(d, synthetic_jobs(n=96, classes=4, size=16, seed=0, val_fraction=0.25))
+    return d
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_loader_workers_exit_when_train_is_killed(tiny_data, tmp_path, sig):
+    p = subprocess.Popen([sys.executable, "-m", "cpnet", "train", "--data", str(tiny_data), "--out",
+                          str(tmp_path / "run"), "--model", "alexnet-tiny", "--epochs", "1000", "--batch-size", "8",
+                          "--crop", "15", "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        procs, sems = set(), set()
+        for _ in range(400):                       # both loaders' workers, the forkserver, the resource tracker
+            procs = _descendants(p.pid)
+            if len(procs) >= 6 and (tmp_path / "run" / "last.h5").exists():
+                break
+            time.sleep(0.05)
+        assert len(procs) >= 6, (procs, p.poll(), p.stderr.read() if p.poll() is not None else "")
+        with open(f"/proc/{p.pid}/maps") as fh:
+            sems = {ln.split()[-1] for ln in fh if "/dev/shm/sem." in ln}
+        assert sems
+        p.send_signal(sig)
+        p.wait(timeout=30)
+        for _ in range(200):                       # "within a few seconds"
+            if not _alive(procs):
+                break
+            time.sleep(0.05)
+        assert not _alive(procs), f"still running after {sig!r}: {_alive(procs)}"
+        for _ in range(100):                       # the resource tracker unlinks them as it exits
+            if not any(os.path.exists(s) for s in sems):
+                break
+            time.sleep(0.05)
+        assert not [s for s in sems if os.path.exists(s)]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
