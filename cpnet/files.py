@@ -96,7 +96,10 @@ class FolderLock:
                              f"finish or stop it (two runs must not write one folder)") from None
         try:
             os.ftruncate(fd, 0)
-            note = f"pid {os.getpid()}, {self.what}: {' '.join(sys.argv)}"
+            argv = list(sys.argv)
+            if argv and os.path.basename(argv[0]) in ("cpnet", "__main__.py"):
+                argv[0] = "cpnet"
+            note = f"pid {os.getpid()}, {self.what}: {' '.join(argv)}"
             os.pwrite(fd, note.encode("utf-8", "replace")[:4000] + b"\n", 0)
         except OSError:
             pass   # the lock holds without the note (a full disk may refuse it)

@@ -28,7 +28,7 @@ PREP = ["prep", "synthetic", "--n", "600", "--classes", "4", "--size", "16", "--
 # Runs `cpnet ARGS...` with a hook in prep's progress callback: once SPLIT has DONE items, ACTION happens:
 #   fill: fill the file system under BALLAST (a real full disk)   kill: SIGKILL this process
 #   inject: from then on every HDF5 dataset write raises OSError(ENOSPC), as a full disk would
-#   sleep: wait 3 s (holding whatever it holds)
+#   wait: wait (holding whatever it holds) until the file BALLAST exists
 HOOKED = r"""
 import errno, os, signal, sys, time
 import h5py
@@ -76,8 +76,11 @@ def hook(self, split, done, *rest):
             state["fill"] = True
         elif action == "inject":
             state["on"] = True
-        elif action == "sleep":
-            time.sleep(3)
+        elif action == "wait":
+            for _ in range(1200):
+                if os.path.exists(ballast):
+                    break
+                time.sleep(0.05)
     return orig_bar(self, split, done, *rest)
 
 cli_prep._Bar.__call__ = hook
@@ -240,17 +243,18 @@ def test_prep_never_renames_a_file_that_does_not_read_back(tmp_path, monkeypatch
 # -------------------------------------------------------------------------------------------------- prep, a lock
 
 def test_second_prep_into_one_folder_is_refused_naming_the_first(tmp_path):
-    out = tmp_path / "data"
-    first = subprocess.Popen([sys.executable, "-c", HOOKED, "train", "256", "sleep", "x", *PREP, "--out", str(out),
-                              "--overwrite"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, go = tmp_path / "data", tmp_path / "go"
+    first = subprocess.Popen([sys.executable, "-c", HOOKED, "train", "256", "wait", str(go), *PREP, "--out",
+                              str(out), "--overwrite"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lock = out / ".cpnet.lock"
-        for _ in range(200):
+        for _ in range(600):
             if lock.exists() and lock.read_text().startswith("pid"):
                 break
             time.sleep(0.05)
         rc, log = cpnet(*PREP, "--out", out, "--overwrite")
     finally:
+        go.touch()
         first.wait(timeout=60)
     assert rc == 1, log
     line = one_error_line(log)
