@@ -25,18 +25,7 @@ from cpnet.data.sources import synthetic_jobs
 PREP = ["prep", "synthetic", "--n", "600", "--classes", "4", "--size", "16", "--seed", "1", "--val-fraction",
         "0.25", "-q"]                      # 256-image units: train 256, 512, 600; val 150
 
-# Runs `cpnet ARGS...` with a hook in prep's progress callback: once SPLIT has DONE items, ACTION happens:
-#   fill: fill the file system under BALLAST (a real full disk)   kill: SIGKILL this process
-#   inject: from then on every HDF5 dataset write raises OSError(ENOSPC), as a full disk would
-#   wait: wait (holding whatever it holds) until the file BALLAST exists
-HOOKED = r"""
-import errno, os, signal, sys, time
-import h5py
-from cpnet.cli import prep as cli_prep
-from cpnet.cli.main import cli
-split_at, done_at, action, ballast = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-state = {"on": False}
-
+FILL = r"""
 def fill(path):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     block = b"\0" * 65536
@@ -53,7 +42,20 @@ def fill(path):
                 block = block[:len(block) // 16 or 1]
     finally:
         os.close(fd)
+"""
 
+# Runs `cpnet ARGS...` with a hook in prep's progress callback: once SPLIT has DONE items, ACTION happens:
+#   fill: fill the file system under BALLAST (a real full disk)   kill: SIGKILL this process
+#   inject: from then on every HDF5 dataset write raises OSError(ENOSPC), as a full disk would
+#   wait: wait (holding whatever it holds) until the file BALLAST exists
+HOOKED = r"""
+import errno, os, signal, sys, time
+import h5py
+from cpnet.cli import prep as cli_prep
+from cpnet.cli.main import cli
+split_at, done_at, action, ballast = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+state = {"on": False}
+""" + FILL + r"""
 def refuse(*a, **k):
     if state["on"]:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -335,3 +337,129 @@ def test_loader_workers_exit_when_train_is_killed(tiny_data, tmp_path, sig):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+
+SAVE = r"""
+import errno, os, sys
+import numpy as np
+from cpnet import checkpoint as C
+from cpnet.errors import CpnetError
+from cpnet.model import make_config
+cfg = make_config("alexnet-tiny", 4, 15, "paper", "he", "relu", True, [3, 2], 0.5, 0)
+def ck(seed):
+    r = np.random.default_rng(seed)
+    p = {f"w{i}": r.standard_normal(20000).astype(np.float32) for i in range(4)}
+    return C.Checkpoint(config=cfg, params=p, classes=list("abcd"), mean=np.zeros((16, 16, 3), np.float32),
+                        momentum={k: v * 0 for k, v in p.items()}, state={"epoch": seed})
+""" + FILL + r"""
+path, mode = sys.argv[1], sys.argv[2]
+C.save(path, ck(1))
+if mode == "fill":
+    fill(path + ".ballast")
+else:
+    import h5py
+    h5py.Group.create_dataset = lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+try:
+    C.save(path, ck(2))
+except CpnetError as e:
+    print("Error:", e)
+    sys.exit(1)
+"""
+
+
+def test_checkpoint_disk_full_keeps_the_previous_file_and_no_temporary(full_disk):
+    from cpnet import checkpoint
+
+    d, action = full_disk
+    path = d / "last.h5"
+    p = subprocess.run([sys.executable, "-c", SAVE, str(path), action],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stdout + p.stderr
+    line = one_error_line(p.stdout + p.stderr)
+    assert f"{path}: no space left on the device while writing the checkpoint; {path} keeps its previous" in line
+    assert checkpoint.load(path).state == {"epoch": 1}
+    assert not [e for e in os.listdir(d) if e.endswith(".tmp")]
+
+
+def _small_checkpoint(path):
+    from cpnet import checkpoint
+    from cpnet.model import make_config
+
+    cfg = make_config("alexnet-tiny", 4, 15, "paper", "he", "relu", True, [3, 2], 0.5, 0)
+    r = np.random.default_rng(0)
+    params = {f"w{i}": r.standard_normal(4096).astype(np.float32) for i in range(3)}
+    checkpoint.save(path, checkpoint.Checkpoint(config=cfg, params=params, classes=list("abcd"),
+                                                mean=np.zeros((16, 16, 3), np.float32), state={"epoch": 1}))
+    return params
+
+
+def test_bit_flipped_checkpoint_is_one_line_never_wrong_weights(tmp_path):
+    from cpnet import checkpoint
+    from cpnet.errors import CpnetError
+
+    path = tmp_path / "c.h5"
+    params = _small_checkpoint(path)
+    with h5py.File(path, "r") as f:
+        at = f["params/w1"].id.get_chunk_info(0).byte_offset + 1000
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x10                                 # one bit inside w1's data: the checksum catches it
+    bad = tmp_path / "flipped.h5"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(CpnetError, match=r"flipped\.h5: damaged checkpoint"):
+        checkpoint.load(bad)
+    rng = np.random.default_rng(1)
+    raw0 = path.read_bytes()
+    for k, at in enumerate(rng.choice(len(raw0), 40, replace=False)):   # anywhere: an error or the same weights
+        raw = bytearray(raw0)
+        raw[at] ^= 1 << int(rng.integers(8))
+        bad = tmp_path / f"f{k}.h5"
+        bad.write_bytes(bytes(raw))
+        try:
+            ck = checkpoint.load(bad)
+        except CpnetError as e:
+            assert str(e).startswith(str(bad)) and "\n" not in str(e)
+            continue
+        for name, v in params.items():
+            np.testing.assert_array_equal(ck.params[name], v)
+
+
+@pytest.mark.parametrize("where,name,value,message", [
+    ("/", "state", "{not json", "'state' attribute is not JSON"),
+    ("/", "train", "[1, 2]", "'train' attribute is not a JSON object"),
+    ("/", "format_version", "one", "attribute 'format_version' is 'one', expected a number"),
+    ("norm", "scale", "big", "attribute 'scale' is 'big', expected a number"),
+])
+def test_checkpoint_bad_attributes_are_one_line(tmp_path, where, name, value, message):
+    from click.testing import CliRunner
+
+    from cpnet import checkpoint
+    from cpnet.cli.main import cli
+    from cpnet.errors import CpnetError
+
+    path = tmp_path / "c.h5"
+    _small_checkpoint(path)
+    with h5py.File(path, "r+") as f:
+        f[where].attrs[name] = value
+    with pytest.raises(CpnetError, match=message):
+        checkpoint.load(path)
+    r = CliRunner().invoke(cli, ["show", "filters", str(path), "-o", str(tmp_path / "x.png")])
+    assert r.exit_code != 0 and "Traceback" not in r.output and message in r.output, r.output
+
+
+def test_non_finite_parameters_are_never_written_or_loaded(tmp_path):
+    from cpnet import checkpoint
+    from cpnet.errors import CpnetError
+
+    path = tmp_path / "c.h5"
+    params = _small_checkpoint(path)
+    ck = checkpoint.load(path)
+    ck.params = dict(params, w2=np.where(np.arange(4096) == 7, np.nan, params["w2"]).astype(np.float32))
+    with pytest.raises(CpnetError, match=r"c\.h5: not written: parameter w2 holds NaN"):
+        checkpoint.save(path, ck)
+    assert checkpoint.load(path).state == {"epoch": 1} and not list(tmp_path.glob("*.tmp"))
+    with h5py.File(path, "r+") as f:
+        f["params/w0"][3] = np.inf
+    with pytest.raises(CpnetError, match=r"c\.h5: parameter w0 holds NaN or infinite values"):
+        checkpoint.load(path)
