@@ -329,12 +329,12 @@ def _band_runs(s, log_x):
 
 
 def chart(series, size=(460, 320), title="", xlabel="", ylabel="", xlim=None, ylim=None, marks=(), legend=True,
-          log_x=False, integer_x=False):
+          log_x=False, integer_x=False, xticks=None):
     """A line chart of `series` (lists of Series) with axes, ticks, a light grid, dashed `marks` and a legend.
 
     Points whose x or y is None/NaN are skipped and break the line. `ylim`/`xlim` default to the data's range
     (rounded out to ticks). With log_x the x axis is logarithmic (x values must be positive); integer_x puts x ticks
-    on whole numbers only (epochs).
+    on whole numbers only (epochs); `xticks` gives the x ticks instead (e.g. the learning rates of a sweep).
     """
     W, H = size
     fnt, small = font(11), font(10)
@@ -370,7 +370,9 @@ def chart(series, size=(460, 320), title="", xlabel="", ylabel="", xlim=None, yl
     def Y(v):
         return py1 - (v - y_lo) / (y_hi - y_lo) * (py1 - py0)
 
-    if log_x:
+    if xticks is not None:
+        xt = [v for v in xticks if x_lo - 1e-9 <= tx(v) <= x_hi + 1e-9]
+    elif log_x:
         xt = [10 ** e for e in range(math.floor(x_lo), math.ceil(x_hi) + 1) if x_lo - 1e-9 <= e <= x_hi + 1e-9]
     else:
         xt = [v for v in nice_ticks(x_lo, x_hi, integer=integer_x) if x_lo - 1e-9 <= v <= x_hi + 1e-9]
