@@ -27,6 +27,7 @@ from .backend import HOST, Device, default_placement, device_of, to_device, to_h
 from .config import DEFAULT_INIT
 from .errors import CpnetError
 from .layers import LRN, Conv2D, Dropout, Flatten, Linear, MaxPool, ParamBlock, ReLU, Sequential, Tanh
+from .shapes import window_out
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 
@@ -128,20 +129,16 @@ def make_config(preset="alexnet", num_classes=1000, crop=None, conventions="pape
     return cfg
 
 
-def _out(n, k, s, p):
-    return (n + 2 * p - k) // s + 1
-
-
 def feature_shapes(cfg: NetConfig, crop=None) -> dict:
     """Per-layer output shapes (whole network, both towers) for one image: {name: (C, H, W) or (D,)}."""
     n = int(crop or cfg.crop)
     pk, ps = cfg.pool
     shapes = {"input": (3, n, n)}
     for i, (f, k, s, p) in enumerate(cfg.conv):
-        n = _out(n, k, s, p)
+        n = window_out(n, k, s, p)
         shapes[f"conv{i + 1}"] = (2 * f, n, n)
         if i in (0, 1, 4):
-            n = _out(n, pk, ps, 0)
+            n = window_out(n, pk, ps)
             shapes[f"pool{i + 1}"] = (2 * f, n, n)
     shapes["fc6"] = (2 * cfg.fc[0],)
     shapes["fc7"] = (2 * cfg.fc[1],)

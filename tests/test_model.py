@@ -19,6 +19,18 @@ def tiny(classes=5, **kw):
     return make_config("alexnet-tiny", classes, **kw)
 
 
+def test_window_out_is_the_one_output_size_formula():
+    from cpnet import kernels
+    from cpnet.ops import _check
+    from cpnet.shapes import window_out
+
+    assert window_out(227, 11, 4) == 55 and window_out(55, 3, 2) == 27 and window_out(224, 11, 4, 2) == 55
+    assert window_out(13, 3, 2) == 6 and window_out(5, 5) == 1 and window_out(32, 5, 1, 2) == 32
+    for size, k, s, p in ((227, 11, 4, 0), (17, 3, 2, 1), (8, 2, 3, 0)):  # the checked variants agree with it
+        assert _check.out_size("op", size, k, s, p, "height") == kernels.out_size("op", size, k, s, p) \
+            == window_out(size, k, s, p)
+
+
 def test_alexnet_fc6_fan_in_is_9216_for_227_and_224():
     assert fc6_fan_in(make_config("alexnet", 1000, 227)) == 9216
     cfg224 = make_config("alexnet", 1000, 224)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
+from ..shapes import window_out
 
 KERNEL_DIR = Path(__file__).resolve().parent
 SOURCES = ("im2col.cu", "maxpool.cu", "lrn.cu", "elementwise.cu")
@@ -173,7 +174,7 @@ def out_size(op: str, size: int, k: int, s: int, p: int) -> int:
         raise ValueError(f"{op}: need kernel >= 1, stride >= 1, pad >= 0, got kernel={k} stride={s} pad={p}")
     if size + 2 * p < k:
         raise ValueError(f"{op}: kernel {k} larger than the padded input {size} + 2*{p}")
-    return (size + 2 * p - k) // s + 1
+    return window_out(size, k, s, p)
 
 
 def _im2col(run, xp, x, kh, kw, sy, sx, ph, pw):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from cpnet.kernels import DTYPES as KERNEL_DTYPES  # the element types the CUDA kernels are compiled for
+from cpnet.shapes import window_out
 
 
 def fail(op: str, msg: str):
@@ -64,4 +65,4 @@ def out_size(op: str, size: int, k: int, s: int, p: int, axis: str) -> int:
     """floor((size + 2p - k) / s) + 1, or a ValueError when the window does not fit the padded input."""
     if k > size + 2 * p:
         fail(op, f"window {k} is larger than the padded input {axis} {size}+2*{p}={size + 2 * p}")
-    return (size + 2 * p - k) // s + 1
+    return window_out(size, k, s, p)

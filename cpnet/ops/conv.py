@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from cpnet.backend import get_array_module
+from cpnet.shapes import window_out
 
 from . import _check
 
@@ -30,7 +31,7 @@ OP_B = "conv2d_backward"
 
 
 def _out_hw(H, W, kh, kw, sy, sx, ph, pw):
-    return (H + 2 * ph - kh) // sy + 1, (W + 2 * pw - kw) // sx + 1
+    return window_out(H, kh, sy, ph), window_out(W, kw, sx, pw)
 
 
 def im2col_cpu(x, kh, kw, sy, sx, ph, pw):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from cpnet.backend import get_array_module
+from cpnet.shapes import window_out
 
 from . import _check, _host
 
@@ -44,7 +45,7 @@ def maxpool_forward_host(x, ksize, stride, pad):
     real element does, as on the GPU."""
     N, C, H, W = x.shape
     k, s, p = ksize, stride, pad
-    Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    Ho, Wo = window_out(H, k, s, p), window_out(W, k, s, p)
     y = np.empty((N, C, Ho, Wo), dtype=x.dtype)
     off = np.empty((N, C, Ho, Wo), dtype=_offset_dtype(k))
     per_image = C * (H + 2 * p) * (W + 2 * p) * x.itemsize
