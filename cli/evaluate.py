@@ -36,22 +36,14 @@ def command(checkpoint, data, ten_crop, batch_size, workers, as_json):
     """Top-1 and top-5 error of CHECKPOINT on every image of an HDF5 dataset."""
     import json
 
-    from cpnet.checkpoint import load_model
+    from cpnet.checkpoint import check_dataset, load_model
     from cpnet.data import EvalLoader, H5Dataset
-    from cpnet.errors import CpnetError
     from cpnet.evaluate import evaluate, top5_informative
 
     data = dataset_file(data)
     model, ck = load_model(checkpoint)
     with H5Dataset(data) as ds:
-        if list(ds.classes) != ck.classes:
-            raise CpnetError(f"--data {data}: its {ds.num_classes} classes differ from the checkpoint's "
-                             f"{len(ck.classes)} ({checkpoint})")
-        if ck.config.crop > ds.size:
-            raise CpnetError(f"--data {data}: images are {ds.size}px, smaller than the model's crop {ck.config.crop}")
-        if ck.stored_size and ds.size != ck.stored_size:
-            raise CpnetError(f"--data {data}: images are stored at {ds.size}px, the checkpoint was trained on "
-                             f"{ck.stored_size}px images (prepare the data with --size {ck.stored_size})")
+        check_dataset(ck, ds, f"--data {data}", checkpoint)
     views = "ten" if ten_crop else "center"
     with EvalLoader(data, batch_size, ck.config.crop, views=views, workers=workers, scale=ck.scale,
                     mean=ck.mean) as loader:

@@ -39,22 +39,21 @@ def _save(image, out):
 
 
 def _open_data(path, flag, ck, checkpoint):
-    """An H5Dataset checked against the checkpoint (same classes, images at least as large as the crop)."""
+    """An H5Dataset checked against the checkpoint (checkpoint.check_dataset: classes, stored size, crop)."""
     import os
 
+    from cpnet.checkpoint import check_dataset
     from cpnet.data import H5Dataset
     from cpnet.errors import CpnetError
 
     if not os.path.exists(path):
         raise CpnetError(f"{flag} {path}: file not found")
     ds = H5Dataset(path)
-    if list(ds.classes) != list(ck.classes):
+    try:
+        check_dataset(ck, ds, f"{flag} {path}", checkpoint)
+    except CpnetError:
         ds.close()
-        raise CpnetError(f"{flag} {path}: its {len(ds.classes)} classes differ from the checkpoint's "
-                         f"{len(ck.classes)} ({checkpoint})")
-    if ds.size < ck.config.crop:
-        ds.close()
-        raise CpnetError(f"{flag} {path}: images are {ds.size}px, smaller than the model's crop {ck.config.crop}")
+        raise
     return ds
 
 

@@ -264,3 +264,18 @@ def load_model(path, placement=None, dtype=np.float32):
     except CpnetError as e:
         raise CpnetError(f"{path}: {e}") from None
     return model, ck
+
+
+def check_dataset(ck: Checkpoint, ds, where: str, checkpoint=None):
+    """A dataset (an open data.H5Dataset) fits the checkpoint: the same classes, images stored at the size the
+    model was trained on (and at least its crop). `where` names the dataset in the message (the caller's flag
+    and file, e.g. "--data DIR/val.h5"); `checkpoint` names the checkpoint file."""
+    name = checkpoint if checkpoint is not None else ck.path
+    if list(ds.classes) != list(ck.classes):
+        raise CpnetError(f"{where}: its {len(ds.classes)} classes differ from the checkpoint's {len(ck.classes)} "
+                         f"({name})")
+    if ck.config.crop > ds.size:
+        raise CpnetError(f"{where}: images are {ds.size}px, smaller than the model's crop {ck.config.crop}")
+    if ck.stored_size and ds.size != ck.stored_size:
+        raise CpnetError(f"{where}: images are stored at {ds.size}px, the checkpoint was trained on "
+                         f"{ck.stored_size}px images (prepare the data with --size {ck.stored_size})")

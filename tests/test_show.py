@@ -172,6 +172,29 @@ def test_predictions_incomplete_checkpoint(tiny, tmp_path):
     assert r.exit_code != 0 and "parameters missing" in r.output and "Traceback" not in r.output
 
 
+def test_show_checks_the_data_against_the_checkpoint_as_eval_does(tiny, tmp_path):
+    """One check (checkpoint.check_dataset) for eval and show: classes, and the size the images are stored at."""
+    d, _ = tiny
+    other = tmp_path / "other"
+    r = invoke("prep", "synthetic", "--out", other, "--n", N, "--classes", CLASSES, "--size", SIZE + 2, "-q")
+    assert r.exit_code == 0, r.output
+    msg = f"images are stored at {SIZE + 2}px, the checkpoint was trained on {SIZE}px"
+    r = invoke("show", "predictions", d / "ck.h5", "--data", other / "val.h5", "-o", tmp_path / "p.png")
+    assert r.exit_code != 0 and f"--data {other / 'val.h5'}: {msg}" in r.output and "Traceback" not in r.output
+    r = invoke("show", "neighbors", d / "ck.h5", "--query", d / "val.h5", "--pool", other / "train.h5",
+               "-o", tmp_path / "nn.png")
+    assert r.exit_code != 0 and f"--pool {other / 'train.h5'}: {msg}" in r.output
+    r = invoke("eval", d / "ck.h5", "--data", other / "val.h5")
+    assert r.exit_code != 0 and msg in r.output
+    fewer = tmp_path / "fewer"
+    assert invoke("prep", "synthetic", "--out", fewer, "--n", N, "--classes", CLASSES + 1, "--size", SIZE,
+                  "-q").exit_code == 0
+    for args in (("show", "predictions", d / "ck.h5", "--data", fewer / "val.h5", "-o", tmp_path / "p.png"),
+                 ("eval", d / "ck.h5", "--data", fewer / "val.h5")):
+        r = invoke(*args)
+        assert r.exit_code != 0 and f"its {CLASSES + 1} classes differ from the checkpoint's {CLASSES}" in r.output
+
+
 # ---- neighbours -------------------------------------------------------------------------------------------------
 
 def test_neighbors_query_finds_itself(tiny, tmp_path):
