@@ -10,16 +10,19 @@ def fmt_time(s):
 
 
 class Line:
-    def __init__(self, stream=None, every=0.25):
+    """`show` rewrites the line in place on a terminal (at most every `every` s); elsewhere (a log file, a pipe) it
+    writes a plain line at most every `pipe_every` s (None: only the lines shown with force=True)."""
+
+    def __init__(self, stream=None, every=0.25, pipe_every=10.0):
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self.every = every if self.tty else 10.0
+        self.every = every if self.tty else (float("inf") if pipe_every is None else pipe_every)
         self._last = 0.0
         self._shown = False
 
     def show(self, text, force=False):
         now = time.monotonic()
-        if not force and now - self._last < self.every:
+        if not force and (now - self._last < self.every or self.every == float("inf")):
             return
         self._last = now
         if self.tty:

@@ -15,16 +15,13 @@ def _plural(n, word):
 
 
 def _synthetic_set(tmp, n, size, workers):
-    """A temporary dataset made by `cpnet prep synthetic`; returns the path of its train.h5."""
-    import contextlib
-    import io
+    """A temporary built-in synthetic set (what `cpnet prep synthetic` writes); returns the path of its train.h5."""
     import os
 
-    from .main import cli
+    from cpnet.data import prep
+    from cpnet.data.sources import synthetic_jobs
 
-    with contextlib.redirect_stdout(io.StringIO()):  # keep --json output a single JSON object
-        cli.main(["prep", "synthetic", "--out", tmp, "--n", str(n), "--size", str(size), "--quiet",
-                  "--workers", str(workers)], prog_name="cpnet", standalone_mode=False)
+    prep.run(tmp, synthetic_jobs(n, size=size), workers=workers)
     return os.path.join(tmp, "train.h5")
 
 
@@ -44,9 +41,8 @@ def _loader_figures(loader_data, model, batch_size, crop, workers, batches):
     with tempfile.TemporaryDirectory(prefix="cpnet-bench-") as tmp:
         try:
             path = _synthetic_set(tmp, batch_size * (batches + 2), size, workers)
-        except (CpnetError, click.ClickException, ImportError) as e:
-            msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
-            return {"error": f"could not make a synthetic dataset: {msg}"}
+        except (CpnetError, ImportError) as e:
+            return {"error": f"could not make a synthetic dataset: {e}"}
         res = bench.bench_loader(path, batch_size, crop, workers=workers, batches=batches)
     res.update(synthetic=True, stored_size=size, path=None)
     return res

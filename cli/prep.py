@@ -1,36 +1,30 @@
 """`cpnet prep ...`: turn an image source into OUT/train.h5 and OUT/val.h5."""
 
-import sys
-import time
-
 import click
 
-
-def _fmt_time(s):
-    s = int(max(s, 0))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+from ._progress import Line, fmt_time
 
 
 class _Bar:
-    """One stderr line per split, rewritten in place: done/total, images/s, ETA, skipped."""
+    """One stderr line per split (_progress.Line), rewritten in place: done/total, images/s, ETA, skipped; not on
+    a terminal, only the final line of each split."""
 
     def __init__(self, quiet):
-        self.quiet, self.last, self.split = quiet, 0.0, None
-        self.tty = sys.stderr.isatty()     # not a terminal: only the final line of each split
+        self.quiet, self.split = quiet, None
+        self.line = Line(pipe_every=None)
 
     def __call__(self, split, done, total, written, skipped, seconds, done_here):
         if self.quiet:
             return
-        now = time.monotonic()
-        if done < total and (not self.tty or (now - self.last < 0.25 and split == self.split)):
-            return
-        self.last, self.split = now, split
         rate = done_here / seconds if seconds > 0 else 0.0
         eta = (total - done) / rate if rate > 0 else 0.0
         pct = 100.0 * done / max(total, 1)
-        line = (f"\r{split:>5}: {done}/{total} ({pct:5.1f}%)  {rate:7.0f} img/s  "
-                f"{'ETA ' + _fmt_time(eta) if done < total else 'took ' + _fmt_time(seconds)}  skipped {skipped}")
-        click.echo(line if self.tty else line[1:], err=True, nl=done >= total)
+        self.line.show(f"{split:>5}: {done}/{total} ({pct:5.1f}%)  {rate:7.0f} img/s  "
+                       f"{'ETA ' + fmt_time(eta) if done < total else 'took ' + fmt_time(seconds)}  skipped {skipped}",
+                       force=done >= total or (split != self.split and self.line.tty))
+        self.split = split
+        if done >= total:
+            self.line.done()
 
 
 class Colour(click.ParamType):

@@ -32,6 +32,17 @@ def test_prep_synthetic_and_info(tmp_path):
     assert r.exit_code == 0 and "kept" in r.output
 
 
+def test_prep_progress_off_a_terminal_is_one_final_line_per_split(tmp_path):
+    r = run("prep", "synthetic", "--out", tmp_path / "s", "--n", 40, "--classes", 2, "--size", 12)
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("train: 40/40 (100.0%)") and "took 0:" in lines[0] and "skipped 0" in lines[0]
+    assert lines[1].startswith("  val: 8/8 (100.0%)")
+    r = run("prep", "synthetic", "--out", tmp_path / "q", "--n", 40, "--classes", 2, "--size", 12, "-q")
+    assert r.exit_code == 0 and not r.stderr.strip()
+
+
 def test_prep_folder_reports_skipped(tmp_path):
     root = tmp_path / "root"
     for c in ("a", "b"):
