@@ -37,4 +37,4 @@ test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info cpnet/kernels/_shim_build $(DEMO)
+	rm -rf $(VENV) build *.egg-info $(DEMO)
