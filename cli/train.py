@@ -41,9 +41,16 @@ def _top5(ctx, value):
 @click.option("--scale", type=float, default=D["scale"], help="Multiply mean-subtracted 0-255 inputs by this "
               "[default: 1/their standard deviation with --init he, 1 otherwise].")
 @click.option("--threads", type=int, default=D["threads"], help="Host BLAS threads per tower [default: (CPUs - workers) // 2, at least 1].")
+@click.option("--gpus-per-replica", type=int, default=D["gpus_per_replica"],
+              help="Under mpiexec/srun: GPUs per replica, taken by node-local rank (2: a tower per GPU as in the "
+                   "paper; 1: both towers fused on one) [default: 2 when the node has two per replica, else 1].")
 @click.option("--tf32", is_flag=True, help="GPU: let cuBLAS use TF32 tensor cores for float32 GEMMs (opt-in).")
 def command(tf32, **options):
     """Train AlexNet on an HDF5 dataset with momentum SGD.
+
+    Under `mpiexec -n N` (or `srun`) N data-parallel replicas train together: --batch-size is the global batch,
+    each replica takes B/N rows of it, and the run's numbers do not depend on N (README, "Scaling out").
+    Rank 0 alone prints and writes files.
 
     Shows loss, top-1/top-5 training error, images/s, data-wait vs compute time and ETA; validates on the centre
     crop after each epoch; writes RUN/last.h5 (each epoch and on Ctrl-C), RUN/best.h5 and RUN/metrics.jsonl.
@@ -75,6 +82,12 @@ def command(tf32, **options):
         if not ctx["top5"]:
             click.echo(f"{c.num_classes} classes: every class is among the top 5, so top-5 error (always 0) is not "
                        "shown")
+        if info.get("world"):
+            b = info["train"].batch_size
+            click.echo(f"replicas: {info['world']}; global batch {b} = {b // info['world_size']} rows x "
+                       f"{info['world_size']}; gradients: {info['replicas']}")
+        if info.get("note"):
+            click.echo(f"warning: {info['note']}", err=True)
         if info["start_epoch"] or info["start_pos"]:
             click.echo(f"resuming at epoch {info['start_epoch'] + 1}, batch {info['start_pos']} "
                        f"(iteration {info['iteration']})")
@@ -107,15 +120,29 @@ def command(tf32, **options):
 
     cctx = click.get_current_context()
     explicit = {n for n in cctx.params if cctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)}
+    from cpnet import dist
+    from cpnet.errors import CpnetError
+
     try:
         r = run(cfg, on_step=on_step, on_epoch=on_epoch, on_start=on_start, explicit=explicit)
     except TrainingInterrupted as e:
         line.done()
-        click.echo(f"interrupted: {e}", err=True)
+        if dist.world().is_root:
+            click.echo(f"interrupted: {e}", err=True)
         raise SystemExit(130)
+    except (Exception, KeyboardInterrupt) as e:
+        if dist.world().size == 1:
+            raise
+        # one replica's failure ends them all now (the others would wait for it in their next sum)
+        line.done()
+        if not isinstance(e, CpnetError):
+            import traceback
+
+            traceback.print_exc()
+        dist.world().fail(str(e) if isinstance(e, CpnetError) else f"{type(e).__name__}: {e}")
     finally:
         line.done()
-    if r:
+    if r and dist.world().is_root:
         best = ""
         if "val_top1" in r:
             import json

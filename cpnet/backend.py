@@ -332,6 +332,11 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_share(ranks: int = 1) -> int:
+    """This process's share of the CPUs when `ranks` processes of one job run on the node (at least 1)."""
+    return max(1, _cpu_count() // max(1, int(ranks)))
+
+
 def default_host_threads(workers: int = 0, ranks: int = 1) -> int:
     """BLAS threads for the host path: this process's share of the CPUs (`ranks` processes of one job share the
     node: cpnet.dist's node-local size) less its loader worker processes, shared by the two towers that run in
@@ -340,8 +345,7 @@ def default_host_threads(workers: int = 0, ranks: int = 1) -> int:
     OpenBLAS threads spin while they wait: with more runnable threads than cores a GEMM can run a hundred times
     slower (docs/PERFORMANCE.md). `--threads` overrides this.
     """
-    cpus = _cpu_count() // max(1, int(ranks))
-    return max(1, (cpus - max(0, int(workers))) // 2)
+    return max(1, (cpu_share(ranks) - max(0, int(workers))) // 2)
 
 
 def default_loader_workers(devices=None, ranks: int = 1) -> int:
@@ -354,8 +358,7 @@ def default_loader_workers(devices=None, ranks: int = 1) -> int:
     """
     if not any(d.is_gpu for d in (devices if devices is not None else default_placement(2))):
         return 0
-    cpus = _cpu_count() // max(1, int(ranks))
-    return max(0, min(12, cpus - 2))
+    return max(0, min(12, cpu_share(ranks) - 2))
 
 
 def host_threads(n: int | None):

@@ -43,6 +43,7 @@ class TrainConfig:
     max_iterations: int | None = None
     threads: int | None = None  # host BLAS threads per tower; None: backend.default_host_threads(workers)
     sync_every: int | None = None  # steps between loss read-backs (and on_step calls); None: 1 on the host, 20 on a GPU
+    gpus_per_replica: int | None = None  # GPUs per data-parallel replica (1: towers fused, 2: a tower each); None: auto
 
 
 def defaults(cls=TrainConfig) -> dict:

@@ -257,7 +257,7 @@ def check_same(w: World, what: str, value):
 
 
 class _Bucket:
-    """One flat buffer of a device: the gradients of `slots` [(name, offset, size, shape)], contiguous."""
+    """One flat buffer of a device: the gradients of `slots` [(ParamBlock, offset, size)], contiguous."""
 
     def __init__(self, device, dtype, slots):
         self.device, self.slots = device, slots
@@ -277,32 +277,33 @@ class Replicas:
 
     Gradients are gathered per tower device into flat buffers (at most `bucket_bytes` each) in reverse layer order,
     fc8 and fc7 first, the order backward produces them in; each bucket's reduction starts as soon as it is
-    packed. `nccl`: the NCCL module to use on GPU devices (default: CuPy's, when it is there); the host staging
+    packed. The unit is the model's parameter memory (`model.param_memory()`): one gradient array per block, both
+    towers' rows at once where they share one array (fused), and the result is written back into that array, so
+    the towers' views of it stay valid. `nccl`: the NCCL module to use on GPU devices (default: CuPy's, when it is there); the host staging
     path otherwise (`note` says so).
     """
 
-    def __init__(self, w: World, model, optimizer=None, bucket_bytes=BUCKET_BYTES, nccl="auto"):
+    def __init__(self, w: World, model, optimizer=None, bucket_bytes=BUCKET_BYTES, nccl="auto", alone=False):
         self.world, self.model, self.optimizer = w, model, optimizer
         self.note = None
         self.buckets = []
         self._nccl_comms = {}
-        if w.size == 1:
+        self.active = w.size > 1 or alone  # alone: buffers and communicators in a world of one (tests, benchmarks)
+        if not self.active:
             return
-        slots = {name: (layer, key, t) for name, layer, key, t in model.param_slots()}
-        order = _reverse_layer_order(list(slots))
+        blocks = {blk.parts[0][0]: blk for blk in model.param_memory()}
         dtype = model.dtype
         by_device = {}
-        for name in order:
-            layer, key, t = slots[name]
-            by_device.setdefault(model.devices[t], []).append((name, tuple(layer.params[key].shape)))
-        for device, names in by_device.items():
+        for name in _reverse_layer_order(list(blocks)):
+            by_device.setdefault(blocks[name].device, []).append(blocks[name])
+        for device, blks in by_device.items():
             cur, size = [], 0
-            for name, shape in names:
-                n = int(np.prod(shape))
+            for blk in blks:
+                n = int(blk.param.size)
                 if cur and (size + n) * dtype.itemsize > bucket_bytes:
                     self.buckets.append(_Bucket(device, dtype, cur))
                     cur, size = [], 0
-                cur.append((name, size, n, shape))
+                cur.append((blk, size, n))
                 size += n
             if cur:
                 self.buckets.append(_Bucket(device, dtype, cur))
@@ -340,23 +341,22 @@ class Replicas:
     def reduce(self):
         """Every gradient := (sum over replicas) / replicas, in place (views such as the fused towers' stay valid)."""
         w = self.world
-        if w.size == 1:
+        if not self.active:
             return
-        grads = self.model.grads()
         inv = self.model.dtype.type(1.0 / w.size)
         pending = []
         for bucket in self.buckets:
             with bucket.device:
-                for name, off, n, _ in bucket.slots:
-                    bucket.buf[off:off + n] = grads[name].reshape(-1)
+                for blk, off, n in bucket.slots:
+                    bucket.buf[off:off + n] = blk.grad.reshape(-1)
                 pending.append(self._start(bucket))
         self._finish(pending)
         for bucket in self.buckets:
             with bucket.device:
                 xp = bucket.device.xp
-                for name, off, n, shape in bucket.slots:
-                    g = grads[name]
-                    xp.multiply(bucket.buf[off:off + n].reshape(shape), inv, out=g)
+                for blk, off, n in bucket.slots:
+                    g = blk.grad
+                    xp.multiply(bucket.buf[off:off + n].reshape(g.shape), inv, out=g)
 
     def _start(self, bucket):
         comm = self._nccl_comms.get(bucket.device)
@@ -375,19 +375,22 @@ class Replicas:
             if bucket.device.is_gpu:
                 with bucket.device:
                     bucket.buf[...] = to_device(bucket.host, bucket.device)
-        for comm in self._nccl_comms.values():
-            comm.synchronize()
+        # NCCL's sums run on the device's current stream, before the copies back that follow them there
 
     def describe(self) -> str:
         """Where the reduction runs and how it is laid out (for the start line)."""
-        if self.world.size == 1:
+        if not self.active:
             return ""
         per = {}
         for b in self.buckets:
             per.setdefault(b.device, []).append(b.size * self.model.dtype.itemsize)
         how = {d: ("NCCL" if d in self._nccl_comms else "MPI via host" if d.is_gpu else "MPI") for d in per}
-        return "; ".join(f"{d}: {len(s)} flat buffer{'s' if len(s) > 1 else ''} of {sum(s) / 1e6:.1f} MB by {how[d]}"
+        return "; ".join(f"{d}: {len(s)} flat buffer{'s' if len(s) > 1 else ''} of {_size(sum(s))} by {how[d]}"
                          for d, s in per.items())
+
+
+def _size(nbytes):
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
 
 
 def _reverse_layer_order(names):
@@ -414,9 +417,6 @@ class _NcclComm:
         ptr = backend.data_ptr(buf)
         self.comm.allReduce(ptr, ptr, buf.size, dtypes[np.dtype(buf.dtype)], self.mod.NCCL_SUM,
                             backend.current_stream_ptr(self.device))
-
-    def synchronize(self):
-        self.device.synchronize()
 
 
 def _nccl_comm(w: World, mod, device) -> _NcclComm:

@@ -49,9 +49,12 @@ def view_probs(model, x, chunk=None):
         return p.reshape(b, v, -1).mean(axis=1)
 
 
-def evaluate(model, loader, progress=None, chunk=None) -> dict:
+def evaluate(model, loader, progress=None, chunk=None, reduce=None) -> dict:
     """Loss (cross-entropy of the view-averaged softmax), top-1 and top-5 error over every image of `loader`;
-    a batch's views go through the network `chunk` crops at a time (default: the batch's image count)."""
+    a batch's views go through the network `chunk` crops at a time (default: the batch's image count).
+
+    `reduce`: sums a list of floats over the replicas of a sharded evaluation (each replica's loader holds its share
+    of the images; cpnet.dist.World.sum_scalars), so every replica returns the figures of the whole set."""
     dev = model.devices[0]
     xp = dev.xp
     loss_sum = top1 = top5 = 0.0
@@ -68,6 +71,9 @@ def evaluate(model, loader, progress=None, chunk=None) -> dict:
         n += b
         if progress:
             progress(n)
+    if reduce is not None:
+        loss_sum, top1, top5, n = (float(v) for v in reduce([loss_sum, top1, top5, n]))
+        n = int(n)
     if n == 0:
         return {"n": 0, "loss": math.nan, "top1": math.nan, "top5": math.nan}
     return {"n": n, "loss": loss_sum / n, "top1": 1 - top1 / n, "top5": 1 - top5 / n}

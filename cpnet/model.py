@@ -408,11 +408,13 @@ class AlexNet:
         return into
 
     # ---- forward / backward: one walk over the stage table each ---------------------------------------------
-    def set_step(self, step: int):
-        """The training iteration: dropout masks are a function of (seed, step)."""
+    def set_step(self, step: int, offset: int = 0):
+        """The training iteration: dropout masks are a function of (seed, step, global row); `offset` is the
+        global row of this batch's first row (a data-parallel replica's share starts there; 0 otherwise)."""
         for t in range(2):
             for name in ("drop6", "drop7"):
-                self.tower_layer(t, name).step = step
+                layer = self.tower_layer(t, name)
+                layer.step, layer.offset = step, int(offset)
 
     def _each(self, fn, n, hook=None):
         """[fn(0), ..., fn(n-1)]: the streams of a stage. When both towers live on the host they run side by side in

@@ -10,6 +10,13 @@ Resuming restores weights, momentum, learning rate and schedule, epoch, iteratio
 epoch. Data order, augmentation and dropout are counter-based random streams (functions of the seed, epoch, batch
 and iteration), so an interrupted and resumed run on the CPU ends with exactly the parameters of an
 uninterrupted one.
+
+Data-parallel replicas (`mpiexec -n N cpnet train ...`, cpnet.dist): every process runs this same loop on rows
+[r*B/N, (r+1)*B/N) of each global batch of B, with the crops, flips, lighting and dropout masks those rows have in
+the whole batch; `Trainer.reduce_gradients` sums the gradients over the replicas, the loss and error sums and the
+validation counts are summed over them too, and every decision (divergence, Ctrl-C, the schedule) is taken on
+those sums, so all replicas take it together. Only rank 0 calls the callbacks and writes files. The checkpoint
+holds no world size: a run resumes on any N that divides B. A world of one does none of this.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from . import checkpoint as ckpt_io
-from .backend import default_host_threads, default_loader_workers, host_threads, to_device, to_host
+from . import dist
+from .backend import cpu_share, default_host_threads, default_loader_workers, host_threads, to_device, to_host
 from .config import TrainConfig
 from .errors import CpnetError
 from .evaluate import evaluate, topk_hits
@@ -36,9 +44,10 @@ __all__ = ["TrainConfig", "TrainingDiverged", "TrainingInterrupted", "Trainer", 
 SYNC_EVERY = 20  # on a GPU, read the loss back (and check it) every this many steps
 
 # what a resumed run may change; every other setting comes from the checkpoint
-RESUMABLE = {"data", "out", "epochs", "workers", "threads", "resume", "max_iterations", "sync_every"}
+RESUMABLE = {"data", "out", "epochs", "workers", "threads", "resume", "max_iterations", "sync_every",
+             "gpus_per_replica"}
 # the TrainConfig fields a checkpoint does not record (they belong to one invocation, not to the run)
-NOT_RECORDED = ("resume", "max_iterations", "threads", "sync_every")
+NOT_RECORDED = ("resume", "max_iterations", "threads", "sync_every", "gpus_per_replica")
 SUM_KEYS = ("loss", "top1", "top5", "n", "data_s", "compute_s")
 
 
@@ -122,14 +131,29 @@ def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=
     `explicit`: the TrainConfig fields the user set on purpose (the CLI's flags); with `resume`, one that differs
     from the saved run is an error instead of being silently replaced by the saved value.
     """
+    world = dist.world()
+    if placement is None and (world.size > 1 or cfg.gpus_per_replica is not None):
+        placement = dist.replica_placement(world, cfg.gpus_per_replica)
+    ranks = world.local_size  # processes of this job on this node share its CPUs
     if cfg.workers is None:
-        cfg = replace(cfg, workers=default_loader_workers(placement))
-    threads = cfg.threads if cfg.threads is not None else default_host_threads(cfg.workers)
+        cfg = replace(cfg, workers=default_loader_workers(placement, ranks))
+    threads = cfg.threads if cfg.threads is not None else default_host_threads(cfg.workers, ranks)
+    # two host towers in two threads only where this process has two CPUs of its own (None: the model decides)
+    tower_threads = None if ranks == 1 else cpu_share(ranks) >= 2
     with host_threads(threads):
         data = check_options(cfg)
-        cfg, net_cfg, state, ck = start_or_resume(cfg, data, explicit)
-        model, opt = build_model_and_optimizer(cfg, net_cfg, state, ck, placement)
-        trainer = Trainer(cfg, net_cfg, state, data, model, opt, *build_loaders(cfg, net_cfg, data))
+        dist.shard_rows(world, cfg.batch_size)
+        cfg, net_cfg, state, ck = start_or_resume(cfg, data, explicit, world)
+        model, opt = build_model_and_optimizer(cfg, net_cfg, state, ck, placement, tower_threads)
+        replicas = dist.Replicas(world, model, opt)
+        if world.size > 1:
+            dist.check_same(world, "the training options (each rank's TrainConfig)",
+                            json.dumps(asdict(cfg), sort_keys=True, default=str))
+            replicas.start()
+            if not world.is_root:  # rank 0 alone reports
+                on_step = on_epoch = on_start = None
+        trainer = Trainer(cfg, net_cfg, state, data, model, opt,
+                          *build_loaders(cfg, net_cfg, data, (world.rank, world.size)), replicas=replicas)
         with trainer:
             return trainer.run(on_step, on_epoch, on_start)
 
@@ -166,14 +190,24 @@ def check_options(cfg: TrainConfig) -> DataFiles:
     return DataFiles(train_path, val_path, classes, stored, mean)
 
 
-def start_or_resume(cfg: TrainConfig, data: DataFiles, explicit=None):
+def start_or_resume(cfg: TrainConfig, data: DataFiles, explicit=None, world=None):
     """(the run's TrainConfig, its NetConfig, the loop state, the checkpoint or None) for a new or resumed run."""
-    os.makedirs(cfg.out, exist_ok=True)
+    world = world or dist.World()
+    if world.is_root:
+        os.makedirs(cfg.out, exist_ok=True)
     last = os.path.join(cfg.out, "last.h5")
+    # every rank must see what rank 0 sees (a run folder on a file system all nodes share)
+    found = world.gather(os.path.exists(last))
     if cfg.resume:
+        if not found[0]:
+            raise CpnetError(f"--resume: {last} does not exist (nothing to resume)")
+        missing = [r for r, f in enumerate(found) if not f]
+        if missing:
+            raise CpnetError(f"--resume: rank {missing[0]} does not see {last} (put --out on a file system that "
+                             f"every node shares)")
         cfg, net_cfg, state, ck = _resume(cfg, data, last, explicit)
     else:
-        if os.path.exists(last):
+        if found[0]:
             raise CpnetError(f"--out {cfg.out}: already holds a run (last.h5); use --resume or another --out")
         cfg, net_cfg, state = _start(cfg, data)
         ck = None
@@ -222,9 +256,9 @@ def _resume(cfg: TrainConfig, data: DataFiles, last: str, explicit):
     return saved, net_cfg, ck.state, ck
 
 
-def build_model_and_optimizer(cfg: TrainConfig, net_cfg, state: dict, ck=None, placement=None):
+def build_model_and_optimizer(cfg: TrainConfig, net_cfg, state: dict, ck=None, placement=None, tower_threads=None):
     """The model on its devices and its MomentumSGD, with the checkpoint's weights and momentum when resuming."""
-    model = build_model(net_cfg, placement=placement)
+    model = build_model(net_cfg, placement=placement, tower_threads=tower_threads)
     opt = MomentumSGD(model, lr=state["lr"], momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                       decay_biases=cfg.decay_biases)
     if ck is not None:
@@ -238,14 +272,15 @@ def build_model_and_optimizer(cfg: TrainConfig, net_cfg, state: dict, ck=None, p
     return model, opt
 
 
-def build_loaders(cfg: TrainConfig, net_cfg, data: DataFiles):
-    """(training loader, validation loader or None). A data-parallel run passes its own sharded loaders instead."""
+def build_loaders(cfg: TrainConfig, net_cfg, data: DataFiles, part=(0, 1)):
+    """(training loader, validation loader or None); `part` (r, n): replica r of n takes rows [r*B/n, (r+1)*B/n)
+    of each global batch, and its n-th of the validation images."""
     from cpnet.data import EvalLoader, TrainLoader
 
     loader = TrainLoader(data.train, cfg.batch_size, net_cfg.crop, seed=cfg.seed, workers=cfg.workers,
-                         lighting=cfg.lighting, scale=cfg.scale)
+                         lighting=cfg.lighting, scale=cfg.scale, part=part)
     val_loader = EvalLoader(data.val, cfg.batch_size, net_cfg.crop, views="center", workers=cfg.workers,
-                            scale=cfg.scale) if (data.val and cfg.validate) else None
+                            scale=cfg.scale, part=part) if (data.val and cfg.validate) else None
     return loader, val_loader
 
 
@@ -260,12 +295,15 @@ class _Pending:
         self.n += b
         self.steps += 1
 
-    def flush(self, totals: dict, iteration: int, epoch: int, last: str) -> dict | None:
-        """Read the sums back, check them, add them to `totals`; the mean loss and errors of these steps."""
+    def flush(self, totals: dict, iteration: int, epoch: int, last: str, world=None) -> dict | None:
+        """Read the sums back (summed over the replicas of `world`), check them, add them to `totals`; the mean
+        loss and errors of these steps."""
         if self.sums is None:
             return None
         loss_sum, miss1, miss5 = (float(v) for v in to_host(self.sums))
         n, steps = self.n, self.steps
+        if world is not None and world.size > 1:
+            loss_sum, miss1, miss5, n = (float(v) for v in world.sum_scalars([loss_sum, miss1, miss5, n]))
         self.sums, self.n, self.steps = None, 0, 0
         if not math.isfinite(loss_sum):
             where = (f"at iteration {iteration - 1}" if steps == 1 else
@@ -281,13 +319,16 @@ class _Pending:
 class Trainer:
     """One run's live parts (model, optimizer, loaders, schedule, counters) and the loop over them.
 
-    Hook points for a data-parallel wrapper: `reduce_gradients()` runs between backward and the optimizer step
-    (a world of one has nothing to reduce), and `loader` / `val_loader` are whatever yields this replica's batches.
+    Data-parallel replicas (`replicas`, a cpnet.dist.Replicas): `reduce_gradients()` runs between backward and the
+    optimizer step, `loader` / `val_loader` yield this replica's part of each batch, and the sums, the stop
+    decision and validation are summed over the world; only rank 0 writes files. Without `replicas`, a world of one.
     """
 
-    def __init__(self, cfg, net_cfg, state, data: DataFiles, model, opt, loader, val_loader=None):
+    def __init__(self, cfg, net_cfg, state, data: DataFiles, model, opt, loader, val_loader=None, replicas=None):
         self.cfg, self.net_cfg, self.state, self.data = cfg, net_cfg, dict(state), data
         self.model, self.opt, self.loader, self.val_loader = model, opt, loader, val_loader
+        self.replicas = replicas or dist.Replicas(dist.World(), model, opt)
+        self.world = self.replicas.world
         self.schedule = Schedule.from_state(state["schedule"])
         self.history = list(state["history"])
         self.iteration, self.best_val = int(state["iteration"]), state["best_val"]
@@ -311,7 +352,9 @@ class Trainer:
         if on_start:
             on_start(dict(model=self.model, config=self.net_cfg, train=self.cfg,
                           batches_per_epoch=self.loader.batches_per_epoch, classes=self.data.classes,
-                          start_epoch=self.state["epoch"], start_pos=self.state["pos"], iteration=self.iteration))
+                          start_epoch=self.state["epoch"], start_pos=self.state["pos"], iteration=self.iteration,
+                          world=self.world.describe() if self.world.size > 1 else None, world_size=self.world.size,
+                          replicas=self.replicas.describe(), note=self.replicas.note))
         result = self.history[-1] if self.history else {}
         with _StopFlag() as stop:
             for epoch in range(int(self.state["epoch"]), self.cfg.epochs):
@@ -322,6 +365,8 @@ class Trainer:
         return result
 
     def save(self, path, epoch, pos, sums, weights_only=False):
+        if not self.world.is_root:
+            return
         opt = self.opt
         ckpt_io.save(path, ckpt_io.Checkpoint(
             config=self.net_cfg, params=self.model.host_params(), classes=self.data.classes, mean=self.data.mean,
@@ -334,7 +379,7 @@ class Trainer:
     def forward_backward(self, x, y):
         """One batch's forward and backward; the device-side [loss sum, top-1 misses, top-5 misses]."""
         model, dev0, b = self.model, self.dev0, len(y)
-        model.set_step(self.iteration)
+        model.set_step(self.iteration, offset=getattr(self.loader, "first_row", 0))
         loss, logits = model.loss(x, y, train=True)
         model.loss_backward()
         with dev0:
@@ -342,7 +387,8 @@ class Trainer:
             return dev0.xp.stack([loss.astype(np.float64) * b, b - h1, b - h5])
 
     def reduce_gradients(self):
-        """Between backward and the update: where replicas sum their gradients. A world of one has none to add."""
+        """Between backward and the update: the replicas' gradients summed (a world of one has none to add)."""
+        self.replicas.reduce()
 
     def update(self):
         self.opt.step()
@@ -365,10 +411,13 @@ class Trainer:
             self.reduce_gradients()
             self.iteration += 1
             pos += 1
-            stopping = stop.requested or (cfg.max_iterations is not None and self.iteration >= cfg.max_iterations)
+            at_max = cfg.max_iterations is not None and self.iteration >= cfg.max_iterations
+            # the read-back is collective across replicas: only what they all know decides it (Ctrl-C reaches
+            # them at different steps, so it counts here in a world of one alone)
+            seen = stop.requested and self.world.size == 1
             step_info = None
-            if self.iteration % self.sync_every == 0 or pos == nb or pos == start + 1 or stopping:
-                step_info = pending.flush(sums, self.iteration, epoch, self.last)
+            if self.iteration % self.sync_every == 0 or pos == nb or pos == start + 1 or at_max or seen:
+                step_info = pending.flush(sums, self.iteration, epoch, self.last, self.world)
             self.update()
             t_wait = time.perf_counter()
             sums["compute_s"] += t_wait - t0
@@ -376,8 +425,8 @@ class Trainer:
                 on_step(dict(step_info, epoch=epoch, batch=pos, batches=nb, iteration=self.iteration,
                              lr=self.opt.lr, ln_classes=math.log(len(self.data.classes)), sums=dict(sums),
                              elapsed=t_wait - t_epoch))
-            if stopping or stop.requested:
-                pending.flush(sums, self.iteration, epoch, self.last)
+            if self.world.any(stop.requested or at_max):  # the replicas stop together, at the same step
+                pending.flush(sums, self.iteration, epoch, self.last, self.world)
                 self.save(self.last, epoch, pos, sums)
                 raise TrainingInterrupted(
                     f"stopped at epoch {epoch + 1}, batch {pos}/{nb} (iteration {self.iteration}); "
@@ -392,7 +441,7 @@ class Trainer:
                    images_per_s=sums["n"] / max(sums["data_s"] + sums["compute_s"], 1e-9),
                    data_s=sums["data_s"], compute_s=sums["compute_s"])
         if self.val_loader is not None:
-            v = evaluate(self.model, self.val_loader)
+            v = evaluate(self.model, self.val_loader, reduce=self.world.sum_scalars if self.world.size > 1 else None)
             row.update(val_loss=v["loss"], val_top1=v["top1"], val_top5=v["top5"])
         self.history.append(row)
         improved = self.val_loader is not None and (self.best_val is None or row["val_top1"] < self.best_val)
@@ -402,6 +451,7 @@ class Trainer:
         self.save(self.last, epoch + 1, 0, None)
         if improved:
             self.save(self.best, epoch + 1, 0, None, weights_only=True)
-        _write_metrics(self.metrics, self.history)
+        if self.world.is_root:
+            _write_metrics(self.metrics, self.history)
         self.state = dict(self.state, epoch=epoch + 1, pos=0, sums=None)
         return dict(row, improved=improved, best_val=self.best_val)

@@ -9,15 +9,18 @@ from cpnet import backend
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CuPy and a CUDA GPU (skipped otherwise)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "multigpu: needs two or more CUDA GPUs (also marked gpu; skipped otherwise)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if backend.gpu_count() > 0:
-        return
+    gpus = backend.gpu_count()
     skip = pytest.mark.skip(reason="no CUDA GPU with CuPy on this machine")
+    skip_multi = pytest.mark.skip(reason=f"needs two or more CUDA GPUs ({gpus} here)")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and gpus == 0:
             item.add_marker(skip)
+        elif "multigpu" in item.keywords and gpus < 2:
+            item.add_marker(skip_multi)
 
 
 def _xp_params():

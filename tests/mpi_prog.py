@@ -1,27 +1,30 @@
 """Programs that tests/test_dist.py runs under `mpiexec -n N` (one process per replica).
 
-    python tests/mpi_prog.py reduce OUT.npz [nccl-standin]   sum of gradients over the replicas vs one process
+    python tests/mpi_prog.py reduce OUT.npz [nccl-standin] [fused] [gpu1|gpu2]
+                                                              sum of gradients over the replicas vs one process
     python tests/mpi_prog.py mismatch                         replicas built from different seeds, no broadcast
     python tests/mpi_prog.py broadcast                        the same, after Replicas.start()
     python tests/mpi_prog.py raise RANK                       RANK raises after the start; the job must end
     python tests/mpi_prog.py kill RANK                        RANK is killed (SIGKILL) after the start
+    python tests/mpi_prog.py train DATA OUT [options]         cpnet.train.run on each replica (see `train`)
 """
 import ctypes
 import os
 import signal
 import sys
+import time
 
 import numpy as np
 
 from cpnet import dist
-from cpnet.backend import HOST
+from cpnet.backend import HOST, to_host
 from cpnet.model import build_model, make_config
 from cpnet.optim import MomentumSGD
 
 
-def tiny(seed=0, dtype=np.float64):
+def tiny(seed=0, dtype=np.float64, placement=(HOST, HOST), fuse=None):
     cfg = make_config("alexnet-tiny", 5, 15, dropout=0.0, seed=seed)
-    return build_model(cfg, placement=[HOST, HOST], dtype=dtype, tower_threads=False)
+    return build_model(cfg, placement=list(placement), dtype=dtype, tower_threads=False, fuse=fuse)
 
 
 def batch(b=8):
@@ -59,17 +62,88 @@ class StandInNccl:
         return Comm()
 
 
-def main(argv):
+def tiny_train_config(data, out, **kw):
+    """The training run that tests/test_dist.py compares across world sizes (the same as test_train's tiny_cfg)."""
+    from cpnet.train import TrainConfig
+
+    base = dict(data=str(data), out=str(out), model="alexnet-tiny", epochs=2, batch_size=16, lr=0.01, seed=5,
+                crop=15, init="he", schedule="constant", scale=1 / 64)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def use_float64():
+    """Train in float64 (the world-size test compares to 1e-12): the loop builds its model through this name."""
+    import functools
+
+    from cpnet import model as model_mod, train
+
+    train.build_model = functools.partial(model_mod.build_model, dtype=np.float64)
+
+
+def train(argv):
+    """train DATA OUT [float64] [resume] [max=K] [kill=ITER:RANK] [wait=ITER:FILE]
+
+    kill: that rank SIGKILLs itself after iteration ITER's update. wait: rank 0 writes FILE after iteration ITER
+    and waits (up to 60 s) for a SIGINT, which the test sends to the launcher (the others wait in their next sum)."""
+    from cpnet import train as train_mod
+
+    data, out, opts = argv[0], argv[1], argv[2:]
+    kw = dict(o.split("=", 1) for o in opts if "=" in o)
+    if "float64" in opts:
+        use_float64()
+    extra = {"resume": "resume" in opts}
+    if "max" in kw:
+        extra["max_iterations"] = int(kw["max"])
     w = dist.world()
+    got_sigint = []
+    handler = train_mod._StopFlag._handler
+
+    def noting(self, signum, frame):
+        got_sigint.append(signum)
+        handler(self, signum, frame)
+
+    train_mod._StopFlag._handler = noting
+    update = train_mod.Trainer.update
+
+    def update_then(self):
+        update(self)
+        if "kill" in kw:
+            at, rank = map(int, kw["kill"].split(":"))
+            if self.iteration == at and w.rank == rank:
+                os.kill(os.getpid(), signal.SIGKILL)
+        if "wait" in kw:
+            at, path = kw["wait"].split(":", 1)
+            if self.iteration == int(at) and w.rank == 0:
+                open(path, "w").close()
+                t = time.monotonic()
+                while not got_sigint and time.monotonic() - t < 60:
+                    time.sleep(0.02)
+
+    train_mod.Trainer.update = update_then
+    try:
+        train_mod.run(tiny_train_config(data, out, **extra))
+    except train_mod.TrainingInterrupted:
+        return 130
+    return 0
+
+
+def main(argv):
     what = argv[0]
+    if what == "train":
+        return train(argv[1:])
+    w = dist.world()
     if what == "reduce":
-        standin = len(argv) > 2 and argv[2] == "nccl-standin"
+        standin = "nccl-standin" in argv[2:]
         x, y = batch()
         ref = tiny()
         ref.loss(x, y, train=True)
         ref.loss_backward()
-        model = tiny()
-        nccl = StandInNccl(w) if standin else None
+        # gpu1 / gpu2: this replica's towers on 1 or 2 GPUs by node-local rank, summed by NCCL (multigpu tests)
+        gpus = [int(a[3:]) for a in argv[2:] if a.startswith("gpu")]
+        model = tiny(placement=dist.replica_placement(w, gpus[0]) if gpus else (HOST, HOST),
+                     fuse=True if "fused" in argv[2:] else None)
+        nccl = StandInNccl(w) if standin else ("auto" if gpus else None)
         reps = dist.Replicas(w, model, bucket_bytes=2000, nccl=nccl)
         assert len(reps.buckets) >= 3, reps.describe()
         first, rows = dist.shard_rows(w, len(y))
@@ -78,7 +152,7 @@ def main(argv):
         reps.reduce()
         if standin:
             assert sum(StandInNccl.calls) == model.num_params(), (StandInNccl.calls, model.num_params())
-        g, r = model.grads(), ref.grads()
+        g, r = {k: to_host(v) for k, v in model.grads().items()}, ref.grads()
         err = max(float(np.abs(g[k] - r[k]).max() / max(np.abs(r[k]).max(), 1e-300)) for k in g)
         if w.rank == 0:
             np.savez(argv[1], err=err, size=w.size, note=str(reps.note), describe=reps.describe())

@@ -1,8 +1,10 @@
 """cpnet.dist: the world of one, replica placement and row blocks, and real multi-process runs under mpiexec
 (MPICH from the venv, oversubscribed on a small machine): gradient sums, start broadcast and checksum, faults."""
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -44,13 +46,18 @@ def need_mpi():
         pytest.skip(_mpi_ok)
 
 
+def mpi_env(env=None):
+    e = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+             OPENBLAS_NUM_THREADS="1", CPNET_DEVICE="cpu")
+    e.update(env or {})
+    return e
+
+
 def mpirun(n, args, timeout=120, env=None):
     """`mpiexec -n n python ARGS` as a subprocess; returns the CompletedProcess (text output)."""
     need_mpi()
-    e = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-             OPENBLAS_NUM_THREADS="1", CPNET_DEVICE="cpu", **(env or {}))
     return subprocess.run([mpiexec_path(), "-n", str(n), sys.executable] + list(args), capture_output=True,
-                          text=True, timeout=timeout, env=e)
+                          text=True, timeout=timeout, env=mpi_env(env))
 
 
 # ---- one process ------------------------------------------------------------------------------------------------
@@ -120,12 +127,15 @@ def test_reverse_layer_order():
 
 # ---- several processes ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n,standin", [(2, False), (4, False), (2, True)], ids=["mpi-2", "mpi-4", "nccl-standin-2"])
-def test_gradient_sum_equals_one_process(tmp_path, n, standin):
+@pytest.mark.parametrize("n,opts", [(2, []), (4, []), (2, ["nccl-standin"]), (2, ["fused"])],
+                         ids=["mpi-2", "mpi-4", "nccl-standin-2", "fused-2"])
+def test_gradient_sum_equals_one_process(tmp_path, n, opts):
     """Each replica's loss is the mean over its B/N rows; after the reduction every replica holds the gradient of
-    the whole batch's mean (float64, to rounding), through MPI or the NCCL call path (with a stand-in module)."""
+    the whole batch's mean (float64, to rounding), through MPI or the NCCL call path (with a stand-in module),
+    with the towers apart or fused (both towers' rows in one array per layer)."""
     out = tmp_path / "r.npz"
-    r = mpirun(n, [PROG, "reduce", str(out)] + (["nccl-standin"] if standin else []))
+    standin = "nccl-standin" in opts
+    r = mpirun(n, [PROG, "reduce", str(out)] + opts)
     assert r.returncode == 0, r.stdout + r.stderr
     res = np.load(out)
     assert int(res["size"]) == n and float(res["err"]) < 1e-12
@@ -151,3 +161,181 @@ def test_a_killed_rank_ends_the_job():
     t = time.monotonic()
     r = mpirun(4, [PROG, "kill", "2"], timeout=60)
     assert r.returncode != 0 and time.monotonic() - t < 30, r.stdout + r.stderr
+
+
+# ---- training: the run does not depend on the number of replicas -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from click.testing import CliRunner
+
+    from cpnet.cli.main import cli
+
+    d = tmp_path_factory.mktemp("synth")
+    r = CliRunner().invoke(cli, ["prep", "synthetic", "--out", str(d), "--n", "96", "--classes", "4",
+                                 "--size", "17", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    return d  # 96 training images (6 batches of 16), 19 validation images (not a multiple of 2 or 4)
+
+
+@pytest.fixture(scope="module")
+def reference64(synth, tmp_path_factory):
+    """The single-process float64 run (2 epochs, 12 iterations, dropout 0.5 on fc6 and fc7)."""
+    import mpi_prog
+    from cpnet import train
+
+    out = tmp_path_factory.mktemp("ref64") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "build_model", train.build_model)  # restored afterwards
+        mpi_prog.use_float64()
+        train.run(mpi_prog.tiny_train_config(synth, out))
+    return out
+
+
+def _load(run_dir):
+    from cpnet import checkpoint
+
+    ck = checkpoint.load(os.path.join(run_dir, "last.h5"))
+    rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return ck, rows
+
+
+def assert_same_run(a, b, rtol, bitwise=False):
+    """Parameters, momentum and per-epoch figures of two run folders agree (to rtol of each array's scale)."""
+    (ca, ra), (cb, rb) = _load(a), _load(b)
+    for name in ca.params:
+        for x, y in ((ca.params[name], cb.params[name]), (ca.momentum[name], cb.momentum[name])):
+            assert x.dtype == y.dtype
+            if bitwise:
+                np.testing.assert_array_equal(x, y, err_msg=name)
+            else:
+                assert np.abs(x - y).max() <= rtol * max(np.abs(x).max(), 1e-30), name
+    if bitwise:
+        assert {k: v for k, v in ca.state.items() if k != "history"} == \
+            {k: v for k, v in cb.state.items() if k != "history"}
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb):
+        for k in ("train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5", "lr", "iteration"):
+            assert abs(x[k] - y[k]) <= rtol * max(abs(x[k]), 1e-30) + (0 if bitwise else 1e-15), (k, x[k], y[k])
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_replicas_train_like_one_process_float64(synth, reference64, tmp_path, n):
+    """N replicas at the same global batch: parameters, momentum, training and (sharded) validation figures equal
+    the one-process run's to float64 rounding; rank 0 alone wrote files."""
+    out = tmp_path / "run"
+    r = mpirun(n, [PROG, "train", str(synth), str(out), "float64"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_same_run(reference64, out, 1e-12)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(reference64))
+
+
+def test_resume_on_another_world_size(synth, reference64, tmp_path):
+    """Start on 1 process, stop mid-epoch 2, continue on 4 replicas: the run of one process throughout."""
+    import mpi_prog
+    from cpnet import train
+
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "build_model", train.build_model)
+        mpi_prog.use_float64()
+        with pytest.raises(train.TrainingInterrupted):
+            train.run(mpi_prog.tiny_train_config(synth, out, max_iterations=8))
+    r = mpirun(4, [PROG, "train", str(synth), str(out), "float64", "resume"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_same_run(reference64, out, 1e-12)
+
+
+def test_killed_rank_ends_the_job_and_the_run_resumes(synth, reference64, tmp_path):
+    out = tmp_path / "run"
+    t = time.monotonic()
+    r = mpirun(2, [PROG, "train", str(synth), str(out), "float64", "kill=9:1"], timeout=60)
+    assert r.returncode != 0 and time.monotonic() - t < 30, r.stdout + r.stderr
+    ck, _ = _load(out)  # the end of epoch 1, intact
+    assert ck.state["epoch"] == 1 and ck.state["iteration"] == 6
+    r = mpirun(2, [PROG, "train", str(synth), str(out), "float64", "resume"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_same_run(reference64, out, 1e-12)
+
+
+def test_ctrl_c_on_the_launcher_saves_the_position_and_resumes_bit_exactly(synth, tmp_path):
+    """float32, 2 replicas: an uninterrupted run, and one whose launcher gets SIGINT after iteration 8 and is
+    resumed on 2 replicas again; the two end bit for bit alike. The float32 run also agrees with one process to
+    the level of summation order."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    r = mpirun(2, [PROG, "train", str(synth), str(full)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    flag = tmp_path / "at8"
+    need_mpi()
+    p = subprocess.Popen([mpiexec_path(), "-n", "2", sys.executable, PROG, "train", str(synth), str(part),
+                          f"wait=8:{flag}"], env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t = time.monotonic()
+    while not flag.exists() and p.poll() is None and time.monotonic() - t < 60:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    output = p.communicate(timeout=60)[0]
+    assert p.returncode == 130, output
+    ck, _ = _load(part)
+    assert (ck.state["epoch"], ck.state["pos"], ck.state["iteration"]) == (1, 2, 8)
+    r = mpirun(2, [PROG, "train", str(synth), str(part), "resume"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_same_run(full, part, 0, bitwise=True)
+
+    import mpi_prog
+    from cpnet import train
+
+    one = tmp_path / "one"
+    train.run(mpi_prog.tiny_train_config(synth, one))
+    assert_same_run(one, full, 1e-4)
+
+
+def test_cli_under_mpiexec_prints_once_and_refuses_a_batch_that_does_not_split(synth, tmp_path):
+    cmd = ["-m", "cpnet", "train", "--data", str(synth), "--model", "alexnet-tiny", "--epochs", "1",
+           "--schedule", "constant", "--scale", "0.015625", "--out"]
+    r = mpirun(2, cmd + [str(tmp_path / "a"), "--batch-size", "16"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("epoch 1:") == 1 and r.stdout.count("done in") == 1
+    assert "replicas: 2 replicas (MPI, 1 node" in r.stdout and "global batch 16 = 8 rows x 2" in r.stdout
+    r = mpirun(4, cmd + [str(tmp_path / "b"), "--batch-size", "10"])
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == ["Error: rank 0 of 4: --batch-size 10: the global batch must split evenly over the 4 replicas "
+                      "(a multiple of 4)"], r.stderr
+
+
+# ---- GPUs: NCCL (skipped without them) --------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_nccl_world_of_one_on_one_gpu():
+    """The NCCL path in a world of one: one communicator on GPU 0, the buffers summed over one rank unchanged,
+    the gradients of both (fused) towers divided by 1."""
+    from cpnet import backend
+    from cpnet.model import build_model, make_config
+
+    if backend.nccl_module() is None:
+        pytest.skip("this CuPy has no NCCL")
+    gpu = backend.Device("gpu", 0)
+    m = build_model(make_config("alexnet-tiny", 3, 15), placement=[gpu, gpu], dtype=np.float64)
+    reps = dist.Replicas(dist.World(), m, alone=True, bucket_bytes=4000)
+    assert "NCCL" in reps.describe() and len(reps.buckets) > 1
+    m.loss(np.ones((4, 3, 15, 15)), np.array([0, 1, 2, 0]), train=True)
+    m.loss_backward()
+    before = {k: backend.to_host(v) for k, v in m.grads().items()}
+    reps.reduce()
+    for k, v in m.grads().items():
+        np.testing.assert_array_equal(backend.to_host(v), before[k], err_msg=k)
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+@pytest.mark.parametrize("per_replica", [1, 2])
+def test_nccl_gradient_sum_on_two_gpus(tmp_path, per_replica):
+    from cpnet import backend
+
+    if backend.gpu_count() < 2 * per_replica:
+        pytest.skip(f"needs {2 * per_replica} GPUs")
+    out = tmp_path / "r.npz"
+    r = mpirun(2, [PROG, "reduce", str(out), f"gpu{per_replica}"], env={"CPNET_DEVICE": "gpu"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = np.load(out)
+    assert float(res["err"]) < 1e-12 and "NCCL" in str(res["describe"])
