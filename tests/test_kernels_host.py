@@ -346,9 +346,13 @@ class _OneLayerModel:
 @pytest.mark.parametrize("hyper", [(0.01, 0.9, 5e-4, False), (0.37, 0.5, 0.0, False), (0.1, 0.9, 1e-2, True)],
                          ids=str)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 11), (4, 2, 3, 3), (37, 5)], ids=str)
-def test_sgd_momentum(shim, shape, hyper, dtype):
-    """Three steps of MomentumSGD's NumPy path against the kernel on copies of w, g, v: identical bits."""
+@pytest.mark.parametrize("slice_bytes", [8, 1 << 16])
+def test_sgd_momentum(shim, shape, hyper, dtype, slice_bytes, monkeypatch):
+    """Three steps of MomentumSGD's NumPy path against the kernel on copies of w, g, v: identical bits, whether
+    the host update runs in slices of one or two elements over two threads or in one slice per array."""
     from cpnet.optim import MomentumSGD
+
+    monkeypatch.setattr("cpnet.optim.UPDATE_SLICE_BYTES", slice_bytes)
 
     lr, m, wd, decay_biases = hyper
     model = _OneLayerModel(random_array(shape, dtype, 20), random_array(shape[:1], dtype, 21))
