@@ -13,14 +13,17 @@ def _top5(ctx, value):
 
 
 @click.command("train")
-@click.option("--data", required=True, type=click.Path(exists=True),
-              help="The folder `cpnet prep` wrote (train.h5, and val.h5 for validation), or its train.h5.")
+@click.option("--data", type=click.Path(exists=True),
+              help="The folder `cpnet prep` wrote (train.h5, and val.h5 for validation), or its train.h5 "
+                   "[required; with --resume: the run's].")
 @click.option("--model", default=D["model"], show_default=True, help="alexnet | alexnet-small | alexnet-tiny")
-@click.option("--epochs", default=D["epochs"], show_default=True, help="Total epochs (with --resume: continue up to this).")
+@click.option("--epochs", default=D["epochs"], show_default=True,
+              help="Total epochs; with --resume: the run's unless given, more than the run's extends it.")
 @click.option("--batch-size", default=D["batch_size"], show_default=True, help="Images per SGD step (the paper: 128).")
 @click.option("--lr", default=D["lr"], show_default=True, help="Initial learning rate.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: last.h5, best.h5, metrics.jsonl.")
-@click.option("--resume", is_flag=True, default=D["resume"], help="Continue the run in --out from last.h5.")
+@click.option("--resume", is_flag=True, default=D["resume"],
+              help="Continue the run in --out from last.h5 with its saved settings, dataset and epochs.")
 @click.option("--seed", default=D["seed"], show_default=True,
               help="Seeds the weights, the data order, the augmentation and dropout.")
 @click.option("--workers", type=click.IntRange(0), default=D["workers"],
@@ -78,6 +81,8 @@ def command(tf32, **options):
         devs = ", ".join(f"tower {t}: {d}" for t, d in enumerate(m.devices))
         click.echo(f"model {c.preset} ({m.num_params():,} parameters), crop {c.crop}, {c.num_classes} classes, "
                    f"conventions {c.conventions}, init {c.init}, input scale {info['train'].scale:.4g}; {devs}")
+        for notice in info.get("notices", ()):
+            click.echo(f"note: {notice}")
         ctx["top5"] = top5_informative(c.num_classes)
         if not ctx["top5"]:
             click.echo(f"{c.num_classes} classes: every class is among the top 5, so top-5 error (always 0) is not "
@@ -88,7 +93,7 @@ def command(tf32, **options):
                        f"{info['world_size']}; gradients: {info['replicas']}")
         if info.get("note"):
             click.echo(f"warning: {info['note']}", err=True)
-        if info["start_epoch"] or info["start_pos"]:
+        if (info["start_epoch"] or info["start_pos"]) and info["start_epoch"] < info["train"].epochs:
             click.echo(f"resuming at epoch {info['start_epoch'] + 1}, batch {info['start_pos']} "
                        f"(iteration {info['iteration']})")
         ctx["t0"] = time.monotonic()

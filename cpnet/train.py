@@ -129,7 +129,12 @@ def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=
     """Train per `cfg`; returns the last epoch's metrics. See the module docstring for the files it writes.
 
     `explicit`: the TrainConfig fields the user set on purpose (the CLI's flags); with `resume`, one that differs
-    from the saved run is an error instead of being silently replaced by the saved value.
+    from the saved run is an error instead of being silently replaced by the saved value, and `data` / `epochs`
+    left out come from the saved run. None: every field counts as set (the API's behaviour).
+
+    Nothing is created before every check has passed: RUN appears only when training starts. `on_start` gets,
+    besides the run's parts, `notices`: one-line remarks on choices made for the user (a constant schedule for
+    want of validation data, a resumed run extended or already finished, a preset that does not suit the images).
     """
     world = dist.world()
     if placement is None and (world.size > 1 or cfg.gpus_per_replica is not None):
@@ -140,10 +145,12 @@ def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=
     threads = cfg.threads if cfg.threads is not None else default_host_threads(cfg.workers, ranks)
     # two host towers in two threads only where this process has two CPUs of its own (None: the model decides)
     tower_threads = None if ranks == 1 else cpu_share(ranks) >= 2
+    notices = []
     with host_threads(threads):
+        cfg = saved_data(cfg)
         data = check_options(cfg)
         dist.shard_rows(world, cfg.batch_size)
-        cfg, net_cfg, state, ck = start_or_resume(cfg, data, explicit, world)
+        cfg, net_cfg, state, ck = start_or_resume(cfg, data, explicit, world, notices)
         model, opt = build_model_and_optimizer(cfg, net_cfg, state, ck, placement, tower_threads)
         replicas = dist.Replicas(world, model, opt)
         if world.size > 1:
@@ -152,10 +159,12 @@ def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=
             replicas.start()
             if not world.is_root:  # rank 0 alone reports
                 on_step = on_epoch = on_start = None
-        trainer = Trainer(cfg, net_cfg, state, data, model, opt,
-                          *build_loaders(cfg, net_cfg, data, (world.rank, world.size)), replicas=replicas)
+        loaders = build_loaders(cfg, net_cfg, data, (world.rank, world.size))
+        if world.is_root:  # the run folder appears once every check has passed
+            os.makedirs(cfg.out, exist_ok=True)
+        trainer = Trainer(cfg, net_cfg, state, data, model, opt, *loaders, replicas=replicas)
         with trainer:
-            return trainer.run(on_step, on_epoch, on_start)
+            return trainer.run(on_step, on_epoch, on_start and (lambda info: on_start(dict(info, notices=notices))))
 
 
 @dataclass
@@ -168,10 +177,29 @@ class DataFiles:
     mean: np.ndarray  # mean image, (S, S, 3), 0-255 scale
 
 
+def saved_data(cfg: TrainConfig) -> TrainConfig:
+    """With --resume and no --data: the data folder the saved run recorded."""
+    if cfg.data is not None or not cfg.resume:
+        return cfg
+    last = os.path.join(cfg.out, "last.h5")
+    if not os.path.exists(last):
+        raise CpnetError(f"--resume: {last} does not exist (nothing to resume)")
+    data = ckpt_io.load(last, with_momentum=False).train.get("data")
+    if not data:
+        raise CpnetError(f"--resume: {last} does not record its dataset; give --data")
+    if not os.path.exists(data):
+        raise CpnetError(f"--resume: the run's dataset {data} is not there any more (moved? give --data)")
+    return replace(cfg, data=data)
+
+
 def check_options(cfg: TrainConfig) -> DataFiles:
     """The options that need no checkpoint, and the dataset files (`--data`)."""
     from cpnet.data import H5Dataset
 
+    if cfg.data is None:
+        raise CpnetError("--data: missing (the folder `cpnet prep` wrote; only --resume can take it from the run)")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise CpnetError(f"--out {cfg.out}: a file, not a run folder")
     train_path, val_path = dataset_paths(cfg.data)
     if cfg.epochs < 1:
         raise CpnetError(f"--epochs {cfg.epochs}: expected at least 1")
@@ -190,11 +218,15 @@ def check_options(cfg: TrainConfig) -> DataFiles:
     return DataFiles(train_path, val_path, classes, stored, mean)
 
 
-def start_or_resume(cfg: TrainConfig, data: DataFiles, explicit=None, world=None):
-    """(the run's TrainConfig, its NetConfig, the loop state, the checkpoint or None) for a new or resumed run."""
+def _given(name, explicit):
+    return explicit is None or name in explicit
+
+
+def start_or_resume(cfg: TrainConfig, data: DataFiles, explicit=None, world=None, notices=None):
+    """(the run's TrainConfig, its NetConfig, the loop state, the checkpoint or None) for a new or resumed run;
+    remarks on choices made for the user are appended to `notices`."""
     world = world or dist.World()
-    if world.is_root:
-        os.makedirs(cfg.out, exist_ok=True)
+    notices = [] if notices is None else notices
     last = os.path.join(cfg.out, "last.h5")
     # every rank must see what rank 0 sees (a run folder on a file system all nodes share)
     found = world.gather(os.path.exists(last))
@@ -205,11 +237,15 @@ def start_or_resume(cfg: TrainConfig, data: DataFiles, explicit=None, world=None
         if missing:
             raise CpnetError(f"--resume: rank {missing[0]} does not see {last} (put --out on a file system that "
                              f"every node shares)")
-        cfg, net_cfg, state, ck = _resume(cfg, data, last, explicit)
+        cfg, net_cfg, state, ck = _resume(cfg, data, last, explicit, notices)
     else:
         if found[0]:
             raise CpnetError(f"--out {cfg.out}: already holds a run (last.h5); use --resume or another --out")
-        cfg, net_cfg, state = _start(cfg, data)
+        if cfg.schedule == "plateau" and data.val is None and cfg.validate and not _given("schedule", explicit):
+            cfg = replace(cfg, schedule="constant")
+            notices.append(f"no val.h5 beside {data.train}: the plateau schedule needs validation data, so the "
+                           f"learning rate stays at {cfg.lr:g} (--schedule step divides it every --step-epochs)")
+        cfg, net_cfg, state = _start(cfg, data, notices)
         ck = None
     if cfg.schedule == "plateau" and (data.val is None or not cfg.validate):
         raise CpnetError("--schedule plateau needs validation data (val.h5 beside train.h5)")
@@ -217,10 +253,21 @@ def start_or_resume(cfg: TrainConfig, data: DataFiles, explicit=None, world=None
     return cfg, net_cfg, state, ck
 
 
-def _start(cfg: TrainConfig, data: DataFiles):
+# the small presets are sized for images of about this many pixels; far larger ones get a notice
+SMALL_PRESET_SIZE = 96
+
+
+def _start(cfg: TrainConfig, data: DataFiles, notices):
     if cfg.model not in PRESETS:
         raise CpnetError(f"--model {cfg.model!r}: expected one of {', '.join(PRESETS)}")
     crop = cfg.crop or default_crop(cfg.model, data.stored)
+    if cfg.crop is None and crop > data.stored:
+        raise CpnetError(f"--model {cfg.model} takes {crop}-px crops, larger than the {data.stored}-px images of "
+                         f"{data.train} (prepare them with --size 256, or use --model alexnet-small)")
+    if cfg.model != "alexnet" and data.stored > SMALL_PRESET_SIZE:
+        notices.append(f"{cfg.model} is sized for small images (36 px: crop 32); on these {data.stored}-px images "
+                       f"its crop is {crop} and fc6 grows with it, slow on a CPU (prepare with --size 64, or use "
+                       "--model alexnet)")
     net_cfg = make_config(cfg.model, len(data.classes), crop, cfg.conventions, cfg.init, cfg.activation, cfg.lrn,
                           cfg.pool, cfg.dropout, cfg.seed)
     if cfg.scale is None:
@@ -233,14 +280,28 @@ def _start(cfg: TrainConfig, data: DataFiles):
     return cfg, net_cfg, state
 
 
-def _resume(cfg: TrainConfig, data: DataFiles, last: str, explicit):
-    """The saved run's settings, with what this invocation may change (RESUMABLE) taken from `cfg`."""
+def _resume(cfg: TrainConfig, data: DataFiles, last: str, explicit, notices):
+    """The saved run's settings, with what this invocation may change (RESUMABLE) taken from `cfg`; --epochs left
+    out: the saved run's."""
     if not os.path.exists(last):
         raise CpnetError(f"--resume: {last} does not exist (nothing to resume)")
     ck = ckpt_io.load(last)
     if ck.classes != data.classes:
         raise CpnetError(f"--resume: {last} was trained on other classes than {data.train}")
     net_cfg = ck.config
+    done, was = int(ck.state.get("epoch", 0)), int(ck.train.get("epochs", cfg.epochs))
+    epochs = cfg.epochs if _given("epochs", explicit) else was
+    if epochs < done or (epochs == done and ck.state.get("pos")):
+        raise CpnetError(f"--epochs {epochs}: the run in {cfg.out} has already trained {done} epochs"
+                         + (" and part of the next" if ck.state.get("pos") else "")
+                         + (f" (give more than {done} to extend it)" if done >= was else
+                            f" (leave --epochs out to finish its {was}, or give more than {done})"))
+    if epochs > was:
+        notices.append(f"extending the run from {was} to {epochs} epochs")
+    elif epochs == done:
+        notices.append(f"the run in {cfg.out} is finished ({done} of {epochs} epochs); --epochs N with N > {done} "
+                       "trains it further")
+    cfg = replace(cfg, epochs=epochs)
     saved = TrainConfig(**{**ck.train, **{k: getattr(cfg, k) for k in RESUMABLE}})
     resolved = {"crop": net_cfg.crop, "init": net_cfg.init}  # what a run that left these out actually used
     for name in sorted(explicit or ()):

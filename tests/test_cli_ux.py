@@ -49,7 +49,12 @@ def one_line_error(r):
 
 
 BAD = [
-    (["train"], "Missing option '--data'"),
+    (["train"], "Missing option '--out'"),
+    (["train", "--out", "{t}/run"], "--data: missing"),
+    (["train", "--data", "{d}/data", "--out", "{t}/run", "--model", "alexnet"], "takes 227-px crops"),
+    (["train", "--data", "{d}/data", "--out", "{t}/run", "--model", "alexnet-tiny"], "fewer than one training batch"),
+    (["train", "--data", "{d}/data", "--out", "{t}/run", "--model", "alexnet-tiny", "--batch-size", "8",
+      "--schedule", "plateau", "--crop", "99"], "--crop 99"),
     (["train", "--foo"], "No such option '--foo'"),
     (["train", "--data", "{d}/data", "--out", "{t}/run", "--workers", "-1"], "--workers"),
     (["bench", "--model", "alexnet-tinyy"], "--model 'alexnet-tinyy': expected one of"),
@@ -225,3 +230,61 @@ def test_prediction_percentages_sit_beside_the_bars():
     assert (pct != 255).any(axis=1).sum() > 5                      # where "100%" is written
     legend = a[:lay.header].reshape(-1, 3)
     assert (legend == viz.BAR_TRUE).all(axis=1).sum() > 20 and (legend == viz.BAR).all(axis=1).sum() > 20
+
+
+# ---- resume and the defaults that fit together ------------------------------------------------------------------
+
+def train(*args):
+    r = CliRunner().invoke(cli, ["train", "--model", "alexnet-tiny", "--batch-size", "8"] + [str(a) for a in args])
+    return r
+
+
+def epochs_in(run):
+    import json
+
+    return [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_takes_data_and_epochs_from_the_run(tiny, tmp_path):
+    from cpnet.config import TrainConfig
+    from cpnet.train import TrainingInterrupted, run
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(data=str(tiny / "data"), out=str(out), model="alexnet-tiny", epochs=2, batch_size=8,
+                      workers=0, max_iterations=4)
+    with pytest.raises(TrainingInterrupted):
+        run(cfg)                                        # stopped in epoch 2 (3 batches an epoch)
+    r = train("--out", out, "--resume")                 # what the interrupt message says: no --data, no --epochs
+    assert r.exit_code == 0, r.output
+    assert "resuming at epoch 2, batch 1" in r.stdout and epochs_in(out) == [1, 2]   # 2 epochs, not the default 10
+    r = train("--out", out, "--resume")
+    assert r.exit_code == 0 and "note: the run in" in r.stdout and "is finished (2 of 2 epochs)" in r.stdout
+    assert epochs_in(out) == [1, 2]
+    r = train("--out", out, "--resume", "--epochs", 3)
+    assert r.exit_code == 0 and "note: extending the run from 2 to 3 epochs" in r.stdout
+    assert epochs_in(out) == [1, 2, 3]
+    line = one_line_error(train("--out", out, "--resume", "--epochs", 1))
+    assert "--epochs 1: the run in" in line and "already trained 3 epochs" in line
+
+
+def test_without_validation_data_the_default_schedule_falls_back_to_constant(tiny, tmp_path):
+    import shutil
+
+    data = tmp_path / "noval"
+    data.mkdir()
+    shutil.copy(tiny / "data" / "train.h5", data / "train.h5")
+    r = train("--data", data, "--out", tmp_path / "run", "--epochs", 1)
+    assert r.exit_code == 0, r.output
+    notes = [ln for ln in r.stdout.splitlines() if ln.startswith("note: ")]
+    assert len(notes) == 1 and "no val.h5" in notes[0] and "stays at 0.01" in notes[0]
+    assert checkpoint.load(tmp_path / "run" / "last.h5").train["schedule"] == "constant"
+    line = one_line_error(train("--data", data, "--out", tmp_path / "r2", "--schedule", "plateau"))
+    assert "--schedule plateau needs validation data" in line and not (tmp_path / "r2").exists()
+
+
+def test_a_small_preset_on_large_images_says_so(tmp_path):
+    r = invoke("prep", "synthetic", "--out", tmp_path / "big", "--n", 8, "--classes", 2, "--size", 100, "-q")
+    assert r.exit_code == 0, r.output
+    r = train("--data", tmp_path / "big", "--out", tmp_path / "run", "--epochs", 1, "--schedule", "constant")
+    assert r.exit_code == 0, r.output
+    assert "note: alexnet-tiny is sized for small images" in r.stdout and "100-px images" in r.stdout
