@@ -54,6 +54,17 @@ def max_pool2d(x, k, s, p):
     return y, arg
 
 
+def max_pool2d_backward(dy, arg, x_shape):
+    """dx for max_pool2d: each output's gradient added onto the input its argmax names (float64)."""
+    N, C, H, W = x_shape
+    dx = np.zeros((N, C, H * W), dtype=np.float64)
+    for n in range(N):
+        for c in range(C):
+            for o, a in zip(dy[n, c].ravel(), arg[n, c].ravel()):
+                dx[n, c, a] += o
+    return dx.reshape(x_shape)
+
+
 def lrn(x, size, k, alpha, beta, convention):
     N, C, H, W = x.shape
     a = alpha if convention == "sum" else alpha / size
@@ -68,6 +79,31 @@ def lrn(x, size, k, alpha, beta, convention):
                             s += float(x[n, cc, h, w]) ** 2
                     y[n, c, h, w] = float(x[n, c, h, w]) * math.pow(k + a * s, -beta)
     return y
+
+
+def lrn_scale(x, size, k, a):
+    """The LRN cache: scale = k + a * (sum of x^2 over each channel's window), a = the effective alpha (float64)."""
+    C = x.shape[1]
+    x64 = x.astype(np.float64)
+    scale = np.zeros(x.shape)
+    for c in range(C):
+        for cc in range(c - (size - 1) // 2, c + size // 2 + 1):
+            if 0 <= cc < C:
+                scale[:, c] += x64[:, cc] ** 2
+    return k + a * scale
+
+
+def lrn_backward(x, scale, dy, size, a, beta):
+    """From the chain rule term by term: dx[i] = sum_j dy[j] * dy[j]/dx[i], with y[j] = x[j] * scale[j]^-beta and
+    a = the effective alpha (float64)."""
+    x, scale, dy = (v.astype(np.float64) for v in (x, scale, dy))
+    C = x.shape[1]
+    dx = dy * scale**-beta
+    for i in range(C):
+        for j in range(C):
+            if j - (size - 1) // 2 <= i <= j + size // 2:  # x[i] is inside j's window
+                dx[:, i] -= dy[:, j] * x[:, j] * beta * scale[:, j] ** (-beta - 1) * 2 * a * x[:, i]
+    return dx
 
 
 def _im2col_pairs(x_shape, kh, kw, sy, sx, ph, pw):

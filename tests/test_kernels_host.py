@@ -19,6 +19,7 @@ from bitwise import float_bits, random_array, with_specials
 import naive
 
 from cpnet import kernels
+from cpnet.shapes import window_out
 
 shim_module = pytest.importorskip("cpnet.kernels.shim")
 
@@ -43,70 +44,6 @@ def _ops(module, name):
         return getattr(mod, name)
     except (ImportError, AttributeError) as e:
         pytest.skip(f"cpnet.ops.{module}.{name} not available: {e}")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Naive loop references: slow, obviously right, small inputs only.
-
-
-def _outs(H, W, kh, kw, sy, sx, ph, pw):
-    return (H + 2 * ph - kh) // sy + 1, (W + 2 * pw - kw) // sx + 1
-
-
-def naive_maxpool_forward(x, k, s, p):
-    N, C, H, W = x.shape
-    Ho, Wo = _outs(H, W, k, k, s, s, p, p)
-    y = np.zeros((N, C, Ho, Wo), dtype=x.dtype)
-    arg = np.zeros((N, C, Ho, Wo), dtype=np.int32)
-    for n in range(N):
-        for c in range(C):
-            for oy in range(Ho):
-                for ox in range(Wo):
-                    best, where = None, -1
-                    for i in range(k):
-                        for j in range(k):
-                            h, w = oy * s - p + i, ox * s - p + j
-                            if not (0 <= h < H and 0 <= w < W):
-                                continue
-                            v = x[n, c, h, w]
-                            if best is None or v > best or (v != v and best == best):  # the first NaN wins
-                                best, where = v, h * W + w
-                    y[n, c, oy, ox], arg[n, c, oy, ox] = best, where
-    return y, arg
-
-
-def naive_maxpool_backward(dy, arg, x_shape):
-    N, C, H, W = x_shape
-    dx = np.zeros((N, C, H * W), dtype=np.float64)
-    for n in range(N):
-        for c in range(C):
-            for o, a in zip(dy[n, c].ravel(), arg[n, c].ravel()):
-                dx[n, c, a] += o
-    return dx.reshape(x_shape)
-
-
-def naive_lrn_forward(x, size, k, alpha, beta):
-    N, C, H, W = x.shape
-    x64 = x.astype(np.float64)
-    scale = np.zeros(x.shape)
-    for c in range(C):
-        for cc in range(c - (size - 1) // 2, c + size // 2 + 1):
-            if 0 <= cc < C:
-                scale[:, c] += x64[:, cc] ** 2
-    scale = k + alpha * scale
-    return x64 * scale**-beta, scale
-
-
-def naive_lrn_backward(x, y, scale, dy, size, alpha, beta):
-    """From the chain rule term by term: dx[i] = sum_j dy[j] * dy[j]/dx[i], with y[j] = x[j] * scale[j]^-beta."""
-    x, y, scale, dy = (a.astype(np.float64) for a in (x, y, scale, dy))
-    N, C, H, W = x.shape
-    dx = dy * scale**-beta
-    for i in range(C):
-        for j in range(C):
-            if j - (size - 1) // 2 <= i <= j + size // 2:  # x[i] is inside j's window
-                dx[:, i] -= dy[:, j] * x[:, j] * beta * scale[:, j] ** (-beta - 1) * 2 * alpha * x[:, i]
-    return dx
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -204,7 +141,7 @@ def test_im2col(shim, case, dtype):
 @pytest.mark.parametrize("case", ALL_CONV, ids=str)
 def test_col2im(shim, case, dtype):
     N, C, H, W, kh, kw, sy, sx, ph, pw = case
-    Ho, Wo = _outs(H, W, kh, kw, sy, sx, ph, pw)
+    Ho, Wo = window_out(H, kh, sy, ph), window_out(W, kw, sx, pw)
     col = random_array((C * kh * kw, N * Ho * Wo), dtype, seed=1)
     x = shim.col2im_host(col, (N, C, H, W), kh, kw, sy, sx, ph, pw)
     assert x.shape == (N, C, H, W) and x.dtype == dtype
@@ -230,7 +167,7 @@ def test_maxpool_forward(shim, case, dtype):
     for x in (_distinct((N, C, H, W), dtype), np.round(random_array((N, C, H, W), dtype, seed=4))):  # no ties, many ties
         y, arg = shim.maxpool_forward_host(x, k, s, p)
         assert arg.dtype == np.int32
-        y_ref, arg_ref = naive_maxpool_forward(x, k, s, p)
+        y_ref, arg_ref = naive.max_pool2d(x, k, s, p)
         np.testing.assert_array_equal(y, y_ref)
         np.testing.assert_array_equal(arg, arg_ref)
         y_ops, arg_ops = _ops("pool", "maxpool_forward_cpu")(x, k, s, p)
@@ -256,7 +193,7 @@ def test_maxpool_nan_propagates_like_the_host_path(shim, dtype):
     x[1, 2] = -np.inf
     for k, s, p in ((3, 2, 0), (3, 2, 1), (2, 1, 1)):
         y, arg = shim.maxpool_forward_host(x, k, s, p)
-        y_ref, arg_ref = naive_maxpool_forward(x, k, s, p)
+        y_ref, arg_ref = naive.max_pool2d(x, k, s, p)
         np.testing.assert_array_equal(y, y_ref)
         np.testing.assert_array_equal(arg, arg_ref)
         y_ops, arg_ops = _ops("pool", "maxpool_forward_cpu")(x, k, s, p)
@@ -273,7 +210,7 @@ def test_maxpool_backward(shim, case, dtype):
         dy = random_array(y.shape, dtype, seed=6)
         dx = shim.maxpool_backward_host(dy, arg, x.shape, k, s, p)
         assert dx.shape == x.shape and dx.dtype == dtype
-        _close(dx, naive_maxpool_backward(dy, arg, x.shape), dtype)
+        _close(dx, naive.max_pool2d_backward(dy, arg, x.shape), dtype)
         _close(dx, _ops("pool", "maxpool_backward_cpu")(dy, arg, x.shape, k, s, p), dtype)
 
 
@@ -285,7 +222,7 @@ def test_lrn_forward(shim, case, params, dtype):
     x = random_array((N, C, H, W), dtype, seed=7)
     y, scale = shim.lrn_forward_host(x, size, *params)
     assert y.dtype == scale.dtype == dtype
-    y_ref, scale_ref = naive_lrn_forward(x, size, *params)
+    y_ref, scale_ref = naive.lrn(x, size, *params, "sum"), naive.lrn_scale(x, size, params[0], params[1])
     _close(scale, scale_ref, dtype)
     _close(y, y_ref, dtype)
     y_ops, scale_ops = _ops("lrn", "lrn_forward_cpu")(x, size, *params)
@@ -304,7 +241,7 @@ def test_lrn_backward(shim, case, params, dtype):
     dy = random_array(x.shape, dtype, seed=9)
     dx = shim.lrn_backward_host(x, y, scale, dy, size, alpha, beta)
     assert dx.dtype == dtype
-    _close(dx, naive_lrn_backward(x, y, scale, dy, size, alpha, beta), dtype)
+    _close(dx, naive.lrn_backward(x, scale, dy, size, alpha, beta), dtype)
     _close(dx, _ops("lrn", "lrn_backward_cpu")(x, y, scale, dy, size, alpha, beta), dtype)
 
 
