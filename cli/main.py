@@ -11,7 +11,7 @@ import click
 from click.exceptions import NoArgsIsHelpError
 
 from cpnet import __version__
-from cpnet.errors import CpnetError
+from cpnet.errors import CpnetError, OptionError
 
 # command name -> module inside cpnet.cli that defines a click command called `command`
 COMMANDS = {
@@ -74,6 +74,8 @@ class LazyGroup(click.Group):
         try:
             with backend.host_threads(backend.default_host_threads()):
                 return super().invoke(ctx)
+        except OptionError as e:  # the library names the setting, the command line its flag
+            raise OneLineError(str(e.flagged())) from None
         except CpnetError as e:
             raise OneLineError(str(e)) from None
         except click.ClickException as e:

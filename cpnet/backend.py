@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CpnetError
+from .errors import CpnetError, OptionError
 
 _MODES = ("auto", "cpu", "gpu")
 _cupy = None  # the cupy module once imported; False when it cannot be used
@@ -368,7 +368,7 @@ def host_threads(n: int | None):
     if n is None:
         return nullcontext()
     if int(n) < 1:
-        raise CpnetError(f"--threads {n}: expected at least 1")
+        raise OptionError("threads", n, "expected at least 1")
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=int(n), user_api="blas")

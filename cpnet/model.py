@@ -25,7 +25,7 @@ import numpy as np
 from . import ops
 from .backend import HOST, Device, default_placement, device_of, to_device, to_host, transfer
 from .config import DEFAULT_INIT
-from .errors import CpnetError
+from .errors import CpnetError, OptionError
 from .layers import LRN, Conv2D, Dropout, Flatten, Linear, MaxPool, ParamBlock, ReLU, Sequential, Tanh
 from .shapes import window_out
 
@@ -99,18 +99,18 @@ def make_config(preset="alexnet", num_classes=1000, crop=None, conventions="pape
                 lrn=True, pool=(3, 2), dropout=0.5, seed=0) -> NetConfig:
     """A checked NetConfig for a preset: the conventions' LRN, and `init` (default DEFAULT_INIT)."""
     if preset not in PRESETS:
-        raise CpnetError(f"--model {preset!r}: expected one of {', '.join(PRESETS)}")
+        raise OptionError("model", repr(preset), f"expected one of {', '.join(PRESETS)}")
     if conventions not in CONVENTIONS:
-        raise CpnetError(f"--conventions {conventions!r}: expected one of {', '.join(CONVENTIONS)}")
+        raise OptionError("conventions", repr(conventions), f"expected one of {', '.join(CONVENTIONS)}")
     init = init or DEFAULT_INIT
     if init not in INITS:
-        raise CpnetError(f"--init {init!r}: expected one of {', '.join(INITS)}")
+        raise OptionError("init", repr(init), f"expected one of {', '.join(INITS)}")
     if activation not in ACTIVATIONS:
         raise CpnetError(f"activation {activation!r}: expected one of {', '.join(ACTIVATIONS)}")
     if int(seed) < 0:
-        raise CpnetError(f"--seed {seed}: expected 0 or more")
+        raise OptionError("seed", seed, "expected 0 or more")
     if not 0 <= dropout < 1:
-        raise CpnetError(f"--dropout {dropout}: expected a probability in [0, 1)")
+        raise OptionError("dropout", dropout, "expected a probability in [0, 1)")
     if len(pool) != 2 or min(pool) < 1:
         raise CpnetError(f"pool {pool}: expected (ksize, stride) of positive integers")
     if num_classes < 2:
@@ -162,9 +162,9 @@ def fc6_fan_in(cfg: NetConfig, crop=None) -> int:
 def check_crop(cfg: NetConfig, stored_size=None):
     lo = min_crop(cfg)
     if cfg.crop < lo:
-        raise CpnetError(f"--crop {cfg.crop}: model {cfg.preset} needs crops of at least {lo}")
+        raise OptionError("crop", cfg.crop, f"model {cfg.preset} needs crops of at least {lo}")
     if stored_size is not None and cfg.crop > stored_size:
-        raise CpnetError(f"--crop {cfg.crop}: larger than the stored image size {stored_size}")
+        raise OptionError("crop", cfg.crop, f"larger than the stored image size {stored_size}")
     if cfg.preset == "alexnet" and cfg.crop in (224, 227) and fc6_fan_in(cfg) != 9216:
         raise AssertionError(f"alexnet fc6 fan-in is {fc6_fan_in(cfg)}, expected 9216")
 

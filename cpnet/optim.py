@@ -20,17 +20,17 @@ import numpy as np
 
 from . import backend, kernels
 from .backend import is_gpu_array
-from .errors import CpnetError
+from .errors import CpnetError, OptionError
 
 
 class MomentumSGD:
     def __init__(self, model, lr=0.01, momentum=0.9, weight_decay=5e-4, decay_biases=False):
         if lr <= 0 or not math.isfinite(lr):
-            raise CpnetError(f"--lr {lr}: expected a positive number")
+            raise OptionError("lr", lr, "expected a positive number")
         if not 0 <= momentum < 1:
-            raise CpnetError(f"--momentum {momentum}: expected a number in [0, 1)")
+            raise OptionError("momentum", momentum, "expected a number in [0, 1)")
         if weight_decay < 0:
-            raise CpnetError(f"--weight-decay {weight_decay}: expected a number >= 0")
+            raise OptionError("weight_decay", weight_decay, "expected a number >= 0")
         self.model = model
         self.lr, self.momentum, self.weight_decay, self.decay_biases = float(lr), float(momentum), \
             float(weight_decay), bool(decay_biases)
@@ -173,11 +173,11 @@ class Schedule:
 
     def __init__(self, kind="plateau", factor=10.0, patience=1, max_drops=3, step_epochs=10, min_delta=1e-4):
         if kind not in self.KINDS:
-            raise CpnetError(f"--schedule {kind!r}: expected one of {', '.join(self.KINDS)}")
+            raise OptionError("schedule", repr(kind), f"expected one of {', '.join(self.KINDS)}")
         if int(step_epochs) < 1:
-            raise CpnetError(f"--step-epochs {step_epochs}: expected at least 1")
+            raise OptionError("step_epochs", step_epochs, "expected at least 1")
         if int(patience) < 1:
-            raise CpnetError(f"--patience {patience}: expected at least 1")
+            raise OptionError("patience", patience, "expected at least 1")
         if not float(factor) > 1:
             raise CpnetError(f"schedule factor {factor}: expected a number above 1")
         self.kind, self.factor, self.patience, self.max_drops, self.step_epochs, self.min_delta = \

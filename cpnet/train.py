@@ -34,7 +34,7 @@ from . import checkpoint as ckpt_io
 from . import dist
 from .backend import cpu_share, default_host_threads, default_loader_workers, host_threads, to_device, to_host
 from .config import TrainConfig
-from .errors import CpnetError
+from .errors import CpnetError, flag_names
 from .evaluate import evaluate, topk_hits
 from .model import PRESETS, build_model, check_crop, make_config
 from .optim import MomentumSGD, Schedule
@@ -146,7 +146,7 @@ def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=
     # two host towers in two threads only where this process has two CPUs of its own (None: the model decides)
     tower_threads = None if ranks == 1 else cpu_share(ranks) >= 2
     notices = []
-    with host_threads(threads):
+    with flag_names(), host_threads(threads):  # the settings' errors from below name the flags
         cfg = saved_data(cfg)
         data = check_options(cfg)
         dist.shard_rows(world, cfg.batch_size)

@@ -55,8 +55,9 @@ def test_host_threads_limits_blas_and_restores_it():
     assert backend.default_host_threads(workers=10**6) == 1
     cpus = len(os.sched_getaffinity(0))
     assert backend.default_host_threads(workers=0) == max(1, cpus // 2)
-    with pytest.raises(CpnetError, match="--threads 0"):
+    with pytest.raises(CpnetError, match="^threads 0: expected at least 1") as e:  # the setting; the CLI: --threads
         backend.host_threads(0)
+    assert str(e.value.flagged()) == "--threads 0: expected at least 1"
 
 
 @pytest.mark.skipif(backend.gpu_count() > 0, reason="CuPy is already imported on a GPU machine")

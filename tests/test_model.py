@@ -58,12 +58,17 @@ def test_small_preset_shapes_and_crop_limits():
 
 
 def test_bad_names_are_clear_errors():
-    with pytest.raises(CpnetError, match="--model"):
+    """The model names the setting; the option checks above it (CLI, train.run) name the flag."""
+    with pytest.raises(CpnetError, match="^model 'vgg': expected one of alexnet, ") as e:
         make_config("vgg", 10)
-    with pytest.raises(CpnetError, match="--conventions"):
+    assert str(e.value.flagged()).startswith("--model 'vgg': expected one of")
+    with pytest.raises(CpnetError, match="^conventions 'torch'"):
         make_config("alexnet-tiny", 10, conventions="torch")
-    with pytest.raises(CpnetError, match="--init"):
+    with pytest.raises(CpnetError, match="^init 'xavier'"):
         make_config("alexnet-tiny", 10, init="xavier")
+    with pytest.raises(CpnetError, match=r"^crop 3: model alexnet-tiny needs crops of at least 15") as e:
+        make_config("alexnet-tiny", 10, 3)
+    assert str(e.value.flagged()).startswith("--crop 3: ")
 
 
 def test_init_presets():

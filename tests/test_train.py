@@ -302,3 +302,14 @@ def test_cli_defaults_are_the_configs():
     ablate_flags = {p.name: p.default for p in ablate_command.params if p.name in expected and p.name != "out"}
     assert len(ablate_flags) >= 15 and ablate_flags == {k: expected[k] for k in ablate_flags}
     assert ablate_flags["epochs"] == 4 and ablate_flags["workers"] is None and train_flags["workers"] is None
+
+
+def test_settings_checked_below_train_are_named_by_their_flags(synth, tmp_path):
+    """The model and the optimizer name a bad setting ("weight_decay -1"); train.run and the CLI name the flag."""
+    with pytest.raises(CpnetError, match=r"^--weight-decay -1.0: expected a number >= 0"):
+        run(tiny_cfg(synth, tmp_path / "a", weight_decay=-1.0))
+    with pytest.raises(CpnetError, match=r"^--crop 40: larger than the stored image size 17"):
+        run(tiny_cfg(synth, tmp_path / "b", crop=40))
+    r = CliRunner().invoke(cli, ["train", "--data", str(synth), "--out", str(tmp_path / "c"), "--model",
+                                 "alexnet-tiny", "--momentum", "1.5"])
+    assert r.exit_code != 0 and "Error: --momentum 1.5: expected a number in [0, 1)" in r.output
