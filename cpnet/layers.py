@@ -40,13 +40,16 @@ class Conv2D(Layer):
         super().__init__()
         self.params = {"W": W, "b": b}
         self.stride, self.pad, self.groups, self.input_grad = stride, pad, groups, input_grad
+        self._workspace = {}  # host: the column matrix and its gradient, reused from step to step
 
     def forward(self, x, train=False):
-        y, self._cache = ops.conv2d_forward(x, self.params["W"], self.params["b"], self.stride, self.pad, self.groups)
+        y, self._cache = ops.conv2d_forward(x, self.params["W"], self.params["b"], self.stride, self.pad, self.groups,
+                                            workspace=self._workspace)
         return y
 
     def backward(self, dy):
-        dx, self.grads["W"], self.grads["b"] = ops.conv2d_backward(dy, self._cache, need_dx=self.input_grad)
+        dx, self.grads["W"], self.grads["b"] = ops.conv2d_backward(dy, self._cache, need_dx=self.input_grad,
+                                                                   workspace=self._workspace)
         self._cache = None
         return dx
 

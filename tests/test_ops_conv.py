@@ -151,3 +151,25 @@ def test_errors_name_the_op_and_shape(xp):
     y, cache = conv2d_forward(x, xp.zeros((4, 3, 3, 3)), None)
     with pytest.raises(ValueError, match="conv2d_backward: dy must have the forward output's shape"):
         conv2d_backward(y[:, :2], cache)
+
+
+def test_host_workspace_reuses_the_column_buffers_and_changes_no_result():
+    """With a workspace the host keeps the column matrix and its gradient from call to call (the same arrays,
+    overwritten): each forward/backward equals the one without it, and a new batch size replaces them."""
+    r = np.random.default_rng(12)
+    W, b = r.standard_normal((6, 2, 3, 3)), r.standard_normal(6)
+    ws = {}
+    for step, n in enumerate((3, 3, 2)):
+        x = r.standard_normal((n, 4, 7, 6))
+        dy = r.standard_normal((n, 6, 4, 3))
+        y, cache = conv2d_forward(x, W, b, stride=2, pad=1, groups=2, workspace=ws)
+        before = (ws["col"], ws.get("dcol"))
+        got = conv2d_backward(dy, cache, workspace=ws)
+        y0, c0 = conv2d_forward(x, W, b, stride=2, pad=1, groups=2)
+        np.testing.assert_array_equal(y, y0)
+        for a, e in zip(got, conv2d_backward(dy, c0)):
+            np.testing.assert_array_equal(a, e)
+        if step == 1:
+            assert before[0] is first[0] and before[1] is first[1] and ws["dcol"] is first[1]
+        first = (ws["col"], ws["dcol"])
+    assert ws["col"].shape[1] == 2 * 4 * 3
