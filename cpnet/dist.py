@@ -39,7 +39,7 @@ from .errors import CpnetError
 # Environment variables through which common launchers announce how many processes they started.
 _SIZE_VARS = ("PMI_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
 
-BUCKET_BYTES = 32 << 20  # flat-buffer size cap: a few buckets for alexnet (244 MB), one for the small presets
+BUCKET_BYTES = 32 << 20  # a flat buffer closes once it holds this much: 3 for alexnet (244 MB), 1 for alexnet-small
 
 _world = None
 
@@ -275,7 +275,7 @@ class Replicas:
     number of replicas: each replica's loss is the mean over its B/N rows, so the result is the gradient of the
     mean over the global batch B.
 
-    Gradients are gathered per tower device into flat buffers (at most `bucket_bytes` each) in reverse layer order,
+    Gradients are gathered per tower device into flat buffers (each closed once it holds `bucket_bytes`) in reverse layer order,
     fc8 and fc7 first, the order backward produces them in; each bucket's reduction starts as soon as it is
     packed. The unit is the model's parameter memory (`model.param_memory()`): one gradient array per block, both
     towers' rows at once where they share one array (fused), and the result is written back into that array, so
@@ -298,13 +298,13 @@ class Replicas:
             by_device.setdefault(blocks[name].device, []).append(blocks[name])
         for device, blks in by_device.items():
             cur, size = [], 0
-            for blk in blks:
+            for blk in blks:  # a bucket closes once it holds bucket_bytes (fc6's 151 MB fills one alone)
                 n = int(blk.param.size)
-                if cur and (size + n) * dtype.itemsize > bucket_bytes:
-                    self.buckets.append(_Bucket(device, dtype, cur))
-                    cur, size = [], 0
                 cur.append((blk, size, n))
                 size += n
+                if size * dtype.itemsize >= bucket_bytes:
+                    self.buckets.append(_Bucket(device, dtype, cur))
+                    cur, size = [], 0
             if cur:
                 self.buckets.append(_Bucket(device, dtype, cur))
         gpu_devices = [d for d in by_device if d.is_gpu or nccl not in ("auto", None)]
@@ -384,7 +384,8 @@ class Replicas:
         per = {}
         for b in self.buckets:
             per.setdefault(b.device, []).append(b.size * self.model.dtype.itemsize)
-        how = {d: ("NCCL" if d in self._nccl_comms else "MPI via host" if d.is_gpu else "MPI") for d in per}
+        mpi = "MPI" if self.world.size > 1 else "nothing to sum (one process)"
+        how = {d: ("NCCL" if d in self._nccl_comms else f"{mpi} via host" if d.is_gpu else mpi) for d in per}
         return "; ".join(f"{d}: {len(s)} flat buffer{'s' if len(s) > 1 else ''} of {_size(sum(s))} by {how[d]}"
                          for d, s in per.items())
 

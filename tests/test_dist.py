@@ -339,3 +339,23 @@ def test_nccl_gradient_sum_on_two_gpus(tmp_path, per_replica):
     assert r.returncode == 0, r.stdout + r.stderr
     res = np.load(out)
     assert float(res["err"]) < 1e-12 and "NCCL" in str(res["describe"])
+
+
+# ---- the benchmark and the model --------------------------------------------------------------------------------
+
+def test_allreduce_bench_runs_under_mpiexec():
+    r = mpirun(2, [os.path.join(HERE, "..", "bench", "allreduce.py"), "--model", "alexnet-tiny", "--batch-size", "8",
+                   "--steps", "1", "--warmup", "0", "--json"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])  # rank 0 alone prints
+    assert res["replicas"] == 2 and res["rows_per_replica"] == 4 and res["reduce_s"] > 0 and res["step_s"] > 0
+    assert res["grad_bytes"] == res["params"] * 4 and "by MPI" in res["reduction"]
+
+
+def test_scaling_model_ring_formula():
+    sys.path.insert(0, os.path.join(HERE, "..", "bench"))
+    import scaling_model
+
+    assert scaling_model.ring(1e9, 1, 1e9, 1.0) == 0.0
+    assert scaling_model.ring(800e6, 8, 400e9, 0.0) == pytest.approx(2 * 7 / 8 * 2e-3)
+    assert scaling_model.ring(0, 4, 1e9, 1e-6) == pytest.approx(6e-6)
