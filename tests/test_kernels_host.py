@@ -160,19 +160,21 @@ def test_col2im_is_the_adjoint_of_im2col(shim, dtype):
         assert lhs == pytest.approx(rhs, rel=1e-4 if dtype == np.float32 else 1e-12, abs=1e-5)
 
 
+def _maxpool_forward_agrees(shim, x, k, s, p):
+    """The kernel's y and int32 argmax equal the naive loops' and the host path's exactly."""
+    y, arg = shim.maxpool_forward_host(x, k, s, p)
+    assert arg.dtype == np.int32
+    for y_ref, arg_ref in (naive.max_pool2d(x, k, s, p), _ops("pool", "maxpool_forward_cpu")(x, k, s, p)):
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(arg, arg_ref)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ALL_POOL, ids=str)
 def test_maxpool_forward(shim, case, dtype):
     N, C, H, W, k, s, p = case
     for x in (_distinct((N, C, H, W), dtype), np.round(random_array((N, C, H, W), dtype, seed=4))):  # no ties, many ties
-        y, arg = shim.maxpool_forward_host(x, k, s, p)
-        assert arg.dtype == np.int32
-        y_ref, arg_ref = naive.max_pool2d(x, k, s, p)
-        np.testing.assert_array_equal(y, y_ref)
-        np.testing.assert_array_equal(arg, arg_ref)
-        y_ops, arg_ops = _ops("pool", "maxpool_forward_cpu")(x, k, s, p)
-        np.testing.assert_array_equal(y, y_ops)
-        np.testing.assert_array_equal(arg, arg_ops)
+        _maxpool_forward_agrees(shim, x, k, s, p)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -192,13 +194,7 @@ def test_maxpool_nan_propagates_like_the_host_path(shim, dtype):
     x.reshape(-1)[[0, 5, 17, 18, 40, 77, 100, 101]] = np.nan
     x[1, 2] = -np.inf
     for k, s, p in ((3, 2, 0), (3, 2, 1), (2, 1, 1)):
-        y, arg = shim.maxpool_forward_host(x, k, s, p)
-        y_ref, arg_ref = naive.max_pool2d(x, k, s, p)
-        np.testing.assert_array_equal(y, y_ref)
-        np.testing.assert_array_equal(arg, arg_ref)
-        y_ops, arg_ops = _ops("pool", "maxpool_forward_cpu")(x, k, s, p)
-        np.testing.assert_array_equal(y, y_ops)
-        np.testing.assert_array_equal(arg, arg_ops)
+        _maxpool_forward_agrees(shim, x, k, s, p)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
