@@ -8,9 +8,12 @@
 # network: cpnet goes in with `pip install --no-deps --no-build-isolation --no-index -e .`, or, where that
 # fails, through a temporary sitecustomize.py on PYTHONPATH that maps cpnet.cli and cpnet.data onto the checkout.
 # Every step runs (so one costly GPU session gives every answer) under its own time limit; the script then
-# exits 1 with a FAILED banner if any step failed. Budget: under 6 minutes on one H100 even if every step runs to
-# its limit (120 + 80 + 30 + 30 + 80 s; the bench step runs the fused default and the two-tower path, the loader
-# step `bench/loader_bench.py` with 0 to 12 workers and `bench/conv_parts.py`, their tables appended to bench.log). It writes 8 files in OUTDIR
+# exits 1 with a FAILED banner if any step failed. Budget: about 6 minutes on one GPU even if every step runs to
+# its limit (120 + 80 + 30 + 30 + 30 + 80 s; 7 minutes with the 60 s two-replica reduction, run only where two
+# GPUs and mpi4py are there). The bench step runs the fused default and the two-tower path; the loader step
+# (`bench/loader_bench.py`, 0 to 12 workers), `bench/conv_parts.py` and `bench/allreduce.py` (cpnet.dist's
+# gradient reduction: NCCL in a world of one, then 2 replicas under mpiexec) append their tables to bench.log.
+# It writes 8 files in OUTDIR
 # (env.txt, pytest_gpu.log, bench.log, bench.json, bench_split.json, compare_torch.log/.json, summary.txt): the
 # device tool returns at most 8.
 #
@@ -148,6 +151,18 @@ fi
 # ---- 4. where each convolution's time goes (im2col, GEMMs, layout, col2im), appended to bench.log ------------
 APPEND=1 step "conv parts" 30 "$OUT/bench.log" "$PY" bench/conv_parts.py --model "$MODEL" --batch-size "$BATCH" \
   --repeats "$STEPS"
+
+# ---- 4b. the gradient reduction (cpnet.dist): NCCL in a world of one; 2 replicas when 2 GPUs and mpi4py are there
+APPEND=1 step "allreduce" 30 "$OUT/bench.log" "$PY" bench/allreduce.py --model "$MODEL" --batch-size "$BATCH" \
+  --steps "$STEPS" --no-step
+MPIEXEC=$(dirname "$(command -v "$PY")")/mpiexec; [ -x "$MPIEXEC" ] || MPIEXEC=$(command -v mpiexec || true)
+GPUS=$("$PY" -c "from cpnet import backend; print(backend.gpu_count())" 2>/dev/null || echo 0)
+if [ -n "$MPIEXEC" ] && "$PY" -c "import mpi4py" >/dev/null 2>&1 && { [ "$GPUS" -ge 2 ] || [ "$DRY" = 1 ]; }; then
+  APPEND=1 step "allreduce x2" 60 "$OUT/bench.log" "$MPIEXEC" -n 2 "$PY" bench/allreduce.py --model "$MODEL" \
+    --batch-size "$BATCH" --steps "$STEPS" --gpus-per-replica 1
+else
+  say "allreduce with 2 replicas skipped (needs 2 GPUs, mpi4py and mpiexec; $GPUS GPU(s) here)"
+fi
 
 # ---- 5. PyTorch side by side -------------------------------------------------------------------------------
 if "$PY" -c "import torch" >/dev/null 2>&1; then
