@@ -63,13 +63,10 @@ class StandInNccl:
 
 
 def tiny_train_config(data, out, **kw):
-    """The training run that tests/test_dist.py compares across world sizes (the same as test_train's tiny_cfg)."""
-    from cpnet.train import TrainConfig
+    """The training run that tests/test_dist.py compares across world sizes: test_train's tiny run."""
+    from test_train import tiny_cfg
 
-    base = dict(data=str(data), out=str(out), model="alexnet-tiny", epochs=2, batch_size=16, lr=0.01, seed=5,
-                crop=15, init="he", schedule="constant", scale=1 / 64)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_cfg(data, out, **kw)
 
 
 def use_float64():

@@ -165,17 +165,7 @@ def test_a_killed_rank_ends_the_job():
 
 # ---- training: the run does not depend on the number of replicas -----------------------------------------------
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    from click.testing import CliRunner
-
-    from cpnet.cli.main import cli
-
-    d = tmp_path_factory.mktemp("synth")
-    r = CliRunner().invoke(cli, ["prep", "synthetic", "--out", str(d), "--n", "96", "--classes", "4",
-                                 "--size", "17", "--seed", "3"])
-    assert r.exit_code == 0, r.output
-    return d  # 96 training images (6 batches of 16), 19 validation images (not a multiple of 2 or 4)
+from test_train import synth  # noqa: E402,F401  96 training images (6 batches of 16), 19 validation (not 2k or 4k)
 
 
 @pytest.fixture(scope="module")
