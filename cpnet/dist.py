@@ -193,8 +193,8 @@ class MPIWorld(World):
 
     def describe(self) -> str:
         where = ", ".join(f"{r}:{pid}" for r, (pid, _) in enumerate(self.pids))
-        return (f"{self.size} replicas (MPI, {self.nodes} node{'s' if self.nodes > 1 else ''}, "
-                f"{self.local_size} on this one; rank:pid {where})")
+        return (f"{self.size} over MPI on {self.nodes} node{'s' if self.nodes > 1 else ''} ({self.local_size} on this "
+                f"one; rank:pid {where})")
 
     def fail(self, message: str, code: int = 1):
         """One line naming this rank, then MPI_Abort. Ranks other than 0 wait a moment first: when every rank hits

@@ -119,6 +119,18 @@ def test_row_blocks_and_placement(monkeypatch):
         dist.replica_placement(_Fake(0, 1, 0, 1), 3)
 
 
+def test_cpu_share_of_co_located_ranks(monkeypatch):
+    """Ranks on one node split its CPUs: BLAS threads per tower and loader workers come from each rank's share."""
+    from cpnet import backend
+
+    monkeypatch.setattr(backend, "_cpu_count", lambda: 16)
+    assert backend.cpu_share(4) == 4 and backend.cpu_share(32) == 1
+    assert backend.default_host_threads(0, 1) == 8 and backend.default_host_threads(0, 4) == 2
+    assert backend.default_host_threads(2, 4) == 1
+    gpu = [backend.Device("gpu", 0)] * 2
+    assert backend.default_loader_workers(gpu, 1) == 12 and backend.default_loader_workers(gpu, 4) == 2
+
+
 def test_reverse_layer_order():
     names = ["t0.conv1.W", "t0.conv1.b", "t1.conv1.W", "t0.fc7.b", "t1.fc7.W", "t0.fc7.W", "fc8.b", "fc8.W"]
     assert dist._reverse_layer_order(names) == ["fc8.W", "fc8.b", "t0.fc7.W", "t0.fc7.b", "t1.fc7.W",
@@ -285,7 +297,7 @@ def test_cli_under_mpiexec_prints_once_and_refuses_a_batch_that_does_not_split(s
     r = mpirun(2, cmd + [str(tmp_path / "a"), "--batch-size", "16"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("epoch 1:") == 1 and r.stdout.count("done in") == 1
-    assert "replicas: 2 replicas (MPI, 1 node" in r.stdout and "global batch 16 = 8 rows x 2" in r.stdout
+    assert "replicas: 2 over MPI on 1 node (2 on this one; rank:pid 0:" in r.stdout and "global batch 16 = 8 rows x 2" in r.stdout
     r = mpirun(4, cmd + [str(tmp_path / "b"), "--batch-size", "10"])
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
