@@ -134,7 +134,7 @@ def command(tf32, **options):
         line.done()
         if dist.world().is_root:
             click.echo(f"interrupted: {e}", err=True)
-        raise SystemExit(130)
+        raise SystemExit(128 + e.signum)
     except (Exception, KeyboardInterrupt) as e:
         if dist.world().size == 1:
             raise

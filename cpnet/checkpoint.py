@@ -253,6 +253,16 @@ def _load_open(f, path, with_momentum):
                       state=_json_attr(f, path, "state"), train=_json_attr(f, path, "train"), path=path)
 
 
+def read_state(path) -> dict:
+    """The `state` attribute of a checkpoint without reading its arrays; {} when missing or unreadable."""
+    try:
+        with h5py.File(os.fspath(path), "r") as f:
+            value = json.loads(f.attrs.get("state", "{}"))
+    except Exception:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def load_model(path, placement=None, dtype=np.float32):
     """(model, checkpoint) with the checkpoint's weights on `placement` (default: the machine's)."""
     from .model import build_model

@@ -21,10 +21,12 @@ holds no world size: a run resumes on any N that divides B. A world of one does 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -35,6 +37,7 @@ from . import dist
 from .backend import cpu_share, default_host_threads, default_loader_workers, host_threads, to_device, to_host
 from .config import TrainConfig
 from .errors import CpnetError, flag_names
+from .files import FolderLock, write_error
 from .evaluate import evaluate, topk_hits
 from .model import PRESETS, build_model, check_crop, make_config
 from .optim import MomentumSGD, Schedule
@@ -52,7 +55,12 @@ SUM_KEYS = ("loss", "top1", "top5", "n", "data_s", "compute_s")
 
 
 class TrainingInterrupted(Exception):
-    """Raised after Ctrl-C once the current step has finished and RUN/last.h5 holds the position."""
+    """Raised after Ctrl-C or SIGTERM once the current step has finished and RUN/last.h5 holds the position;
+    `signum` is the signal that asked (the CLI exits with 128 + signum)."""
+
+    def __init__(self, msg, signum=signal.SIGINT):
+        super().__init__(msg)
+        self.signum = int(signum)
 
 
 class TrainingDiverged(CpnetError):
@@ -100,27 +108,88 @@ def _write_metrics(path, history):
 
 
 class _StopFlag:
-    """Ctrl-C asks the loop to stop at the next batch boundary; a second Ctrl-C interrupts at once."""
+    """Ctrl-C or SIGTERM (what `timeout`, Slurm and container stops send) asks the loop to stop at the next batch
+    boundary, which saves the position; a second one interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.signum = signal.SIGINT
+        self._old = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread
-            self._old = None
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     def _handler(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.requested, self.signum = True, signum
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
         return False
+
+
+def check_out(out: str) -> str:
+    """`--out` is a folder this process can write in, or can be made one: checked before anything is loaded, so
+    a read-only or misplaced folder fails at once instead of after an epoch. Creates nothing that stays."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CpnetError(f"--out {out}: is a file, expected a run folder")
+    where = os.path.abspath(out)
+    while not os.path.exists(where):      # the folder to be made: its nearest existing ancestor must take it
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        raise CpnetError(f"--out {out}: cannot create the run folder ({where} is a file)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cpnet-write-test.", suffix=".tmp", dir=where)
+        try:
+            os.write(fd, b"cpnet")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise write_error(where, e, "checking that the run folder can be written",
+                          "choose another --out or free some space") from None
+    return out
+
+
+def repair_run_files(out: str, ck) -> list:
+    """After a crash inside the end of an epoch, make best.h5 and metrics.jsonl agree with last.h5 (the record);
+    remove the temporary files a killed write left. A list of what was done, for the user."""
+    done = [f"removed {os.path.join(out, n)} (left by a killed write)"
+            for n in ckpt_io.remove_stale_temporaries(out, ("last.h5", "best.h5", "metrics.jsonl"))]
+    state = ck.state
+    history = list(state.get("history") or [])
+    metrics = os.path.join(out, "metrics.jsonl")
+    want = "".join(json.dumps(row) + "\n" for row in history)
+    try:
+        with open(metrics) as fh:
+            have = fh.read()
+    except OSError:
+        have = None
+    if history and have != want:
+        _write_metrics(metrics, history)
+        done.append(f"{metrics} rewritten from last.h5 ({len(history)} epochs; a crash had cut it short)")
+    best_val = state.get("best_val")
+    rows = [r for r in history if r.get("val_top1") == best_val] if best_val is not None else []
+    if rows:
+        best_epoch = int(rows[0]["epoch"])
+        best = os.path.join(out, "best.h5")
+        if ckpt_io.read_state(best).get("epoch") != best_epoch:
+            if best_epoch == int(state.get("epoch", -1)) and not state.get("pos"):
+                ckpt_io.save(best, replace(ck, momentum=None))
+                done.append(f"{best} rebuilt from last.h5 (epoch {best_epoch}; a crash had left it stale)")
+            else:
+                done.append(f"{best} does not hold epoch {best_epoch}, the best so far, and last.h5 cannot "
+                            "rebuild it")
+    return done
 
 
 # ---- the run, in parts: options, start-or-resume, build, one epoch, end of epoch ---------------------------------
@@ -148,6 +217,8 @@ def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=
     notices = []
     with flag_names(), host_threads(threads):  # the settings' errors from below name the flags
         cfg = saved_data(cfg)
+        if world.is_root:
+            check_out(cfg.out)
         data = check_options(cfg)
         dist.shard_rows(world, cfg.batch_size)
         cfg, net_cfg, state, ck = start_or_resume(cfg, data, explicit, world, notices)
@@ -159,12 +230,16 @@ def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=
             replicas.start()
             if not world.is_root:  # rank 0 alone reports
                 on_step = on_epoch = on_start = None
-        loaders = build_loaders(cfg, net_cfg, data, (world.rank, world.size))
-        if world.is_root:  # the run folder appears once every check has passed
-            os.makedirs(cfg.out, exist_ok=True)
-        trainer = Trainer(cfg, net_cfg, state, data, model, opt, *loaders, replicas=replicas)
-        with trainer:
-            return trainer.run(on_step, on_epoch, on_start and (lambda info: on_start(dict(info, notices=notices))))
+        # the run folder appears once every check has passed; rank 0 alone writes it, so it alone locks it, for
+        # the run's life (a resumed one too): a second run into it is refused before it writes anything
+        with FolderLock(cfg.out, "cpnet train") if world.is_root else contextlib.nullcontext():
+            if ck is not None and world.is_root:
+                notices += repair_run_files(cfg.out, ck)
+            loaders = build_loaders(cfg, net_cfg, data, (world.rank, world.size))
+            trainer = Trainer(cfg, net_cfg, state, data, model, opt, *loaders, replicas=replicas)
+            with trainer:
+                return trainer.run(on_step, on_epoch,
+                                   on_start and (lambda info: on_start(dict(info, notices=notices))))
 
 
 @dataclass
@@ -175,6 +250,7 @@ class DataFiles:
     classes: list
     stored: int       # stored image size (pixels)
     mean: np.ndarray  # mean image, (S, S, 3), 0-255 scale
+    n: int = 0        # training images
 
 
 def saved_data(cfg: TrainConfig) -> TrainConfig:
@@ -205,17 +281,27 @@ def check_options(cfg: TrainConfig) -> DataFiles:
         raise CpnetError(f"--epochs {cfg.epochs}: expected at least 1")
     if cfg.batch_size < 1:
         raise CpnetError(f"--batch-size {cfg.batch_size}: expected at least 1")
-    if not cfg.lighting >= 0:
-        raise CpnetError(f"--lighting {cfg.lighting}: expected a standard deviation >= 0")
+    if not (cfg.lighting >= 0 and math.isfinite(cfg.lighting)):
+        raise CpnetError(f"--lighting {cfg.lighting}: expected a standard deviation >= 0 (finite)")
+    if cfg.crop is not None and cfg.crop < 1:
+        raise CpnetError(f"--crop {cfg.crop}: expected a crop size of at least 1 pixel (leave it out for the "
+                         "default)")
     if cfg.workers < 0:
         raise CpnetError(f"--workers {cfg.workers}: expected 0 or more")
     with H5Dataset(train_path) as ds:
         classes, stored, mean = list(ds.classes), ds.size, np.array(ds.mean)  # labels checked at open
+        n = ds.n
     if val_path:
         with H5Dataset(val_path) as vds:
             if list(vds.classes) != classes:
                 raise CpnetError(f"{val_path}: its classes differ from {train_path}'s")
-    return DataFiles(train_path, val_path, classes, stored, mean)
+            if vds.size != stored:
+                raise CpnetError(f"{val_path}: images stored at {vds.size} px, {train_path} at {stored} px "
+                                 "(prepare both with one --size)")
+            if vds.n == 0:
+                raise CpnetError(f"{val_path}: no images (validation needs at least one; remove the file to "
+                                 "train without validation)")
+    return DataFiles(train_path, val_path, classes, stored, mean, n)
 
 
 def _given(name, explicit):
@@ -250,6 +336,8 @@ def start_or_resume(cfg: TrainConfig, data: DataFiles, explicit=None, world=None
     if cfg.schedule == "plateau" and (data.val is None or not cfg.validate):
         raise CpnetError("--schedule plateau needs validation data (val.h5 beside train.h5)")
     check_crop(net_cfg, data.stored)
+    if cfg.batch_size > data.n:      # before a loader allocates a batch (--batch-size 1e11 was a MemoryError)
+        raise CpnetError(f"--batch-size {cfg.batch_size}: {data.train} has {data.n} images, fewer than one batch")
     return cfg, net_cfg, state, ck
 
 
@@ -288,6 +376,9 @@ def _resume(cfg: TrainConfig, data: DataFiles, last: str, explicit, notices):
     ck = ckpt_io.load(last)
     if ck.classes != data.classes:
         raise CpnetError(f"--resume: {last} was trained on other classes than {data.train}")
+    if ck.stored_size and ck.stored_size != data.stored:
+        raise CpnetError(f"--resume: {last} was trained on images stored at {ck.stored_size} px, --data "
+                         f"{data.train} holds {data.stored} px")
     net_cfg = ck.config
     done, was = int(ck.state.get("epoch", 0)), int(ck.train.get("epochs", cfg.epochs))
     epochs = cfg.epochs if _given("epochs", explicit) else was
@@ -425,10 +516,26 @@ class Trainer:
                     on_epoch(row)
         return result
 
+    def check_finite(self, epoch: int):
+        """Stop (TrainingDiverged) when a parameter or a momentum array holds NaN or infinity.
+
+        The loss alone misses such values (a NaN input can reach conv1's gradient while ReLU and max pool turn
+        the activations finite again); a non-finite gradient makes its parameter non-finite at the update, so
+        checking the parameters after it covers the gradients too. One float64 sum per array, on its device:
+        it runs at every loss read-back and before every save, so nothing non-finite reaches a file."""
+        for group, arrays in (("parameter", self.model.params()), ("momentum of", self.opt.velocity)):
+            for name, v in arrays.items():
+                if not math.isfinite(float(v.sum(dtype=np.float64))):
+                    raise TrainingDiverged(
+                        f"{group} {name} became NaN or infinite by iteration {self.iteration} (epoch {epoch + 1}): "
+                        f"training stopped; {self.last if os.path.exists(self.last) else 'no checkpoint'} keeps "
+                        "the last good state (try a lower --lr, a smaller --lighting or --scale)")
+
     def save(self, path, epoch, pos, sums, weights_only=False):
         if not self.world.is_root:
             return
         opt = self.opt
+        self.check_finite(epoch if pos else epoch - 1)
         ckpt_io.save(path, ckpt_io.Checkpoint(
             config=self.net_cfg, params=self.model.host_params(), classes=self.data.classes, mean=self.data.mean,
             scale=self.cfg.scale, stored_size=self.data.stored,
@@ -480,6 +587,8 @@ class Trainer:
             if self.iteration % self.sync_every == 0 or pos == nb or pos == start + 1 or at_max or seen:
                 step_info = pending.flush(sums, self.iteration, epoch, self.last, self.world)
             self.update()
+            if step_info is not None:
+                self.check_finite(epoch)
             t_wait = time.perf_counter()
             sums["compute_s"] += t_wait - t0
             if on_step and step_info is not None:
@@ -491,7 +600,7 @@ class Trainer:
                 self.save(self.last, epoch, pos, sums)
                 raise TrainingInterrupted(
                     f"stopped at epoch {epoch + 1}, batch {pos}/{nb} (iteration {self.iteration}); "
-                    f"{self.last} holds the position: continue with --resume")
+                    f"{self.last} holds the position: continue with --resume", stop.signum)
         return sums
 
     def end_epoch(self, epoch: int, sums: dict) -> dict:
@@ -509,6 +618,8 @@ class Trainer:
         if improved:
             self.best_val = row["val_top1"]
         self.opt.lr = self.schedule.update(self.opt.lr, row.get("val_top1"))
+        # one transaction: last.h5 first (it is the record: its history and best_val say what best.h5 and
+        # metrics.jsonl must hold, and repair_run_files makes them so on --resume after a crash in between)
         self.save(self.last, epoch + 1, 0, None)
         if improved:
             self.save(self.best, epoch + 1, 0, None, weights_only=True)

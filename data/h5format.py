@@ -98,6 +98,10 @@ def check_h5(path, what="dataset file"):
         raise CpnetError(f"{path}: not an HDF5 file (expected a {what} made by `cpnet prep`)")
 
 
+def _decode_attr(v):
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+
+
 class H5Dataset:
     """Read access to one dataset file. Metadata (labels, classes, mean, PCA) is loaded at open; images on demand.
 
@@ -114,9 +118,13 @@ class H5Dataset:
             raise CpnetError(f"{self.path}: cannot open as HDF5 ({e})") from None
         try:
             self._load_meta()
-        except Exception:
+        except CpnetError:
             self._f.close()
             raise
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeDecodeError) as e:
+            self._f.close()       # h5py on a damaged (bit-flipped, truncated) file
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CpnetError(f"{self.path}: damaged dataset file ({msg}); make it again with `cpnet prep`") from None
 
     def _fail(self, msg):
         raise CpnetError(f"{self.path}: {msg}")
@@ -128,8 +136,12 @@ class H5Dataset:
         ver = f.attrs.get("format_version")
         if ver is None:
             self._fail(f"no format_version attribute (expected a cpnet dataset file, format version {FORMAT_VERSION})")
-        if int(ver) != FORMAT_VERSION:
-            self._fail(f"format version {int(ver)}, this cpnet reads format version {FORMAT_VERSION}")
+        try:
+            ver = int(ver)
+        except (TypeError, ValueError):
+            self._fail(f"format_version is {_decode_attr(ver)!r}, expected a number ({FORMAT_VERSION})")
+        if ver != FORMAT_VERSION:
+            self._fail(f"format version {ver}, this cpnet reads format version {FORMAT_VERSION}")
         for name in REQUIRED:
             if name not in f:
                 self._fail(f"missing dataset '{name}' (a cpnet dataset file has {', '.join(REQUIRED)})")
@@ -138,7 +150,10 @@ class H5Dataset:
             self._fail(f"'images' is {img.dtype} {img.shape}, expected uint8 (N, S, S, 3)")
         self._images = img
         self.n, self.size = int(img.shape[0]), int(img.shape[1])
-        self.labels = np.asarray(f["labels"][...], dtype=np.int64)
+        lab = f["labels"]
+        if lab.dtype.kind not in "iu":
+            self._fail(f"'labels' are {lab.dtype}, expected integers (class indices)")
+        self.labels = np.asarray(lab[...], dtype=np.int64)
         if self.labels.shape != (self.n,):
             self._fail(f"'labels' has shape {self.labels.shape}, expected ({self.n},) like 'images'")
         self.classes = [c.decode() if isinstance(c, bytes) else str(c) for c in f["classes"][...]]
@@ -153,6 +168,9 @@ class H5Dataset:
         self.eigvec = np.asarray(f["pca/eigvec"][...], dtype=np.float32)
         if self.eigval.shape != (3,) or self.eigvec.shape != (3, 3):
             self._fail(f"'pca/eigval' {self.eigval.shape} / 'pca/eigvec' {self.eigvec.shape}, expected (3,) / (3, 3)")
+        for name, a in (("mean", self.mean), ("pca/eigval", self.eigval), ("pca/eigvec", self.eigvec)):
+            if not np.isfinite(a).all():    # every input would be non-finite
+                self._fail(f"'{name}' holds NaN or infinite values (make the file again with `cpnet prep`)")
         self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
 
     def read(self, indices, out=None):

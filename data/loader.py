@@ -96,28 +96,16 @@ def _slot_arrays(raw, x_shape, y_len):
     return x, y
 
 
-def _die_with_parent():
-    """Linux: have the kernel SIGKILL this process when its parent dies (the caller under spawn, the
-    forkserver under forkserver; the caller itself is watched through the liveness pipe). Best effort."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)   # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
 def _worker_main(spec, raws, x_shape, y_len, tasks, results, alive):
     """Worker process: make the batches asked for on `tasks` into the slots, report on `results`.
 
     `alive` is the read end of a pipe whose only write end the loader's process holds: it reads EOF as soon as
     that process is gone, however it died (SIGKILL included), and the worker then exits within a second.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides when to stop
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _die_with_parent()
+    # the parent decides when to stop: Ctrl-C or SIGTERM sent to the whole process group (a terminal, Slurm, a
+    # container stop) must not kill a worker while the parent saves its position
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     results.cancel_join_thread()
     slots = [_slot_arrays(r, x_shape, y_len) for r in raws]
     maker = None
@@ -155,7 +143,7 @@ def _shutdown(procs, tasks, results, alive):
     for p in procs:
         p.join(timeout=2.0)
         if p.is_alive():
-            p.terminate()
+            p.kill()           # SIGTERM is ignored (see _worker_main)
             p.join(timeout=2.0)
     for q in (tasks, results):
         try:

@@ -463,3 +463,223 @@ def test_non_finite_parameters_are_never_written_or_loaded(tmp_path):
         f["params/w0"][3] = np.inf
     with pytest.raises(CpnetError, match=r"c\.h5: parameter w0 holds NaN or infinite values"):
         checkpoint.load(path)
+
+
+# ------------------------------------------------------------------------------------- train: lock, SIGTERM, kills
+
+TRAIN = ["--model", "alexnet-tiny", "--batch-size", "8", "--crop", "15", "--schedule", "constant", "--scale",
+         "0.015625", "--seed", "2"]
+
+
+def _wait_for_lock(out, timeout=60):
+    lock = out / ".cpnet.lock"
+    for _ in range(int(timeout / 0.05)):
+        if lock.exists() and lock.read_text().startswith("pid"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{lock} never taken")
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from cpnet.cli.main import cli
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_train_holds_its_folder_and_sigterm_to_the_group_saves_the_position(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    a = subprocess.Popen([sys.executable, "-m", "cpnet", "train", "--data", str(tiny_data), "--out", str(out),
+                          "--epochs", "1000", "--workers", "2", *TRAIN], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_lock(out)
+        for flags in ([], ["--resume"]):
+            r = _cli("train", "--data", tiny_data, "--out", out, "--epochs", "2", *TRAIN, *flags)
+            assert r.exit_code == 1 and f"{out}: in use by another process (pid {a.pid}, cpnet train" in r.output, \
+                r.output
+        for _ in range(600):
+            if (out / "last.h5").exists():
+                break
+            time.sleep(0.05)
+        procs = _descendants(a.pid)
+        os.killpg(a.pid, signal.SIGTERM)          # as Slurm or a container stop: every process of the job
+        stdout, stderr = a.communicate(timeout=60)
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+    assert a.returncode == 128 + signal.SIGTERM, stderr
+    assert "interrupted: stopped at epoch" in stderr and "Traceback" not in stderr, stderr
+    for _ in range(200):
+        if not _alive(procs):
+            break
+        time.sleep(0.05)
+    assert not _alive(procs)
+    from cpnet import checkpoint
+    st = checkpoint.load(out / "last.h5").state
+    assert st["pos"] > 0 or st["epoch"] >= 1
+    r = _cli("train", "--data", tiny_data, "--out", out, "--epochs", str(st["epoch"] + 1), "--resume",
+             "--workers", "0")
+    assert r.exit_code == 0, r.output
+
+
+# Runs `cpnet train ARGS` and SIGKILLs itself at a chosen point of the end of epoch EPOCH:
+#   after-last: last.h5 renamed, best.h5 and metrics.jsonl not yet written
+#   before-rename: last.h5's temporary file complete, not renamed
+KILL_IN_SAVE = r"""
+import os, signal, sys
+from cpnet import checkpoint
+from cpnet.cli.main import cli
+point, epoch = sys.argv[1], int(sys.argv[2])
+real_save, real_replace = checkpoint.save, os.replace
+def save(path, ck):
+    hit = str(path).endswith("last.h5") and ck.state.get("epoch") == epoch and not ck.state.get("pos")
+    if hit and point == "before-rename":
+        def replace(src, dst):
+            if str(dst).endswith("last.h5"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_replace(src, dst)
+        os.replace = replace
+    real_save(path, ck)
+    if hit and point == "after-last":
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save = save
+cli(sys.argv[3:], prog_name="cpnet")
+"""
+
+
+def test_kill_inside_the_end_of_an_epoch_is_repaired_on_resume(tiny_data, tmp_path):
+    from cpnet import checkpoint
+
+    ref = tmp_path / "ref"
+    assert _cli("train", "--data", tiny_data, "--out", ref, "--epochs", "2", "--workers", "0", *TRAIN).exit_code == 0
+    out = tmp_path / "run"
+    args = ["train", "--data", tiny_data, "--out", out, "--epochs", "2", "--workers", "0", *TRAIN]
+    p = subprocess.run([sys.executable, "-c", KILL_IN_SAVE, "after-last", "1", *map(str, args)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert (out / "last.h5").exists() and not (out / "best.h5").exists() and not (out / "metrics.jsonl").exists()
+    r = _cli("train", "--data", tiny_data, "--out", out, "--epochs", "1", "--resume", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert "best.h5 rebuilt from last.h5 (epoch 1)" in r.output and "metrics.jsonl rewritten" in r.output, r.output
+    assert checkpoint.read_state(out / "best.h5")["epoch"] == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    # killed with last.h5's new content complete but not renamed: the temporary is removed, epoch 2 is redone
+    p = subprocess.run([sys.executable, "-c", KILL_IN_SAVE, "before-rename", "2", *map(str, args), "--resume"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    stale = [e for e in os.listdir(out) if e.endswith(".tmp")]
+    assert stale and checkpoint.read_state(out / "last.h5")["epoch"] == 1
+    r = _cli("train", "--data", tiny_data, "--out", out, "--epochs", "2", "--resume", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert f"removed {out / stale[0]}" in r.output and not [e for e in os.listdir(out) if e.endswith(".tmp")]
+    a, b = checkpoint.load(ref / "last.h5"), checkpoint.load(out / "last.h5")
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
+    assert (ref / "metrics.jsonl").read_text().count("\n") == (out / "metrics.jsonl").read_text().count("\n") == 2
+
+
+# ------------------------------------------------------------------------------------------- train: the NaN guard
+
+def test_non_finite_weights_stop_the_run_and_never_reach_a_file(tiny_data, tmp_path):
+    from cpnet import checkpoint
+    from cpnet.train import TrainConfig, TrainingDiverged, run
+
+    cfg = dict(data=str(tiny_data), out=str(tmp_path / "r"), model="alexnet-tiny", batch_size=8, crop=15,
+               schedule="constant", scale=1 / 64, workers=0)
+    run(TrainConfig(epochs=1, **cfg))
+    good = checkpoint.load(tmp_path / "r" / "last.h5")
+    nb = good.state["iteration"]
+    live = {}
+
+    def poison(s):        # what a NaN input or gradient leaves behind, while the loss may stay finite
+        if s["iteration"] == nb + 2:
+            w = live["model"].params()["t0.conv1.W"]
+            w.reshape(-1)[5] = np.nan
+
+    with pytest.raises(TrainingDiverged, match=r"parameter t0\.conv1\.W became NaN or infinite by iteration "
+                                               rf"{nb + 2} \(epoch 2\).*last\.h5 keeps the last good state"):
+        run(TrainConfig(epochs=2, resume=True, max_iterations=nb + 2, **cfg), on_step=poison,
+            on_start=lambda info: live.update(info))
+    after = checkpoint.load(tmp_path / "r" / "last.h5")          # loads: every parameter finite
+    assert after.state == good.state
+    assert checkpoint.load(tmp_path / "r" / "best.h5").state["epoch"] == 1
+
+
+# --------------------------------------------------------------------------------- train: bad --out, bad numbers
+
+def test_out_that_cannot_be_written_fails_before_training(tiny_data, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = _cli("train", "--data", tiny_data, "--out", f / "run", "--epochs", "1", *TRAIN)
+    assert r.exit_code == 1 and f"--out {f / 'run'}: cannot create the run folder ({f} is a file)" \
+        in r.output, r.output
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if _mount_tmpfs(ro, "1m"):                     # a read-only file system: refused even to root
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        try:
+            r = _cli("train", "--data", tiny_data, "--out", ro, "--epochs", "1", *TRAIN)
+        finally:
+            subprocess.run(["umount", "-l", str(ro)])
+    elif os.geteuid() != 0:
+        ro.chmod(0o555)
+        r = _cli("train", "--data", tiny_data, "--out", ro, "--epochs", "1", *TRAIN)
+    else:
+        pytest.skip("root without mount: no folder it cannot write")
+    assert r.exit_code == 1, r.output
+    assert f"Error: {ro}: " in r.output and "while checking that the run folder can be written" in r.output, r.output
+    assert "epoch 1" not in r.output
+
+
+def _dataset_copy(src, dst, edit):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".cpnet.lock"))
+    edit(dst)
+    return dst
+
+
+def _rewrite(path, name, data):
+    with h5py.File(path, "r+") as f:
+        del f[name]
+        f.create_dataset(name, data=data)
+
+
+@pytest.mark.parametrize("flags,edit,message", [
+    (["--batch-size", "100000000000"], None, r"--batch-size 100000000000: .*train\.h5 has 96 images, fewer than one"),
+    (["--crop", "0"], None, r"--crop 0: expected a crop size of at least 1"),
+    (["--lighting", "inf"], None, r"--lighting inf: expected a standard deviation >= 0 \(finite\)"),
+    ([], lambda d: os.replace(_small_prep(d.parent / "small", 13) / "val.h5", d / "val.h5"),
+     r"val\.h5: images stored at 13 px, .*train\.h5 at 16 px"),
+    ([], lambda d: _rewrite(d / "val.h5", "labels", np.zeros(0, np.int64)) or _rewrite(
+        d / "val.h5", "images", np.zeros((0, 16, 16, 3), np.uint8)), r"val\.h5: no images"),
+    ([], lambda d: _rewrite(d / "train.h5", "labels", np.full(96, 1.5)),
+     r"train\.h5: 'labels' are float64, expected integers"),
+    ([], lambda d: _rewrite(d / "train.h5", "mean", np.full((16, 16, 3), np.nan, np.float32)),
+     r"train\.h5: 'mean' holds NaN or infinite values"),
+    ([], lambda d: h5py.File(d / "train.h5", "r+").attrs.__setitem__("format_version", "one"),
+     r"train\.h5: format_version is 'one', expected a number"),
+], ids=["batch-1e11", "crop-0", "lighting-inf", "val-other-size", "val-empty", "float-labels", "nan-mean",
+        "text-version"])
+def test_train_refuses_nonsense_in_one_line(tiny_data, tmp_path, flags, edit, message):
+    import re
+
+    data = _dataset_copy(tiny_data, tmp_path / "d", edit) if edit else tiny_data
+    r = _cli("train", "--data", data, "--out", tmp_path / "run", "--epochs", "1", *TRAIN, *flags)
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert re.search(message, r.output), r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def _small_prep(d, size):
+    prep.run(d, synthetic_jobs(n=40, classes=4, size=size, seed=0, val_fraction=0.25))
+    return d
+
+
+def test_resume_with_data_at_another_size_is_refused(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    assert _cli("train", "--data", tiny_data, "--out", out, "--epochs", "1", "--workers", "0", *TRAIN).exit_code == 0
+    other = _small_prep(tmp_path / "o", 18)
+    r = _cli("train", "--data", other, "--out", out, "--epochs", "2", "--resume")
+    assert r.exit_code == 1 and "was trained on images stored at 16 px, --data" in r.output, r.output

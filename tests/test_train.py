@@ -74,7 +74,7 @@ def _params(path):
     return checkpoint.load(path).params
 
 
-@pytest.mark.parametrize("how", ["sigint", "max_iterations"])
+@pytest.mark.parametrize("how", ["sigint", "sigterm", "max_iterations"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(synth, tmp_path, how):
     full = tmp_path / "full"
     run(tiny_cfg(synth, full, epochs=3))
@@ -86,12 +86,13 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(synth, tmp_path, how):
     stop_at = nb + 2  # mid-epoch 2
 
     def on_step(s):
-        if how == "sigint" and s["iteration"] == stop_at:
-            os.kill(os.getpid(), signal.SIGINT)
+        if how.startswith("sig") and s["iteration"] == stop_at:
+            os.kill(os.getpid(), signal.SIGINT if how == "sigint" else signal.SIGTERM)
 
     kw = {"max_iterations": stop_at} if how == "max_iterations" else {}
-    with pytest.raises(TrainingInterrupted, match="--resume"):
+    with pytest.raises(TrainingInterrupted, match="--resume") as e:
         run(tiny_cfg(synth, part, epochs=3, **kw), on_step=on_step)
+    assert e.value.signum == (signal.SIGTERM if how == "sigterm" else signal.SIGINT)
     st = checkpoint.load(part / "last.h5").state
     assert st["iteration"] == stop_at and st["epoch"] == 1 and st["pos"] == 2 and st["sums"]["n"] == 32
     run(tiny_cfg(synth, part, epochs=3, resume=True))
