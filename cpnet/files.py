@@ -66,17 +66,21 @@ class FolderLock:
     """Exclusive lock on a folder for the life of a run (`with FolderLock(out, "cpnet train"):`).
 
     Refused (CpnetError naming the folder and the holder's PID and command) when another process holds it.
+    A folder the lock had to create is removed again on release when nothing but the lock file is in it (a run
+    that failed its checks leaves no empty folder behind).
     """
 
     def __init__(self, folder, what: str):
         self.folder, self.what = os.fspath(folder), what
         self.path = os.path.join(self.folder, LOCK_NAME)
         self._fd = None
+        self._made = False
 
     def acquire(self):
         import fcntl
 
         try:
+            self._made = not os.path.isdir(self.folder)
             os.makedirs(self.folder, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -92,6 +96,7 @@ class FolderLock:
             except OSError:
                 holder = ""
             os.close(fd)
+            self._made = False
             raise CpnetError(f"{self.folder}: in use by another process ({holder or 'unknown'}); wait for it to "
                              f"finish or stop it (two runs must not write one folder)") from None
         try:
@@ -108,12 +113,19 @@ class FolderLock:
 
     def release(self):
         fd, self._fd = self._fd, None
-        if fd is not None:
-            try:
-                os.ftruncate(fd, 0)
-            except OSError:
-                pass
-            os.close(fd)
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            pass
+        try:
+            if self._made and os.listdir(self.folder) == [LOCK_NAME]:
+                os.unlink(self.path)
+                os.rmdir(self.folder)
+        except OSError:
+            pass
+        os.close(fd)
 
     def __enter__(self):
         return self.acquire()

@@ -176,7 +176,8 @@ def repair_run_files(out: str, ck) -> list:
         have = None
     if history and have != want:
         _write_metrics(metrics, history)
-        done.append(f"{metrics} rewritten from last.h5 ({len(history)} epochs; a crash had cut it short)")
+        done.append(f"{metrics} rewritten from last.h5 ({len(history)} epoch{'s' * (len(history) != 1)}; a crash "
+                    "had cut it short)")
     best_val = state.get("best_val")
     rows = [r for r in history if r.get("val_top1") == best_val] if best_val is not None else []
     if rows:
@@ -221,20 +222,21 @@ def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=
             check_out(cfg.out)
         data = check_options(cfg)
         dist.shard_rows(world, cfg.batch_size)
-        cfg, net_cfg, state, ck = start_or_resume(cfg, data, explicit, world, notices)
-        model, opt = build_model_and_optimizer(cfg, net_cfg, state, ck, placement, tower_threads)
-        replicas = dist.Replicas(world, model, opt)
-        if world.size > 1:
-            dist.check_same(world, "the training options (each rank's TrainConfig)",
-                            json.dumps(asdict(cfg), sort_keys=True, default=str))
-            replicas.start()
-            if not world.is_root:  # rank 0 alone reports
-                on_step = on_epoch = on_start = None
-        # the run folder appears once every check has passed; rank 0 alone writes it, so it alone locks it, for
-        # the run's life (a resumed one too): a second run into it is refused before it writes anything
+        # rank 0 alone writes the run folder, so it alone locks it, for the run's life (a resumed one too): a
+        # second run into it is refused before it reads or writes anything there. The folder stays only once
+        # every check has passed (FolderLock removes a folder it made that holds nothing but its lock).
         with FolderLock(cfg.out, "cpnet train") if world.is_root else contextlib.nullcontext():
+            cfg, net_cfg, state, ck = start_or_resume(cfg, data, explicit, world, notices)
             if ck is not None and world.is_root:
                 notices += repair_run_files(cfg.out, ck)
+            model, opt = build_model_and_optimizer(cfg, net_cfg, state, ck, placement, tower_threads)
+            replicas = dist.Replicas(world, model, opt)
+            if world.size > 1:
+                dist.check_same(world, "the training options (each rank's TrainConfig)",
+                                json.dumps(asdict(cfg), sort_keys=True, default=str))
+                replicas.start()
+                if not world.is_root:  # rank 0 alone reports
+                    on_step = on_epoch = on_start = None
             loaders = build_loaders(cfg, net_cfg, data, (world.rank, world.size))
             trainer = Trainer(cfg, net_cfg, state, data, model, opt, *loaders, replicas=replicas)
             with trainer:

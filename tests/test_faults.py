@@ -495,14 +495,14 @@ def test_train_holds_its_folder_and_sigterm_to_the_group_saves_the_position(tiny
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for_lock(out)
-        for flags in ([], ["--resume"]):
-            r = _cli("train", "--data", tiny_data, "--out", out, "--epochs", "2", *TRAIN, *flags)
-            assert r.exit_code == 1 and f"{out}: in use by another process (pid {a.pid}, cpnet train" in r.output, \
-                r.output
         for _ in range(600):
             if (out / "last.h5").exists():
                 break
             time.sleep(0.05)
+        for flags in (["--epochs", "2", *TRAIN], ["--epochs", "2000", "--resume"]):
+            r = _cli("train", "--data", tiny_data, "--out", out, *flags)
+            assert r.exit_code == 1 and f"{out}: in use by another process (pid {a.pid}, cpnet train" in r.output, \
+                r.output
         procs = _descendants(a.pid)
         os.killpg(a.pid, signal.SIGTERM)          # as Slurm or a container stop: every process of the job
         stdout, stderr = a.communicate(timeout=60)
@@ -563,7 +563,8 @@ def test_kill_inside_the_end_of_an_epoch_is_repaired_on_resume(tiny_data, tmp_pa
     assert (out / "last.h5").exists() and not (out / "best.h5").exists() and not (out / "metrics.jsonl").exists()
     r = _cli("train", "--data", tiny_data, "--out", out, "--epochs", "1", "--resume", "--workers", "0")
     assert r.exit_code == 0, r.output
-    assert "best.h5 rebuilt from last.h5 (epoch 1)" in r.output and "metrics.jsonl rewritten" in r.output, r.output
+    assert "best.h5 rebuilt from last.h5 (epoch 1;" in r.output and "metrics.jsonl rewritten from last.h5" in r.output, \
+        r.output
     assert checkpoint.read_state(out / "best.h5")["epoch"] == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     # killed with last.h5's new content complete but not renamed: the temporary is removed, epoch 2 is redone
