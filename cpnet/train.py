@@ -237,6 +237,9 @@ def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=
                 replicas.start()
                 if not world.is_root:  # rank 0 alone reports
                     on_step = on_epoch = on_start = None
+            if cfg.batch_size > data.n:  # before a loader allocates a batch (--batch-size 1e11: MemoryError)
+                raise CpnetError(f"--batch-size {cfg.batch_size}: {data.train} has {data.n} images, fewer than one "
+                                 "training batch")
             loaders = build_loaders(cfg, net_cfg, data, (world.rank, world.size))
             trainer = Trainer(cfg, net_cfg, state, data, model, opt, *loaders, replicas=replicas)
             with trainer:
@@ -338,8 +341,6 @@ def start_or_resume(cfg: TrainConfig, data: DataFiles, explicit=None, world=None
     if cfg.schedule == "plateau" and (data.val is None or not cfg.validate):
         raise CpnetError("--schedule plateau needs validation data (val.h5 beside train.h5)")
     check_crop(net_cfg, data.stored)
-    if cfg.batch_size > data.n:      # before a loader allocates a batch (--batch-size 1e11 was a MemoryError)
-        raise CpnetError(f"--batch-size {cfg.batch_size}: {data.train} has {data.n} images, fewer than one batch")
     return cfg, net_cfg, state, ck
 
 

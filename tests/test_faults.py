@@ -648,7 +648,8 @@ def _rewrite(path, name, data):
 
 
 @pytest.mark.parametrize("flags,edit,message", [
-    (["--batch-size", "100000000000"], None, r"--batch-size 100000000000: .*train\.h5 has 96 images, fewer than one"),
+    (["--batch-size", "100000000000"], None,
+     r"--batch-size 100000000000: .*train\.h5 has 96 images, fewer than one training"),
     (["--crop", "0"], None, r"--crop 0: expected a crop size of at least 1"),
     (["--lighting", "inf"], None, r"--lighting inf: expected a standard deviation >= 0 \(finite\)"),
     ([], lambda d: os.replace(_small_prep(d.parent / "small", 13) / "val.h5", d / "val.h5"),
