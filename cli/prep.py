@@ -175,11 +175,15 @@ def cifar(tarball, size, coarse, out, workers, resume, overwrite, strict, quiet)
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--size", default=28, show_default=True, type=click.IntRange(8), help="Stored image side S.")
 @click.option("--class-names", help="Comma-separated class names [default: 0, 1, 2, ...].")
+@click.option("--val-from-train", "val_from_train", default=0.0, show_default=True, type=float,
+              help="Hold out this stratified fraction of the training images as val.h5 (for tuning); the t10k "
+                   "files then go to test.h5, to be looked at once.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="For --val-from-train.")
 @_common
-def idx(folder, size, class_names, out, workers, resume, overwrite, strict, quiet):
+def idx(folder, size, class_names, val_from_train, seed, out, workers, resume, overwrite, strict, quiet):
     """MNIST-family IDX files in FOLDER: train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz] -> train.h5,
-    t10k-... -> val.h5. Grayscale is replicated to RGB."""
+    t10k-... -> val.h5 (-> test.h5 with --val-from-train). Grayscale is replicated to RGB."""
     from cpnet.data.sources import idx_jobs
 
     names = class_names.split(",") if class_names else None
-    _run(idx_jobs(folder, size, names), out, workers, resume, overwrite, strict, quiet)
+    _run(idx_jobs(folder, size, names, val_from_train, seed), out, workers, resume, overwrite, strict, quiet)

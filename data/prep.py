@@ -392,7 +392,8 @@ def write_skipped(outdir, summaries):
 
 
 def run(outdir, jobs, workers=0, resume=False, overwrite=False, strict=False, progress=None, notice=None):
-    """Write jobs {'train': Job, 'val': Job or None} to OUT/train.h5 and OUT/val.h5; return the summaries.
+    """Write jobs {'train': Job, 'val': Job or None, 'test': Job or None (optional)} to OUT/train.h5, OUT/val.h5
+    and OUT/test.h5; return the summaries. val and test carry the training set's mean and PCA.
 
     OUT is locked for the run (`cpnet.files.FolderLock`): a second prep into it is refused, naming the first.
     """
@@ -403,7 +404,7 @@ def run(outdir, jobs, workers=0, resume=False, overwrite=False, strict=False, pr
     with FolderLock(outdir, "cpnet prep"):
         summaries = {}
         train_file = os.path.join(outdir, "train.h5")
-        for split in ("train", "val"):
+        for split in ("train", "val", "test"):
             job = jobs.get(split)
             if job is None or not job.tasks:
                 continue

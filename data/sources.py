@@ -106,6 +106,22 @@ def array_job(source, classes, images, labels, size, signature, unit=1000):
     return Job(source, classes, size, tasks, signature)
 
 
+def stratified_split(labels, fraction, seed=0):
+    """(kept, held out): index arrays, in their original order, holding out round(fraction * n_c) of each class c
+    (at least one image of every class that has two, so that a small set still gets a validation file).
+
+    Class c's pick is the first k of a permutation drawn from SeedSequence([seed, c]), so it depends on the seed,
+    the class and that class's count only.
+    """
+    labels = np.asarray(labels, np.int64)
+    held = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        k = max(int(round(fraction * len(where))), 1 if len(where) >= 2 else 0)
+        held[where[np.random.default_rng(np.random.SeedSequence([seed, int(c)])).permutation(len(where))[:k]]] = True
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
 def _file_signature(path):
     st = os.stat(path)
     return {"file": os.path.abspath(path), "bytes": st.st_size, "mtime": int(st.st_mtime)}
@@ -231,16 +247,8 @@ def folder_jobs(root, size=256, val_root=None, val_labels=None, val_fraction=0.0
             pairs = read_labels_file(val_labels, files, classes)
             val_items = [(os.path.join(val_root, f), c) for f, c in pairs]
     elif val_fraction > 0:
-        by_class = {}
-        for it in items:
-            by_class.setdefault(it[1], []).append(it)
-        items, val_items = [], []
-        for c, its in sorted(by_class.items()):
-            # at least one image of every class that has two, so that a small set still gets a validation file
-            k = max(int(round(val_fraction * len(its))), 1 if len(its) >= 2 else 0)
-            pick = set(np.random.default_rng(np.random.SeedSequence([seed, c])).permutation(len(its))[:k].tolist())
-            items += [it for i, it in enumerate(its) if i not in pick]
-            val_items += [it for i, it in enumerate(its) if i in pick]
+        keep, held = stratified_split([c for _, c in items], val_fraction, seed)
+        items, val_items = [items[i] for i in keep], [items[i] for i in held]
     jobs = {}
     for split, its in (("train", items), ("val", val_items)):
         if not its:
@@ -429,9 +437,15 @@ def _find_idx(folder, split, kind):
     return os.path.join(folder, found[0]) if found else None
 
 
-def idx_jobs(folder, size=28, class_names=None):
-    """Jobs from a folder of MNIST-family IDX files: train-images/labels (-> train.h5), t10k-... (-> val.h5)."""
+def idx_jobs(folder, size=28, class_names=None, val_from_train=0.0, seed=0):
+    """Jobs from a folder of MNIST-family IDX files: train-images/labels (-> train.h5), t10k-... (-> val.h5).
+
+    val_from_train F > 0: a stratified fraction F of the training images (drawn from `seed`) becomes val.h5 and
+    train.h5 keeps the rest, so that tuning never looks at the official test set; t10k-... goes to test.h5.
+    """
     folder = os.fspath(folder)
+    if not 0 <= val_from_train < 1:
+        raise CpnetError(f"--val-from-train must be in [0, 1), got {val_from_train}")
     if not os.path.isdir(folder):
         raise CpnetError(f"{folder}: no such folder (expected train-images-idx3-ubyte[.gz] and friends)")
     data = {}
@@ -453,10 +467,22 @@ def idx_jobs(folder, size=28, class_names=None):
         classes = [c.strip() for c in class_names]
         if len(classes) < k:
             raise CpnetError(f"--class-names gives {len(classes)} names, the labels need {k}")
-    jobs = {"train": None, "val": None}
+    parts = {}
     for split, (im, lab, ip, lp) in data.items():
-        rgb = np.repeat(im[..., None], 3, axis=-1)        # grayscale replicated to RGB
         sig = dict(_file_signature(ip), labels=_file_signature(lp), source="idx", size=size, classes=classes)
-        jobs["train" if split == "train" else "val"] = array_job(f"idx {os.path.abspath(ip)}", classes, rgb, lab,
-                                                                 size, sig)
+        if split == "train" and val_from_train > 0:
+            keep, held = stratified_split(lab, val_from_train, seed)
+            if len(held) == 0 or len(keep) == 0:
+                raise CpnetError(f"--val-from-train {val_from_train}: leaves {len(keep)} training and {len(held)} "
+                                 f"validation images of {len(lab)}")
+            split_sig = dict(val_from_train=val_from_train, seed=seed)
+            parts["train"] = (im[keep], lab[keep], ip, dict(sig, **split_sig, part="train"))
+            parts["val"] = (im[held], lab[held], ip, dict(sig, **split_sig, part="val"))
+        else:
+            parts["test" if (split == "test" and val_from_train > 0) else
+                  "train" if split == "train" else "val"] = (im, lab, ip, sig)
+    jobs = {"train": None, "val": None, "test": None}
+    for split, (im, lab, ip, sig) in parts.items():
+        rgb = np.repeat(im[..., None], 3, axis=-1)        # grayscale replicated to RGB
+        jobs[split] = array_job(f"idx {os.path.abspath(ip)}", classes, rgb, lab, size, sig)
     return jobs

@@ -350,3 +350,36 @@ def test_idx_pair(tmp_path):
     os.remove(d / "train-labels-idx1-ubyte.gz")
     with pytest.raises(CpnetError, match=r"mnist: no train-labels-idx1-ubyte"):
         idx_jobs(d)
+
+
+def test_idx_val_from_train_is_stratified_and_t10k_becomes_test(tmp_path):
+    rng = np.random.default_rng(4)
+    tr, trl = rng.integers(0, 256, (60, 10, 10), dtype=np.uint8), np.repeat(np.arange(3), [30, 20, 10]).astype(np.uint8)
+    te, tel = rng.integers(0, 256, (5, 10, 10), dtype=np.uint8), np.array([0, 1, 2, 0, 1], np.uint8)
+    tr[:, 0, 0] = np.arange(60)                     # every training image says which it is
+    d = tmp_path / "f"
+    d.mkdir()
+    for name, arr in (("train-images-idx3-ubyte", tr), ("train-labels-idx1-ubyte", trl),
+                      ("t10k-images-idx3-ubyte", te), ("t10k-labels-idx1-ubyte", tel)):
+        (d / name).write_bytes(idx_bytes(arr))
+    s = prep.run(tmp_path / "out", idx_jobs(d, size=10, val_from_train=0.2, seed=1))
+    assert (s["train"]["n"], s["val"]["n"], s["test"]["n"]) == (48, 12, 5)
+    im, lab, _, _, _ = stored(tmp_path / "out" / "train.h5")
+    vim, vlab, _, _, _ = stored(tmp_path / "out" / "val.h5")
+    assert np.bincount(vlab, minlength=3).tolist() == [6, 4, 2]           # 20 % of each class
+    ids, vids = im[:, 0, 0, 0].tolist(), vim[:, 0, 0, 0].tolist()
+    assert sorted(ids + vids) == list(range(60)) and ids == sorted(ids) and vids == sorted(vids)
+    np.testing.assert_array_equal(lab, trl[ids])
+    np.testing.assert_array_equal(vlab, trl[vids])
+    check_stats(tmp_path / "out" / "train.h5", im)                       # the statistics of what is left
+    tim, tlab, _, _, _ = stored(tmp_path / "out" / "test.h5")
+    np.testing.assert_array_equal(tim[..., 0], te)
+    np.testing.assert_array_equal(tlab, tel)
+    with h5py.File(tmp_path / "out" / "test.h5", "r") as f, h5py.File(tmp_path / "out" / "train.h5", "r") as g:
+        np.testing.assert_array_equal(f["mean"][...], g["mean"][...])
+    # another seed holds out other images; the split is a function of the seed
+    held = {seed: idx_jobs(d, size=10, val_from_train=0.2, seed=seed)["val"].tasks[0][1][0][:, 0, 0, 0].tolist()
+            for seed in (1, 2)}
+    assert held[1] == vids and held[2] != vids
+    with pytest.raises(CpnetError, match=r"--val-from-train must be in \[0, 1\), got 1.5"):
+        idx_jobs(d, val_from_train=1.5)
