@@ -28,7 +28,8 @@ def _top5(ctx, value):
               help="Seeds the weights, the data order, the augmentation and dropout.")
 @click.option("--workers", type=click.IntRange(0), default=D["workers"],
               help="Loader worker processes (0: in-process) [default: 0 on the CPU; on a GPU the CPUs less 2, at most 12].")
-@click.option("--crop", type=int, default=D["crop"], help="Crop size [default: 227 for alexnet; stored size minus an eighth for the small presets].")
+@click.option("--crop", type=int, default=D["crop"], help="Crop size [default: 227 for alexnet; stored size minus an eighth for the small presets, the paper's 224 of 256 in proportion].")
+@click.option("--pad", type=click.IntRange(0), default=D["pad"], show_default=True, help="Training crops may leave the image by up to this many pixels, filled with the mean (with --crop equal to the stored size: CIFAR's usual shifted whole image, evaluated uncut).")
 @click.option("--conventions", default=D["conventions"], show_default=True, help="paper | ccn2 | caffe: LRN alpha convention, k, where LRN sits.")
 @click.option("--init", default=D["init"], show_default=True, help="he | paper | caffe: weight and bias initialisation.")
 @click.option("--momentum", default=D["momentum"], show_default=True, help="SGD momentum (the paper: 0.9).")
@@ -48,7 +49,12 @@ def _top5(ctx, value):
               help="Under mpiexec/srun: GPUs per replica, taken by node-local rank (2: a tower per GPU as in the "
                    "paper; 1: both towers fused on one) [default: 2 when the node has two per replica, else 1].")
 @click.option("--tf32", is_flag=True, help="GPU: let cuBLAS use TF32 tensor cores for float32 GEMMs (opt-in).")
-def command(tf32, **options):
+@click.option("--find-lr", "find_lr", is_flag=True, help="Instead of training: a learning-rate range test with these "
+              "settings (the lr grows from 1e-5 to 1 over --find-lr-steps batches); writes OUT/lr_find.png and "
+              "OUT/lr_find.json and prints the suggested --lr (a tenth of the rate at the lowest smoothed loss).")
+@click.option("--find-lr-steps", "find_lr_steps", default=100, show_default=True, type=click.IntRange(2),
+              help="Batches of the range test.")
+def command(tf32, find_lr, find_lr_steps, **options):
     """Train AlexNet on an HDF5 dataset with momentum SGD.
 
     Under `mpiexec -n N` (or `srun`) N data-parallel replicas train together: --batch-size is the global batch,
@@ -70,6 +76,8 @@ def command(tf32, **options):
 
         backend.enable_tf32()
     cfg = TrainConfig(**options)  # the flags are TrainConfig's fields, named alike
+    if find_lr:
+        return _find_lr(cfg, find_lr_steps)
     out = cfg.out
     line = Line()
     t_start = time.monotonic()
@@ -160,3 +168,37 @@ def command(tf32, **options):
             best = (f"last epoch val top-1 error {r['val_top1']:.4f}; best.h5 (epoch {b['epoch']}): top-1 "
                     f"{b['val_top1']:.4f}{top5}; ")
         click.echo(f"done in {fmt_time(time.monotonic() - t_start)}: {best}checkpoints in {out}")
+
+
+def _find_lr(cfg, steps):
+    """`cpnet train --find-lr`: the range test, its picture and JSON in --out, the suggestion on stdout."""
+    import json
+    import os
+
+    from cpnet import checkpoint, lrfind
+
+    from ._progress import Line
+
+    if cfg.resume:
+        raise click.UsageError("--find-lr and --resume exclude each other")
+    line = Line()
+
+    def on_step(s):
+        line.show(f"lr range test: batch {s['step']}/{s['steps']} lr {s['lr']:.3g} loss {s['loss']:.4f} "
+                  f"(smoothed {s['smoothed']:.4f})")
+
+    try:
+        r = lrfind.range_test(cfg, steps=steps, on_step=on_step)
+    finally:
+        line.done()
+    os.makedirs(cfg.out, exist_ok=True)
+    png, js = os.path.join(cfg.out, "lr_find.png"), os.path.join(cfg.out, "lr_find.json")
+    c = r["config"]
+    title = f"lr range test: {c.model}, batch {c.batch_size}, {len(r['lrs'])} batches"
+    with checkpoint.atomic_path(png) as tmp:
+        lrfind.figure(r, title=title).save(tmp, format="PNG")
+    with checkpoint.atomic_path(js) as tmp, open(tmp, "w") as f:
+        json.dump({k: r[k] for k in ("lrs", "losses", "smoothed", "suggested", "stopped_early", "beta")}, f)
+    end = "stopped where the loss diverged" if r["stopped_early"] else "reached lr 1"
+    sug = f"suggested --lr {r['suggested']:.2g}" if r["suggested"] else "no finite loss: no suggestion"
+    click.echo(f"{len(r['lrs'])} batches ({end}); {sug}; picture {png}, values {js}")

@@ -30,6 +30,7 @@ class TrainConfig:
     seed: int = 0
     workers: int | None = None  # loader worker processes; None: backend.default_loader_workers()
     crop: int | None = None
+    pad: int = 0  # training crops may leave the image by this many pixels (runs from before --pad: 0)
     conventions: str = "paper"
     init: str | None = DEFAULT_INIT  # None: DEFAULT_INIT as well (checkpoints of older runs hold None)
     activation: str = "relu"

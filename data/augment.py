@@ -29,15 +29,17 @@ def epoch_order(seed, epoch, n):
     return _rng(seed, _SHUFFLE, epoch).permutation(n)
 
 
-def train_params(seed, epoch, batch_index, b, size, crop, lighting=0.1, flip=True):
+def train_params(seed, epoch, batch_index, b, size, crop, lighting=0.1, flip=True, pad=0):
     """Random choices for one training batch of b images: crop offsets oy, ox, flip flags, lighting alpha (b, 3).
 
+    Offsets lie in [-pad, size - crop + pad]: with pad > 0 the window may leave the image by up to `pad` pixels
+    on any side, and what lies outside is the mean (0 after subtraction). pad=0 draws exactly as before.
     Draw order (fixed, part of the format of a run): oy, ox, flip, alpha; all are drawn even when flip is off or
     lighting is 0, so turning one off leaves the others unchanged.
     """
     rng = _rng(seed, _AUGMENT, epoch, batch_index)
-    oy = rng.integers(0, size - crop + 1, size=b)
-    ox = rng.integers(0, size - crop + 1, size=b)
+    oy = rng.integers(0, size - crop + 2 * pad + 1, size=b) - pad
+    ox = rng.integers(0, size - crop + 2 * pad + 1, size=b) - pad
     fl = rng.random(b) < 0.5
     alpha = rng.standard_normal((b, 3)) * float(lighting)
     if not flip:
@@ -67,8 +69,23 @@ def view_offsets(size, crop, views="center"):
 
 def crop_into(out, image, mean_chw, oy, ox, flip, shift=None, scale=1.0):
     """out (3, C, C) float32 = (image cut at (oy, ox) [+ shift] - mean cut at the same window) * scale,
-    both mirrored left-right when `flip`. image is uint8 (S, S, 3), mean_chw float32 (3, S, S)."""
-    c = out.shape[-1]
+    both mirrored left-right when `flip`. image is uint8 (S, S, 3), mean_chw float32 (3, S, S). A window that
+    leaves the image (a padded crop) is 0 outside it: the mean colour, with no lighting shift."""
+    c, size = out.shape[-1], image.shape[0]
+    if oy < 0 or ox < 0 or oy + c > size or ox + c > size:
+        y0, x0, y1, x1 = max(oy, 0), max(ox, 0), min(oy + c, size), min(ox + c, size)
+        out[...] = 0
+        if y1 > y0 and x1 > x0:
+            inner = out[:, y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+            inner[...] = image[y0:y1, x0:x1].transpose(2, 0, 1)
+            if shift is not None:
+                inner += shift.astype(np.float32)[:, None, None]
+            inner -= mean_chw[:, y0:y1, x0:x1]
+            if scale != 1.0:
+                inner *= np.float32(scale)
+        if flip:
+            out[...] = out[:, :, ::-1].copy()
+        return out
     im = image[oy:oy + c, ox:ox + c]
     m = mean_chw[:, oy:oy + c, ox:ox + c]
     if flip:

@@ -30,8 +30,8 @@ class _Spec:
     """What a process needs to make any batch of one loader (small and picklable)."""
 
     def __init__(self, path, kind, batch_size, crop, seed=0, lighting=0.0, flip=False, scale=1.0, views="center",
-                 mean=None, rows=None, span=None):
-        self.path, self.kind, self.batch_size, self.crop = path, kind, batch_size, crop
+                 mean=None, rows=None, span=None, pad=0):
+        self.path, self.kind, self.batch_size, self.crop, self.pad = path, kind, batch_size, crop, pad
         self.seed, self.lighting, self.flip, self.scale, self.views = seed, lighting, flip, scale, views
         self.mean = mean  # (S, S, 3) float32 to subtract instead of the file's own, or None
         # training: (first, count) rows of each global batch this loader makes (a replica's share), or all of them
@@ -78,7 +78,7 @@ class _Maker:
             # depend on its position in the global batch, not on how many replicas share the batch
             first = s.rows[0]
             params = tuple(p[first:first + k] for p in augment.train_params(
-                s.seed, key[0], key[1], s.batch_size, self.ds.size, s.crop, s.lighting, s.flip))
+                s.seed, key[0], key[1], s.batch_size, self.ds.size, s.crop, s.lighting, s.flip, s.pad))
             augment.train_batch_into(x[:k], self.buf, rows, params, self.mean_chw, self.ds.eigval,
                                      self.ds.eigvec, s.scale)
         else:
@@ -379,9 +379,11 @@ class TrainLoader(_Loader):
     """
 
     def __init__(self, path, batch_size, crop, seed=0, workers=0, lighting=0.1, flip=True, prefetch=4, scale=1.0,
-                 part=(0, 1)):
+                 part=(0, 1), pad=0):
         if int(seed) < 0:
             raise CpnetError(f"seed must be 0 or more, got {seed}")
+        if not 0 <= int(pad) < int(crop):
+            raise CpnetError(f"pad must be in [0, crop={crop}), got {pad}")
         if int(prefetch) < 1:
             raise CpnetError(f"prefetch must be at least 1, got {prefetch}")
         r, n = _check_part(part)
@@ -390,8 +392,9 @@ class TrainLoader(_Loader):
         rows = int(batch_size) // n
         self.first_row, self.rows = r * rows, rows
         spec = _Spec(os.fspath(path), "train", int(batch_size), int(crop), int(seed), float(lighting), bool(flip),
-                     float(scale), rows=(self.first_row, rows))
+                     float(scale), rows=(self.first_row, rows), pad=int(pad))
         self.seed, self.lighting, self.flip, self.scale = int(seed), float(lighting), bool(flip), float(scale)
+        self.pad = int(pad)
         self._setup(path, batch_size, crop, workers, spec, int(prefetch), (rows, 3, int(crop), int(crop)))
         if self.n < self.batch_size:
             n = self.n

@@ -123,6 +123,38 @@ def test_mean_subtraction_flip_and_scale(tmp_path):
                 np.testing.assert_allclose(x[k], 0.5 * ref.transpose(2, 0, 1), rtol=1e-6, atol=1e-4)
 
 
+def test_padded_crops_leave_the_image_over_mean_coloured_borders(tmp_path):
+    """--pad: windows may start up to `pad` pixels outside the image; outside is 0 (the mean, no lighting), inside
+    is (pixel + lighting shift - mean) * scale, the whole window mirrored when flipped. Naive per-pixel reference."""
+    rng = np.random.default_rng(5)
+    imgs = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    mean = rng.uniform(0, 255, (8, 8, 3)).astype(np.float32)
+    eigval = np.array([3.0, 1.0, 0.5], np.float32)
+    eigvec = np.linalg.qr(rng.standard_normal((3, 3)))[0].astype(np.float32)
+    path = write_h5(tmp_path / "p.h5", imgs, np.zeros(16), ["x"], mean=mean, eigval=eigval, eigvec=eigvec)
+    offsets = set()
+    with TrainLoader(path, 8, 8, seed=2, lighting=0.5, scale=0.5, pad=2) as L:
+        for bi, (x, _) in enumerate(L.epoch(1)):
+            order = augment.epoch_order(2, 1, 16)[bi * 8:(bi + 1) * 8]
+            oy, ox, fl, alpha = augment.train_params(2, 1, bi, 8, 8, 8, 0.5, True, 2)
+            shift = augment.lighting_shift(alpha, eigval, eigvec)
+            for k in range(8):
+                offsets.add((int(oy[k]), int(ox[k])))
+                ref = np.zeros((8, 8, 3))
+                for i in range(8):
+                    for j in range(8):
+                        yy, xx = oy[k] + i, ox[k] + (7 - j if fl[k] else j)
+                        if 0 <= yy < 8 and 0 <= xx < 8:
+                            ref[i, j] = imgs[order[k], yy, xx] + shift[k] - mean[yy, xx]
+                np.testing.assert_allclose(x[k], 0.5 * ref.transpose(2, 0, 1), rtol=1e-5, atol=1e-3)
+    assert all(-2 <= a <= 2 and -2 <= b <= 2 for a, b in offsets) and min(min(offsets)) < 0 < max(max(offsets))
+    # pad 0 draws what it drew before --pad existed: offsets in [0, size - crop]
+    oy0, ox0, _, _ = augment.train_params(2, 1, 0, 64, 12, 9)
+    assert oy0.min() >= 0 and oy0.max() <= 3 and len(set(oy0)) == 4
+    with pytest.raises(CpnetError, match="pad must be in"):
+        TrainLoader(path, 8, 6, pad=6)
+
+
 def test_lighting_formula(tmp_path):
     rng = np.random.default_rng(1)
     q, _ = np.linalg.qr(rng.normal(size=(3, 3)))

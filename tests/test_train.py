@@ -224,13 +224,15 @@ def test_resume_refuses_changed_settings_and_keeps_its_own(synth, tmp_path):
                                  "--workers", "0"])
     assert r.exit_code == 0, r.output
     assert checkpoint.load(out / "last.h5").state["epoch"] == 3
-    # a run that left --crop to its default (15 from 17) resumes with --crop 15 spelled out
+    # a run that left --crop to its default (15 from 17) resumes with --crop 15 spelled out; --pad is kept
     out2 = tmp_path / "d"
     base2 = ["train", "--data", str(synth), "--model", "alexnet-tiny", "--batch-size", "16", "--schedule",
              "constant", "--out", str(out2)]
     assert CliRunner().invoke(cli, base2 + ["--epochs", "1"]).exit_code == 0
-    r = CliRunner().invoke(cli, base2 + ["--epochs", "2", "--resume", "--crop", "15"])
+    r = CliRunner().invoke(cli, base2 + ["--epochs", "2", "--resume", "--crop", "15", "--pad", "0"])
     assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, base2 + ["--epochs", "3", "--resume", "--pad", "2"])
+    assert r.exit_code != 0 and "--pad 2 differs from the saved run's 0" in r.output, r.output
 
 
 def test_eval_refuses_data_stored_at_another_size(synth, tmp_path):
@@ -314,3 +316,46 @@ def test_settings_checked_below_train_are_named_by_their_flags(synth, tmp_path):
     r = CliRunner().invoke(cli, ["train", "--data", str(synth), "--out", str(tmp_path / "c"), "--model",
                                  "alexnet-tiny", "--momentum", "1.5"])
     assert r.exit_code != 0 and "Error: --momentum 1.5: expected a number in [0, 1)" in r.output
+
+
+def test_default_crop_is_the_papers_proportion():
+    from cpnet.train import default_crop
+
+    assert [default_crop("alexnet-small", s) for s in (17, 28, 32, 36)] == [15, 25, 28, 32]
+    assert default_crop("alexnet", 256) == 227
+
+
+def test_runs_record_their_pad_and_a_bad_pad_names_the_flag(synth, tmp_path):
+    run(tiny_cfg(synth, tmp_path / "a", epochs=1, crop=17, pad=2))
+    ck = checkpoint.load(tmp_path / "a" / "last.h5")
+    assert (ck.config.crop, ck.train["pad"]) == (17, 2)
+    with pytest.raises(CpnetError, match=r"--pad 15: expected 0 <= pad < the crop \(15\)"):
+        run(tiny_cfg(synth, tmp_path / "b", pad=15))
+
+
+def test_find_lr_sweeps_geometrically_and_suggests_a_tenth_of_the_best(synth, tmp_path):
+    from cpnet import lrfind
+
+    assert lrfind.lr_at(0, 5, 1e-4, 1.0) == 1e-4 and abs(lrfind.lr_at(4, 5, 1e-4, 1.0) - 1.0) < 1e-12
+    assert abs(lrfind.lr_at(2, 5, 1e-4, 1.0) - 1e-2) < 1e-12
+    sm = lrfind.smooth([2.0, 2.0, 2.0], beta=0.9)
+    np.testing.assert_allclose(sm, [2.0, 2.0, 2.0])           # bias-corrected: a constant stays itself
+    assert lrfind.suggest([1e-3, 1e-2, 1e-1], [2.0, 1.0, 3.0]) == pytest.approx(1e-3)
+    assert lrfind.suggest([1e-3], [float("inf")]) is None
+    assert (lrfind.default_beta(100), lrfind.default_beta(12), lrfind.default_beta(10 ** 4)) == (0.9, 0.5, 0.98)
+
+    out = tmp_path / "lr"
+    r = CliRunner().invoke(cli, ["train", "--data", str(synth), "--model", "alexnet-tiny", "--batch-size", "16",
+                                 "--out", str(out), "--find-lr", "--find-lr-steps", "12"])
+    assert r.exit_code == 0, r.output
+    assert "suggested --lr" in r.output and not (out / "last.h5").exists()
+    res = json.loads((out / "lr_find.json").read_text())
+    n = len(res["lrs"])
+    assert 2 <= n <= 12 and res["lrs"][0] == pytest.approx(1e-5)
+    assert all(b > a for a, b in zip(res["lrs"], res["lrs"][1:]))
+    assert res["stopped_early"] or res["lrs"][-1] == pytest.approx(1.0)
+    np.testing.assert_allclose(res["smoothed"], lrfind.smooth(res["losses"], res["beta"]))
+    best = min(range(n), key=lambda i: res["smoothed"][i])
+    assert res["suggested"] == pytest.approx(res["lrs"][best] / 10)
+    from PIL import Image
+    assert Image.open(out / "lr_find.png").size == (640, 380)
