@@ -3,8 +3,9 @@
 This is the only module that talks to MPI or NCCL. The model knows nothing of replicas; this module plays the part
 of ChainerMN's communicator and PyTorch DDP's wrapper:
 
-    world()            the processes of the job: a world of one (no launcher, or mpi4py absent), or MPI's
-                       COMM_WORLD when `mpiexec`/`srun` started several. Rank, size, node-local rank.
+    world()            the processes of the job: a world of one (no launcher), or MPI's COMM_WORLD when
+                       `mpiexec`/`srun` started several (an error if mpi4py is missing then). Rank, size,
+                       node-local rank.
     replica_placement  where a replica's two towers live: the host, one GPU (fused) or two GPUs, by node-local rank
     Replicas           start (rank 0's parameters and momentum broadcast, then a checksum check), and the sum of
                        every tower's gradients over the replicas in a few flat buffers per device, in reverse
@@ -18,7 +19,8 @@ NCCL (the flat buffers staged through host memory and reduced with MPI; `Replica
 
 Faults: when several processes run, an uncaught exception in one of them (and `fail`) prints one line naming the
 rank and calls MPI_Abort, which makes the launcher end every process at once; nobody waits in a collective for a
-peer that is gone. A killed process is noticed by the launcher itself (MPICH's hydra ends the others within a
+peer that is gone. (That line is the one thing below cli/ that writes to stderr: a process's last words, like
+Python's own traceback, which nothing above it gets to print.) A killed process is noticed by the launcher itself (MPICH's hydra ends the others within a
 second and names its PID; the start line lists every rank's PID, so it can be tied to a rank).
 """
 
@@ -69,11 +71,6 @@ def world() -> "World":
         n = launched_size()
         _world = World() if n <= 1 else MPIWorld.start(n)
     return _world
-
-
-def _reset_world_for_tests(w=None):
-    global _world
-    _world = w
 
 
 class World:
