@@ -66,6 +66,24 @@ class LazyGroup(click.Group):
             return None
         return importlib.import_module(f"{__package__}.{mod}").command
 
+    def main(self, *args, **kwargs):
+        """Under an MPI launcher every rank parses the same flags: rank 0 alone shows a usage error (the others
+        exit with its status, silently). Errors after start-up are the commands' own (cpnet.dist names the rank)."""
+        from cpnet import dist
+
+        try:
+            rank = dist.launched_rank()
+        except CpnetError:  # a bad CPNET_MPI: the command reports it
+            rank = 0
+        if rank == 0 or kwargs.get("standalone_mode") is False:
+            return super().main(*args, **kwargs)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            raise SystemExit(e.exit_code) from None
+        except click.exceptions.Abort:
+            raise SystemExit(1) from None
+
     def invoke(self, ctx):
         # every command runs under cpnet's host BLAS thread count (train narrows it further for its loader
         # workers): the two host towers run in two threads, and oversubscribed OpenBLAS collapses

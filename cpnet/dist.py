@@ -64,6 +64,17 @@ def launched_size() -> int:
     return max(sizes + [2 if flag == "1" else 1])
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher's environment tells it, before (or without) MPI starts; 0 without one."""
+    if launched_size() == 1:
+        return 0
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        v = os.environ.get(var, "").strip()
+        if v.isdigit():
+            return int(v)
+    return 0
+
+
 def world() -> "World":
     """The world of this process, made once: MPI when a launcher started several processes, else a world of one."""
     global _world
@@ -426,4 +437,4 @@ def _nccl_comm(w: World, mod, device) -> _NcclComm:
 
 
 __all__ = ["World", "MPIWorld", "Replicas", "world", "replica_placement", "shard_rows", "checksum", "check_same",
-           "launched_size"]
+           "launched_size", "launched_rank"]

@@ -292,12 +292,17 @@ def test_ctrl_c_on_the_launcher_saves_the_position_and_resumes_bit_exactly(synth
 
 
 def test_cli_under_mpiexec_prints_once_and_refuses_a_batch_that_does_not_split(synth, tmp_path):
+    """Rank 0 alone prints progress, and a usage error or a bad --batch-size is one line, not one per rank."""
     cmd = ["-m", "cpnet", "train", "--data", str(synth), "--model", "alexnet-tiny", "--epochs", "1",
            "--schedule", "constant", "--scale", "0.015625", "--out"]
     r = mpirun(2, cmd + [str(tmp_path / "a"), "--batch-size", "16"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("epoch 1:") == 1 and r.stdout.count("done in") == 1
     assert "replicas: 2 over MPI on 1 node (2 on this one; rank:pid 0:" in r.stdout and "global batch 16 = 8 rows x 2" in r.stdout
+    r = mpirun(2, cmd + [str(tmp_path / "c"), "--no-such-flag"])
+    assert r.returncode == 2 and [line for line in r.stderr.splitlines() if line.startswith("Error:")] == \
+        [line for line in r.stderr.splitlines() if "--no-such-flag" in line] and r.stderr.count("Error:") == 1, \
+        r.stderr
     r = mpirun(4, cmd + [str(tmp_path / "b"), "--batch-size", "10"])
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
