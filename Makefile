@@ -18,7 +18,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 # The built-in synthetic set (10 classes of shapes and textures, 6000 + 1200 images at 36x36), alexnet-small
-# trained on it for DEMO_EPOCHS epochs (about 50 s each on a 2-core CPU), evaluated, and drawn as PNGs.
+# trained on it for DEMO_EPOCHS epochs (about 30 s each on a quiet 2-core CPU), evaluated, and drawn as PNGs.
 demo: $(STAMP)
 	test -f $(DEMO)/data/val.h5 || $(PY) -m cpnet prep synthetic --out $(DEMO)/data --overwrite
 	rm -rf $(DEMO)/run

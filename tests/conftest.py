@@ -42,3 +42,25 @@ def _host_unless_marked_gpu(request, monkeypatch):
     put their models on the GPU, where they compare against NumPy without copying back."""
     if "gpu" not in request.keywords and os.environ.get("CPNET_DEVICE", "auto").strip().lower() in ("", "auto"):
         monkeypatch.setenv("CPNET_DEVICE", "cpu")
+
+
+def make_tiny_run(data_dir, ckpt_path, n=24, classes=3, size=17):
+    """A synthetic dataset in `data_dir` (n training images of `size` px, `classes` classes) and an untrained
+    alexnet-tiny checkpoint for it at `ckpt_path`; returns the Checkpoint."""
+    from click.testing import CliRunner
+
+    from cpnet import checkpoint
+    from cpnet.cli.main import cli
+    from cpnet.data import H5Dataset
+    from cpnet.model import build_model, make_config
+
+    r = CliRunner().invoke(cli, ["prep", "synthetic", "--out", str(data_dir), "--n", str(n), "--classes",
+                                 str(classes), "--size", str(size), "--seed", "3", "-q"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    with H5Dataset(os.path.join(data_dir, "train.h5")) as ds:
+        names, mean = list(ds.classes), np.array(ds.mean)
+    cfg = make_config("alexnet-tiny", classes, 15, init="he", seed=1)
+    ck = checkpoint.Checkpoint(config=cfg, params=build_model(cfg).host_params(), classes=names, mean=mean,
+                               scale=1 / 64, stored_size=size)
+    checkpoint.save(ckpt_path, ck)
+    return ck

@@ -13,6 +13,7 @@ from cpnet.cli.main import cli
 from cpnet.data import H5Dataset
 from cpnet.evaluate import view_probs
 from cpnet.model import build_model, make_config
+from conftest import make_tiny_run
 
 SIZE, CLASSES, N = 17, 3, 24
 
@@ -25,14 +26,7 @@ def invoke(*args):
 def tiny(tmp_path_factory):
     """A synthetic dataset (24 train / 6 val images of 17px, 3 classes) and an untrained alexnet-tiny checkpoint."""
     d = tmp_path_factory.mktemp("ux")
-    r = invoke("prep", "synthetic", "--out", d / "data", "--n", N, "--classes", CLASSES, "--size", SIZE, "-q")
-    assert r.exit_code == 0, r.output
-    with H5Dataset(d / "data" / "train.h5") as ds:
-        classes, mean = list(ds.classes), np.array(ds.mean)
-    cfg = make_config("alexnet-tiny", CLASSES, 15, init="he", seed=1)
-    ck = checkpoint.Checkpoint(config=cfg, params=build_model(cfg).host_params(), classes=classes, mean=mean,
-                               scale=1 / 64, stored_size=SIZE)
-    checkpoint.save(d / "ck.h5", ck)
+    make_tiny_run(d / "data", d / "ck.h5", N, CLASSES, SIZE)
     (d / "empty").mkdir()
     (d / "notes.txt").write_text("not a checkpoint\n")
     return d

@@ -12,6 +12,7 @@ from cpnet import checkpoint, viz
 from cpnet.cli.main import cli
 from cpnet.data import H5Dataset
 from cpnet.model import build_model, make_config
+from conftest import make_tiny_run
 
 SIZE, CLASSES, N = 17, 3, 24
 
@@ -24,16 +25,7 @@ def invoke(*args):
 def tiny(tmp_path_factory):
     """A synthetic dataset (24 train / 6 val images of 17px, 3 classes) and an untrained alexnet-tiny checkpoint."""
     d = tmp_path_factory.mktemp("tiny")
-    r = invoke("prep", "synthetic", "--out", d, "--n", N, "--classes", CLASSES, "--size", SIZE, "--seed", 3, "-q")
-    assert r.exit_code == 0, r.output
-    with H5Dataset(d / "train.h5") as ds:
-        classes, mean = list(ds.classes), np.array(ds.mean)
-    cfg = make_config("alexnet-tiny", CLASSES, 15, init="he", seed=1)
-    params = build_model(cfg).host_params()
-    ck = checkpoint.Checkpoint(config=cfg, params=params, classes=classes, mean=mean, scale=1 / 64,
-                               stored_size=SIZE)
-    checkpoint.save(d / "ck.h5", ck)
-    return d, ck
+    return d, make_tiny_run(d, d / "ck.h5", N, CLASSES, SIZE)
 
 
 def png(path, size=None):
