@@ -589,9 +589,10 @@ class _StandInCupy:
         return np.empty_like(np.asarray(a)).view(_StandInGpuArray)
 
 
-def test_gpu_entry_points_with_a_stand_in_cupy(shim, monkeypatch):
-    """The `_gpu` functions without a GPU: what they compile (once per dtype and file), the launch shape, the exact
-    argument types, and the results, with cupy replaced by a stand-in whose RawModule runs the host shim."""
+@pytest.fixture
+def stand_in_gpu(shim, monkeypatch):
+    """cupy replaced by the stand-in, whose RawModule runs the host shim and checks each launch's exact argument
+    types; yields (compiled, launches): what was compiled and launched."""
     compiled, launches = [], []
 
     class Module:
@@ -614,6 +615,13 @@ def test_gpu_entry_points_with_a_stand_in_cupy(shim, monkeypatch):
     monkeypatch.setattr(kernels.backend, "raw_module", lambda code, options=(): Module(code, options))
     monkeypatch.setattr(kernels, "_modules", {})
     monkeypatch.setattr(kernels, "_functions", {})
+    yield compiled, launches
+
+
+def test_gpu_entry_points_with_a_stand_in_cupy(shim, stand_in_gpu):
+    """The `_gpu` functions without a GPU: what they compile (once per dtype and file), the launch shape, the exact
+    argument types, and the results, with cupy replaced by a stand-in whose RawModule runs the host shim."""
+    compiled, launches = stand_in_gpu
     cp = _StandInCupy
 
     for dtype in DTYPES:
@@ -663,6 +671,91 @@ def test_gpu_entry_points_with_a_stand_in_cupy(shim, monkeypatch):
 
     with pytest.raises(TypeError, match="cupy array"):
         kernels.lrn_forward_gpu(random_array((1, 2, 2, 2), np.float32), 5, 2.0, 1e-4, 0.75)
+    other_gpu = cp.asarray(random_array((1, 2, 2, 2), np.float32))
+    other_gpu.device = types.SimpleNamespace(id=1)
+    with pytest.raises(ValueError, match="GPU 0 and GPU 1"):
+        kernels.relu_backward_gpu(cp.asarray(random_array((1, 2, 2, 2), np.float32)), other_gpu)
+
+
+# The checks of shapes, dtypes and sizes inside cpnet.kernels; the ops make their own and pass check=False.
+_KERNEL_CHECKS = ("_float_dtype", "out_size", "_same_shapes", "_check_pool", "_check_lrn_size")
+
+
+def _forbid_kernel_checks(monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("a kernel-side argument check ran although the caller passed check=False")
+
+    for name in _KERNEL_CHECKS:
+        monkeypatch.setattr(kernels, name, forbidden)
+
+
+def test_gpu_entry_points_skip_their_checks_when_told(shim, stand_in_gpu, monkeypatch):
+    """check=False: the same results without the entry points' own argument checks (a bad argument is then the
+    caller's to catch: the ops check theirs first)."""
+    cp = _StandInCupy
+    x = random_array((2, 3, 7, 6), np.float32, seed=21)
+    checked = dict(col=kernels.im2col_gpu(cp.asarray(x), 3, 2, 2, 1, 1, 1),
+                   pool=kernels.maxpool_forward_gpu(cp.asarray(x), 3, 2, 1),
+                   lrn=kernels.lrn_forward_gpu(cp.asarray(x), 5, 2.0, 1e-4, 0.75),
+                   drop=kernels.dropout_forward_gpu(cp.asarray(x), 0.5, 3, 4, first=7),
+                   relu=kernels.relu_forward_gpu(cp.asarray(x)))
+    dy = random_array(checked["pool"][0].shape, np.float32, seed=22)
+    checked["dpool"] = kernels.maxpool_backward_gpu(cp.asarray(dy), checked["pool"][1], x.shape, 3, 2, 1)
+    _forbid_kernel_checks(monkeypatch)
+    with pytest.raises(AssertionError, match="check=False"):
+        kernels.relu_forward_gpu(cp.asarray(x))  # the default still checks
+    unchecked = dict(col=kernels.im2col_gpu(cp.asarray(x), 3, 2, 2, 1, 1, 1, check=False),
+                     pool=kernels.maxpool_forward_gpu(cp.asarray(x), 3, 2, 1, check=False),
+                     lrn=kernels.lrn_forward_gpu(cp.asarray(x), 5, 2.0, 1e-4, 0.75, check=False),
+                     drop=kernels.dropout_forward_gpu(cp.asarray(x), 0.5, 3, 4, first=7, check=False),
+                     relu=kernels.relu_forward_gpu(cp.asarray(x), check=False))
+    unchecked["dpool"] = kernels.maxpool_backward_gpu(cp.asarray(dy), checked["pool"][1], x.shape, 3, 2, 1,
+                                                      check=False)
+    for key, a in checked.items():
+        pairs = zip(unchecked[key], a, strict=True) if isinstance(a, tuple) else [(unchecked[key], a)]
+        for u, c in pairs:
+            np.testing.assert_array_equal(u, c, err_msg=key)
+
+
+def test_ops_on_a_gpu_check_their_arguments_once(shim, stand_in_gpu, monkeypatch):
+    """An op on GPU arrays validates its arguments itself (naming the op) and launches the kernels with
+    check=False, so no argument is checked twice on the way; its results equal the NumPy path's."""
+    from cpnet import ops
+    from cpnet.ops import activations, conv, dropout, lrn, pool
+
+    def xp_of(a):
+        return _StandInCupy if isinstance(a, _StandInGpuArray) else np
+
+    for module in (activations, conv, dropout, lrn, pool):
+        monkeypatch.setattr(module, "get_array_module", xp_of)
+    _forbid_kernel_checks(monkeypatch)
+    cp = _StandInCupy
+    x = random_array((2, 4, 9, 8), np.float32, seed=23)
+    dy = random_array((2, 4, 9, 8), np.float32, seed=24)
+
+    y, cache = ops.relu_forward(cp.asarray(x))
+    y_ref, cache_ref = ops.relu_forward(x)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(ops.relu_backward(cp.asarray(dy), cache), ops.relu_backward(dy, cache_ref))
+    y, cache = ops.lrn_forward(cp.asarray(x), 5, 2.0, 1e-4, 0.75)
+    y_ref, cache_ref = ops.lrn_forward(x, 5, 2.0, 1e-4, 0.75)
+    np.testing.assert_allclose(y, y_ref, **TOL[np.float32])
+    np.testing.assert_allclose(ops.lrn_backward(cp.asarray(dy), cache), ops.lrn_backward(dy, cache_ref),
+                               **TOL[np.float32])
+    y, cache = ops.max_pool2d_forward(cp.asarray(x), 3, 2, 0)
+    y_ref, cache_ref = ops.max_pool2d_forward(x, 3, 2, 0)
+    np.testing.assert_array_equal(y, y_ref)
+    dyp = random_array(y_ref.shape, np.float32, seed=25)
+    np.testing.assert_allclose(ops.max_pool2d_backward(cp.asarray(dyp), cache),  # overlapping windows: sum order
+                               ops.max_pool2d_backward(dyp, cache_ref), **TOL[np.float32])
+    y, _ = ops.dropout_forward(cp.asarray(x), 0.5, seed=3, step=2, train=True, offset=5)
+    np.testing.assert_array_equal(y, ops.dropout_forward(x, 0.5, seed=3, step=2, train=True, offset=5)[0])
+    col = conv._im2col(cp.asarray(x), 3, 3, 1, 1, 1, 1)
+    np.testing.assert_array_equal(col, conv._im2col(x, 3, 3, 1, 1, 1, 1))
+    np.testing.assert_array_equal(conv._col2im(col, x.shape, 3, 3, 1, 1, 1, 1),
+                                  conv._col2im(np.asarray(col), x.shape, 3, 3, 1, 1, 1, 1))
+    with pytest.raises(ValueError, match="max_pool2d_forward: pad"):  # the op's own check still speaks
+        ops.max_pool2d_forward(cp.asarray(x), 3, 2, 3)
 
 
 def test_host_functions_check_their_inputs(shim):

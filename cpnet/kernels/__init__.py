@@ -11,6 +11,12 @@ several kernels, bit-identical to the NumPy path: `sgd_momentum_gpu` (updates w 
 `dropout_forward_gpu`, `relu_forward_gpu`, `relu_backward_gpu`. Each compiles its source with `backend.raw_module`
 on first use, cached per (device, dtype, file). The same Python bodies drive the host shim (`cpnet.kernels.shim`),
 which runs the very same kernel text on the CPU, so the tests without a GPU check everything but the CUDA compiler.
+
+Arguments are checked once per call. The entry points check shapes, dtypes and sizes themselves unless told
+`check=False` by a caller that already did (every op does, in its own words); `_on_gpu` checks once that the array
+inputs are CuPy arrays on one GPU; the launcher then packs the arrays the bodies made as they are, while the host
+shim's launcher checks each one (type, dtype, contiguity), so every test run proves the bodies hand over what the
+kernels expect.
 """
 
 from __future__ import annotations
@@ -120,11 +126,12 @@ def kernel_source(filename: str, dtype) -> str:
     return f'typedef {ctype} T;\n#line 1 "{filename}"\n' + read_source(filename)
 
 
-def pack_args(name: str, dtype, args, array_check) -> list:
+def pack_args(name: str, dtype, args, array_check=None) -> list:
     """Check `args` against kernel `name`'s parameters and convert scalars to the exact C types.
 
-    `array_check(param, array, expected_dtype)` validates array arguments (contiguity, device) and returns the
-    value to pass. Scalars become np.int32 for `int` and the element type (np.float32 / np.float64) for `T`.
+    `array_check(param, array, expected_dtype)`, when given, validates array arguments (type, dtype, contiguity)
+    and returns the value to pass; without it arrays pass as they are. Scalars become np.int32 for `int` and the
+    element type (np.float32 / np.float64) for `T`.
     """
     kernel = kernels()[name]
     if len(args) != len(kernel.params):
@@ -132,10 +139,9 @@ def pack_args(name: str, dtype, args, array_check) -> list:
     dtype = np.dtype(dtype)
     out = []
     for p, a in zip(kernel.params, args):
-        if p.kind == "ptr_T":
-            out.append(array_check(p, a, dtype))
-        elif p.kind == "ptr_int":
-            out.append(array_check(p, a, np.dtype(np.int32)))
+        if p.kind in ("ptr_T", "ptr_int"):
+            out.append(a if array_check is None else
+                       array_check(p, a, dtype if p.kind == "ptr_T" else np.dtype(np.int32)))
         elif p.kind == "int":
             v = int(a)
             if not -(2**31) <= v < 2**31:
@@ -177,25 +183,30 @@ def out_size(op: str, size: int, k: int, s: int, p: int) -> int:
     return window_out(size, k, s, p)
 
 
-def _im2col(run, xp, x, kh, kw, sy, sx, ph, pw):
-    N, C, H, W = _nchw("im2col", x.shape)
-    dt = _float_dtype("im2col", x)
-    Ho, Wo = out_size("im2col", H, kh, sy, ph), out_size("im2col", W, kw, sx, pw)
+def _im2col(run, xp, x, kh, kw, sy, sx, ph, pw, check=True):
+    if check:
+        _nchw("im2col", x.shape)
+        _float_dtype("im2col", x)
+        out_size("im2col", x.shape[2], kh, sy, ph), out_size("im2col", x.shape[3], kw, sx, pw)
+    N, C, H, W = (int(s) for s in x.shape)
+    Ho, Wo = window_out(H, kh, sy, ph), window_out(W, kw, sx, pw)
     x = xp.ascontiguousarray(x)
-    col = xp.empty((C * kh * kw, N * Ho * Wo), dtype=dt)
-    run("im2col_kernel", dt, col.size, x, col, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo, _wide(x, col))
+    col = xp.empty((C * kh * kw, N * Ho * Wo), dtype=x.dtype)
+    run("im2col_kernel", x.dtype, col.size, x, col, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo, _wide(x, col))
     return col
 
 
-def _col2im(run, xp, col, x_shape, kh, kw, sy, sx, ph, pw):
+def _col2im(run, xp, col, x_shape, kh, kw, sy, sx, ph, pw, check=True):
     N, C, H, W = _nchw("col2im", x_shape)
-    dt = _float_dtype("col2im", col)
-    Ho, Wo = out_size("col2im", H, kh, sy, ph), out_size("col2im", W, kw, sx, pw)
-    if tuple(col.shape) != (C * kh * kw, N * Ho * Wo):
-        raise ValueError(f"col2im: expected col of shape {(C * kh * kw, N * Ho * Wo)}, got {tuple(col.shape)}")
+    Ho, Wo = window_out(H, kh, sy, ph), window_out(W, kw, sx, pw)
+    if check:
+        _float_dtype("col2im", col)
+        out_size("col2im", H, kh, sy, ph), out_size("col2im", W, kw, sx, pw)
+        if tuple(col.shape) != (C * kh * kw, N * Ho * Wo):
+            raise ValueError(f"col2im: expected col of shape {(C * kh * kw, N * Ho * Wo)}, got {tuple(col.shape)}")
     col = xp.ascontiguousarray(col)
-    x = xp.empty((N, C, H, W), dtype=dt)
-    run("col2im_kernel", dt, x.size, col, x, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo, _wide(col, x))
+    x = xp.empty((N, C, H, W), dtype=col.dtype)
+    run("col2im_kernel", col.dtype, x.size, col, x, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo, _wide(col, x))
     return x
 
 
@@ -205,34 +216,41 @@ def _check_pool(op, ksize, pad):
         raise ValueError(f"{op}: pad must be in [0, ksize={ksize}), got {pad}")
 
 
-def _maxpool_forward(run, xp, x, ksize, stride, pad):
-    _check_pool("maxpool_forward", ksize, pad)
-    N, C, H, W = _nchw("maxpool_forward", x.shape)
-    dt = _float_dtype("maxpool_forward", x)
-    Ho, Wo = out_size("maxpool_forward", H, ksize, stride, pad), out_size("maxpool_forward", W, ksize, stride, pad)
+def _maxpool_forward(run, xp, x, ksize, stride, pad, check=True):
+    if check:
+        _check_pool("maxpool_forward", ksize, pad)
+        _nchw("maxpool_forward", x.shape)
+        _float_dtype("maxpool_forward", x)
+        for size in x.shape[2:]:
+            out_size("maxpool_forward", size, ksize, stride, pad)
+    N, C, H, W = (int(s) for s in x.shape)
+    Ho, Wo = window_out(H, ksize, stride, pad), window_out(W, ksize, stride, pad)
     x = xp.ascontiguousarray(x)
-    y = xp.empty((N, C, Ho, Wo), dtype=dt)
+    y = xp.empty((N, C, Ho, Wo), dtype=x.dtype)
     argmax = xp.empty((N, C, Ho, Wo), dtype=np.int32)
-    run("maxpool_forward_kernel", dt, y.size, x, y, argmax, N, C, H, W, ksize, stride, pad, Ho, Wo, _wide(x, y))
+    run("maxpool_forward_kernel", x.dtype, y.size, x, y, argmax, N, C, H, W, ksize, stride, pad, Ho, Wo,
+        _wide(x, y))
     return y, argmax
 
 
-def _maxpool_backward(run, xp, dy, argmax, x_shape, ksize, stride, pad):
-    _check_pool("maxpool_backward", ksize, pad)
+def _maxpool_backward(run, xp, dy, argmax, x_shape, ksize, stride, pad, check=True):
     N, C, H, W = _nchw("maxpool_backward", x_shape)
-    dt = _float_dtype("maxpool_backward", dy)
-    Ho, Wo = out_size("maxpool_backward", H, ksize, stride, pad), out_size("maxpool_backward", W, ksize, stride, pad)
-    if tuple(dy.shape) != (N, C, Ho, Wo) or tuple(argmax.shape) != (N, C, Ho, Wo):
-        raise ValueError(
-            f"maxpool_backward: expected dy and argmax of shape {(N, C, Ho, Wo)}, "
-            f"got {tuple(dy.shape)} and {tuple(argmax.shape)}"
-        )
-    if not np.issubdtype(np.dtype(argmax.dtype), np.integer):
-        raise ValueError(f"maxpool_backward: argmax must hold integers, got {argmax.dtype}")
+    Ho, Wo = window_out(H, ksize, stride, pad), window_out(W, ksize, stride, pad)
+    if check:
+        _check_pool("maxpool_backward", ksize, pad)
+        _float_dtype("maxpool_backward", dy)
+        out_size("maxpool_backward", H, ksize, stride, pad), out_size("maxpool_backward", W, ksize, stride, pad)
+        if tuple(dy.shape) != (N, C, Ho, Wo) or tuple(argmax.shape) != (N, C, Ho, Wo):
+            raise ValueError(
+                f"maxpool_backward: expected dy and argmax of shape {(N, C, Ho, Wo)}, "
+                f"got {tuple(dy.shape)} and {tuple(argmax.shape)}"
+            )
+        if not np.issubdtype(np.dtype(argmax.dtype), np.integer):
+            raise ValueError(f"maxpool_backward: argmax must hold integers, got {argmax.dtype}")
     dy = xp.ascontiguousarray(dy)
     argmax = xp.ascontiguousarray(argmax, dtype=np.int32)
-    dx = xp.empty((N, C, H, W), dtype=dt)
-    run("maxpool_backward_kernel", dt, dx.size, dy, argmax, dx, N, C, H, W, ksize, stride, pad, Ho, Wo,
+    dx = xp.empty((N, C, H, W), dtype=dy.dtype)
+    run("maxpool_backward_kernel", dy.dtype, dx.size, dy, argmax, dx, N, C, H, W, ksize, stride, pad, Ho, Wo,
         _wide(dy, dx))
     return dx
 
@@ -242,27 +260,31 @@ def _check_lrn_size(op, size):
         raise ValueError(f"{op}: size must be >= 1, got {size}")
 
 
-def _lrn_forward(run, xp, x, size, k, alpha_eff, beta):
-    N, C, H, W = _nchw("lrn_forward", x.shape)
-    dt = _float_dtype("lrn_forward", x)
-    _check_lrn_size("lrn_forward", size)
+def _lrn_forward(run, xp, x, size, k, alpha_eff, beta, check=True):
+    if check:
+        _nchw("lrn_forward", x.shape)
+        _float_dtype("lrn_forward", x)
+        _check_lrn_size("lrn_forward", size)
+    N, C, H, W = (int(s) for s in x.shape)
     x = xp.ascontiguousarray(x)
     y = xp.empty_like(x)
     scale = xp.empty_like(x)
-    run("lrn_forward_kernel", dt, x.size, x, y, scale, N, C, H * W, size, k, alpha_eff, beta, _wide(x))
+    run("lrn_forward_kernel", x.dtype, x.size, x, y, scale, N, C, H * W, size, k, alpha_eff, beta, _wide(x))
     return y, scale
 
 
-def _lrn_backward(run, xp, x, y, scale, dy, size, alpha_eff, beta):
-    N, C, H, W = _nchw("lrn_backward", x.shape)
-    dt = _float_dtype("lrn_backward", x, y, scale, dy)
-    _check_lrn_size("lrn_backward", size)
-    for nm, a in (("y", y), ("scale", scale), ("dy", dy)):
-        if tuple(a.shape) != (N, C, H, W):
-            raise ValueError(f"lrn_backward: expected {nm} of shape {(N, C, H, W)}, got {tuple(a.shape)}")
+def _lrn_backward(run, xp, x, y, scale, dy, size, alpha_eff, beta, check=True):
+    if check:
+        _nchw("lrn_backward", x.shape)
+        _float_dtype("lrn_backward", x, y, scale, dy)
+        _check_lrn_size("lrn_backward", size)
+        for nm, a in (("y", y), ("scale", scale), ("dy", dy)):
+            if tuple(a.shape) != tuple(x.shape):
+                raise ValueError(f"lrn_backward: expected {nm} of shape {tuple(x.shape)}, got {tuple(a.shape)}")
+    N, C, H, W = (int(s) for s in x.shape)
     x, y, scale, dy = (xp.ascontiguousarray(a) for a in (x, y, scale, dy))
     dx = xp.empty_like(x)
-    run("lrn_backward_kernel", dt, x.size, x, y, scale, dy, dx, N, C, H * W, size, alpha_eff, beta, _wide(x))
+    run("lrn_backward_kernel", x.dtype, x.size, x, y, scale, dy, dx, N, C, H * W, size, alpha_eff, beta, _wide(x))
     return dx
 
 
@@ -300,20 +322,23 @@ def _same_shapes(op, ref_name, ref, **others):
             raise ValueError(f"{op}: expected {nm} of {ref_name}'s shape {tuple(ref.shape)}, got {tuple(a.shape)}")
 
 
-def _sgd_momentum(run, xp, w, g, v, momentum, wd_lr, lr):
-    dt = _float_dtype("sgd_momentum", w, g, v)
-    _same_shapes("sgd_momentum", "w", w, g=g, v=v)
-    for nm, a in (("w", w), ("v", v)):
-        if not a.flags.c_contiguous:
-            raise ValueError(f"sgd_momentum: {nm} is updated in place and must be C-contiguous")
-    _elementwise(run, "sgd_momentum_kernel", dt, (w, xp.ascontiguousarray(g), v), momentum, wd_lr, lr)
+def _sgd_momentum(run, xp, w, g, v, momentum, wd_lr, lr, check=True):
+    if check:
+        _float_dtype("sgd_momentum", w, g, v)
+        _same_shapes("sgd_momentum", "w", w, g=g, v=v)
+        for nm, a in (("w", w), ("v", v)):
+            if not a.flags.c_contiguous:
+                raise ValueError(f"sgd_momentum: {nm} is updated in place and must be C-contiguous")
+    _elementwise(run, "sgd_momentum_kernel", w.dtype, (w, xp.ascontiguousarray(g), v), momentum, wd_lr, lr)
 
 
-def _dropout_forward(run, xp, x, p, key0, key1, first=0):
-    dt = _float_dtype("dropout_forward", x)
+def _dropout_forward(run, xp, x, p, key0, key1, first=0, check=True):
     p = float(p)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_forward: p must be in [0, 1), got {p}")
+    if check:
+        _float_dtype("dropout_forward", x)
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout_forward: p must be in [0, 1), got {p}")
+    dt = x.dtype
     x = xp.ascontiguousarray(x)
     y = xp.empty_like(x)
     mask = xp.empty_like(x)
@@ -322,20 +347,22 @@ def _dropout_forward(run, xp, x, p, key0, key1, first=0):
     return y, mask
 
 
-def _relu_forward(run, xp, x):
-    dt = _float_dtype("relu_forward", x)
+def _relu_forward(run, xp, x, check=True):
+    if check:
+        _float_dtype("relu_forward", x)
     x = xp.ascontiguousarray(x)
     y = xp.empty_like(x)
-    _elementwise(run, "relu_forward_kernel", dt, (x, y))
+    _elementwise(run, "relu_forward_kernel", x.dtype, (x, y))
     return y
 
 
-def _relu_backward(run, xp, y, dy):
-    dt = _float_dtype("relu_backward", y, dy)
-    _same_shapes("relu_backward", "y", y, dy=dy)
+def _relu_backward(run, xp, y, dy, check=True):
+    if check:
+        _float_dtype("relu_backward", y, dy)
+        _same_shapes("relu_backward", "y", y, dy=dy)
     y, dy = xp.ascontiguousarray(y), xp.ascontiguousarray(dy)
     dx = xp.empty_like(dy)
-    _elementwise(run, "relu_backward_kernel", dt, (y, dy, dx))
+    _elementwise(run, "relu_backward_kernel", dy.dtype, (y, dy, dx))
     return dx
 
 
@@ -363,89 +390,83 @@ def _gpu_function(name: str, dtype):
     return fn
 
 
-def _gpu_array(kernel_name):
-    cp = backend.cupy_module()
-    dev = cp.cuda.Device().id
-
-    def check(p, a, dtype):
-        if not isinstance(a, cp.ndarray):
-            raise TypeError(f"{kernel_name}: {p.name} must be a cupy array, got {type(a).__name__}")
-        if a.dtype != dtype or not a.flags.c_contiguous:
-            raise ValueError(f"{kernel_name}: {p.name} must be C-contiguous {dtype}, got {a.dtype}")
-        if a.device.id != dev:
-            raise ValueError(f"{kernel_name}: {p.name} lives on GPU {a.device.id}, the launch on GPU {dev}")
-        return a
-
-    return check
-
-
 def _gpu_run(name, dtype, n, *args):
-    packed = pack_args(name, dtype, args, _gpu_array(name))
+    # The bodies above hand the launcher C-contiguous arrays of the kernel's types on the current device (they make
+    # them so), so the arrays pass through unchecked here; the host shim's launcher does check every one, and the
+    # tests run every body through it, so a body that broke this would fail there.
+    packed = pack_args(name, dtype, args)
     if n == 0:
         return
     grid = min(math.ceil(n / GPU_BLOCK), GPU_GRID_CAP)
     _gpu_function(name, dtype)((grid,), (GPU_BLOCK,), tuple(packed))
 
 
-def _on_gpu(op, body, arrays, *rest):
-    """Run `body` with the device of the array inputs current; host arrays are refused, not silently copied."""
+def _on_gpu(op, body, arrays, *rest, check=True):
+    """Run `body` with the device of the array inputs current. Host arrays and inputs on another GPU are refused,
+    not silently copied: the one check of the array inputs on a launch. `check=False` skips the body's checks of
+    shapes, dtypes and sizes, for a caller that has made them already (the ops, which say what is wrong in their
+    own terms); the public entry points check by default."""
     cp = backend.cupy_module()
     for a in arrays:
         if not isinstance(a, cp.ndarray):
             raise TypeError(f"{op}: expected cupy arrays, got {type(a).__module__}.{type(a).__name__}")
+    dev = arrays[0].device.id
+    for a in arrays[1:]:
+        if a.device.id != dev:
+            raise ValueError(f"{op}: inputs on GPU {dev} and GPU {a.device.id}; a launch reads one GPU's memory")
     with backend.device_of(arrays[0]):
-        return body(_gpu_run, cp, *arrays, *rest)
+        return body(_gpu_run, cp, *arrays, *rest, check=check)
 
 
-def im2col_gpu(x, kh, kw, sy, sx, ph, pw):
+def im2col_gpu(x, kh, kw, sy, sx, ph, pw, check=True):
     """x (N, C, H, W) -> col (C*kh*kw, N*Ho*Wo); row c*kh*kw + i*kw + j, column n*Ho*Wo + oy*Wo + ox."""
-    return _on_gpu("im2col_gpu", _im2col, (x,), kh, kw, sy, sx, ph, pw)
+    return _on_gpu("im2col_gpu", _im2col, (x,), kh, kw, sy, sx, ph, pw, check=check)
 
 
-def col2im_gpu(col, x_shape, kh, kw, sy, sx, ph, pw):
+def col2im_gpu(col, x_shape, kh, kw, sy, sx, ph, pw, check=True):
     """The adjoint of im2col_gpu: sums each col entry back onto the input position it came from."""
-    return _on_gpu("col2im_gpu", _col2im, (col,), x_shape, kh, kw, sy, sx, ph, pw)
+    return _on_gpu("col2im_gpu", _col2im, (col,), x_shape, kh, kw, sy, sx, ph, pw, check=check)
 
 
-def maxpool_forward_gpu(x, ksize, stride, pad):
+def maxpool_forward_gpu(x, ksize, stride, pad, check=True):
     """-> (y, argmax int32 = h*W + w in the (n, c) plane); floor size, padding never wins, ties to the first max."""
-    return _on_gpu("maxpool_forward_gpu", _maxpool_forward, (x,), ksize, stride, pad)
+    return _on_gpu("maxpool_forward_gpu", _maxpool_forward, (x,), ksize, stride, pad, check=check)
 
 
-def maxpool_backward_gpu(dy, argmax, x_shape, ksize, stride, pad):
+def maxpool_backward_gpu(dy, argmax, x_shape, ksize, stride, pad, check=True):
     """dx: each input gathers dy from the outputs whose argmax it is."""
-    return _on_gpu("maxpool_backward_gpu", _maxpool_backward, (dy, argmax), x_shape, ksize, stride, pad)
+    return _on_gpu("maxpool_backward_gpu", _maxpool_backward, (dy, argmax), x_shape, ksize, stride, pad, check=check)
 
 
-def lrn_forward_gpu(x, size, k, alpha_eff, beta):
+def lrn_forward_gpu(x, size, k, alpha_eff, beta, check=True):
     """-> (y, scale): scale = k + alpha_eff * (sum of x^2 over the channel window), y = x * scale^-beta."""
-    return _on_gpu("lrn_forward_gpu", _lrn_forward, (x,), size, k, alpha_eff, beta)
+    return _on_gpu("lrn_forward_gpu", _lrn_forward, (x,), size, k, alpha_eff, beta, check=check)
 
 
-def lrn_backward_gpu(x, y, scale, dy, size, alpha_eff, beta):
+def lrn_backward_gpu(x, y, scale, dy, size, alpha_eff, beta, check=True):
     """dx = dy * scale^-beta - 2 alpha_eff beta x * sum over the windows containing c of dy * y / scale."""
-    return _on_gpu("lrn_backward_gpu", _lrn_backward, (x, y, scale, dy), size, alpha_eff, beta)
+    return _on_gpu("lrn_backward_gpu", _lrn_backward, (x, y, scale, dy), size, alpha_eff, beta, check=check)
 
 
-def sgd_momentum_gpu(w, g, v, momentum, wd_lr, lr):
+def sgd_momentum_gpu(w, g, v, momentum, wd_lr, lr, check=True):
     """In place: v = momentum * v - wd_lr * w - lr * g (no wd_lr term when it is 0), then w = w + v."""
-    _on_gpu("sgd_momentum_gpu", _sgd_momentum, (w, g, v), momentum, wd_lr, lr)
+    _on_gpu("sgd_momentum_gpu", _sgd_momentum, (w, g, v), momentum, wd_lr, lr, check=check)
 
 
-def dropout_forward_gpu(x, p, key0, key1, first=0):
+def dropout_forward_gpu(x, p, key0, key1, first=0, check=True):
     """-> (y, mask): mask = 1/(1-p) where counter_uniform's draw (keys key0, key1: uint32; counters from
     `first`) is >= p, else 0."""
-    return _on_gpu("dropout_forward_gpu", _dropout_forward, (x,), p, key0, key1, first)
+    return _on_gpu("dropout_forward_gpu", _dropout_forward, (x,), p, key0, key1, first, check=check)
 
 
-def relu_forward_gpu(x):
-    """y = x > 0 ? x : 0 (NaN gives 0)."""
-    return _on_gpu("relu_forward_gpu", _relu_forward, (x,))
+def relu_forward_gpu(x, check=True):
+    """y = x > 0 ? x : 0, NaN passing through (as the host path's maximum)."""
+    return _on_gpu("relu_forward_gpu", _relu_forward, (x,), check=check)
 
 
-def relu_backward_gpu(y, dy):
-    """dx = y > 0 ? dy : 0, from the forward's output y."""
-    return _on_gpu("relu_backward_gpu", _relu_backward, (y, dy))
+def relu_backward_gpu(y, dy, check=True):
+    """dx = dy * (y > 0), from the forward's output y."""
+    return _on_gpu("relu_backward_gpu", _relu_backward, (y, dy), check=check)
 
 
 def clear_cache():
