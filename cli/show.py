@@ -105,9 +105,12 @@ def filters(checkpoint, out, cols, zoom):
     missing = [n for n in names if n not in ck.params]
     if missing:
         raise CpnetError(f"{checkpoint}: no conv1 weights (params/{missing[0]} is missing)")
-    W = np.concatenate([np.asarray(ck.params[n]) for n in names], axis=0)  # tower 0 first, as model.conv1_weights()
-    if W.ndim != 4 or W.shape[1] != 3:
-        raise CpnetError(f"{checkpoint}: conv1 weights have shape {W.shape}, expected (F, 3, k, k) per tower")
+    towers = [np.asarray(ck.params[n]) for n in names]
+    for n, w in zip(names, towers):
+        if w.ndim != 4 or w.shape[1] != 3 or w.shape[2] != w.shape[3] or w.shape != towers[0].shape:
+            raise CpnetError(f"{checkpoint}: params/{n} has shape {w.shape}, expected (F, 3, k, k), the same in "
+                             "both towers")
+    W = np.concatenate(towers, axis=0)  # tower 0 first, as model.conv1_weights()
     epoch = ck.state.get("epoch")
     trained = f", after {epoch} epoch{'s' if epoch != 1 else ''}" if isinstance(epoch, int) else ""
     title = [f"conv1 kernels of {checkpoint} ({ck.config.preset}{trained})",

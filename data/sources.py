@@ -133,11 +133,39 @@ IMAGE_HINT = "any format Pillow reads"
 
 
 def _visible_files(folder):
-    return sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))
+    """Names of the entries of `folder` that may be images: files, and symlinks that are not folders. A dangling
+    symlink or a symlink loop is kept, so that decoding it fails and lists it in skipped.txt with its reason."""
+    names = []
+    for e in os.scandir(folder):
+        if e.name.startswith("."):
+            continue
+        try:
+            if e.is_dir():
+                continue
+            if e.is_file() or e.is_symlink():
+                names.append(e.name)
+        except OSError:                 # a symlink loop (ELOOP) and the like
+            names.append(e.name)
+    return sorted(names)
 
 
 def _class_dirs(root):
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    """Class folder names of `root` (a symlink loop is not one); they must be valid UTF-8 (they are stored)."""
+    names = []
+    for e in os.scandir(root):
+        try:
+            if e.name.startswith(".") or not e.is_dir():
+                continue
+        except OSError:
+            continue
+        try:
+            e.name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = e.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise CpnetError(f"{os.path.join(root, shown)}: class folder name is not UTF-8 (class names are "
+                             "stored in the dataset file); rename it") from None
+        names.append(e.name)
+    return sorted(names)
 
 
 def _folder_task(items, size, background=WHITE):
@@ -254,7 +282,7 @@ def folder_jobs(root, size=256, val_root=None, val_labels=None, val_fraction=0.0
         if not its:
             jobs[split] = None
             continue
-        h = hashlib.sha1("\n".join(f"{p}\t{c}" for p, c in its).encode()).hexdigest()
+        h = hashlib.sha1("\n".join(f"{p}\t{c}" for p, c in its).encode("utf-8", "surrogateescape")).hexdigest()
         sig = {"source": "folder", "root": os.path.abspath(root), "size": size, "listing_sha1": h, "n": len(its),
                "classes": classes}
         if tuple(background) != WHITE:   # files made before --background existed keep their signature

@@ -685,3 +685,82 @@ def test_resume_with_data_at_another_size_is_refused(tiny_data, tmp_path):
     other = _small_prep(tmp_path / "o", 18)
     r = _cli("train", "--data", other, "--out", out, "--epochs", "2", "--resume")
     assert r.exit_code == 1 and "was trained on images stored at 16 px, --data" in r.output, r.output
+
+
+# --------------------------------------------------------------------------------- prep folder: hostile file names
+
+def _bomb(path):
+    """A PNG header claiming 40000 x 40000 pixels (Pillow refuses it as a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+def test_prep_folder_lists_every_odd_entry_one_per_line(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "root"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((10, 12, 3), 40 * i + 10, np.uint8)).save(root / c / f"{i}.png")
+    (root / "a" / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (root / "a" / "loop1.png").symlink_to("loop2.png")
+    (root / "a" / "loop2.png").symlink_to("loop1.png")
+    (root / "b" / "loop").symlink_to("loop")                       # a looping entry among the files
+    os.symlink("loopdir", os.path.join(root, "loopdir"))            # and among the class folders
+    with open(os.path.join(os.fsencode(root / "b"), b"bad\xff\xfe.png"), "wb") as fh:
+        fh.write(b"not an image")
+    (root / "b" / "tab\tand\nnewline.png").write_bytes(b"not an image either")
+    _bomb(root / "b" / "bomb.png")
+    r = _cli("prep", "folder", root, "--out", tmp_path / "out", "--size", "8", "--val-fraction", "0", "-q")
+    assert r.exit_code == 0, r.output
+    lines = (tmp_path / "out" / "skipped.txt").read_text(encoding="utf-8").splitlines()
+    names = {ln.split("\t")[1]: ln.split("\t")[2] for ln in lines}
+    assert all(len(ln.split("\t")) == 3 for ln in lines), lines
+    assert set(names) == {f"{root}/a/dangling.png", f"{root}/a/loop1.png", f"{root}/a/loop2.png", f"{root}/b/loop",
+                          f"{root}/b/bad\\xff\\xfe.png", f"{root}/b/tab\\tand\\nnewline.png", f"{root}/b/bomb.png"}
+    assert "No such file" in names[f"{root}/a/dangling.png"] and "symbolic links" in names[f"{root}/a/loop1.png"]
+    assert "DecompressionBomb" in names[f"{root}/b/bomb.png"]
+    assert "6 images, 7 skipped" in r.output
+    os.makedirs(os.path.join(os.fsencode(root), b"cl\xffass"))
+    r = _cli("prep", "folder", root, "--out", tmp_path / "out2", "--size", "8")
+    assert r.exit_code == 1 and "cl\\xffass: class folder name is not UTF-8" in r.output, r.output
+
+
+def test_predict_on_a_decompression_bomb_is_one_line(tmp_path):
+    r = _cli("predict", _small_checkpoint_for_predict(tmp_path), _bomb(tmp_path / "bomb.png"))
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert f"{tmp_path / 'bomb.png'}: " in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def _small_checkpoint_for_predict(tmp_path):
+    from cpnet import checkpoint
+    from cpnet.model import build_model, make_config
+
+    cfg = make_config("alexnet-tiny", 4, 15, init="he", seed=1)
+    ck = checkpoint.Checkpoint(config=cfg, params=build_model(cfg).host_params(), classes=list("abcd"),
+                               mean=np.zeros((16, 16, 3), np.float32), scale=1 / 64, stored_size=16)
+    checkpoint.save(tmp_path / "ck.h5", ck)
+    return tmp_path / "ck.h5"
+
+
+@pytest.mark.parametrize("shape,named", [((5, 2, 7, 7), "t0.conv1.W (5, 2, 7, 7)"),
+                                         ((3, 3, 3, 2), "t0.conv1.W (3, 3, 3, 2)"),
+                                         ((4, 3, 3, 3), "t1.conv1.W (3, 3, 3, 3)")],
+                         ids=["channels", "not-square", "towers-differ"])
+def test_show_filters_refuses_misshapen_conv1_weights(tmp_path, shape, named):
+    from cpnet import checkpoint
+
+    ck = checkpoint.load(_small_checkpoint_for_predict(tmp_path))
+    ck.params["t0.conv1.W"] = np.zeros(shape, np.float32)
+    checkpoint.save(tmp_path / "w.h5", ck)
+    r = _cli("show", "filters", tmp_path / "w.h5", "-o", tmp_path / "f.png")
+    name, shown = named.split(" ", 1)
+    assert r.exit_code == 1 and f"params/{name} has shape {shown}, expected (F, 3, k, k)" in r.output, r.output
+    assert not (tmp_path / "f.png").exists()
