@@ -101,10 +101,13 @@ def default_crop(preset: str, stored_size: int) -> int:
 
 
 def _write_metrics(path, history):
-    """metrics.jsonl rewritten whole from the history, atomically."""
-    with ckpt_io.atomic_path(path) as tmp, open(tmp, "w") as f:
-        for row in history:
-            f.write(json.dumps(row) + "\n")
+    """metrics.jsonl rewritten whole from the history, atomically (a full disk: one line, the old file kept)."""
+    try:
+        with ckpt_io.atomic_path(path) as tmp, open(tmp, "w") as f:
+            for row in history:
+                f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        raise write_error(path, e, "writing the metrics", "last.h5 holds them: --resume rewrites the file") from None
 
 
 class _StopFlag:

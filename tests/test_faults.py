@@ -764,3 +764,26 @@ def test_show_filters_refuses_misshapen_conv1_weights(tmp_path, shape, named):
     name, shown = named.split(" ", 1)
     assert r.exit_code == 1 and f"params/{name} has shape {shown}, expected (F, 3, k, k)" in r.output, r.output
     assert not (tmp_path / "f.png").exists()
+
+
+def test_bit_flipped_dataset_file_is_one_line_or_reads_as_written(tiny_data, tmp_path):
+    from cpnet.data import H5Dataset
+    from cpnet.errors import CpnetError
+
+    raw0 = (tiny_data / "val.h5").read_bytes()
+    with H5Dataset(tiny_data / "val.h5") as ds:
+        want = (ds.labels.copy(), ds.classes, ds.mean.copy())
+    rng = np.random.default_rng(2)
+    for k, at in enumerate(rng.choice(min(len(raw0), 6000), 40, replace=False)):   # the metadata is up front
+        raw = bytearray(raw0)
+        raw[at] ^= 1 << int(rng.integers(8))
+        bad = tmp_path / f"v{k}.h5"
+        bad.write_bytes(bytes(raw))
+        try:
+            with H5Dataset(bad) as ds:
+                got = (ds.labels, ds.classes, ds.mean)
+                ds.read(np.arange(ds.n))
+        except CpnetError as e:
+            assert str(e).startswith(str(bad)) and "\n" not in str(e)
+            continue
+        assert len(got[0]) == len(want[0])
