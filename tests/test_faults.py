@@ -6,8 +6,6 @@ subprocesses (`python -c SCRIPT`), so that a crash in HDF5 fails the test instea
 point of failure is chosen through a hook on the progress callback.
 """
 
-import errno
-import json
 import os
 import shutil
 import signal
