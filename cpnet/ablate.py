@@ -580,14 +580,18 @@ def markdown(results: dict) -> str:
     lines.append("")
     init = cfg["init"] or DEFAULT_INIT
     act = cfg["activation_epochs"] or cfg["epochs"]
+    others = set(cfg["experiments"]) - {"activation"}
     lines.append(
         f"Model {cfg['model']}, {results['train_images']} training and {results['val_images']} validation images, "
-        f"batch {cfg['batch_size']}, {cfg['epochs']} epochs per run (ReLU vs tanh: {act}, no dropout, no weight "
-        f"decay, each at its own rate), constant lr {cfg['lr']:g}, momentum {cfg['momentum']:g}, weight decay "
-        f"{cfg['weight_decay']:g}, init {init}, input scale {cfg['scale']:.4g}. A direction is named only when the "
-        f"difference of the means exceeds 2 standard errors of the difference. Training error for the target: mean "
-        f"of the last {cfg['window']} batches (augmented, dropout on); 'train top-1 (eval)': final weights on the "
-        f"training images' centre crops without dropout; gap = val top-1 − train top-1 (eval). "
+        f"batch {cfg['batch_size']}; "
+        + (f"ReLU vs tanh: {act} epochs per run, no dropout, no weight decay, each activation at its own constant "
+           f"rate (the lr column); " if "activation" in cfg["experiments"] else "")
+        + (f"LRN, pooling, dropout: {cfg['epochs']} epochs per run, constant lr {cfg['lr']:g}, weight decay "
+           f"{cfg['weight_decay']:g}; " if others else "")
+        + f"momentum {cfg['momentum']:g}, init {init}, input scale {cfg['scale']:.4g}. A direction is named only "
+        "when the difference of the means exceeds 2 standard errors of the difference. Training error for the "
+        f"target: mean of the last {cfg['window']} batches (augmented, dropout on); 'train top-1 (eval)': final "
+        "weights on the training images' centre crops without dropout; gap = val top-1 − train top-1 (eval). "
         f"{len(results['runs'])} trainings, {results['train_seconds'] / 60:.1f} min of training"
         + (f" ({results['reused']} reused from an earlier call)" if results.get("reused") else "") + ".")
     return "\n".join(lines) + "\n"

@@ -28,7 +28,8 @@ def data(tmp_path_factory):
 
 def test_plan_seeds_and_shared_runs():
     p = ablate.plan(ablate.ablation_config("d", "o", seeds=2))
-    assert p["total"] == len(p["runs"]) == 2 * 2 + 4 * 2   # ReLU, tanh; baseline (shared by lrn, pool, dropout), nolrn, pool2-2, dropout0
+    # ReLU, tanh; baseline (shared by lrn, pool, dropout), nolrn, pool2-2, dropout0; 2 seeds each
+    assert p["total"] == len(p["runs"]) == 2 * 2 + 4 * 2
     assert p["sweep"]["ReLU"] == {0.01: ["dropout0-wd0-s0", "dropout0-wd0-s1"]}
     assert p["sweep"]["tanh"] == {0.01: ["tanh-dropout0-wd0-s0", "tanh-dropout0-wd0-s1"]}
     assert p["late"] == {"ReLU": [], "tanh": []}
@@ -214,3 +215,14 @@ def test_ablate_bad_input(data, tmp_path):
     (lone / "train.h5").write_bytes((data / "train.h5").read_bytes())
     r = invoke("ablate", "--data", lone, "--out", tmp_path / "o")
     assert r.exit_code != 0 and "no val.h5" in r.output and "Traceback" not in r.output
+
+
+def test_cli_interrupted_says_how_to_continue(data, tmp_path, monkeypatch):
+    from cpnet.train import TrainingInterrupted
+
+    def stop(*a, **kw):
+        raise TrainingInterrupted("stopped at epoch 1, batch 2/4 (iteration 2)")
+
+    monkeypatch.setattr(ablate, "train_one", stop)
+    r = CliRunner().invoke(cli, ["ablate", "--data", str(data), "--out", str(tmp_path / "o"), "--epochs", "1"])
+    assert r.exit_code == 130 and "run the same command again to continue" in r.output
