@@ -80,12 +80,12 @@ def censored(values, budget):
 
 
 def ratios(num, den, budget=None) -> dict:
-    """Per-seed ratios num[i] / den[i] (the seeds pair the runs), the ratio of the means and the range.
+    """Per-seed ratios num[i] / den[i] (the seeds pair the runs), the ratio of their means and the range.
 
     With `budget`, a None in num (never reached) counts as the budget and makes that ratio a lower bound
     (`lower_bound` True); a None in den leaves the seed out (its ratio could be anything up to the budget).
     """
-    per, lower = [], False
+    per, lower, pairs = [], False, []
     for a, b in zip(num, den):
         if b is None or b == 0:
             per.append(None)
@@ -96,9 +96,9 @@ def ratios(num, den, budget=None) -> dict:
                 continue
             a, lower = budget, True
         per.append(a / b)
-    nums = [budget if (v is None and budget is not None) else v for v in num]
-    sn, sd = summary(nums), summary(den)
-    of_means = sn["mean"] / sd["mean"] if sn["n"] and sd["n"] and sd["mean"] else None
+        pairs.append((a, b))
+    # the ratio of the means over the same seeds as the per-seed ratios
+    of_means = math.fsum(a for a, _ in pairs) / math.fsum(b for _, b in pairs) if pairs else None
     s = summary(per)
     return dict(per_seed=per, of_means=of_means, min=s["min"], max=s["max"], lower_bound=lower)
 

@@ -68,6 +68,8 @@ def test_ratios_pair_seeds_and_mark_lower_bounds():
     assert r["per_seed"] == [10, 3] and r["lower_bound"]
     r = stats.ratios([500, 900], [None, 300], budget=1000)
     assert r["per_seed"] == [None, 3] and (r["min"], r["max"]) == (3, 3)
+    assert r["of_means"] == 3                               # over the seeds that have a ratio
+    assert stats.ratios([None], [None], budget=10)["of_means"] is None
 
 
 def test_best_rate():
