@@ -225,6 +225,13 @@ def _settings(tc: TrainConfig) -> dict:
     return d
 
 
+def _readable(tmp):
+    """The mode a plain open() would have given (the temporary file of atomic_path is private, 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+
+
 def _write_json(path, obj):
     """JSON written to a temporary name, flushed, read back and renamed over `path`."""
     from .checkpoint import atomic_path
@@ -234,6 +241,7 @@ def _write_json(path, obj):
             json.dump(obj, f, indent=1)
         with open(tmp) as f:
             json.load(f)
+        _readable(tmp)
 
 
 def _read_json(path):
@@ -730,6 +738,8 @@ def write_outputs(results: dict, out: str) -> dict:
     with atomic_path(paths["md"]) as tmp:
         with open(tmp, "w") as f:
             f.write(markdown(results))
+        _readable(tmp)
     with atomic_path(paths["png"]) as tmp:
         figure(results).save(tmp, format="PNG")
+        _readable(tmp)
     return paths

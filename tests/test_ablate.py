@@ -1,6 +1,7 @@
 """cpnet ablate: the plan, the target crossing, the verdicts, resuming, and end-to-end runs with a tiny budget."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -156,6 +157,10 @@ def test_ablate_end_to_end(data, tmp_path):
     d = res["experiments"][3]["variants"][0]
     assert d["values"]["gap"] == pytest.approx(np.subtract(d["values"]["val_top1"], d["values"]["train_eval_top1"]))
     assert d["summary"]["val_top1"]["n"] == 2
+    umask = os.umask(0)
+    os.umask(umask)
+    for ext in ("md", "json", "png"):                # the mode open() gives, not the temporary file's 0600
+        assert (out / f"ablation.{ext}").stat().st_mode & 0o777 == 0o666 & ~umask
     im = Image.open(out / "ablation.png")
     # five charts (ReLU vs tanh, the sweep, LRN, pooling, dropout) in rows of two
     assert im.format == "PNG" and im.mode == "RGB" and im.size == (2 * 460 + 8, 3 * 300 + 2 * 8)
