@@ -86,7 +86,7 @@ def command(experiments, **options):
     def eta(p):
         if not p["trained"]:
             return "ETA –"
-        return f"ETA {fmt_time((p['total'] - p['done']) * p['seconds'] / p['trained'])}"
+        return f"ETA {fmt_time(max(p['todo'] - p['trained'], 0) * p['seconds'] / p['trained'])}"
 
     def on_run_start(name, opts, i, total, p):
         line.done()

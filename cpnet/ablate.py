@@ -256,6 +256,15 @@ class _Restart(Exception):
     """The saved curve of an interrupted run does not reach its checkpoint: train it again from the start."""
 
 
+def _finished(cfg: AblationConfig, name: str, opts: dict):
+    """(the run's TrainConfig, its settings, its record if OUT/runs/<name> holds it finished with them, else None)"""
+    tc = replace(cfg.train, out=os.path.join(cfg.train.out, "runs", name),
+                 **{k: (list(v) if k == "pool" else v) for k, v in opts.items()})
+    settings = _settings(tc)
+    done = _read_json(os.path.join(tc.out, "ablation_run.json"))
+    return tc, settings, (done if done and done.get("settings") == settings else None)
+
+
 def train_one(cfg: AblationConfig, name: str, opts: dict, on_step=None) -> dict:
     """Train (or finish, or reuse) one run in OUT/runs/<name>; returns its record: options, seconds, diverged,
     the per-step curve (`steps`), the per-epoch metrics and the final weights' error on the training images.
@@ -267,12 +276,9 @@ def train_one(cfg: AblationConfig, name: str, opts: dict, on_step=None) -> dict:
     from .train import TrainingDiverged, TrainingInterrupted
     from .train import run as train_run
 
-    base = cfg.train
-    out = os.path.join(base.out, "runs", name)
-    tc = replace(base, out=out, **{k: (list(v) if k == "pool" else v) for k, v in opts.items()})
-    settings = _settings(tc)
-    done = _read_json(os.path.join(out, "ablation_run.json"))
-    if done and done.get("settings") == settings:
+    tc, settings, done = _finished(cfg, name, opts)
+    out = tc.out
+    if done:
         return done
     partial = _read_json(os.path.join(out, "steps.json"))
     resume = bool(partial and partial.get("settings") == settings and os.path.exists(os.path.join(out, "last.h5")))
@@ -445,8 +451,8 @@ def run(cfg: AblationConfig, on_run_start=None, on_step=None, on_run_end=None) -
 
     on_run_start(name, options, index, total, progress), on_step(name, step_dict, progress),
     on_run_end(name, record, progress); progress = dict(done=iterations finished or reused, total=iterations of
-    the whole ablation, trained=iterations trained in this call, seconds=since the call started, reused=runs
-    found finished).
+    the whole ablation, todo=iterations it had to train when the call started (the runs not found finished),
+    trained=iterations trained in this call, seconds=since the call started, reused=runs found finished).
     """
     from .data import H5Dataset
     from .train import dataset_paths, input_scale
@@ -468,7 +474,9 @@ def run(cfg: AblationConfig, on_run_start=None, on_step=None, on_run_end=None) -
     act_epochs = cfg.activation_epochs or tc.epochs
     budget = lambda o: o["epochs"] * per_epoch if "epochs" in o else tc.epochs * per_epoch  # noqa: E731
     late_n = sum(len(s) for s in p["late"].values())
-    progress = dict(done=0, total=sum(budget(o) for o in p["runs"].values()) + late_n * act_epochs * per_epoch,
+    late_iterations = late_n * act_epochs * per_epoch   # their rate is not known yet: counted as to be trained
+    todo = sum(budget(o) for n, o in p["runs"].items() if _finished(cfg, n, o)[2] is None) + late_iterations
+    progress = dict(done=0, total=sum(budget(o) for o in p["runs"].values()) + late_iterations, todo=todo,
                     trained=0, seconds=0.0, reused=0)
     t0 = time.perf_counter()
     runs, index = {}, [0]

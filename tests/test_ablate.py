@@ -193,6 +193,10 @@ def test_interrupted_ablation_continues(data, tmp_path):
     assert part["steps"]["iteration"] == [1, 2, 3]
     res = ablate.run(ablate.ablation_config(str(data), str(tmp_path / "a"), **kw))
     ref = ablate.run(ablate.ablation_config(str(data), str(tmp_path / "b"), **kw))
+    seen = []
+    ablate.run(ablate.ablation_config(str(data), str(tmp_path / "a"), **kw),
+               on_run_start=lambda name, opts, i, n, p: seen.append((i, n, p["todo"])))
+    assert seen == [(0, 2, 0), (1, 2, 0)]      # both finished: nothing to train, so no ETA to wait for
     for name in ("baseline-s0", "nolrn-s0"):
         got, want = res["runs"][name], ref["runs"][name]
         assert got["steps"]["iteration"] == list(range(1, 9))
