@@ -286,6 +286,7 @@ def test_sgd_momentum(shim, shape, hyper, dtype, slice_bytes, monkeypatch):
     from cpnet.optim import MomentumSGD
 
     monkeypatch.setattr("cpnet.optim.UPDATE_SLICE_BYTES", slice_bytes)
+    monkeypatch.setattr("cpnet.optim.UPDATE_THREADS_BYTES", 0 if slice_bytes < 64 else 1 << 30)
 
     lr, m, wd, decay_biases = hyper
     model = _OneLayerModel(random_array(shape, dtype, 20), random_array(shape[:1], dtype, 21))
