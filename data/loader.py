@@ -432,6 +432,9 @@ class EvalLoader(_Loader):
         self.views, self.num_views, self.scale = views, augment.VIEWS[views], float(scale)
         with H5Dataset(os.fspath(path)) as ds:
             total = ds.n
+        if total == 0:
+            raise CpnetError(f"{os.fspath(path)}: no images to evaluate")
+        batch_size = max(1, min(int(batch_size), total))   # never a buffer larger than the file
         self.span = range(r * total // n, (r + 1) * total // n)
         spec = _Spec(os.fspath(path), "eval", int(batch_size), int(crop), scale=float(scale), views=views,
                      mean=None if mean is None else np.ascontiguousarray(mean, np.float32),

@@ -737,12 +737,12 @@ def test_predict_on_a_decompression_bomb_is_one_line(tmp_path):
     assert f"{tmp_path / 'bomb.png'}: " in r.output and len(r.output.strip().splitlines()) == 1, r.output
 
 
-def _small_checkpoint_for_predict(tmp_path):
+def _small_checkpoint_for_predict(tmp_path, classes=tuple("abcd")):
     from cpnet import checkpoint
     from cpnet.model import build_model, make_config
 
     cfg = make_config("alexnet-tiny", 4, 15, init="he", seed=1)
-    ck = checkpoint.Checkpoint(config=cfg, params=build_model(cfg).host_params(), classes=list("abcd"),
+    ck = checkpoint.Checkpoint(config=cfg, params=build_model(cfg).host_params(), classes=list(classes),
                                mean=np.zeros((16, 16, 3), np.float32), scale=1 / 64, stored_size=16)
     checkpoint.save(tmp_path / "ck.h5", ck)
     return tmp_path / "ck.h5"
@@ -785,3 +785,16 @@ def test_bit_flipped_dataset_file_is_one_line_or_reads_as_written(tiny_data, tmp
             assert str(e).startswith(str(bad)) and "\n" not in str(e)
             continue
         assert len(got[0]) == len(want[0])
+
+
+def test_eval_on_an_empty_file_is_one_line_and_a_huge_batch_is_one_batch(tiny_data, tmp_path):
+    from cpnet.data import H5Dataset
+
+    with H5Dataset(tiny_data / "val.h5") as ds:
+        ck = _small_checkpoint_for_predict(tmp_path, ds.classes)
+    r = _cli("eval", ck, "--data", tiny_data / "val.h5", "--batch-size", "100000000000")
+    assert r.exit_code == 0 and "24 images, centre crop: top-1 error" in r.output, r.output
+    empty = _dataset_copy(tiny_data, tmp_path / "d", lambda d: _rewrite(d / "val.h5", "labels", np.zeros(0, np.int64))
+                          or _rewrite(d / "val.h5", "images", np.zeros((0, 16, 16, 3), np.uint8)))
+    r = _cli("eval", ck, "--data", empty / "val.h5")
+    assert r.exit_code == 1 and f"{empty / 'val.h5'}: no images to evaluate" in r.output, r.output
