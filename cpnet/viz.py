@@ -342,6 +342,10 @@ def chart(series, size=(460, 320), title="", xlabel="", ylabel="", xlim=None, yl
     d = ImageDraw.Draw(img)
     th = text_size("Ag", fnt)[1]
     left, right, top, bottom = 50, 12, (th + 12 if title else 8), th * 2 + 16
+    labelled = [s for s in series if s.label]
+    above = legend == "above" and labelled   # one row of legend entries between the title and the plot
+    if above:
+        top += th + 8
     px0, px1, py0, py1 = left, W - right, top, H - bottom   # plot box, y grows downwards
 
     xs = [x for s in series for x, y in zip(s.x, s.y) if _finite(x) and _finite(y) and (x > 0 or not log_x)]
@@ -442,8 +446,20 @@ def chart(series, size=(460, 320), title="", xlabel="", ylabel="", xlim=None, yl
                 for x, y in pts:
                     d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=s.color)
 
-    labelled = [s for s in series if s.label]
-    if legend and labelled:
+    def swatch(s, x, y):
+        if s.dashed:
+            _dashed_line(d, [(x, y), (x + 20, y)], s.color, s.width, dash=5, gap=3)
+        else:
+            d.line([(x, y), (x + 20, y)], fill=s.color, width=s.width)
+
+    if above:
+        widths = [text_size(s.label, small)[0] + 38 for s in labelled]
+        x, y = (px0 + px1 - sum(widths)) / 2, py0 - th / 2 - 6
+        for s, w in zip(labelled, widths):
+            swatch(s, x, y)
+            d.text((x + 25, y - th / 2 - 1), s.label, fill=BLACK, font=small)
+            x += w
+    elif legend and labelled:
         lw = max(text_size(s.label, small)[0] for s in labelled) + 34
         lh = len(labelled) * (th + 3) + 6
         pts = [(X(x), Y(y)) for s in series for x, y in zip(s.x, s.y)
@@ -455,10 +471,7 @@ def chart(series, size=(460, 320), title="", xlabel="", ylabel="", xlim=None, yl
         d.rectangle([lx, ly, lx + lw, ly + lh], fill=WHITE, outline=LIGHT)
         for i, s in enumerate(labelled):
             y = ly + 4 + i * (th + 3) + th / 2
-            if s.dashed:
-                _dashed_line(d, [(lx + 4, y), (lx + 24, y)], s.color, s.width, dash=5, gap=3)
-            else:
-                d.line([(lx + 4, y), (lx + 24, y)], fill=s.color, width=s.width)
+            swatch(s, lx + 4, y)
             d.text((lx + 29, y - th / 2 - 1), s.label, fill=BLACK, font=small)
     return img
 
@@ -487,12 +500,13 @@ def curves_figure(rows, title="", size=(900, 340)):
     left = (size[0] // 2, h)
     loss = chart([Series(ep, col("train_loss"), "train", PALETTE[0], dashed=True, markers=True),
                   Series(ep, col("val_loss"), "validation", PALETTE[0], markers=True)],
-                 left, "loss", "epoch", "cross-entropy", marks=marks, integer_x=True)
+                 left, "loss", "epoch", "cross-entropy", marks=marks, integer_x=True, legend="above")
     err = chart([Series(ep, col("train_top1"), "train top-1", PALETTE[3], dashed=True, markers=True),
                  Series(ep, col("val_top1"), "val top-1", PALETTE[3], markers=True),
                  Series(ep, col("train_top5"), "train top-5", PALETTE[2], dashed=True, markers=True),
                  Series(ep, col("val_top5"), "val top-5", PALETTE[2], markers=True)],
-                (size[0] - left[0], h), "error", "epoch", "error rate", ylim=(0, 1), marks=marks, integer_x=True)
+                (size[0] - left[0], h), "error", "epoch", "error rate", ylim=(0, 1), marks=marks, integer_x=True,
+                legend="above")
     return stack([head, stack([loss, err], "horizontal")], "vertical")
 
 
