@@ -16,10 +16,10 @@ def pytest_collection_modifyitems(config, items):
     gpus = backend.gpu_count()
     skip = pytest.mark.skip(reason="no CUDA GPU with CuPy on this machine")
     skip_multi = pytest.mark.skip(reason=f"needs two or more CUDA GPUs ({gpus} here)")
-    for item in items:
-        if "gpu" in item.keywords and gpus == 0:
+    for item in items:  # markers, not keywords: those hold the folder names too (a checkout in .../gpu/)
+        if item.get_closest_marker("gpu") and gpus == 0:
             item.add_marker(skip)
-        elif "multigpu" in item.keywords and gpus < 2:
+        elif item.get_closest_marker("multigpu") and gpus < 2:
             item.add_marker(skip_multi)
 
 
@@ -40,7 +40,7 @@ def xp(request):
 def _host_unless_marked_gpu(request, monkeypatch):
     """Tests not marked gpu run on the host on any machine: with CPNET_DEVICE=auto a GPU machine would otherwise
     put their models on the GPU, where they compare against NumPy without copying back."""
-    if "gpu" not in request.keywords and os.environ.get("CPNET_DEVICE", "auto").strip().lower() in ("", "auto"):
+    if not request.node.get_closest_marker("gpu") and os.environ.get("CPNET_DEVICE", "auto").strip().lower() in ("", "auto"):
         monkeypatch.setenv("CPNET_DEVICE", "cpu")
 
 
