@@ -194,3 +194,70 @@ def test_bench_on_a_fused_model_times_the_fused_layers(monkeypatch):
     assert all(row["forward_ms"] >= 0 and row["backward_ms"] >= 0 for row in r["layers"])
     monkeypatch.setenv("CPNET_FUSE_TOWERS", "0")
     assert bench.bench_model("alexnet-tiny", batch_size=4, steps=1, warmup=0)["fused"] is False
+
+
+# ---- the PyTorch variants (bench/compare_torch.py; torch CPU where installed) ------------------------------------
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["eager", "lrn1", "channels_last", "fused_sgd"])
+def test_compare_torch_variant_agrees_with_cpnet(variant, precision):
+    ct = _compare_module()
+    try:
+        r = ct.check_one_step("alexnet-tiny", batch_size=3, num_classes=5, tdev="cpu", seed=1, variant=variant,
+                              precision=precision, vs_float64=False)
+    except ct.Skipped as e:  # only SGD(fused=True) may be missing from a torch build, and then says why
+        assert variant == "fused_sgd" and "fused" in str(e)
+        pytest.skip(str(e))
+    assert r["ok"], r
+    assert r["tol"] == ct.TOLERANCE[precision] and r["variant"] == variant
+    assert len(r["grad_rel_err"]) == 2 * 7 * 2 + 2
+    if precision == "fp32":  # the variants change the layout and the call pattern, not the arithmetic
+        assert r["max_grad_rel_err"] < 1e-4 and r["loss_rel_err"] < 1e-5
+    else:  # bf16 autocast really ran: its rounding shows, far above fp32's
+        assert r["max_grad_rel_err"] > 1e-4
+
+
+def test_compare_torch_lrn_one_call_equals_per_tower():
+    ct = _compare_module()
+    torch = ct.torch
+    lrn = make_config("alexnet-tiny", 10).lrn
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    a, b = ct.TowerLRN(**lrn)(x), ct.TowerLRN(**lrn, one_call=True)(x)
+    assert torch.allclose(a, b, rtol=1e-14, atol=0)
+    c = ct.TowerLRN(**lrn, one_call=True)(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(a, c, rtol=1e-14, atol=0)
+
+
+def test_compare_torch_skips_with_reasons():
+    ct = _compare_module()
+    import time
+
+    with pytest.raises(ct.Skipped, match="TF32"):
+        ct.check_one_step("alexnet-tiny", batch_size=2, num_classes=5, tdev="cpu", precision="tf32")
+    with pytest.raises(ct.Skipped, match="more than 0.05 s"):
+        with ct.time_limit(0.05, "torch.compile"):
+            time.sleep(2)
+
+
+def test_compare_torch_cli_table_and_json(tmp_path, capsys, monkeypatch):
+    ct = _compare_module()
+    monkeypatch.setenv("CPNET_DEVICE", "cpu")
+    out = tmp_path / "ct.json"
+    with pytest.raises(SystemExit):  # p10/p90 of 3 steps: only with --allow-few-steps
+        ct.main(["--model", "alexnet-tiny", "--batch-size", "2", "--steps", "3"])
+    assert "at least 20" in capsys.readouterr().err
+    rc = ct.main(["--model", "alexnet-tiny", "--batch-size", "2", "--steps", "3", "--allow-few-steps", "--warmup",
+                  "0", "--check-batch", "2", "--variants", "eager,lrn1", "--precisions", "fp32,tf32", "--json",
+                  str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert set(r["variants"]) == {"fp32", "tf32"} and set(r["variants"]["fp32"]) == {"eager", "lrn1"}
+    assert all(v["skipped"] and "TF32" in v["skipped"] for v in r["variants"]["tf32"].values())
+    for v in r["variants"]["fp32"].values():
+        t = v["timing"]
+        assert v["check"]["ok"] and t["torch"]["steps"] == 3
+        assert t["torch"]["ms_p10"] <= t["torch"]["ms_median"] <= t["torch"]["ms_p90"]
+    best = r["best"]["fp32"]
+    assert best["variant"] in ("eager", "lrn1") and "tf32" not in r["best"]
+    assert best["torch_ms_median"] == min(v["timing"]["torch"]["ms_median"] for v in r["variants"]["fp32"].values())
+    assert f"strongest PyTorch in fp32: {best['variant']}" in text
