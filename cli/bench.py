@@ -2,6 +2,8 @@
 
 import click
 
+from ._precision import apply_precision, precision_options
+
 
 def _fmt_bytes(n):
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -66,9 +68,9 @@ def _loader_figures(loader_data, model, batch_size, crop, workers, batches):
               help="Output classes [default: 1000 for alexnet, 10 for the small presets].")
 @click.option("--crop", type=int, default=None, help="Input size [default: the preset's].")
 @click.option("--threads", type=int, default=None, help="Host BLAS threads [default: as `cpnet train` picks them].")
-@click.option("--tf32", is_flag=True, help="GPU: let cuBLAS use TF32 tensor cores for float32 GEMMs (opt-in).")
+@precision_options
 def command(model, batch_size, steps, warmup, as_json, loader_data, loader_workers, no_loader, classes, crop, threads,
-            tf32):
+            precision, tf32):
     """Time the training step, layer by layer (like `caffe time`), and the loader beside it.
 
     Per layer: mean forward and backward milliseconds over --steps iterations after --warmup, both towers
@@ -84,8 +86,7 @@ def command(model, batch_size, steps, warmup, as_json, loader_data, loader_worke
     from cpnet import __version__, backend, bench
     from cpnet.model import make_config  # an unknown --model: a one-line error naming the presets
 
-    if tf32:
-        backend.enable_tf32()
+    precision = apply_precision(precision, tf32)
     if model is None:
         model = "alexnet" if backend.default_placement(2)[0].is_gpu else "alexnet-small"
     if no_loader and loader_data:
@@ -100,6 +101,7 @@ def command(model, batch_size, steps, warmup, as_json, loader_data, loader_worke
         dev = backend.default_placement(2)[0]
         gemm = bench.gemm_gflops(dev, n=512 if model == "alexnet-tiny" else 2048)
     res["host_threads"] = threads
+    res["precision"] = precision
     res["flops"] = bench.floors(cfg, gemm, batch_size)
     res["memory"] = bench.memory()
     if no_loader:
@@ -126,7 +128,7 @@ def command(model, batch_size, steps, warmup, as_json, loader_data, loader_worke
     lib = {"numpy": "NumPy", "cupy": "CuPy"}.get(res["machine"]["backend"], res["machine"]["backend"])
     click.echo(f"Timing {c['model']} ({c['params']:,} parameters) at batch {c['batch_size']} and crop {c['crop']}: "
                f"the mean of {_plural(c['steps'], 'step')} after {_plural(c['warmup'], 'warm-up step')}, {lib} on "
-               f"{where} with {_plural(threads, 'BLAS thread')}.")
+               f"{where} with {_plural(threads, 'BLAS thread')}, precision {precision}.")
     click.echo(f"{'layer':<10}{'forward ms':>12}{'backward ms':>13}   (both towers)")
     for r in res["layers"]:
         click.echo(f"{r['name']:<10}{r['forward_ms']:>12.3f}{r['backward_ms']:>13.3f}")

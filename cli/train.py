@@ -4,6 +4,8 @@ import click
 
 from cpnet.config import defaults
 
+from ._precision import apply_precision, precision_options
+
 D = defaults()  # every flag's default is TrainConfig's
 
 
@@ -48,13 +50,13 @@ def _top5(ctx, value):
 @click.option("--gpus-per-replica", type=int, default=D["gpus_per_replica"],
               help="Under mpiexec/srun: GPUs per replica, taken by node-local rank (2: a tower per GPU as in the "
                    "paper; 1: both towers fused on one) [default: 2 when the node has two per replica, else 1].")
-@click.option("--tf32", is_flag=True, help="GPU: let cuBLAS use TF32 tensor cores for float32 GEMMs (opt-in).")
+@precision_options
 @click.option("--find-lr", "find_lr", is_flag=True, help="Instead of training: a learning-rate range test with these "
               "settings (the lr grows from 1e-5 to 1 over --find-lr-steps batches); writes OUT/lr_find.png and "
               "OUT/lr_find.json and prints the suggested --lr (a tenth of the rate at the lowest smoothed loss).")
 @click.option("--find-lr-steps", "find_lr_steps", default=100, show_default=True, type=click.IntRange(2),
               help="Batches of the range test.")
-def command(tf32, find_lr, find_lr_steps, **options):
+def command(precision, tf32, find_lr, find_lr_steps, **options):
     """Train AlexNet on an HDF5 dataset with momentum SGD.
 
     Under `mpiexec -n N` (or `srun`) N data-parallel replicas train together: --batch-size is the global batch,
@@ -71,10 +73,7 @@ def command(tf32, find_lr, find_lr_steps, **options):
 
     from ._progress import Line, fmt_time
 
-    if tf32:
-        from cpnet import backend
-
-        backend.enable_tf32()
+    precision = apply_precision(precision, tf32)
     cfg = TrainConfig(**options)  # the flags are TrainConfig's fields, named alike
     if find_lr:
         return _find_lr(cfg, find_lr_steps)
@@ -88,7 +87,8 @@ def command(tf32, find_lr, find_lr_steps, **options):
         ctx.update(info)
         devs = ", ".join(f"tower {t}: {d}" for t, d in enumerate(m.devices))
         click.echo(f"model {c.preset} ({m.num_params():,} parameters), crop {c.crop}, {c.num_classes} classes, "
-                   f"conventions {c.conventions}, init {c.init}, input scale {info['train'].scale:.4g}; {devs}")
+                   f"conventions {c.conventions}, init {c.init}, input scale {info['train'].scale:.4g}, precision "
+                   f"{precision}; {devs}")
         for notice in info.get("notices", ()):
             click.echo(f"note: {notice}")
         ctx["top5"] = top5_informative(c.num_classes)

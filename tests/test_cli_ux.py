@@ -1,8 +1,11 @@
 """What a new user meets first: one error style, flags that explain themselves, own images, pictures."""
 
+import json
+import os
 import re
 
 import click
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -53,6 +56,10 @@ BAD = [
     (["train", "--data", "{d}/data", "--out", "{t}/run", "--workers", "-1"], "--workers"),
     (["bench", "--model", "alexnet-tinyy"], "--model 'alexnet-tinyy': expected one of"),
     (["nosuch"], "No such command 'nosuch'"),
+    (["train", "--data", "{d}/data", "--out", "{t}/r", "--precision", "bf16"], "'bf16' is not one of 'fp32', 'tf32'"),
+    (["train", "--data", "{d}/data", "--out", "{t}/r", "--tf32", "--precision", "fp32"],
+     "--tf32 contradicts --precision fp32"),
+    (["bench", "--model", "alexnet-tiny", "--tf32", "--precision", "fp32"], "--tf32 contradicts --precision fp32"),
     (["eval", "{d}/empty", "--data", "{d}/data/val.h5"], "a folder, not a checkpoint file"),
     (["eval", "{d}/notes.txt", "--data", "{d}/data/val.h5"], "not an HDF5 file"),
     (["eval", "{d}/ck.h5", "--data", "{d}/data", "--workers", "-1"], "--workers"),
@@ -282,3 +289,18 @@ def test_a_small_preset_on_large_images_says_so(tmp_path):
     r = train("--data", tmp_path / "big", "--out", tmp_path / "run", "--epochs", 1, "--schedule", "constant")
     assert r.exit_code == 0, r.output
     assert "note: alexnet-tiny is sized for small images" in r.stdout and "100-px images" in r.stdout
+
+
+def test_precision_is_chosen_shown_and_tf32_is_its_old_spelling(tiny, tmp_path, monkeypatch):
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    r = train("--data", tiny / "data", "--out", tmp_path / "a", "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    assert "precision fp32;" in r.stdout and "CUPY_TF32" not in os.environ
+    r = train("--data", tiny / "data", "--out", tmp_path / "b", "--epochs", "1", "--precision", "tf32")
+    assert r.exit_code == 0, r.output
+    assert "precision tf32;" in r.stdout and os.environ.get("CUPY_TF32") == "1"  # what CuPy reads on a GPU
+    monkeypatch.delenv("CUPY_TF32")
+    r = CliRunner().invoke(cli, ["bench", "--model", "alexnet-tiny", "--batch-size", "2", "--steps", "1",
+                                 "--warmup", "0", "--no-loader", "--tf32", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["precision"] == "tf32" and "--tf32 is deprecated" in r.stderr
