@@ -633,6 +633,7 @@ def main(argv=None):
             except Skipped as e:
                 r["skipped"] = str(e)
                 print(f"{label} skipped: {e}", flush=True)
+            save(res, a.json_out)  # after each variant: a run stopped by a time limit keeps what it measured
         set_tf32(False)
 
     res["best"] = best_per_precision(res["variants"])
@@ -656,17 +657,23 @@ def main(argv=None):
                         else "kernels not counted on the CPU")
                 name = f"cpnet {b['cpnet_precision']}" if side == "cpnet" else f"torch {b['variant']}"
                 print(f"launches {prec} {name}: host {r[side]['host_ms_median']:.2f} ms to issue a step; {what}")
-    if a.json_out:
-        tmp = a.json_out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, a.json_out)
+    save(res, a.json_out)
     if failed:
         print("\nFAILED: cpnet and PyTorch disagree on one training step", file=sys.stderr)
         return 1
     return 0
+
+
+def save(res, path):
+    """`res` as JSON at `path` (None: nowhere), atomically: a temporary name, flushed, then renamed."""
+    if not path:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _print_table(res, precisions, variants, steps):
