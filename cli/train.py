@@ -64,7 +64,8 @@ def command(precision, tf32, find_lr, find_lr_steps, **options):
     Rank 0 alone prints and writes files.
 
     Shows loss, top-1/top-5 training error, images/s, data-wait vs compute time and ETA; validates on the centre
-    crop after each epoch; writes RUN/last.h5 (each epoch and on Ctrl-C), RUN/best.h5 and RUN/metrics.jsonl.
+    crop after each epoch; writes RUN/last.h5 (each epoch, and on Ctrl-C or SIGTERM), RUN/best.h5 and
+    RUN/metrics.jsonl; one run at a time per RUN (a lock).
     """
     import time
 

@@ -2,7 +2,8 @@
 
 Nothing here prints: `run` reports through callbacks (`on_step`, `on_epoch`) and files in the run directory:
 
-    RUN/last.h5        after every epoch and on interruption (Ctrl-C), written atomically
+    RUN/last.h5        after every epoch and on interruption (Ctrl-C, SIGTERM), written atomically; the record
+                       from which --resume repairs the other two after a crash between their writes
     RUN/best.h5        the weights with the lowest validation top-1 error so far
     RUN/metrics.jsonl  one JSON line per finished epoch (rewritten atomically from the checkpoint's history)
 

@@ -798,3 +798,23 @@ def test_eval_on_an_empty_file_is_one_line_and_a_huge_batch_is_one_batch(tiny_da
                           or _rewrite(d / "val.h5", "images", np.zeros((0, 16, 16, 3), np.uint8)))
     r = _cli("eval", ck, "--data", empty / "val.h5")
     assert r.exit_code == 1 and f"{empty / 'val.h5'}: no images to evaluate" in r.output, r.output
+
+
+def test_read_only_outputs_of_prep_and_show_are_one_line(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if not _mount_tmpfs(ro, "1m"):
+        pytest.skip("cannot mount a read-only file system here")
+    subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+    try:
+        ck = _small_checkpoint_for_predict(tmp_path)
+        for args, words in ((["prep", "synthetic", "--out", ro / "d", "--n", "50", "--size", "16", "-q"],
+                             f"{ro / 'd'}: read-only file system while creating the output folder"),
+                            (["prep", "synthetic", "--out", ro, "--n", "50", "--size", "16", "-q"],
+                             f"{ro}: read-only file system while creating its lock file"),
+                            (["show", "filters", ck, "-o", ro / "f.png"],
+                             f"{ro / 'f.png'}: read-only file system while creating a temporary file")):
+            r = _cli(*args)
+            assert r.exit_code == 1 and words in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    finally:
+        subprocess.run(["umount", "-l", str(ro)])
