@@ -263,7 +263,18 @@ def _finished(cfg: AblationConfig, name: str, opts: dict):
                  **{k: (list(v) if k == "pool" else v) for k, v in opts.items()})
     settings = _settings(tc)
     done = _read_json(os.path.join(tc.out, "ablation_run.json"))
-    return tc, settings, (done if done and done.get("settings") == settings else None)
+    return tc, settings, (done if done and _same_settings(done.get("settings"), settings) else None)
+
+
+def _same_settings(saved, current) -> bool:
+    """Whether a run saved with `saved` settings computed what `current` asks for. A field the saved run does not
+    have (TrainConfig grew since) matches when it holds its default, which is what the older code did."""
+    from .config import defaults
+
+    if not isinstance(saved, dict):
+        return False
+    d = defaults()
+    return all(saved[k] == v if k in saved else (k in d and v == d[k]) for k, v in current.items())
 
 
 def train_one(cfg: AblationConfig, name: str, opts: dict, on_step=None) -> dict:
@@ -282,7 +293,8 @@ def train_one(cfg: AblationConfig, name: str, opts: dict, on_step=None) -> dict:
     if done:
         return done
     partial = _read_json(os.path.join(out, "steps.json"))
-    resume = bool(partial and partial.get("settings") == settings and os.path.exists(os.path.join(out, "last.h5")))
+    resume = bool(partial and _same_settings(partial.get("settings"), settings)
+                  and os.path.exists(os.path.join(out, "last.h5")))
     if not resume and os.path.isdir(out):
         shutil.rmtree(out)
     try:

@@ -197,6 +197,20 @@ def test_interrupted_ablation_continues(data, tmp_path):
     ablate.run(ablate.ablation_config(str(data), str(tmp_path / "a"), **kw),
                on_run_start=lambda name, opts, i, n, p: seen.append((i, n, p["todo"])))
     assert seen == [(0, 2, 0), (1, 2, 0)]      # both finished: nothing to train, so no ETA to wait for
+    # a run saved before TrainConfig had a field is still reused while that field holds its default ...
+    rec_path = tmp_path / "a" / "runs" / "nolrn-s0" / "ablation_run.json"
+    rec = json.loads(rec_path.read_text())
+    del rec["settings"]["pad"]
+    rec_path.write_text(json.dumps(rec))
+    seen.clear()
+    ablate.run(ablate.ablation_config(str(data), str(tmp_path / "a"), **kw),
+               on_run_start=lambda name, opts, i, n, p: seen.append(p["todo"]))
+    assert seen == [0, 0]
+    # ... and trained again when it does not
+    seen.clear()
+    ablate.run(ablate.ablation_config(str(data), str(tmp_path / "a"), pad=1, **kw),
+               on_run_start=lambda name, opts, i, n, p: seen.append(p["todo"]))
+    assert seen[0] == 16
     for name in ("baseline-s0", "nolrn-s0"):
         got, want = res["runs"][name], ref["runs"][name]
         assert got["steps"]["iteration"] == list(range(1, 9))
