@@ -525,14 +525,16 @@ class Trainer:
                     on_epoch(row)
         return result
 
-    def check_finite(self, epoch: int):
+    def check_finite(self, epoch: int, momentum: bool = True):
         """Stop (TrainingDiverged) when a parameter or a momentum array holds NaN or infinity.
 
         The loss alone misses such values (a NaN input can reach conv1's gradient while ReLU and max pool turn
         the activations finite again); a non-finite gradient makes its parameter non-finite at the update, so
-        checking the parameters after it covers the gradients too. One float64 sum per array, on its device:
-        it runs at every loss read-back and before every save, so nothing non-finite reaches a file."""
-        for group, arrays in (("parameter", self.model.params()), ("momentum of", self.opt.velocity)):
+        checking the parameters after it covers the gradients too, and a non-finite velocity reaches its
+        parameter at the next update. One float64 sum per array, on its device: the parameters at every loss
+        read-back, the parameters and the momentum before every save, so nothing non-finite reaches a file."""
+        groups = [("parameter", self.model.params())] + ([("momentum of", self.opt.velocity)] if momentum else [])
+        for group, arrays in groups:
             for name, v in arrays.items():
                 if not math.isfinite(float(v.sum(dtype=np.float64))):
                     raise TrainingDiverged(
@@ -597,7 +599,7 @@ class Trainer:
                 step_info = pending.flush(sums, self.iteration, epoch, self.last, self.world)
             self.update()
             if step_info is not None:
-                self.check_finite(epoch)
+                self.check_finite(epoch, momentum=False)
             t_wait = time.perf_counter()
             sums["compute_s"] += t_wait - t0
             if on_step and step_info is not None:
