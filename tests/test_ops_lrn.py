@@ -129,3 +129,8 @@ def test_errors_name_the_op_and_shape(xp):
     _, cache = lrn_forward(xp.zeros((1, 4, 2, 2)))
     with pytest.raises(ValueError, match=r"lrn_backward: dy must have the forward input's shape \(1, 4, 2, 2\)"):
         lrn_backward(xp.zeros((1, 4, 2, 3)), cache)
+
+
+def test_host_path_takes_an_empty_batch():
+    y, cache = lrn_forward(np.zeros((0, 4, 2, 2), np.float32))
+    assert y.shape == (0, 4, 2, 2) and lrn_backward(np.zeros_like(y), cache).shape == (0, 4, 2, 2)

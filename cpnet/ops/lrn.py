@@ -55,7 +55,7 @@ def _neg_pow(s, beta, out, tmp):
 
 def _buffers(x, count):
     """`count` temporaries of one chunk of x's images (see _host.chunks)."""
-    rows = _host.chunk_rows(x.shape[0], x[0].nbytes)
+    rows = _host.chunk_rows(x.shape[0], x.nbytes // max(1, len(x)))
     return [np.empty((rows,) + x.shape[1:], dtype=x.dtype) for _ in range(count)]
 
 
@@ -64,7 +64,7 @@ def lrn_forward_cpu(x, size, k, alpha_eff, beta):
     y, scale = np.empty_like(x), np.empty_like(x)
     sq, r, tmp = _buffers(x, 3)
     a, kk = x.dtype.type(alpha_eff), x.dtype.type(k)
-    for n0, n1 in _host.chunks(x.shape[0], x[0].nbytes):
+    for n0, n1 in _host.chunks(x.shape[0], x.nbytes // max(1, len(x))):
         m = n1 - n0
         xc, s = x[n0:n1], scale[n0:n1]
         np.multiply(xc, xc, out=sq[:m])
@@ -80,7 +80,7 @@ def lrn_backward_cpu(x, y, scale, dy, size, alpha_eff, beta):
     dx = np.empty_like(x)
     t, S, r, tmp = _buffers(x, 4)
     c = x.dtype.type(2 * alpha_eff * beta)
-    for n0, n1 in _host.chunks(x.shape[0], x[0].nbytes):
+    for n0, n1 in _host.chunks(x.shape[0], x.nbytes // max(1, len(x))):
         m, sl = n1 - n0, slice(n0, n1)
         np.multiply(dy[sl], y[sl], out=t[:m])
         np.divide(t[:m], scale[sl], out=t[:m])
