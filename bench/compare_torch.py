@@ -179,13 +179,19 @@ class Skipped(Exception):
 
 @contextmanager
 def time_limit(seconds, what):
-    """Raise Skipped when the block runs longer than `seconds` (SIGALRM; the main thread only; 0: no limit)."""
+    """Raise Skipped when the block runs longer than `seconds` (SIGALRM; the main thread only; 0: no limit).
+
+    Also after the block where the code inside caught the alarm's exception and went on (torch.compile can fall
+    back to eager code when its compilation fails): what ran then is not what the block was to time."""
     if not seconds or not hasattr(signal, "SIGALRM"):
         yield
         return
+    fired = []
+    message = f"{what} took more than {seconds:g} s (--compile-limit)"
 
     def on_alarm(signum, frame):
-        raise Skipped(f"{what} took more than {seconds:g} s (--compile-limit)")
+        fired.append(True)
+        raise Skipped(message)
 
     old = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -194,6 +200,8 @@ def time_limit(seconds, what):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+    if fired:
+        raise Skipped(message)
 
 
 def precision_unavailable(precision, tdev):
@@ -439,6 +447,18 @@ def time_both(preset, batch_size, steps, warmup, num_classes, tdev, seed=0, lr=0
     return out
 
 
+def device_event_names(prof) -> list:
+    """Names of the device-side (CUDA) records of a finished torch.profiler run: kernels, memcpy, memset.
+
+    From kineto's results (every record CUPTI took, CuPy's kernels as well) where this torch exposes them,
+    else from the profiler's function events."""
+    cuda = torch.autograd.DeviceType.CUDA
+    try:
+        return [e.name() for e in prof.profiler.kineto_results.events() if e.device_type() == cuda]
+    except AttributeError:
+        return [e.name for e in prof.events() if e.device_type == cuda]
+
+
 def launches(preset, batch_size, num_classes, tdev, variant="eager", precision="fp32", seed=0, lr=0.01,
              repeats=5, compile_limit=0) -> dict:
     """Per side: host ms to issue one training step (median of `repeats`, the device synchronised before and
@@ -490,9 +510,9 @@ def launches(preset, batch_size, num_classes, tdev, variant="eager", precision="
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     fn(repeats + 1)
                     sync()
-                dev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-                mem = [e for e in dev if e.name.lower().startswith(("memcpy", "memset"))]
-                r["kernels"], r["memops"] = len(dev) - len(mem), len(mem)
+                names = device_event_names(prof)
+                mem = [n for n in names if n.lower().startswith(("memcpy", "memset"))]
+                r["kernels"], r["memops"] = len(names) - len(mem), len(mem)
             out[name] = r
     finally:
         model.clear()
@@ -604,12 +624,36 @@ def main(argv=None):
                       f"PyTorch {r64['torch']:.1e}")
             failed = failed or not chk["ok"]
 
-    # the variants, precision by precision: check, then time alternately with cpnet
-    res["variants"] = {}
+    # the variants, precision by precision: check, then time alternately with cpnet. torch.compile (the slow
+    # one to set up) comes last, after the launch counts, so a time limit around the whole run cuts it first.
+    res["variants"] = {prec: {} for prec in precisions}
+    first = [v for v in variants if v != "compile"]
     for prec in precisions:
-        row = res["variants"][prec] = {}
-        cp_mode = _cpnet_mode(prec, gpu)
-        set_tf32(cp_mode == "tf32" or prec == "tf32")
+        failed = _run_variants(a, res, prec, first, preset, classes, tdev, gpu) or failed
+    res["best"] = best_per_precision(res["variants"])
+    if a.launches and res["best"]:
+        _launches(a, res, preset, classes, tdev)
+    if "compile" in variants:
+        for prec in precisions:
+            failed = _run_variants(a, res, prec, ["compile"], preset, classes, tdev, gpu) or failed
+        res["variants"] = {prec: {v: res["variants"][prec][v] for v in variants} for prec in precisions}
+        res["best"] = best_per_precision(res["variants"])
+    if not a.no_time:
+        _print_table(res, precisions, variants, a.steps)
+    save(res, a.json_out)
+    if failed:
+        print("\nFAILED: cpnet and PyTorch disagree on one training step", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_variants(a, res, prec, variants, preset, classes, tdev, gpu):
+    """Check and time `variants` in precision `prec` into res['variants'][prec]; True if a check failed."""
+    row = res["variants"][prec]
+    cp_mode = _cpnet_mode(prec, gpu)
+    set_tf32(cp_mode == "tf32" or prec == "tf32")
+    failed = False
+    try:
         for v in variants:
             r = row[v] = {"check": None, "timing": None, "skipped": None, "cpnet_precision": cp_mode}
             label = f"{prec:<4} {v:<13}"
@@ -634,34 +678,31 @@ def main(argv=None):
                 r["skipped"] = str(e)
                 print(f"{label} skipped: {e}", flush=True)
             save(res, a.json_out)  # after each variant: a run stopped by a time limit keeps what it measured
+    finally:
         set_tf32(False)
+    return failed
 
-    res["best"] = best_per_precision(res["variants"])
-    if not a.no_time:
-        _print_table(res, precisions, variants, a.steps)
-    if a.launches and res["best"]:
-        res["launches"] = {}
-        for prec, b in res["best"].items():
-            set_tf32(b["cpnet_precision"] == "tf32" or prec == "tf32")
-            try:
-                r = res["launches"][prec] = launches(preset, a.batch_size, classes, tdev, b["variant"], prec,
-                                                     compile_limit=a.compile_limit)
-            except Skipped as e:
-                print(f"launches {prec}: skipped: {e}")
-                continue
-            finally:
-                set_tf32(False)
-            for side in ("cpnet", "torch"):
-                k = r[side]["kernels"]
-                what = (f"{k} kernels + {r[side]['memops']} memcpy/memset" if k is not None
-                        else "kernels not counted on the CPU")
-                name = f"cpnet {b['cpnet_precision']}" if side == "cpnet" else f"torch {b['variant']}"
-                print(f"launches {prec} {name}: host {r[side]['host_ms_median']:.2f} ms to issue a step; {what}")
-    save(res, a.json_out)
-    if failed:
-        print("\nFAILED: cpnet and PyTorch disagree on one training step", file=sys.stderr)
-        return 1
-    return 0
+
+def _launches(a, res, preset, classes, tdev):
+    """Host time and kernels per step: cpnet and the strongest PyTorch variant so far, per precision."""
+    res["launches"] = {}
+    for prec, b in res["best"].items():
+        set_tf32(b["cpnet_precision"] == "tf32" or prec == "tf32")
+        try:
+            r = res["launches"][prec] = launches(preset, a.batch_size, classes, tdev, b["variant"], prec,
+                                                 compile_limit=a.compile_limit)
+        except Skipped as e:
+            print(f"launches {prec}: skipped: {e}")
+            continue
+        finally:
+            set_tf32(False)
+        for side in ("cpnet", "torch"):
+            k = r[side]["kernels"]
+            what = (f"{k} kernels + {r[side]['memops']} memcpy/memset" if k is not None
+                    else "kernels not counted on the CPU")
+            name = f"cpnet {b['cpnet_precision']}" if side == "cpnet" else f"torch {b['variant']}"
+            print(f"launches {prec} {name}: host {r[side]['host_ms_median']:.2f} ms to issue a step; {what}")
+        save(res, a.json_out)
 
 
 def save(res, path):
