@@ -162,17 +162,18 @@ def test_start_parameters_broadcast_and_mismatch_detected():
     assert "Error: rank 0 of 2: start parameters differ between replicas: rank 1 differs from rank 0" in r.stderr
 
 
+# A job that hung instead of ending would run into mpirun's timeout (subprocess.TimeoutExpired fails the test);
+# no test here asserts how fast the job ended, which depends on the machine's load.
+
 def test_a_raising_rank_ends_the_job_naming_itself():
-    t = time.monotonic()
-    r = mpirun(2, [PROG, "raise", "1"], timeout=60)
-    assert r.returncode != 0 and time.monotonic() - t < 30
+    r = mpirun(2, [PROG, "raise", "1"], timeout=120)
+    assert r.returncode != 0, r.stdout + r.stderr
     assert "Error: rank 1 of 2: RuntimeError: injected failure" in r.stderr
 
 
 def test_a_killed_rank_ends_the_job():
-    t = time.monotonic()
-    r = mpirun(4, [PROG, "kill", "2"], timeout=60)
-    assert r.returncode != 0 and time.monotonic() - t < 30, r.stdout + r.stderr
+    r = mpirun(4, [PROG, "kill", "2"], timeout=120)
+    assert r.returncode != 0, r.stdout + r.stderr
 
 
 # ---- training: the run does not depend on the number of replicas -----------------------------------------------
@@ -250,9 +251,8 @@ def test_resume_on_another_world_size(synth, reference64, tmp_path):
 
 def test_killed_rank_ends_the_job_and_the_run_resumes(synth, reference64, tmp_path):
     out = tmp_path / "run"
-    t = time.monotonic()
-    r = mpirun(2, [PROG, "train", str(synth), str(out), "float64", "kill=9:1"], timeout=60)
-    assert r.returncode != 0 and time.monotonic() - t < 30, r.stdout + r.stderr
+    r = mpirun(2, [PROG, "train", str(synth), str(out), "float64", "kill=9:1"], timeout=120)
+    assert r.returncode != 0, r.stdout + r.stderr
     ck, _ = _load(out)  # the end of epoch 1, intact
     assert ck.state["epoch"] == 1 and ck.state["iteration"] == 6
     r = mpirun(2, [PROG, "train", str(synth), str(out), "float64", "resume"])
