@@ -64,3 +64,12 @@ def make_tiny_run(data_dir, ckpt_path, n=24, classes=3, size=17):
                                scale=1 / 64, stored_size=size)
     checkpoint.save(ckpt_path, ck)
     return ck
+
+
+def invoke(*args):
+    """`cpnet ARGS...` through click's CliRunner (arguments as strings), exceptions raised, not caught."""
+    from click.testing import CliRunner
+
+    from cpnet.cli.main import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)

@@ -10,13 +10,10 @@ from PIL import Image
 
 from cpnet import ablate
 from cpnet.cli.main import cli
+from conftest import invoke
 
 TINY = ("--model", "alexnet-tiny", "--batch-size", 8, "--window", 2, "--target", 0.6, "--init", "he",
         "--scale", 0.02, "--lr", 0.02)
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,9 @@
 """`cpnet prep` and `cpnet info` run as commands."""
 import numpy as np
-from click.testing import CliRunner
 from PIL import Image
 
-from cpnet.cli.main import cli
 from cpnet.data import H5Dataset
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+from conftest import invoke as run
 
 
 def test_prep_synthetic_and_info(tmp_path):

@@ -16,13 +16,9 @@ from cpnet.cli.main import cli
 from cpnet.data import H5Dataset
 from cpnet.evaluate import view_probs
 from cpnet.model import build_model, make_config
-from conftest import make_tiny_run
+from conftest import invoke, make_tiny_run
 
 SIZE, CLASSES, N = 17, 3, 24
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
