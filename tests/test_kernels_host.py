@@ -24,6 +24,7 @@ from cpnet.shapes import window_out
 shim_module = pytest.importorskip("cpnet.kernels.shim")
 
 DTYPES = [np.float32, np.float64]
+BUILDS = [np.float32, np.float64, kernels.BF16]  # every dtype a .cu file is compiled for
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
 
 
@@ -403,6 +404,116 @@ def test_relu_backward(shim, shape, dtype):
         _bitwise(dx, dy * (x > 0).astype(dtype))
 
 
+# bf16 (--precision bf16): the kernels built with T = bf16 (bf16.cuh, the stand-in with the GPU's own rounding),
+# F = float, against cpnet.precision's NumPy conversions around the float32 NumPy paths: widen the inputs, compute
+# in float32, round the outputs. Copies and maxima are exact; sums and LRN may differ from NumPy's float32 by its
+# rounding, which moves a stored bf16 value by at most one unit in its last place (2^-7 relative).
+
+BF16_RTOL = 2.0 ** -7
+
+
+def _bf16(x):
+    from cpnet.precision import to_bf16
+
+    return to_bf16(x)
+
+
+def _f32(b):
+    from cpnet.precision import from_bf16
+
+    assert b.dtype == kernels.BF16, b.dtype
+    return from_bf16(b)
+
+
+def _bf16_close(actual, expected32):
+    """bf16 `actual` within one bf16 unit of the float32 reference (exact where the reference rounds exactly)."""
+    np.testing.assert_allclose(_f32(actual), expected32, rtol=BF16_RTOL, atol=1e-30)
+
+
+@pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES, ids=str)
+def test_narrow_and_widen(shim, shape):
+    """float32 -> bf16 rounds to nearest, ties to even, bit for bit as cpnet.precision.to_bf16 (NaN stays NaN,
+    infinities stay, overflow goes to inf, subnormals and both zeros keep their bits); widening is exact."""
+    x = with_specials(shape, np.float32, 40) * np.float32(1e3)
+    b = shim.narrow_host(x)
+    assert b.dtype == kernels.BF16 and b.shape == x.shape
+    np.testing.assert_array_equal(b, _bf16(x))
+    np.testing.assert_array_equal(shim.widen_host(b), _f32(b))
+    np.testing.assert_array_equal(shim.narrow_host(shim.widen_host(b)), b)  # bf16 -> float32 -> bf16 is exact
+    ties = np.array([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.4e38, -3.4e38, 1e-40, -0.0, 2**-133], np.float32)
+    want = np.array([1.0, 1 + 2**-6, -1.0, np.inf, -np.inf, 1e-40, -0.0, 2**-133], np.float32)
+    got = shim.widen_host(shim.narrow_host(ties))
+    np.testing.assert_allclose(got[[0, 1, 2, 3, 4, 6, 7]], want[[0, 1, 2, 3, 4, 6, 7]], rtol=0)
+    assert abs(got[5] - 1e-40) <= 2**-133 and np.signbit(got[6])  # a subnormal keeps 7 bits; -0 stays -0
+    with pytest.raises(ValueError, match="float32 -> bf16"):
+        shim.narrow_host(x.astype(np.float64))
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_bf16_im2col_col2im(shim, case):
+    N, C, H, W, kh, kw, sy, sx, ph, pw = case
+    x = _bf16(random_array((N, C, H, W), np.float32, seed=41))
+    col = shim.im2col_host(x, kh, kw, sy, sx, ph, pw)
+    assert col.dtype == kernels.BF16
+    np.testing.assert_array_equal(col, _ops("conv", "im2col_cpu")(x, kh, kw, sy, sx, ph, pw))  # a copy: exact
+    c = _bf16(random_array(col.shape, np.float32, seed=42))
+    dx = shim.col2im_host(c, x.shape, kh, kw, sy, sx, ph, pw)
+    _bf16_close(dx, _ops("conv", "col2im_cpu")(_f32(c), x.shape, kh, kw, sy, sx, ph, pw))
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=str)
+def test_bf16_maxpool(shim, case):
+    N, C, H, W, k, s, p = case
+    x = _bf16(np.round(random_array((N, C, H, W), np.float32, seed=43), 1))  # ties in bf16
+    y, arg = shim.maxpool_forward_host(x, k, s, p)
+    y_ref, arg_ref = _ops("pool", "maxpool_forward_cpu")(_f32(x), k, s, p)
+    np.testing.assert_array_equal(_f32(y), y_ref)
+    np.testing.assert_array_equal(arg, arg_ref)
+    dy = _bf16(random_array(y.shape, np.float32, seed=44))
+    dx = shim.maxpool_backward_host(dy, arg, x.shape, k, s, p)
+    _bf16_close(dx, _ops("pool", "maxpool_backward_cpu")(_f32(dy), arg, x.shape, k, s, p))
+
+
+@pytest.mark.parametrize("params", LRN_PARAMS, ids=str)
+@pytest.mark.parametrize("case", LRN_CASES, ids=str)
+def test_bf16_lrn(shim, case, params):
+    """bf16 x, y, dy, dx; the scale (cached for backward) and all arithmetic in float32."""
+    N, C, H, W, size = case
+    k, alpha, beta = params
+    x = _bf16(random_array((N, C, H, W), np.float32, seed=45) * np.float32(3))
+    y, scale = shim.lrn_forward_host(x, size, k, alpha, beta)
+    assert y.dtype == kernels.BF16 and scale.dtype == np.float32
+    y_ref, scale_ref = _ops("lrn", "lrn_forward_cpu")(_f32(x), size, k, alpha, beta)
+    _close(scale, scale_ref, np.float32)
+    _bf16_close(y, y_ref)
+    dy = _bf16(random_array(x.shape, np.float32, seed=46))
+    dx = shim.lrn_backward_host(x, y, scale, dy, size, alpha, beta)
+    _bf16_close(dx, _ops("lrn", "lrn_backward_cpu")(_f32(x), _f32(y), scale, _f32(dy), size, alpha, beta))
+    with pytest.raises(ValueError, match="scale of dtype float32"):
+        shim.lrn_backward_host(x, y, y, dy, size, alpha, beta)  # a bf16 scale
+
+
+@pytest.mark.parametrize("p", [0.5, 0.3])
+def test_bf16_dropout_and_relu(shim, p):
+    """Dropout's mask is the float32 scale rounded to bf16 (exact for p = 0.5) and y = x * that mask, rounded; ReLU
+    forward and backward are exact in bf16."""
+    from cpnet.ops import counter_keys, counter_uniform
+
+    x = _bf16(with_specials((3, 41), np.float32, 47))
+    y, mask = shim.dropout_forward_host(x, p, *counter_keys(5, 9), 11)
+    keep = counter_uniform(np, x.shape, 5, 9, np.float32, 11) >= np.float32(p)
+    mask_ref = _bf16(np.where(keep, np.float32(1 / (1 - p)), np.float32(0)))
+    np.testing.assert_array_equal(mask, mask_ref)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(y, _bf16(_f32(x) * _f32(mask_ref)))
+    r = shim.relu_forward_host(x)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(_f32(r), np.maximum(_f32(x), np.float32(0)))
+    dy = _bf16(random_array(x.shape, np.float32, 48))
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(shim.relu_backward_host(r, dy), _bf16(_f32(dy) * (_f32(r) > 0)))
+
+
 KERNEL_TESTS = {
     "im2col_kernel": test_im2col,
     "col2im_kernel": test_col2im,
@@ -414,6 +525,8 @@ KERNEL_TESTS = {
     "dropout_forward_kernel": test_dropout_forward,
     "relu_forward_kernel": test_relu_forward,
     "relu_backward_kernel": test_relu_backward,
+    "narrow_kernel": test_narrow_and_widen,
+    "widen_kernel": test_narrow_and_widen,
 }
 
 
@@ -598,15 +711,17 @@ def stand_in_gpu(shim, monkeypatch):
 
     class Module:
         def __init__(self, code, options):
-            self.dtype = {"float": np.float32, "double": np.float64}[re.match(r"typedef (\w+) T;", code).group(1)]
-            compiled.append((self.dtype, re.search(r'#line 1 "(.+)"', code).group(1), tuple(options)))
+            self.dtype = {"float": np.float32, "double": np.float64,
+                          "bf16": kernels.BF16}[re.search(r"^typedef (\w+) T;", code, re.M).group(1)]
+            compiled.append((self.dtype, re.findall(r'#line 1 "(.+)"', code)[-1], tuple(options)))
 
         def get_function(self, name):
             def run(grid, block, args):
                 kinds = [p.kind for p in kernels.kernels()[name].params]
                 for kind, a in zip(kinds, args, strict=True):
-                    expected = {"ptr_T": _StandInGpuArray, "ptr_int": _StandInGpuArray, "int": np.int32}
-                    assert type(a) is expected.get(kind, self.dtype), (name, kind, type(a))
+                    expected = {"ptr_T": _StandInGpuArray, "ptr_F": _StandInGpuArray, "ptr_int": _StandInGpuArray,
+                                "int": np.int32}
+                    assert type(a) is expected.get(kind, kernels.compute_dtype(self.dtype).type), (name, kind, type(a))
                 launches.append((name, grid, block))
                 shim.launch(name, self.dtype, grid[0], block[0], args)
 
@@ -660,9 +775,13 @@ def test_gpu_entry_points_with_a_stand_in_cupy(shim, stand_in_gpu):
             np.testing.assert_array_equal(ry, shim.relu_forward_host(x))
             np.testing.assert_array_equal(kernels.relu_backward_gpu(ry, cp.asarray(dly)),
                                           shim.relu_backward_host(np.asarray(ry), dly))
+            if dtype == np.float32:  # the bf16 conversions (elementwise.cu built for bf16)
+                b = kernels.narrow_gpu(cp.asarray(x))
+                np.testing.assert_array_equal(b, shim.narrow_host(x))
+                np.testing.assert_array_equal(kernels.widen_gpu(b), shim.widen_host(np.asarray(b)))
 
     assert sorted(compiled, key=str) == sorted(
-        [(dt, f, ()) for dt in DTYPES for f in kernels.SOURCES], key=str
+        [(dt, f, ()) for dt in DTYPES for f in kernels.SOURCES] + [(kernels.BF16, "elementwise.cu", ())], key=str
     ), "each (dtype, file) compiles exactly once"
     assert {n for n, _, _ in launches} == set(kernels.list_kernels())
     for name, grid, block in launches:
@@ -761,7 +880,7 @@ def test_ops_on_a_gpu_check_their_arguments_once(shim, stand_in_gpu, monkeypatch
 
 def test_host_functions_check_their_inputs(shim):
     x = random_array((1, 2, 5, 5), np.float32)
-    with pytest.raises(ValueError, match="float32 or float64"):
+    with pytest.raises(ValueError, match="float32, float64 or bf16"):
         shim.im2col_host(x.astype(np.int32), 3, 3, 1, 1, 0, 0)
     with pytest.raises(ValueError, match="4-d"):
         shim.maxpool_forward_host(x[0], 3, 2, 0)
@@ -785,13 +904,13 @@ def test_shim_without_a_compiler_says_so(monkeypatch):
         shim_module.compiler()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", BUILDS)
 @pytest.mark.parametrize("filename", kernels.SOURCES)
 def test_gxx_compiles_without_warnings(shim, filename, dtype):
     assert shim.diagnostics(filename, dtype) == "", shim.diagnostics(filename, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", BUILDS)
 @pytest.mark.parametrize("filename", kernels.SOURCES)
 def test_nvcc_compiles_for_sm90(tmp_path, filename, dtype):
     nvcc = shutil.which("nvcc")
@@ -812,7 +931,7 @@ def _nvrtc():
     return ctypes.CDLL(path)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", BUILDS)
 @pytest.mark.parametrize("filename", kernels.SOURCES)
 def test_nvrtc_compiles_the_loader_text(filename, dtype):
     """The exact text and options that cpnet.kernels hands to cupy.RawModule compile under NVRTC."""

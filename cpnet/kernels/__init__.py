@@ -4,13 +4,20 @@ The sources (`*.cu` beside this file) are plain CUDA C++: `extern "C"` kernels, 
 grid-stride loop, no shared memory, no atomics. The element type `T` is not in the files: `kernel_source` puts a
 line `typedef float T;` (or double) before the text. A command-line `-DT=float` would be the obvious way, but NVRTC
 and nvcc pre-include headers whose templates are written `template <typename T>`, and a macro named T breaks them.
+Beside T, the compute type `F`: the kernels load T, do their arithmetic in F and store T; F is T for float32 and
+float64. For bf16 (`--precision bf16`: arrays of dtype uint16 holding bfloat16 bit patterns, `BF16`), the text
+starts with bf16.cuh (a 16-bit struct with round-to-nearest-even conversions to and from float) and
+`typedef bf16 T; typedef float F;`, so LRN, pooling, col2im's sums and the elementwise kernels compute in float32
+and round once per stored element. Scalars (`F alpha`) and caches that need the precision (LRN's `F* scale`) are
+of type F. `narrow_gpu` (float32 -> bf16) and `widen_gpu` (bf16 -> float32) convert whole arrays.
 
 GPU entry points (`im2col_gpu`, `col2im_gpu`, `maxpool_forward_gpu`, `maxpool_backward_gpu`, `lrn_forward_gpu`,
 `lrn_backward_gpu`) take and return CuPy arrays; so do the elementwise ones, each one pass where CuPy would chain
 several kernels, bit-identical to the NumPy path: `sgd_momentum_gpu` (updates w and v in place),
-`dropout_forward_gpu`, `relu_forward_gpu`, `relu_backward_gpu`. Each compiles its source with `backend.raw_module`
-on first use, cached per (device, dtype, file). The same Python bodies drive the host shim (`cpnet.kernels.shim`),
-which runs the very same kernel text on the CPU, so the tests without a GPU check everything but the CUDA compiler.
+`dropout_forward_gpu`, `relu_forward_gpu`, `relu_backward_gpu`, and the conversions `narrow_gpu`, `widen_gpu`.
+Each compiles its source with `backend.raw_module` on first use, cached per (device, dtype, file). The same Python
+bodies drive the host shim (`cpnet.kernels.shim`), which runs the very same kernel text on the CPU, so the tests
+without a GPU check everything but the CUDA compiler.
 
 Arguments are checked once per call. The entry points check shapes, dtypes and sizes themselves unless told
 `check=False` by a caller that already did (every op does, in its own words); `_on_gpu` checks once that the array
@@ -34,8 +41,16 @@ from ..shapes import window_out
 
 KERNEL_DIR = Path(__file__).resolve().parent
 SOURCES = ("im2col.cu", "maxpool.cu", "lrn.cu", "elementwise.cu")
-DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+# bfloat16 as the kernels see it: a uint16 array of bit patterns (NumPy and CuPy have no bfloat16 dtype).
+BF16 = np.dtype(np.uint16)
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64), BF16)
+_CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double", BF16: "bf16"}
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """The kernels' F for storage type `dtype`: float32 for bf16, else the type itself."""
+    dt = np.dtype(dtype)
+    return np.dtype(np.float32) if dt == BF16 else dt
 
 GPU_BLOCK = 256
 GPU_GRID_CAP = 65535  # blocks per launch; the grid-stride loop covers any remaining elements
@@ -54,7 +69,7 @@ def _wide(*arrays) -> int:
 
 @dataclass(frozen=True)
 class Param:
-    """One kernel parameter: kind is 'ptr_T', 'ptr_int', 'int' or 'T'."""
+    """One kernel parameter: kind is 'ptr_T', 'ptr_F', 'ptr_int', 'int', 'T' or 'F' (F: the compute type)."""
 
     name: str
     kind: str
@@ -81,6 +96,10 @@ def _parse_param(kernel: str, decl: str) -> Param:
     rest = [w for w in words[:-1] if w not in ("const", "__restrict__")]
     if rest == ["T", "*"]:
         return Param(name, "ptr_T")
+    if rest == ["F", "*"]:
+        return Param(name, "ptr_F")
+    if rest == ["F"]:
+        return Param(name, "F")
     if rest == ["int", "*"]:
         return Param(name, "ptr_int")
     if rest == ["int"]:
@@ -121,9 +140,14 @@ def list_kernels() -> list[str]:
 
 
 def kernel_source(filename: str, dtype) -> str:
-    """The text compiled for `dtype` (float32 or float64): a typedef for T, then the file as written."""
-    ctype = _CTYPE[np.dtype(dtype)]
-    return f'typedef {ctype} T;\n#line 1 "{filename}"\n' + read_source(filename)
+    """The text compiled for `dtype` (float32, float64 or BF16): typedefs for T and F (bf16.cuh first for BF16),
+    then the file as written."""
+    dt = np.dtype(dtype)
+    ctype, ftype = _CTYPE[dt], _CTYPE[compute_dtype(dt)]
+    head = f'typedef {ctype} T;\ntypedef {ftype} F;\n'
+    if dt == BF16:
+        head = f'#line 1 "bf16.cuh"\n{read_source("bf16.cuh")}\n{head}'
+    return f'{head}#line 1 "{filename}"\n' + read_source(filename)
 
 
 def pack_args(name: str, dtype, args, array_check=None) -> list:
@@ -131,24 +155,27 @@ def pack_args(name: str, dtype, args, array_check=None) -> list:
 
     `array_check(param, array, expected_dtype)`, when given, validates array arguments (type, dtype, contiguity)
     and returns the value to pass; without it arrays pass as they are. Scalars become np.int32 for `int` and the
-    element type (np.float32 / np.float64) for `T`.
+    compute type (np.float32 / np.float64) for `F` (and for `T`, which a BF16 build does not take).
     """
     kernel = kernels()[name]
     if len(args) != len(kernel.params):
         raise TypeError(f"{name}: {len(kernel.params)} arguments expected, got {len(args)}")
     dtype = np.dtype(dtype)
+    fdtype = compute_dtype(dtype)
+    expected = {"ptr_T": dtype, "ptr_F": fdtype, "ptr_int": np.dtype(np.int32)}
     out = []
     for p, a in zip(kernel.params, args):
-        if p.kind in ("ptr_T", "ptr_int"):
-            out.append(a if array_check is None else
-                       array_check(p, a, dtype if p.kind == "ptr_T" else np.dtype(np.int32)))
+        if p.kind in expected:
+            out.append(a if array_check is None else array_check(p, a, expected[p.kind]))
         elif p.kind == "int":
             v = int(a)
             if not -(2**31) <= v < 2**31:
                 raise ValueError(f"{name}: {p.name}={v} does not fit in a 32-bit int")
             out.append(np.int32(v))
+        elif p.kind == "T" and dtype == BF16:
+            raise ValueError(f"{name}: scalar {p.name} of type T has no bf16 form (declare it F)")
         else:
-            out.append(dtype.type(a))
+            out.append(fdtype.type(a))
     return out
 
 
@@ -160,7 +187,7 @@ def pack_args(name: str, dtype, args, array_check=None) -> list:
 def _float_dtype(op: str, *arrays):
     dt = np.dtype(arrays[0].dtype)
     if dt not in DTYPES:
-        raise ValueError(f"{op}: expected float32 or float64 arrays, got {dt}")
+        raise ValueError(f"{op}: expected float32, float64 or bf16 (uint16) arrays, got {dt}")
     for a in arrays[1:]:
         if np.dtype(a.dtype) != dt:
             raise ValueError(f"{op}: all float inputs must share one dtype, got {dt} and {a.dtype}")
@@ -268,7 +295,7 @@ def _lrn_forward(run, xp, x, size, k, alpha_eff, beta, check=True):
     N, C, H, W = (int(s) for s in x.shape)
     x = xp.ascontiguousarray(x)
     y = xp.empty_like(x)
-    scale = xp.empty_like(x)
+    scale = xp.empty(x.shape, dtype=compute_dtype(x.dtype))  # F: bf16 keeps its scale in float32
     run("lrn_forward_kernel", x.dtype, x.size, x, y, scale, N, C, H * W, size, k, alpha_eff, beta, _wide(x))
     return y, scale
 
@@ -276,7 +303,9 @@ def _lrn_forward(run, xp, x, size, k, alpha_eff, beta, check=True):
 def _lrn_backward(run, xp, x, y, scale, dy, size, alpha_eff, beta, check=True):
     if check:
         _nchw("lrn_backward", x.shape)
-        _float_dtype("lrn_backward", x, y, scale, dy)
+        _float_dtype("lrn_backward", x, y, dy)
+        if np.dtype(scale.dtype) != compute_dtype(x.dtype):
+            raise ValueError(f"lrn_backward: expected scale of dtype {compute_dtype(x.dtype)}, got {scale.dtype}")
         _check_lrn_size("lrn_backward", size)
         for nm, a in (("y", y), ("scale", scale), ("dy", dy)):
             if tuple(a.shape) != tuple(x.shape):
@@ -338,13 +367,24 @@ def _dropout_forward(run, xp, x, p, key0, key1, first=0, check=True):
         _float_dtype("dropout_forward", x)
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout_forward: p must be in [0, 1), got {p}")
-    dt = x.dtype
+    dt, f = x.dtype, compute_dtype(x.dtype)
     x = xp.ascontiguousarray(x)
     y = xp.empty_like(x)
     mask = xp.empty_like(x)
-    _elementwise(run, "dropout_forward_kernel", dt, (x, y, mask), dt.type(p), dt.type(1.0 / (1.0 - p)),
+    _elementwise(run, "dropout_forward_kernel", dt, (x, y, mask), f.type(p), f.type(1.0 / (1.0 - p)),
                  _bits32(key0), _bits32(key1), counter=int(first))
     return y, mask
+
+
+def _convert(run, xp, x, to, check=True):
+    """x converted between BF16 and float32 (`to`: the dtype wanted), one pass (narrow: round to nearest even)."""
+    src, to = np.dtype(x.dtype), np.dtype(to)
+    if check and {src, to} != {BF16, np.dtype(np.float32)}:
+        raise ValueError(f"convert: expected float32 -> bf16 (uint16) or back, got {src} -> {to}")
+    x = xp.ascontiguousarray(x)
+    y = xp.empty(x.shape, dtype=to)
+    _elementwise(run, "narrow_kernel" if to == BF16 else "widen_kernel", BF16, (x, y))
+    return y
 
 
 def _relu_forward(run, xp, x, check=True):
@@ -457,6 +497,16 @@ def dropout_forward_gpu(x, p, key0, key1, first=0, check=True):
     """-> (y, mask): mask = 1/(1-p) where counter_uniform's draw (keys key0, key1: uint32; counters from
     `first`) is >= p, else 0."""
     return _on_gpu("dropout_forward_gpu", _dropout_forward, (x,), p, key0, key1, first, check=check)
+
+
+def narrow_gpu(x, check=True):
+    """float32 -> BF16 (uint16 bit patterns), round to nearest even; NaN stays NaN."""
+    return _on_gpu("narrow_gpu", _convert, (x,), BF16, check=check)
+
+
+def widen_gpu(x, check=True):
+    """BF16 (uint16 bit patterns) -> float32, exact."""
+    return _on_gpu("widen_gpu", _convert, (x,), np.float32, check=check)
 
 
 def relu_forward_gpu(x, check=True):

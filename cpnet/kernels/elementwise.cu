@@ -2,7 +2,8 @@
 //
 // All take flat arrays of n elements (the launcher splits larger arrays into chunks of fewer than 2^31) and do,
 // per element, exactly the operations of the NumPy path in the same order, so the results are bit-identical
-// (NaN payloads aside: a GPU writes its own canonical NaN).
+// (NaN payloads aside: a GPU writes its own canonical NaN). Loads are T, arithmetic and scalars F (the compute
+// type: float for bf16, which rounds once per stored element, as cpnet/precision.py does on the host).
 //
 // Each thread takes ILP elements a grid stride apart per pass and issues all their loads before any store: with
 // one load in flight per thread these kernels are bound by memory latency, not bandwidth. The launcher sizes the
@@ -18,26 +19,26 @@ __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(
 // Momentum SGD (Krizhevsky et al. 2012, section 5), w and v updated in place:
 //   v = momentum * v - wd_lr * w - lr * g;  w = w + v   (the wd_lr term is skipped when wd_lr == 0)
 extern "C" __global__ void sgd_momentum_kernel(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ v,
-                                               int n, T momentum, T wd_lr, T lr)
+                                               int n, F momentum, F wd_lr, F lr)
 {
     const long long stride = (long long)blockDim.x * gridDim.x;
     for (long long e0 = (long long)blockIdx.x * blockDim.x + threadIdx.x; e0 < n; e0 += ILP * stride) {
-        T wk[ILP], gk[ILP], vk[ILP];
+        F wk[ILP], gk[ILP], vk[ILP];
         for (int k = 0; k < ILP; ++k) {
             const long long e = e0 + k * stride;
-            wk[k] = e < n ? w[e] : T(0);
-            gk[k] = e < n ? g[e] : T(0);
-            vk[k] = e < n ? v[e] : T(0);
+            wk[k] = e < n ? F(w[e]) : F(0);
+            gk[k] = e < n ? F(g[e]) : F(0);
+            vk[k] = e < n ? F(v[e]) : F(0);
         }
         for (int k = 0; k < ILP; ++k) {
             const long long e = e0 + k * stride;
-            T u = mul_rn(vk[k], momentum);
-            if (wd_lr != T(0))
+            F u = mul_rn(vk[k], momentum);
+            if (wd_lr != F(0))
                 u = u - mul_rn(wd_lr, wk[k]);
             u = u - mul_rn(lr, gk[k]);
             if (e < n) {
-                v[e] = u;
-                w[e] = wk[k] + u;
+                v[e] = T(u);
+                w[e] = T(wk[k] + u);
             }
         }
     }
@@ -46,19 +47,19 @@ extern "C" __global__ void sgd_momentum_kernel(T* __restrict__ w, const T* __res
 // Inverted dropout with the counter hash of cpnet.ops.dropout.counter_uniform: element first + e (mod 2^32) draws
 //   h = (first + e) * 0x9E3779B9, then for each key: h ^= key; h ^= h >> 16; h *= 0x7FEB352D; h ^= h >> 15;
 //   h *= 0x846CA68B; h ^= h >> 16;   u = (h >> 8) * 2^-24 in [0, 1)
-// and is kept when u >= p: mask = scale (= 1 / (1 - p)) or 0, y = x * mask. The keys and `first` are the uint32
-// bit patterns passed as int.
+// and is kept when u >= p: mask = scale (= 1 / (1 - p)) or 0, stored as T, y = x * mask (that stored mask, so
+// backward's dy * mask scales by the same number). The keys and `first` are the uint32 bit patterns passed as int.
 extern "C" __global__ void dropout_forward_kernel(const T* __restrict__ x, T* __restrict__ y,
-                                                  T* __restrict__ mask, int n, int first, T p, T scale,
+                                                  T* __restrict__ mask, int n, int first, F p, F scale,
                                                   int key0, int key1)
 {
     const unsigned int keys[2] = {(unsigned int)key0, (unsigned int)key1};
     const long long stride = (long long)blockDim.x * gridDim.x;
     for (long long e0 = (long long)blockIdx.x * blockDim.x + threadIdx.x; e0 < n; e0 += ILP * stride) {
-        T xk[ILP];
+        F xk[ILP];
         for (int k = 0; k < ILP; ++k) {
             const long long e = e0 + k * stride;
-            xk[k] = e < n ? x[e] : T(0);
+            xk[k] = e < n ? F(x[e]) : F(0);
         }
         for (int k = 0; k < ILP; ++k) {
             const long long e = e0 + k * stride;
@@ -71,11 +72,11 @@ extern "C" __global__ void dropout_forward_kernel(const T* __restrict__ x, T* __
                 h *= 0x846CA68Bu;
                 h ^= h >> 16;
             }
-            const T u = T(h >> 8) * T(1.0 / 16777216.0);
-            const T m = u >= p ? scale : T(0);
+            const F u = F(h >> 8) * F(1.0 / 16777216.0);
+            const T m = T(u >= p ? scale : F(0));
             if (e < n) {
                 mask[e] = m;
-                y[e] = xk[k] * m;
+                y[e] = T(xk[k] * F(m));
             }
         }
     }
@@ -93,8 +94,9 @@ extern "C" __global__ void relu_forward_kernel(const T* __restrict__ x, T* __res
         }
         for (int k = 0; k < ILP; ++k) {
             const long long e = e0 + k * stride;
+            const F v = F(xk[k]);
             if (e < n)
-                y[e] = (xk[k] > T(0) || xk[k] != xk[k]) ? xk[k] : T(0);
+                y[e] = (v > F(0) || v != v) ? xk[k] : T(0);
         }
     }
 }
@@ -115,7 +117,43 @@ extern "C" __global__ void relu_backward_kernel(const T* __restrict__ y, const T
         for (int k = 0; k < ILP; ++k) {
             const long long e = e0 + k * stride;
             if (e < n)
-                dx[e] = dyk[k] * (yk[k] > T(0) ? T(1) : T(0));
+                dx[e] = T(F(dyk[k]) * (F(yk[k]) > F(0) ? F(1) : F(0)));
+        }
+    }
+}
+
+// The conversions of --precision bf16 (T = bf16, F = float; plain copies for float and double): narrow rounds
+// float to T (to nearest, ties to even), widen is exact.
+extern "C" __global__ void narrow_kernel(const F* __restrict__ x, T* __restrict__ y, int n)
+{
+    const long long stride = (long long)blockDim.x * gridDim.x;
+    for (long long e0 = (long long)blockIdx.x * blockDim.x + threadIdx.x; e0 < n; e0 += ILP * stride) {
+        F xk[ILP];
+        for (int k = 0; k < ILP; ++k) {
+            const long long e = e0 + k * stride;
+            xk[k] = e < n ? x[e] : F(0);
+        }
+        for (int k = 0; k < ILP; ++k) {
+            const long long e = e0 + k * stride;
+            if (e < n)
+                y[e] = T(xk[k]);
+        }
+    }
+}
+
+extern "C" __global__ void widen_kernel(const T* __restrict__ x, F* __restrict__ y, int n)
+{
+    const long long stride = (long long)blockDim.x * gridDim.x;
+    for (long long e0 = (long long)blockIdx.x * blockDim.x + threadIdx.x; e0 < n; e0 += ILP * stride) {
+        T xk[ILP];
+        for (int k = 0; k < ILP; ++k) {
+            const long long e = e0 + k * stride;
+            xk[k] = e < n ? x[e] : T(0);
+        }
+        for (int k = 0; k < ILP; ++k) {
+            const long long e = e0 + k * stride;
+            if (e < n)
+                y[e] = F(xk[k]);
         }
     }
 }

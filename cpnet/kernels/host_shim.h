@@ -19,6 +19,7 @@
 
 #include <math.h>
 #include <cmath>
+#include <cstring>
 
 #define __global__
 #define __device__
@@ -57,6 +58,10 @@ inline double rsqrt(double v) { return 1.0 / sqrt(v); }
    -ffp-contract=off). */
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
+
+/* The bit casts of bf16.cuh (the bf16 stand-in: the same struct and rounding as on the GPU). */
+inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, sizeof u); return u; }
+inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, sizeof f); return f; }
 
 #endif /* __CUDACC__ */
 #endif /* CPNET_HOST_SHIM_H */

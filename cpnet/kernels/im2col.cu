@@ -2,8 +2,8 @@
 //
 // col has shape (C*kh*kw, N*Ho*Wo): row r = c*kh*kw + i*kw + j, column q = n*Ho*Wo + oy*Wo + ox, and
 // col[r, q] = x[n, c, oy*sy - ph + i, ox*sx - pw + j], zero where that position falls in the padding.
-// T (float or double) comes from a `typedef float T;` line the loader puts before this text (see
-// cpnet/kernels/__init__.py). One thread per output element, grid-stride loop, bounds check on every index.
+// T (float, double or bf16) and its compute type F come from typedef lines the loader puts before this text (see
+// cpnet/kernels/__init__.py); im2col only copies, col2im sums in F and rounds once. One thread per output element, grid-stride loop, bounds check on every index.
 //
 // Index arithmetic runs in the type I: 32-bit unsigned when every array the kernel touches has fewer than 2^31
 // elements (`wide` = 0, the launcher decides), else 64-bit. The divisions that split a flat index into
@@ -57,7 +57,7 @@ __device__ __forceinline__ void col2im_body(const T* __restrict__ col, T* __rest
         const int c = (int)((e / ((I)W * H)) % C);
         const int n = (int)(e / ((I)W * H * C));
         const I qbase = (I)n * Ho * Wo;
-        T acc = T(0);
+        F acc = F(0);
         for (int i = 0; i < kh; ++i) {
             const int hp = h + ph - i;  // = oy * sy for the output row whose window puts offset i on h
             if (hp < 0 || hp % sy != 0 || hp / sy >= Ho) continue;
@@ -67,10 +67,10 @@ __device__ __forceinline__ void col2im_body(const T* __restrict__ col, T* __rest
                 if (wp < 0 || wp % sx != 0 || wp / sx >= Wo) continue;
                 const int ox = wp / sx;
                 const I r = ((I)c * kh + i) * kw + j;
-                acc += col[r * cols + qbase + (I)oy * Wo + ox];
+                acc += F(col[r * cols + qbase + (I)oy * Wo + ox]);
             }
         }
-        x[e] = acc;
+        x[e] = T(acc);
     }
 }
 

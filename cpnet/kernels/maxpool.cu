@@ -5,7 +5,7 @@
 // first NaN of a window wins, as NumPy's maximum and the host path have it), and argmax holds
 // the flat index h*W + w of the winner inside its (n, c) plane (-1 if a window covers no input at all).
 // Index arithmetic in I: 32-bit unsigned unless the launcher sets `wide` (an array of 2^31 elements or more);
-// see im2col.cu.
+// see im2col.cu. Comparisons and the backward's sums run in F (float for bf16; the maximum itself is exact).
 
 template <typename I>
 __device__ __forceinline__ void maxpool_forward_body(const T* __restrict__ x, T* __restrict__ y,
@@ -24,17 +24,17 @@ __device__ __forceinline__ void maxpool_forward_body(const T* __restrict__ x, T*
         const int hs = max(h0, 0), he = min(h0 + ksize, H);
         const int ws = max(w0, 0), we = min(w0 + ksize, W);
         int best_at = -1;
-        T best = T(0);
+        F best = F(0);
         for (int h = hs; h < he; ++h) {
             for (int w = ws; w < we; ++w) {
-                const T v = plane[h * W + w];
+                const F v = F(plane[h * W + w]);
                 if (best_at < 0 || v > best || (v != v && best == best)) {
                     best = v;
                     best_at = h * W + w;
                 }
             }
         }
-        y[e] = best;
+        y[e] = T(best);
         argmax[e] = best_at;
     }
 }
@@ -71,14 +71,14 @@ __device__ __forceinline__ void maxpool_backward_body(const T* __restrict__ dy, 
         const int ox1 = min((w + pad) / stride + 1, Wo);
         const int here = h * W + w;
         const I obase = nc * Ho * Wo;
-        T acc = T(0);
+        F acc = F(0);
         for (int oy = oy0; oy < oy1; ++oy) {
             for (int ox = ox0; ox < ox1; ++ox) {
                 const I o = obase + (I)oy * Wo + ox;
-                if (argmax[o] == here) acc += dy[o];
+                if (argmax[o] == here) acc += F(dy[o]);
             }
         }
-        dx[e] = acc;
+        dx[e] = T(acc);
     }
 }
 

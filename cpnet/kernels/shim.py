@@ -1,6 +1,7 @@
 """The host shim: run cpnet's CUDA kernels on the CPU, from the very same source text.
 
-Each `.cu` file, with its `typedef float T;` (or double) line from `kernel_source`, goes through
+Each `.cu` file, with its `typedef float T;` (or double, or bf16: bf16.cuh's struct, the bf16 stand-in with the
+GPU's own round-to-nearest-even conversions) lines from `kernel_source`, goes through
 
     g++ -O2 -shared -fPIC -ffp-contract=off -include host_shim.h -x c++ - -o <cache>/<name>-<hash>.so
 
@@ -35,7 +36,9 @@ import numpy as np
 from ..errors import CpnetError
 from . import (
     KERNEL_DIR,
+    BF16,
     _col2im,
+    _convert,
     _dropout_forward,
     _im2col,
     _lrn_backward,
@@ -45,6 +48,7 @@ from . import (
     _relu_backward,
     _relu_forward,
     _sgd_momentum,
+    compute_dtype,
     kernel_source,
     kernels,
     pack_args,
@@ -153,7 +157,7 @@ def diagnostics(filename: str, dtype) -> str:
 
 
 def build_all():
-    """Build every source for float32 and float64 (the tests call this once per session)."""
+    """Build every source for float32, float64 and bf16 (the tests call this once per session)."""
     from . import DTYPES, SOURCES
 
     for filename in SOURCES:
@@ -162,11 +166,11 @@ def build_all():
 
 
 def _ctype(kind, dtype):
-    if kind in ("ptr_T", "ptr_int"):
+    if kind in ("ptr_T", "ptr_F", "ptr_int"):
         return ctypes.c_void_p
     if kind == "int":
         return ctypes.c_int
-    return ctypes.c_float if np.dtype(dtype) == np.float32 else ctypes.c_double
+    return ctypes.c_float if compute_dtype(dtype) == np.float32 else ctypes.c_double
 
 
 @contextlib.contextmanager
@@ -253,6 +257,14 @@ def sgd_momentum_host(w, g, v, momentum, wd_lr, lr):
 
 def dropout_forward_host(x, p, key0, key1, first=0):
     return _dropout_forward(_host_run, np, x, p, key0, key1, first)
+
+
+def narrow_host(x):
+    return _convert(_host_run, np, x, BF16)
+
+
+def widen_host(x):
+    return _convert(_host_run, np, x, np.float32)
 
 
 def relu_forward_host(x):
