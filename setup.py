@@ -17,7 +17,7 @@ setup(
     # cli/ and data/ live at the top of the repo but install inside the cpnet namespace only.
     packages=["cpnet", "cpnet.ops", "cpnet.kernels", "cpnet.cli", "cpnet.data"],
     package_dir={"cpnet": "cpnet", "cpnet.cli": "cli", "cpnet.data": "data"},
-    package_data={"cpnet.kernels": ["*.cu", "*.h"]},
+    package_data={"cpnet.kernels": ["*.cu", "*.cuh", "*.h"]},
     install_requires=["numpy>=1.23", "h5py>=3.7", "pillow>=9.0", "click>=8.0", "threadpoolctl>=3.1"],
     extras_require={
         # Pick the CuPy wheel that matches your CUDA: cupy-cuda12x for CUDA 12, cupy-cuda13x for CUDA 13.
