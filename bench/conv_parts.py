@@ -11,6 +11,9 @@ groups=2 where the towers are separate), times on the current device, after a wa
     dcol        W.T @ d per group
     col2im      dcol -> dx
     backward    conv2d_backward as a whole (conv1 without dx, as the model runs it)
+    im2col_rt, col2im_rt   im2col and col2im with the window and stride as run-time values
+                (kernels.FIXED_GEOMETRY = 0) where the kernels take them as compile-time constants otherwise
+                (the presets' 11x11/4, 5x5/1 and 3x3/1 geometries): whether the constants pay
 
 and the GEMM rate each GEMM reached. Not a test; prints a table (and JSON with --json).
 
@@ -31,7 +34,7 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cpnet import backend, ops  # noqa: E402
+from cpnet import backend, kernels, ops  # noqa: E402
 from cpnet.model import feature_shapes, make_config  # noqa: E402
 from cpnet.ops.conv import _col2im, _group_gemm, _im2col, _to_nchw  # noqa: E402
 
@@ -46,6 +49,14 @@ def layer_geometry(cfg, batch_size):
         c, h, w = shapes[inputs[i]]
         out.append((f"conv{i + 1}", (batch_size, c, h, w), (2 * f, c // groups[i], k, k), s, p, groups[i]))
     return out
+
+
+def _run_time_geometry(fn, *args):
+    old, kernels.FIXED_GEOMETRY = kernels.FIXED_GEOMETRY, 0
+    try:
+        return fn(*args)
+    finally:
+        kernels.FIXED_GEOMETRY = old
 
 
 def time_parts(dev, name, x_shape, w_shape, stride, pad, G, repeats, need_dx):
@@ -76,6 +87,8 @@ def time_parts(dev, name, x_shape, w_shape, stride, pad, G, repeats, need_dx):
             "dcol": lambda: _group_gemm(xp, Wm.transpose(0, 2, 1), d, dcol),
             "col2im": lambda: _col2im(dcol.reshape(G * K, M), x_shape, *geom),
             "backward": lambda: ops.conv2d_backward(y, cache, need_dx=need_dx),
+            "im2col_rt": lambda: _run_time_geometry(_im2col, x, *geom),
+            "col2im_rt": lambda: _run_time_geometry(_col2im, dcol.reshape(G * K, M), x_shape, *geom),
         }
         res = {}
         for part, fn in parts.items():
@@ -107,7 +120,7 @@ def main(argv=None):
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0
-    cols = ["im2col", "gemm_fwd", "layout", "forward", "dW", "dcol", "col2im", "backward"]
+    cols = ["im2col", "gemm_fwd", "layout", "forward", "dW", "dcol", "col2im", "backward", "im2col_rt", "col2im_rt"]
     print(f"{a.model}, batch {a.batch_size}, {dev}; ms per call (mean of {a.repeats}); GEMM TFLOP/s fwd/dW/dcol")
     print(f"{'layer':6s} " + " ".join(f"{c:>8s}" for c in cols) + "   TFLOP/s")
     for name, r in rows.items():

@@ -2,7 +2,7 @@
 equals the NumPy `_cpu` function of cpnet.ops, and the host shim run of the same source.
 
 Pure copies and pure sums (im2col, col2im, max pool both ways) add in the same order on both sides and must match
-bit for bit; LRN uses pow and may fuse multiply-adds on the GPU, so it is compared with a per-dtype tolerance.
+bit for bit (col2im against col2im_cpu too); LRN uses pow and may fuse multiply-adds on the GPU, so it is compared with a per-dtype tolerance.
 The elementwise kernels (SGD, dropout, ReLU) repeat the NumPy operations exactly and must match bit for bit.
 """
 
@@ -66,10 +66,39 @@ def test_im2col_col2im_gpu(cp, case, dtype):
     c = random_array(col.shape, dtype, seed=1)
     xg = kernels.col2im_gpu(cp.asarray(c), x.shape, *geom)
     assert xg.shape == x.shape and xg.dtype == dtype
-    np.testing.assert_allclose(_host(xg), col2im_cpu(c, x.shape, *geom), **TOL[dtype])
+    # The gather adds the window offsets in col2im_cpu's order; only FMA-free additions, so the same bits.
+    np.testing.assert_array_equal(_host(xg), col2im_cpu(c, x.shape, *geom))
     shim = _shim()
     if shim is not None:
         np.testing.assert_array_equal(_host(xg), shim.col2im_host(c, x.shape, *geom))
+
+
+@pytest.mark.parametrize("fixed", [1, 0])
+@pytest.mark.parametrize("case", [(2, 3, 35, 35, 11, 11, 4, 4, 0, 0), (2, 4, 13, 13, 5, 5, 1, 1, 2, 2),
+                                  (2, 6, 9, 9, 3, 3, 1, 1, 1, 1)], ids=str)
+def test_im2col_col2im_fixed_geometry_gpu(cp, case, fixed, monkeypatch):
+    """The presets' geometries with compile-time window and stride (fixed=1) and with run-time ones: NumPy's bits."""
+    from cpnet.ops.conv import col2im_cpu, im2col_cpu
+
+    monkeypatch.setattr(kernels, "FIXED_GEOMETRY", fixed)
+    N, C, H, W, *geom = case
+    x = random_array((N, C, H, W), np.float32, seed=7)
+    col = kernels.im2col_gpu(cp.asarray(x), *geom)
+    np.testing.assert_array_equal(_host(col), im2col_cpu(x, *geom))
+    c = random_array(col.shape, np.float32, seed=8)
+    np.testing.assert_array_equal(_host(kernels.col2im_gpu(cp.asarray(c), x.shape, *geom)),
+                                  col2im_cpu(c, x.shape, *geom))
+
+
+def test_im2col_col2im_grid_stride_in_y(cp):
+    """More channels (im2col) and planes (col2im) than the 65535 rows of blocks a grid holds in y."""
+    from cpnet.ops.conv import col2im_cpu, im2col_cpu
+
+    x = random_array((2, 40000, 2, 2), np.float32, seed=9)  # 40000 channels, 80000 planes
+    col = kernels.im2col_gpu(cp.asarray(x), 2, 2, 1, 1, 1, 1)
+    np.testing.assert_array_equal(_host(col), im2col_cpu(x, 2, 2, 1, 1, 1, 1))
+    np.testing.assert_array_equal(_host(kernels.col2im_gpu(col, x.shape, 2, 2, 1, 1, 1, 1)),
+                                  col2im_cpu(_host(col), x.shape, 2, 2, 1, 1, 1, 1))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

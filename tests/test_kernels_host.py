@@ -147,7 +147,30 @@ def test_col2im(shim, case, dtype):
     x = shim.col2im_host(col, (N, C, H, W), kh, kw, sy, sx, ph, pw)
     assert x.shape == (N, C, H, W) and x.dtype == dtype
     _close(x, naive.col2im(col, (N, C, H, W), kh, kw, sy, sx, ph, pw), dtype)
-    _close(x, _ops("conv", "col2im_cpu")(col, (N, C, H, W), kh, kw, sy, sx, ph, pw), dtype)
+    # The gather adds the window offsets in the host path's order (i, then j, ascending): the same bits.
+    _bitwise(x, _ops("conv", "col2im_cpu")(col, (N, C, H, W), kh, kw, sy, sx, ph, pw))
+
+
+# The presets' geometries, which im2col.cu runs with compile-time window and stride (FIXED_GEOMETRY), on small
+# inputs: (N, C, H, W, kh, kw, sy, sx, ph, pw).
+FIXED_CASES = [(1, 2, 23, 21, 11, 11, 4, 4, 0, 0), (2, 3, 9, 8, 5, 5, 1, 1, 2, 2), (2, 5, 6, 7, 3, 3, 1, 1, 1, 1),
+               (1, 2, 7, 7, 3, 3, 1, 1, 0, 0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", FIXED_CASES, ids=str)
+def test_im2col_col2im_fixed_geometry(shim, case, dtype, monkeypatch):
+    """With the window and stride as compile-time constants (FIXED_GEOMETRY=1) and as run-time values (0), both
+    kernels give the NumPy path's bits."""
+    N, C, H, W, *geom = case
+    x = random_array((N, C, H, W), dtype, seed=5)
+    col_ref = _ops("conv", "im2col_cpu")(x, *geom)
+    dcol = random_array(col_ref.shape, dtype, seed=6)
+    dx_ref = _ops("conv", "col2im_cpu")(dcol, x.shape, *geom)
+    for fixed in (1, 0):
+        monkeypatch.setattr(kernels, "FIXED_GEOMETRY", fixed)
+        _bitwise(shim.im2col_host(x, *geom), col_ref)
+        _bitwise(shim.col2im_host(dcol, x.shape, *geom), dx_ref)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -723,7 +746,7 @@ def stand_in_gpu(shim, monkeypatch):
                                 "int": np.int32}
                     assert type(a) is expected.get(kind, kernels.compute_dtype(self.dtype).type), (name, kind, type(a))
                 launches.append((name, grid, block))
-                shim.launch(name, self.dtype, grid[0], block[0], args)
+                shim.launch(name, self.dtype, grid, block[0], args)
 
             return run
 
@@ -784,9 +807,12 @@ def test_gpu_entry_points_with_a_stand_in_cupy(shim, stand_in_gpu):
         [(dt, f, ()) for dt in DTYPES for f in kernels.SOURCES] + [(kernels.BF16, "elementwise.cu", ())], key=str
     ), "each (dtype, file) compiles exactly once"
     assert {n for n, _, _ in launches} == set(kernels.list_kernels())
+    two_d = {"im2col_kernel", "col2im_kernel"}  # 2-D grids: x over columns (pixels), y over channels (planes)
     for name, grid, block in launches:
-        assert block == (kernels.GPU_BLOCK,) and len(grid) == 1 and 1 <= grid[0] <= kernels.GPU_GRID_CAP
-    assert ("im2col_kernel", (math.ceil(18 * 56 / 256),), (256,)) in launches  # col is (3*3*2, 2*4*7)
+        assert block == (kernels.GPU_BLOCK,) and len(grid) == (2 if name in two_d else 1), (name, grid)
+        assert all(1 <= g <= kernels.GPU_GRID_CAP for g in grid)
+    assert ("im2col_kernel", (math.ceil(2 * 4 * 7 / 256), 3), (256,)) in launches  # N*Ho*Wo columns, C channels
+    assert ("col2im_kernel", (math.ceil(7 * 6 / 256), 2 * 3), (256,)) in launches  # H*W pixels, N*C planes
     assert ("sgd_momentum_kernel", (1,), (256,)) in launches  # 2*3*7*6 = 252 elements
 
     with pytest.raises(TypeError, match="cupy array"):

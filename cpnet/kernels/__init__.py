@@ -1,7 +1,8 @@
 """CUDA kernels for the GPU path of the ops, and the plumbing shared with their host shim.
 
 The sources (`*.cu` beside this file) are plain CUDA C++: `extern "C"` kernels, one thread per output element in a
-grid-stride loop, no shared memory, no atomics. The element type `T` is not in the files: `kernel_source` puts a
+grid-stride loop (im2col and col2im on a 2-D grid: a row of blocks per channel or plane, so each thread splits its
+index once and walks the window without divisions), no shared memory, no atomics. The element type `T` is not in the files: `kernel_source` puts a
 line `typedef float T;` (or double) before the text. A command-line `-DT=float` would be the obvious way, but NVRTC
 and nvcc pre-include headers whose templates are written `template <typename T>`, and a macro named T breaks them.
 Beside T, the compute type `F`: the kernels load T, do their arithmetic in F and store T; F is T for float32 and
@@ -53,10 +54,13 @@ def compute_dtype(dtype) -> np.dtype:
     return np.dtype(np.float32) if dt == BF16 else dt
 
 GPU_BLOCK = 256
-GPU_GRID_CAP = 65535  # blocks per launch; the grid-stride loop covers any remaining elements
+GPU_GRID_CAP = 65535  # blocks per launch in x (and in y); the grid-stride loops cover any remaining elements
 # The indexing kernels take `wide`: 0 runs their index arithmetic in 32 bits, 1 in 64 bits (several times slower
 # per division), needed once an array they touch has more elements than this. Tests lower it to run the wide path.
 INDEX32_MAX = 2**31 - 1
+# im2col/col2im's `fixed`: 1 runs the presets' geometries (11x11 stride 4, 5x5 and 3x3 stride 1) with the window
+# and stride as compile-time constants, 0 with run-time values (the same bits; bench/conv_parts.py times both).
+FIXED_GEOMETRY = 1
 
 
 def _wide(*arrays) -> int:
@@ -181,7 +185,9 @@ def pack_args(name: str, dtype, args, array_check=None) -> list:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The indexing operations (im2col, col2im, max pool, LRN), written once for any launcher.
-# `run(name, dtype, n, *args)` launches kernel `name` for `n` output elements; xp is numpy or cupy.
+# `run(name, dtype, n, *args)` launches kernel `name` for `n` output elements on a 1-D grid, or, with n a pair
+# (nx, ny), on a 2-D grid: threads in x for nx elements, ny rows of blocks in y (each capped, the kernels
+# grid-stride in both); xp is numpy or cupy.
 
 
 def _float_dtype(op: str, *arrays):
@@ -219,7 +225,8 @@ def _im2col(run, xp, x, kh, kw, sy, sx, ph, pw, check=True):
     Ho, Wo = window_out(H, kh, sy, ph), window_out(W, kw, sx, pw)
     x = xp.ascontiguousarray(x)
     col = xp.empty((C * kh * kw, N * Ho * Wo), dtype=x.dtype)
-    run("im2col_kernel", x.dtype, col.size, x, col, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo, _wide(x, col))
+    run("im2col_kernel", x.dtype, (N * Ho * Wo, C), x, col, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo,
+        FIXED_GEOMETRY, _wide(x, col))
     return col
 
 
@@ -233,7 +240,8 @@ def _col2im(run, xp, col, x_shape, kh, kw, sy, sx, ph, pw, check=True):
             raise ValueError(f"col2im: expected col of shape {(C * kh * kw, N * Ho * Wo)}, got {tuple(col.shape)}")
     col = xp.ascontiguousarray(col)
     x = xp.empty((N, C, H, W), dtype=col.dtype)
-    run("col2im_kernel", col.dtype, x.size, col, x, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo, _wide(col, x))
+    run("col2im_kernel", col.dtype, (H * W, N * C), col, x, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo,
+        FIXED_GEOMETRY, _wide(col, x))
     return x
 
 
@@ -435,10 +443,21 @@ def _gpu_run(name, dtype, n, *args):
     # them so), so the arrays pass through unchecked here; the host shim's launcher does check every one, and the
     # tests run every body through it, so a body that broke this would fail there.
     packed = pack_args(name, dtype, args)
-    if n == 0:
+    grid = launch_grid(n, GPU_BLOCK, GPU_GRID_CAP)
+    if grid is None:
         return
-    grid = min(math.ceil(n / GPU_BLOCK), GPU_GRID_CAP)
-    _gpu_function(name, dtype)((grid,), (GPU_BLOCK,), tuple(packed))
+    _gpu_function(name, dtype)(grid, (GPU_BLOCK,), tuple(packed))
+
+
+def launch_grid(n, block: int, cap: int):
+    """The grid for `n` elements (an int: 1-D) or (nx, ny) (2-D): ceil(nx / block) blocks in x and ny in y, each
+    at most `cap`; None when there is nothing to do."""
+    two_d = isinstance(n, tuple)
+    nx, ny = (int(n[0]), int(n[1])) if two_d else (int(n), 1)
+    if nx <= 0 or ny <= 0:
+        return None
+    gx = min(math.ceil(nx / block), cap)
+    return (gx, min(ny, cap)) if two_d else (gx,)
 
 
 def _on_gpu(op, body, arrays, *rest, check=True):

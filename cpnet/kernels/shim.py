@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import math
 import os
 import shutil
 import subprocess
@@ -51,6 +50,7 @@ from . import (
     compute_dtype,
     kernel_source,
     kernels,
+    launch_grid,
     pack_args,
 )
 
@@ -197,34 +197,38 @@ def _host_array(kernel_name):
     return check
 
 
-def launch(name: str, dtype, grid: int, block: int, packed) -> None:
+def launch(name: str, dtype, grid, block: int, packed) -> None:
     """Run kernel `name` as a <<<grid, block>>> launch would, one (block, thread) at a time.
 
-    `packed` is the argument list `pack_args` made: arrays (anything exposing the NumPy `ctypes` interface) and
-    NumPy scalars of the kernel's exact types.
+    `grid`: blocks in x (an int or a 1-tuple) or (x, y) blocks of a 2-D grid; `block`: threads in x. `packed` is
+    the argument list `pack_args` made: arrays (anything exposing the NumPy `ctypes` interface) and NumPy scalars
+    of the kernel's exact types.
     """
+    gx, gy = (grid, 1) if not isinstance(grid, tuple) else (grid[0], grid[1] if len(grid) > 1 else 1)
     lib = library(kernels()[name].source, dtype)
     fn = getattr(lib, name)
     cargs = [a.ctypes.data if isinstance(a, np.ndarray) else a.item() for a in packed]
     grid_dim, block_dim = _Dim3.in_dll(lib, "gridDim"), _Dim3.in_dll(lib, "blockDim")
     block_idx, thread_idx = _Dim3.in_dll(lib, "blockIdx"), _Dim3.in_dll(lib, "threadIdx")
     with _lock:  # the launch built-ins are globals of the library
-        grid_dim.x, grid_dim.y, grid_dim.z = grid, 1, 1
+        grid_dim.x, grid_dim.y, grid_dim.z = gx, gy, 1
         block_dim.x, block_dim.y, block_dim.z = block, 1, 1
-        block_idx.y = block_idx.z = thread_idx.y = thread_idx.z = 0
-        for b in range(grid):
-            block_idx.x = b
-            for t in range(block):
-                thread_idx.x = t
-                fn(*cargs)
+        block_idx.z = thread_idx.y = thread_idx.z = 0
+        for by in range(gy):
+            block_idx.y = by
+            for b in range(gx):
+                block_idx.x = b
+                for t in range(block):
+                    thread_idx.x = t
+                    fn(*cargs)
 
 
 def _host_run(name, dtype, n, *args):
     packed = pack_args(name, dtype, args, _host_array(name))
-    if n == 0:
-        return
     block = _launch["block"]
-    launch(name, dtype, min(math.ceil(n / block), _launch["grid_cap"]), block, packed)
+    grid = launch_grid(n, block, _launch["grid_cap"])
+    if grid is not None:
+        launch(name, dtype, grid, block, packed)
 
 
 def im2col_host(x, kh, kw, sy, sx, ph, pw):
