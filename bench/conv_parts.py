@@ -3,7 +3,7 @@
 For each conv layer of a preset at its default crop, as the fused model runs it (both towers in one call, with
 groups=2 where the towers are separate), times on the current device, after a warm-up, the mean of --repeats:
 
-    im2col      x -> col
+    im2col      x -> col (on the host in the column order the layer uses: batch-inner for small maps)
     gemm_fwd    W @ col, one 2-D product per group
     layout      (F, N*Ho*Wo) -> NCHW plus the bias, one pass
     forward     conv2d_forward as a whole
@@ -71,21 +71,22 @@ def time_parts(dev, name, x_shape, w_shape, stride, pad, G, repeats, need_dx):
         y, cache = ops.conv2d_forward(x, W, b, stride, pad, G)
         N, _, Ho, Wo = y.shape
         K, M = Cg * kh * kw, N * Ho * Wo
-        col = cache[0]
+        col, bi = cache[0], cache[-1]  # bi: the host's batch-inner column order (conv.py)
         Wm = xp.ascontiguousarray(W).reshape(G, F // G, K)
-        d = xp.ascontiguousarray(y.transpose(1, 0, 2, 3)).reshape(G, F // G, M)
+        dt = y.reshape(N, F, Ho * Wo).transpose(1, 2, 0) if bi else y.transpose(1, 0, 2, 3)
+        d = xp.ascontiguousarray(dt).reshape(G, F // G, M)
         ym = xp.empty((G, F // G, M), np.float32)
         out = xp.empty((N, F, Ho, Wo), np.float32)
         dWb = xp.empty((G, F // G, K), np.float32)
         dcol = xp.empty((G, K, M), np.float32)
         parts = {
-            "im2col": lambda: _im2col(x, *geom),
+            "im2col": lambda: _im2col(x, *geom, batch_inner=bi),
             "gemm_fwd": lambda: _group_gemm(xp, Wm, col.reshape(G, K, M), ym),
-            "layout": lambda: _to_nchw(xp, ym, b, out),
+            "layout": lambda: _to_nchw(xp, ym, b, out, batch_inner=bi),
             "forward": lambda: ops.conv2d_forward(x, W, b, stride, pad, G),
             "dW": lambda: _group_gemm(xp, d, col.reshape(G, K, M).transpose(0, 2, 1), dWb),
             "dcol": lambda: _group_gemm(xp, Wm.transpose(0, 2, 1), d, dcol),
-            "col2im": lambda: _col2im(dcol.reshape(G * K, M), x_shape, *geom),
+            "col2im": lambda: _col2im(dcol.reshape(G * K, M), x_shape, *geom, batch_inner=bi),
             "backward": lambda: ops.conv2d_backward(y, cache, need_dx=need_dx),
             "im2col_rt": lambda: _run_time_geometry(_im2col, x, *geom),
             "col2im_rt": lambda: _run_time_geometry(_col2im, dcol.reshape(G * K, M), x_shape, *geom),

@@ -3,11 +3,19 @@ import pytest
 
 import naive
 from cpnet.backend import to_host
+from cpnet.ops import conv as conv_mod
 from cpnet.ops import conv2d_backward, conv2d_forward
 from cpnet.ops.conv import col2im_cpu, im2col_cpu
 from gradcheck import numerical_grad, projected, rel_error
 
 EPS = 1e-3
+
+
+@pytest.fixture(autouse=True, params=["image-major", "batch-inner"])
+def host_order(request, monkeypatch):
+    """Every test runs with the host's column matrix in each order (the threshold decides per layer)."""
+    monkeypatch.setattr(conv_mod, "BATCH_INNER_MAX_HW", 0 if request.param == "image-major" else 10**9)
+    return request.param
 
 # (N, C, H, W, F, kh, kw, stride, pad, groups)
 CASES = [
@@ -118,6 +126,40 @@ def test_col2im_is_the_adjoint_of_im2col(geom):
     back = col2im_cpu(c, x.shape, *geom)
     assert back.shape == x.shape
     assert np.isclose(np.vdot(back, x), np.vdot(c, col), rtol=1e-12)
+
+
+@pytest.mark.parametrize("geom", [(3, 3, 1, 1, 0, 0), (3, 2, 2, 1, 1, 2), (5, 5, 3, 2, 2, 1), (1, 1, 2, 2, 0, 0)])
+def test_batch_inner_im2col_is_the_same_columns_permuted(geom):
+    """The host's batch-inner order: column (oy*Wo + ox)*N + n holds what column n*Ho*Wo + oy*Wo + ox holds in
+    the kernels' order; col2im in that order is its adjoint."""
+    kh, kw, sy, sx, ph, pw = geom
+    r = np.random.default_rng(7)
+    x = r.standard_normal((3, 2, 8, 7))
+    N, C, H, W = x.shape
+    Ho, Wo = (H + 2 * ph - kh) // sy + 1, (W + 2 * pw - kw) // sx + 1
+    col = im2col_cpu(x, *geom, batch_inner=True)
+    assert col.shape == (C * kh * kw, N * Ho * Wo) and col.flags.c_contiguous
+    ref = naive.im2col(x, *geom).reshape(-1, N, Ho * Wo).transpose(0, 2, 1).reshape(col.shape)
+    np.testing.assert_array_equal(col, ref)
+    c = r.standard_normal(col.shape)
+    back = col2im_cpu(c, x.shape, *geom, batch_inner=True)
+    assert back.shape == x.shape and back.flags.c_contiguous
+    assert np.isclose(np.vdot(back, x), np.vdot(c, col), rtol=1e-12)
+    c_im = c.reshape(-1, Ho * Wo, N).transpose(0, 2, 1).reshape(col.shape)  # the same entries, kernels' order
+    np.testing.assert_allclose(back, naive.col2im(c_im, x.shape, *geom), rtol=1e-12, atol=1e-12)
+
+
+def test_host_order_follows_the_output_size(host_order, monkeypatch):
+    """The threshold picks the order per layer: maps of at most BATCH_INNER_MAX_HW output pixels take the
+    batch-inner one; the result is the same either way."""
+    r = np.random.default_rng(8)
+    x, W, b = r.standard_normal((2, 3, 6, 6)), r.standard_normal((4, 3, 3, 3)), r.standard_normal(4)
+    monkeypatch.setattr(conv_mod, "BATCH_INNER_MAX_HW", 16)
+    small = conv2d_forward(x, W, b, pad=0)  # 4x4 output: batch-inner
+    big = conv2d_forward(x, W, b, pad=1)  # 6x6 output: image-major
+    assert small[1][-1] is True and big[1][-1] is False
+    np.testing.assert_allclose(small[0], naive.conv2d(x, W, b, (1, 1), (0, 0), 1), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(big[0], naive.conv2d(x, W, b, (1, 1), (1, 1), 1), rtol=1e-10, atol=1e-10)
 
 
 def test_col2im_counts_overlaps():

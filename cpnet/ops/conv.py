@@ -15,6 +15,14 @@ block [g*Cg*kh*kw, (g+1)*Cg*kh*kw), so ``col.reshape(G, Cg*kh*kw, -1)`` is a vie
 
 Backward: dW_g = dy_g @ col_g.T, dcol_g = W_g.T @ dy_g, dx = col2im(dcol), db = sum of dy over (n, y, x).
 col2im is the adjoint of im2col: it adds every column entry back onto the pixel it came from.
+
+On the host, layers with small output maps use the *batch-inner* column order instead: column
+(oy*Wo + ox)*N + n, from a copy of x transposed to (C, H, W, N). The products are the same (the columns are only
+permuted, consistently in col, y and dy), but im2col and col2im then copy runs of Wo*N contiguous elements
+instead of Wo (7 or 15 in alexnet-small), and the transposes to and from NCHW move arrays of that layer's size.
+For alexnet-small's conv2-conv5 at batch 128 this took im2col + col2im + both transposes from 34 to 23 ms
+(conv2) and from 20 to 8 ms (conv3) per tower (docs/PERFORMANCE.md, CPU section). Large maps (conv1) keep the
+image-major order: there the transposes of the 32x32 maps cost more than the short rows.
 """
 
 from __future__ import annotations
@@ -34,30 +42,67 @@ def _out_hw(H, W, kh, kw, sy, sx, ph, pw):
     return window_out(H, kh, sy, ph), window_out(W, kw, sx, pw)
 
 
-def im2col_cpu(x, kh, kw, sy, sx, ph, pw, out=None):
-    """(N, C, H, W) -> col (C*kh*kw, N*Ho*Wo) in the layout above; one strided copy per kernel offset.
-    `out`: a C-contiguous array of that shape and x's dtype to write into (a reused buffer), or None."""
+# The host path takes the batch-inner column order when a layer's output maps have at most this many pixels
+# (alexnet-small: conv2-5 at 15x15 and 7x7; alexnet: conv3-5 at 13x13). Measured per layer in
+# docs/PERFORMANCE.md; tests set it to 0 or a large value to run either order.
+BATCH_INNER_MAX_HW = 256
+
+
+def _batch_inner(Ho, Wo):
+    return Ho * Wo <= BATCH_INNER_MAX_HW
+
+
+def _padded_t(x, ph, pw, batch_inner):
+    """x (N, C, H, W) as a zero-padded copy (C, N, H+2ph, W+2pw), or (C, H+2ph, W+2pw, N) when batch_inner."""
     N, C, H, W = x.shape
-    Ho, Wo = _out_hw(H, W, kh, kw, sy, sx, ph, pw)
-    xt = np.zeros((C, N, H + 2 * ph, W + 2 * pw), dtype=x.dtype)
-    xt[:, :, ph : ph + H, pw : pw + W] = x.transpose(1, 0, 2, 3)
-    col = np.empty((C * kh * kw, N * Ho * Wo), dtype=x.dtype) if out is None else out
-    c6 = col.reshape(C, kh, kw, N, Ho, Wo)
+    if batch_inner:
+        xt = np.zeros((C, H + 2 * ph, W + 2 * pw, N), dtype=x.dtype)
+        xt[:, ph : ph + H, pw : pw + W, :] = x.transpose(1, 2, 3, 0)
+    else:
+        xt = np.zeros((C, N, H + 2 * ph, W + 2 * pw), dtype=x.dtype)
+        xt[:, :, ph : ph + H, pw : pw + W] = x.transpose(1, 0, 2, 3)
+    return xt
+
+
+def _windows(xt, kh, kw, sy, sx, Ho, Wo, batch_inner):
+    """Yield (i, j, view): the view of the padded copy `xt` (from _padded_t) that kernel offset (i, j) reads,
+    shaped (C, N, Ho, Wo), or (C, Ho, Wo, N) when batch_inner."""
     for i in range(kh):
         for j in range(kw):
-            c6[:, i, j] = xt[:, :, i : i + sy * (Ho - 1) + 1 : sy, j : j + sx * (Wo - 1) + 1 : sx]
+            rows, cols = slice(i, i + sy * (Ho - 1) + 1, sy), slice(j, j + sx * (Wo - 1) + 1, sx)
+            yield i, j, (xt[:, rows, cols, :] if batch_inner else xt[:, :, rows, cols])
+
+
+def _col6(col, C, kh, kw, N, Ho, Wo, batch_inner):
+    return col.reshape((C, kh, kw, Ho, Wo, N) if batch_inner else (C, kh, kw, N, Ho, Wo))
+
+
+def im2col_cpu(x, kh, kw, sy, sx, ph, pw, out=None, batch_inner=False):
+    """(N, C, H, W) -> col (C*kh*kw, N*Ho*Wo) in the layout above; one strided copy per kernel offset.
+    `out`: a C-contiguous array of that shape and x's dtype to write into (a reused buffer), or None.
+    batch_inner: the batch-inner column order, (oy*Wo + ox)*N + n (host only; the kernels keep the other)."""
+    N, C, H, W = x.shape
+    Ho, Wo = _out_hw(H, W, kh, kw, sy, sx, ph, pw)
+    xt = _padded_t(x, ph, pw, batch_inner)
+    col = np.empty((C * kh * kw, N * Ho * Wo), dtype=x.dtype) if out is None else out
+    c6 = _col6(col, C, kh, kw, N, Ho, Wo, batch_inner)
+    for i, j, view in _windows(xt, kh, kw, sy, sx, Ho, Wo, batch_inner):
+        c6[:, i, j] = view
     return col
 
 
-def col2im_cpu(col, x_shape, kh, kw, sy, sx, ph, pw):
-    """The adjoint of im2col_cpu: col (C*kh*kw, N*Ho*Wo) -> x (N, C, H, W), overlapping entries summed."""
+def col2im_cpu(col, x_shape, kh, kw, sy, sx, ph, pw, batch_inner=False):
+    """The adjoint of im2col_cpu: col (C*kh*kw, N*Ho*Wo) -> x (N, C, H, W), overlapping entries summed.
+    batch_inner: col is in the batch-inner column order (as im2col_cpu's)."""
     N, C, H, W = x_shape
     Ho, Wo = _out_hw(H, W, kh, kw, sy, sx, ph, pw)
-    c6 = col.reshape(C, kh, kw, N, Ho, Wo)
-    xt = np.zeros((C, N, H + 2 * ph, W + 2 * pw), dtype=col.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            xt[:, :, i : i + sy * (Ho - 1) + 1 : sy, j : j + sx * (Wo - 1) + 1 : sx] += c6[:, i, j]
+    c6 = _col6(col, C, kh, kw, N, Ho, Wo, batch_inner)
+    shape = (C, H + 2 * ph, W + 2 * pw, N) if batch_inner else (C, N, H + 2 * ph, W + 2 * pw)
+    xt = np.zeros(shape, dtype=col.dtype)
+    for i, j, view in _windows(xt, kh, kw, sy, sx, Ho, Wo, batch_inner):
+        view += c6[:, i, j]
+    if batch_inner:
+        return np.ascontiguousarray(xt[:, ph : ph + H, pw : pw + W, :].transpose(3, 0, 1, 2))
     return np.ascontiguousarray(xt[:, :, ph : ph + H, pw : pw + W].transpose(1, 0, 2, 3))
 
 
@@ -74,19 +119,20 @@ def _buffer(workspace, name, shape, dtype):
     return a
 
 
-def _im2col(x, *geom, workspace=None):
+def _im2col(x, *geom, workspace=None, batch_inner=False):
     if get_array_module(x) is np:
         N, C, H, W = x.shape
         Ho, Wo = _out_hw(H, W, *geom)
-        return im2col_cpu(x, *geom, out=_buffer(workspace, "col", (C * geom[0] * geom[1], N * Ho * Wo), x.dtype))
+        out = _buffer(workspace, "col", (C * geom[0] * geom[1], N * Ho * Wo), x.dtype)
+        return im2col_cpu(x, *geom, out=out, batch_inner=batch_inner)
     from cpnet import kernels
 
     return kernels.im2col_gpu(x, *geom, check=False)
 
 
-def _col2im(col, x_shape, *geom):
+def _col2im(col, x_shape, *geom, batch_inner=False):
     if get_array_module(col) is np:
-        return col2im_cpu(col, x_shape, *geom)
+        return col2im_cpu(col, x_shape, *geom, batch_inner=batch_inner)
     from cpnet import kernels
 
     return kernels.col2im_gpu(col, x_shape, *geom, check=False)
@@ -107,11 +153,15 @@ def _group_gemm(xp, a, b, out):
     return out
 
 
-def _to_nchw(xp, ym, b, y):
+def _to_nchw(xp, ym, b, y, batch_inner=False):
     """The GEMM's (F, N*Ho*Wo) output (any leading group split of F) written into y (N, F, Ho, Wo), plus the
-    bias when b is not None, in one pass over the output; returns y."""
+    bias when b is not None, in one pass over the output; returns y. batch_inner: ym's columns are in the
+    batch-inner order."""
     N, F, Ho, Wo = y.shape
-    src = ym.reshape(F, N, Ho * Wo).transpose(1, 0, 2)
+    if batch_inner:
+        src = ym.reshape(F, Ho * Wo, N).transpose(2, 0, 1)
+    else:
+        src = ym.reshape(F, N, Ho * Wo).transpose(1, 0, 2)
     if b is not None:
         xp.add(src, b[None, :, None], out=y.reshape(N, F, Ho * Wo))
     else:
@@ -147,12 +197,13 @@ def conv2d_forward(x, W, b, stride=1, pad=0, groups=1, workspace=None):
     Wo = _check.out_size(OP_F, Wd, kw, sx, pw, "width")
 
     geom = (kh, kw, sy, sx, ph, pw)
-    col = _im2col(x, *geom, workspace=workspace)
+    bi = xp is np and _batch_inner(Ho, Wo)
+    col = _im2col(x, *geom, workspace=workspace, batch_inner=bi)
     K, M = Cg * kh * kw, N * Ho * Wo
     Wm = xp.ascontiguousarray(W).reshape(G, F // G, K)
     ym = _group_gemm(xp, Wm, col.reshape(G, K, M), xp.empty((G, F // G, M), dtype=x.dtype))
-    y = _to_nchw(xp, ym, b, xp.empty((N, F, Ho, Wo), dtype=x.dtype))
-    return y, (col, Wm, tuple(x.shape), tuple(W.shape), tuple(y.shape), b is not None, geom)
+    y = _to_nchw(xp, ym, b, xp.empty((N, F, Ho, Wo), dtype=x.dtype), batch_inner=bi)
+    return y, (col, Wm, tuple(x.shape), tuple(W.shape), tuple(y.shape), b is not None, geom, bi)
 
 
 def conv2d_backward(dy, cache, need_dx=True, workspace=None):
@@ -162,12 +213,15 @@ def conv2d_backward(dy, cache, need_dx=True, workspace=None):
     the most expensive one in the network. `workspace`: as in conv2d_forward, for the column gradient.
     """
     xp = get_array_module(dy)
-    col, Wm, x_shape, W_shape, y_shape, has_b, geom = cache
+    col, Wm, x_shape, W_shape, y_shape, has_b, geom, bi = cache
     _check.same_shape(OP_B, "dy", dy, y_shape, f"the forward output's shape {y_shape}")
     _check.same_dtype(OP_B, "dy", dy, col, "the forward input")
     G, Fg, K = Wm.shape
     M = col.shape[1]
-    d = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(G, Fg, M)
+    N, F, Ho, Wo = y_shape
+    # dy in the columns' order: (F, N, Ho*Wo), or (F, Ho*Wo, N) when batch-inner
+    dt = dy.reshape(N, F, Ho * Wo).transpose(1, 2, 0) if bi else dy.transpose(1, 0, 2, 3)
+    d = xp.ascontiguousarray(dt).reshape(G, Fg, M)
     db = d.reshape(G * Fg, M).sum(axis=1) if has_b else None  # rows of the (F, N*Ho*Wo) layout: contiguous
     cg = col.reshape(G, K, M)
     dW = _group_gemm(xp, d, cg.transpose(0, 2, 1), xp.empty((G, Fg, K), dtype=col.dtype)).reshape(W_shape)
@@ -175,5 +229,5 @@ def conv2d_backward(dy, cache, need_dx=True, workspace=None):
         return None, dW, db
     out = _buffer(workspace, "dcol", (G, K, M), col.dtype) if xp is np else xp.empty((G, K, M), dtype=col.dtype)
     dcol = _group_gemm(xp, Wm.transpose(0, 2, 1), d, out).reshape(G * K, M)
-    dx = _col2im(dcol, x_shape, *geom)
+    dx = _col2im(dcol, x_shape, *geom, batch_inner=bi)
     return dx, dW, db
