@@ -105,6 +105,9 @@ class World:
     def wait(self, handles):
         pass
 
+    def test(self, handles):
+        """Let started sums progress (MPICH moves a nonblocking collective on only inside an MPI call)."""
+
     def sum_scalars(self, values) -> np.ndarray:
         """float64 sums over the ranks of a few numbers (loss sums, error counts, image counts)."""
         return self.sum(np.array(values, dtype=np.float64))
@@ -185,6 +188,11 @@ class MPIWorld(World):
         handles = [h for h in handles if h is not None]
         if handles:
             self.MPI.Request.Waitall(handles)
+
+    def test(self, handles):
+        handles = [h for h in handles if h is not None]
+        if handles:
+            self.MPI.Request.Testall(handles)
 
     def bcast(self, obj, root=0):
         return self.comm.bcast(obj, root=root)
@@ -283,26 +291,37 @@ class Replicas:
     number of replicas: each replica's loss is the mean over its B/N rows, so the result is the gradient of the
     mean over the global batch B.
 
-    Gradients are gathered per tower device into flat buffers (each closed once it holds `bucket_bytes`) in reverse layer order,
-    fc8 and fc7 first, the order backward produces them in; each bucket's reduction starts as soon as it is
-    packed. The unit is the model's parameter memory (`model.param_memory()`): one gradient array per block, both
-    towers' rows at once where they share one array (fused), and the result is written back into that array, so
-    the towers' views of it stay valid. `nccl`: the NCCL module to use on GPU devices (default: CuPy's, when it is there); the host staging
-    path otherwise (`note` says so).
+    Gradients are gathered per tower device into flat buffers (each closed once it holds `bucket_bytes`) in reverse
+    layer order, fc8 and fc7 first, the order backward produces them in. The unit is the model's parameter memory
+    (`model.param_memory()`): one gradient array per block, both towers' rows at once where they share one array
+    (fused), and the result is written back into that array, so the towers' views of it stay valid. `nccl`: the
+    NCCL module to use on GPU devices (default: CuPy's, when it is there); the host staging path otherwise (`note`
+    says so).
+
+    Overlap (`overlap`, default `default_overlap`): backward given `done=replicas.backward_done` reports each
+    layer whose gradients are complete; a buffer is packed and its sum started (MPI Iallreduce, or NCCL on the
+    device) as soon as every gradient in it is complete, and `reduce()` then only starts the rest and waits.
+    Buffers start in one fixed order on every rank (the order of `buckets`), each once all before it have, as
+    MPI and NCCL need; every later report calls MPI Test on the started ones to move them on. Without overlap
+    `reduce()` packs and starts every buffer after backward. The sums are the same calls on the same buffers
+    either way, so the numbers are the same bit for bit.
     """
 
-    def __init__(self, w: World, model, optimizer=None, bucket_bytes=BUCKET_BYTES, nccl="auto", alone=False):
+    def __init__(self, w: World, model, optimizer=None, bucket_bytes=BUCKET_BYTES, nccl="auto", alone=False,
+                 overlap=None):
         self.world, self.model, self.optimizer = w, model, optimizer
         self.note = None
         self.buckets = []
         self._nccl_comms = {}
         self.active = w.size > 1 or alone  # alone: buffers and communicators in a world of one (tests, benchmarks)
+        self.overlap = False
         if not self.active:
             return
         blocks = {blk.parts[0][0]: blk for blk in model.param_memory()}
+        order = {name: i for i, name in enumerate(_reverse_layer_order(list(blocks)))}
         dtype = model.dtype
         by_device = {}
-        for name in _reverse_layer_order(list(blocks)):
+        for name in order:
             by_device.setdefault(blocks[name].device, []).append(blocks[name])
         for device, blks in by_device.items():
             cur, size = [], 0
@@ -315,6 +334,13 @@ class Replicas:
                     cur, size = [], 0
             if cur:
                 self.buckets.append(_Bucket(device, dtype, cur))
+        # one order over all devices: by the last gradient a buffer waits for (two GPUs' buffers interleave)
+        self.buckets.sort(key=lambda b: order[b.slots[-1][0].parts[0][0]])
+        self._by_layer = {}  # id(layer) -> indices of the buckets holding a gradient of it
+        for i, b in enumerate(self.buckets):
+            for layer in {id(blk.layer): blk.layer for blk, _, _ in b.slots}.values():
+                self._by_layer.setdefault(id(layer), []).append(i)
+        self._layers_of = [len({id(blk.layer) for blk, _, _ in b.slots}) for b in self.buckets]
         gpu_devices = [d for d in by_device if d.is_gpu or nccl not in ("auto", None)]
         if gpu_devices:
             mod = backend.nccl_module() if nccl == "auto" else nccl
@@ -324,6 +350,13 @@ class Replicas:
             else:
                 for device in sorted(gpu_devices, key=lambda d: d.index):  # the same order on every rank
                     self._nccl_comms[device] = _nccl_comm(w, mod, device)
+        self.overlap = default_overlap(self._nccl_comms) if overlap is None else bool(overlap)
+        self._new_step()
+
+    @property
+    def backward_done(self):
+        """What the model's backward takes as `done` (None without overlap: nothing to report to)."""
+        return self._grads_done if self.active and self.overlap else None
 
     # -- start ---------------------------------------------------------------------------------------------------
     def start(self):
@@ -346,41 +379,64 @@ class Replicas:
         check_same(w, "start parameters (crc32 after the broadcast)", checksum(arrays[n] for n in sorted(arrays)))
 
     # -- gradients -----------------------------------------------------------------------------------------------
+    def _new_step(self):
+        self._missing = list(self._layers_of)  # per bucket: its layers whose gradients are not complete yet
+        self._next = 0                          # the first bucket not started
+        self._pending = []                      # (bucket, MPI request or None) of the started ones
+
+    def _grads_done(self, layers):
+        """Backward's report: these layers' gradients are complete. Start every bucket that is now complete and
+        whose predecessors have started; move the started sums on."""
+        for layer in layers:
+            for i in self._by_layer.get(id(layer), ()):
+                self._missing[i] -= 1
+                if self._missing[i] < 0:
+                    raise RuntimeError("a layer's gradients were reported twice in one step (backward ran again "
+                                       "before Replicas.reduce())")
+        while self._next < len(self.buckets) and self._missing[self._next] == 0:
+            self._start(self._next)
+        self.world.test([h for _, h in self._pending])
+
     def reduce(self):
         """Every gradient := (sum over replicas) / replicas, in place (views such as the fused towers' stay valid)."""
         w = self.world
         if not self.active:
             return
-        inv = self.model.dtype.type(1.0 / w.size)
-        pending = []
-        for bucket in self.buckets:
-            with bucket.device:
-                for blk, off, n in bucket.slots:
-                    bucket.buf[off:off + n] = blk.grad.reshape(-1)
-                pending.append(self._start(bucket))
+        while self._next < len(self.buckets):  # all of them without overlap; with it, none normally
+            self._start(self._next)
+        pending, self._pending = self._pending, []
         self._finish(pending)
+        inv = self.model.dtype.type(1.0 / w.size)
         for bucket in self.buckets:
             with bucket.device:
                 xp = bucket.device.xp
                 for blk, off, n in bucket.slots:
                     g = blk.grad
                     xp.multiply(bucket.buf[off:off + n].reshape(g.shape), inv, out=g)
+        self._new_step()
 
-    def _start(self, bucket):
-        comm = self._nccl_comms.get(bucket.device)
-        if comm is not None:
-            comm.sum(bucket.buf)
-            return None
-        if bucket.device.is_gpu:  # staged through the host
-            bucket.host[...] = to_host(bucket.buf)
-            return (bucket, self.world.sum_start(bucket.host))
-        return (bucket, self.world.sum_start(bucket.buf))
+    def _start(self, i):
+        """Pack bucket i from its gradients and start its sum."""
+        bucket = self.buckets[i]
+        self._next = i + 1
+        with bucket.device:
+            for blk, off, n in bucket.slots:
+                bucket.buf[off:off + n] = blk.grad.reshape(-1)
+            comm = self._nccl_comms.get(bucket.device)
+            if comm is not None:
+                comm.sum(bucket.buf)
+                handle = None
+            elif bucket.device.is_gpu:  # staged through the host
+                bucket.host[...] = to_host(bucket.buf)
+                handle = self.world.sum_start(bucket.host)
+            else:
+                handle = self.world.sum_start(bucket.buf)
+        self._pending.append((bucket, handle))
 
     def _finish(self, pending):
-        handles = [p for p in pending if p is not None]
-        self.world.wait([h for _, h in handles])
-        for bucket, _ in handles:
-            if bucket.device.is_gpu:
+        self.world.wait([h for _, h in pending])
+        for bucket, _ in pending:
+            if bucket.device.is_gpu and bucket.device not in self._nccl_comms:  # staged: back from the host
                 with bucket.device:
                     bucket.buf[...] = to_device(bucket.host, bucket.device)
         # NCCL's sums run on the device's current stream, before the copies back that follow them there
@@ -394,8 +450,17 @@ class Replicas:
             per.setdefault(b.device, []).append(b.size * self.model.dtype.itemsize)
         mpi = "MPI" if self.world.size > 1 else "nothing to sum (one process)"
         how = {d: ("NCCL" if d in self._nccl_comms else f"{mpi} via host" if d.is_gpu else mpi) for d in per}
+        when = "overlapped with backward" if self.overlap else "after backward"
         return "; ".join(f"{d}: {len(s)} flat buffer{'s' if len(s) > 1 else ''} of {_size(sum(s))} by {how[d]}"
-                         for d, s in per.items())
+                         for d, s in per.items()) + f", {when}"
+
+
+def default_overlap(nccl_comms) -> bool:
+    """Overlap the reduction with backward? CPNET_OVERLAP=0|1 says; unset: PLACEHOLDER."""
+    flag = os.environ.get("CPNET_OVERLAP", "").strip()
+    if flag not in ("", "0", "1"):
+        raise CpnetError(f"CPNET_OVERLAP={flag!r}: expected 0 or 1 (unset: overlap where NCCL sums on GPUs)")
+    return bool(nccl_comms) if flag == "" else flag == "1"
 
 
 def _size(nbytes):
@@ -436,5 +501,5 @@ def _nccl_comm(w: World, mod, device) -> _NcclComm:
         return _NcclComm(mod, mod.NcclCommunicator(w.size, uid, w.rank), device, w.size)
 
 
-__all__ = ["World", "MPIWorld", "Replicas", "world", "replica_placement", "shard_rows", "checksum", "check_same",
+__all__ = ["World", "MPIWorld", "Replicas", "default_overlap", "world", "replica_placement", "shard_rows", "checksum", "check_same",
            "launched_size", "launched_rank"]

@@ -222,6 +222,10 @@ class AlexNet:
     mid (conv3-pool5, conv3 reading both towers), fc6, fc7 (both towers' inputs), fc8 (tower 0, both towers'
     fc7). Both walks take an optional `hook(name, phase, devices, call)` that runs every layer call and every
     exchange (`call()` does the work and its result must be returned): bench times each call through it.
+    Backward also takes `done(layers)`, told which layers' gradients are complete as soon as they are: after
+    each layer where the streams run one after the other, after the stage where two host towers run in two
+    threads (on the calling thread, in the same order on every run). cpnet.dist starts a flat buffer's
+    reduction from it once every gradient in the buffer is there.
     """
 
     def __init__(self, cfg: NetConfig, placement: list[Device] | None = None, dtype=np.float32, params=None,
@@ -421,26 +425,32 @@ class AlexNet:
         two threads (NumPy releases the GIL inside its array loops and BLAS), as the paper's towers ran on two
         GPUs; results are the same as one after the other, since the towers share nothing inside a stage. With a
         hook (timing each call) they run one after the other."""
-        if self._pool is None or n == 1 or hook is not None:
+        if not self._threaded(n, hook):
             return [fn(s) for s in range(n)]
         futures = [self._pool.submit(fn, s) for s in range(n)]
         wait(futures)  # both towers finish (or fail) before anyone reads a result or touches the layers again
         return [f.result() for f in futures]
 
+    def _threaded(self, n, hook) -> bool:
+        return self._pool is not None and n > 1 and hook is None
+
     @staticmethod
     def _call(hook, name, phase, devices, call):
         return call() if hook is None else hook(name, phase, devices, call)
 
-    def _layers(self, st, s, x, phase, train, hook):
-        """Stream s of stage `st`, forward or backward, on its device."""
+    def _layers(self, st, s, x, phase, train, hook, done=None):
+        """Stream s of stage `st`, forward or backward, on its device; `done([layer])` after each backward layer
+        that has parameters."""
         seq, dev = st.streams[s], st.devices[s]
         with dev:
-            if hook is None:
+            if hook is None and done is None:
                 return self._check(seq.forward(x, train), s) if phase == "forward" else seq.backward(x)
             layers = seq.layers if phase == "forward" else reversed(seq.layers)
             for name, layer in layers:
                 fn = (lambda a, layer=layer: layer.forward(a, train)) if phase == "forward" else layer.backward
-                x = hook(name, phase, [dev], lambda fn=fn, a=x: fn(a))
+                x = fn(x) if hook is None else hook(name, phase, [dev], lambda fn=fn, a=x: fn(a))
+                if done is not None and layer.params:
+                    done([layer])
             return self._check(x, s) if phase == "forward" else x
 
     def forward(self, x, train=False, upto=None, hook=None):
@@ -466,12 +476,17 @@ class AlexNet:
                            hook)
         return h[0]
 
-    def backward(self, dlogits, hook=None):
-        """Gradients for every parameter (in each layer's .grads) from d loss / d logits."""
+    def backward(self, dlogits, hook=None, done=None):
+        """Gradients for every parameter (in each layer's .grads) from d loss / d logits; `done` as in the class
+        docstring."""
         d = [dlogits]
         for st in reversed(self.stages):
-            d = self._each(lambda s, st=st, d=d: self._layers(st, s, d[s], "backward", False, hook),
-                           len(st.streams), hook)
+            n = len(st.streams)
+            threaded = self._threaded(n, hook)
+            d = self._each(lambda s, st=st, d=d: self._layers(st, s, d[s], "backward", False, hook,
+                                                              None if threaded else done), n, hook)
+            if done is not None and threaded:
+                done([layer for seq in st.streams for _, layer in reversed(seq.layers) if layer.params])
             widths = self._widths.get(st.name) if st.gathers else None
             if widths:
                 d = self._call(hook, "exchange", "backward", self.devices,
@@ -495,13 +510,13 @@ class AlexNet:
                                                 lambda: ops.softmax_cross_entropy_forward(logits, labels))
         return loss, logits
 
-    def loss_backward(self, hook=None):
+    def loss_backward(self, hook=None, done=None):
         dev = self.devices[0]
         with dev:
             dlogits = self._call(hook, "loss", "backward", [dev],
                                  lambda: ops.softmax_cross_entropy_backward(self._loss_cache))
         self._loss_cache = None
-        self.backward(dlogits, hook)
+        self.backward(dlogits, hook, done)
 
     def clear(self):
         for st in self.stages:

@@ -560,7 +560,7 @@ class Trainer:
         model, dev0, b = self.model, self.dev0, len(y)
         model.set_step(self.iteration, offset=getattr(self.loader, "first_row", 0))
         loss, logits = model.loss(x, y, train=True)
-        model.loss_backward()
+        model.loss_backward(done=self.replicas.backward_done)  # a gradient reduction may start during it
         with dev0:
             h1, h5 = topk_hits(logits, to_device(y, dev0))
             return dev0.xp.stack([loss.astype(np.float64) * b, b - h1, b - h5])

@@ -1,7 +1,9 @@
 """Programs that tests/test_dist.py runs under `mpiexec -n N` (one process per replica).
 
-    python tests/mpi_prog.py reduce OUT.npz [nccl-standin] [fused] [gpu1|gpu2]
+    python tests/mpi_prog.py reduce OUT.npz [nccl-standin] [fused] [gpu1|gpu2] [overlap]
                                                               sum of gradients over the replicas vs one process
+                                                              (overlap: started during backward, and the same
+                                                              bits as after it)
     python tests/mpi_prog.py mismatch                         replicas built from different seeds, no broadcast
     python tests/mpi_prog.py broadcast                        the same, after Replicas.start()
     python tests/mpi_prog.py raise RANK                       RANK raises after the start; the job must end
@@ -138,21 +140,29 @@ def main(argv):
         ref.loss_backward()
         # gpu1 / gpu2: this replica's towers on 1 or 2 GPUs by node-local rank, summed by NCCL (multigpu tests)
         gpus = [int(a[3:]) for a in argv[2:] if a.startswith("gpu")]
-        model = tiny(placement=dist.replica_placement(w, gpus[0]) if gpus else (HOST, HOST),
-                     fuse=True if "fused" in argv[2:] else None)
-        nccl = StandInNccl(w) if standin else ("auto" if gpus else None)
-        reps = dist.Replicas(w, model, bucket_bytes=2000, nccl=nccl)
-        assert len(reps.buckets) >= 3, reps.describe()
+        overlap = "overlap" in argv[2:]
         first, rows = dist.shard_rows(w, len(y))
-        model.loss(x[first:first + rows], y[first:first + rows], train=True)
-        model.loss_backward()
-        reps.reduce()
-        if standin:
-            assert sum(StandInNccl.calls) == model.num_params(), (StandInNccl.calls, model.num_params())
-        g, r = {k: to_host(v) for k, v in model.grads().items()}, ref.grads()
+        results = []
+        for on in ([False, True] if overlap else [False]):
+            model = tiny(placement=dist.replica_placement(w, gpus[0]) if gpus else (HOST, HOST),
+                         fuse=True if "fused" in argv[2:] else None)
+            nccl = StandInNccl(w) if standin else ("auto" if gpus else None)
+            StandInNccl.calls = []
+            reps = dist.Replicas(w, model, bucket_bytes=2000, nccl=nccl, overlap=on)
+            assert len(reps.buckets) >= 3, reps.describe()
+            model.loss(x[first:first + rows], y[first:first + rows], train=True)
+            model.loss_backward(done=reps.backward_done)
+            # with overlap every sum has started by the end of backward (conv1, the last layer, reports too)
+            assert reps._next == (len(reps.buckets) if on else 0), (reps._next, len(reps.buckets))
+            reps.reduce()
+            if standin:
+                assert sum(StandInNccl.calls) == model.num_params(), (StandInNccl.calls, model.num_params())
+            results.append({k: to_host(v) for k, v in model.grads().items()})
+        g, r = results[-1], ref.grads()
         err = max(float(np.abs(g[k] - r[k]).max() / max(np.abs(r[k]).max(), 1e-300)) for k in g)
+        same = all(np.array_equal(results[0][k], results[-1][k]) for k in g)
         if w.rank == 0:
-            np.savez(argv[1], err=err, size=w.size, note=str(reps.note), describe=reps.describe())
+            np.savez(argv[1], err=err, size=w.size, note=str(reps.note), describe=reps.describe(), same=same)
     elif what in ("mismatch", "broadcast"):
         model = tiny(seed=w.rank)
         opt = MomentumSGD(model)

@@ -139,19 +139,87 @@ def test_reverse_layer_order():
 
 # ---- several processes ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n,opts", [(2, []), (4, []), (2, ["nccl-standin"]), (2, ["fused"])],
-                         ids=["mpi-2", "mpi-4", "nccl-standin-2", "fused-2"])
+@pytest.mark.parametrize("n,opts", [(2, []), (4, []), (2, ["nccl-standin"]), (2, ["fused"]), (4, ["overlap"]),
+                                    (2, ["fused", "overlap"]), (2, ["nccl-standin", "overlap"])],
+                         ids=["mpi-2", "mpi-4", "nccl-standin-2", "fused-2", "overlap-4", "fused-overlap-2",
+                              "nccl-standin-overlap-2"])
 def test_gradient_sum_equals_one_process(tmp_path, n, opts):
     """Each replica's loss is the mean over its B/N rows; after the reduction every replica holds the gradient of
     the whole batch's mean (float64, to rounding), through MPI or the NCCL call path (with a stand-in module),
-    with the towers apart or fused (both towers' rows in one array per layer)."""
+    with the towers apart or fused (both towers' rows in one array per layer); overlapped with backward, every
+    sum has started by the end of backward and the result is the one without overlap, bit for bit."""
     out = tmp_path / "r.npz"
     standin = "nccl-standin" in opts
     r = mpirun(n, [PROG, "reduce", str(out)] + opts)
     assert r.returncode == 0, r.stdout + r.stderr
     res = np.load(out)
-    assert int(res["size"]) == n and float(res["err"]) < 1e-12
+    assert int(res["size"]) == n and float(res["err"]) < 1e-12 and bool(res["same"])
     assert ("NCCL" in str(res["describe"])) == standin
+    assert ("overlapped with backward" in str(res["describe"])) == ("overlap" in opts)
+
+
+class _Recording(dist.World):
+    """A world of one that keeps a copy of every buffer when its sum starts, and where that came in the log."""
+
+    def __init__(self, log):
+        self.log, self.started = log, []
+
+    def sum_start(self, buf):
+        self.started.append((len(self.log), buf.copy()))
+        self.log.append(("start", len(self.started) - 1))
+
+
+@pytest.mark.parametrize("fuse,threads", [(False, False), (False, True), (True, False)],
+                         ids=["towers", "tower-threads", "fused"])
+def test_overlap_starts_a_buffer_only_once_its_gradients_are_complete(fuse, threads):
+    """With overlap each flat buffer is packed and started during backward: after every layer it holds has
+    finished its backward (the log), holding exactly that step's gradients (step 2's, which differ from step
+    1's, which a too early pack would read), in the buffers' order, and the first one before conv1's backward."""
+    from cpnet.model import build_model, make_config
+
+    m = build_model(make_config("alexnet-tiny", 5, 15, dropout=0.0), placement=[HOST, HOST], dtype=np.float64,
+                    tower_threads=threads, fuse=fuse)
+    assert (m._pool is not None) == threads
+    log = []
+    w = _Recording(log)
+    reps = dist.Replicas(w, m, alone=True, bucket_bytes=1500, overlap=True)
+    assert len(reps.buckets) >= 4 and reps.overlap
+    layers = {id(blk.layer): blk.layer for b in reps.buckets for blk, _, _ in b.slots}
+    for layer in layers.values():
+        def logged(dy, layer=layer, backward=layer.backward):
+            dx = backward(dy)
+            log.append(("done", id(layer)))
+            return dx
+        layer.backward = logged
+    rng = np.random.default_rng(3)
+    for step in range(2):  # step 1 reduced after backward leaves gradients that a too early pack in step 2 reads
+        log.clear()
+        w.started.clear()
+        m.loss(rng.standard_normal((4, 3, 15, 15)), rng.integers(0, 5, 4), train=True)
+        m.loss_backward(done=reps.backward_done if step else None)
+        assert len(w.started) == (len(reps.buckets) if step else 0)  # all started during backward
+        final = [np.concatenate([blk.grad.reshape(-1) for blk, _, _ in b.slots]) for b in reps.buckets]
+        reps.reduce()
+    conv1 = [e for e in log if e[0] == "done" and any(
+        id(blk.layer) == e[1] and "conv1" in blk.parts[0][0] for b in reps.buckets for blk, _, _ in b.slots)]
+    assert w.started[0][0] < log.index(conv1[0])  # the first sum started before conv1's backward ran
+    for i, (at, buf) in enumerate(w.started):
+        np.testing.assert_array_equal(buf, final[i], err_msg=f"bucket {i} packed before its gradients were complete")
+        finished = {e[1] for e in log[:at] if e[0] == "done"}
+        assert {id(blk.layer) for blk, _, _ in reps.buckets[i].slots} <= finished, f"bucket {i} started early"
+    assert [e[1] for e in log if e[0] == "start"] == list(range(len(reps.buckets)))
+
+
+def test_overlap_switch(monkeypatch):
+    monkeypatch.delenv("CPNET_OVERLAP", raising=False)
+    assert dist.default_overlap({}) is False and dist.default_overlap({"gpu": object()}) is True
+    monkeypatch.setenv("CPNET_OVERLAP", "1")
+    assert dist.default_overlap({}) is True
+    monkeypatch.setenv("CPNET_OVERLAP", "0")
+    assert dist.default_overlap({"gpu": object()}) is False
+    monkeypatch.setenv("CPNET_OVERLAP", "on")
+    with pytest.raises(CpnetError, match="CPNET_OVERLAP='on': expected 0 or 1"):
+        dist.default_overlap({})
 
 
 def test_start_parameters_broadcast_and_mismatch_detected():
@@ -222,12 +290,13 @@ def assert_same_run(a, b, rtol, bitwise=False):
             assert abs(x[k] - y[k]) <= rtol * max(abs(x[k]), 1e-30) + (0 if bitwise else 1e-15), (k, x[k], y[k])
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_replicas_train_like_one_process_float64(synth, reference64, tmp_path, n):
+@pytest.mark.parametrize("n,overlap", [(2, "0"), (4, "0"), (2, "1")], ids=["2", "4", "2-overlap"])
+def test_replicas_train_like_one_process_float64(synth, reference64, tmp_path, n, overlap):
     """N replicas at the same global batch: parameters, momentum, training and (sharded) validation figures equal
-    the one-process run's to float64 rounding; rank 0 alone wrote files."""
+    the one-process run's to float64 rounding, with the reduction after or overlapped with backward; rank 0
+    alone wrote files."""
     out = tmp_path / "run"
-    r = mpirun(n, [PROG, "train", str(synth), str(out), "float64"])
+    r = mpirun(n, [PROG, "train", str(synth), str(out), "float64"], env={"CPNET_OVERLAP": overlap})
     assert r.returncode == 0, r.stdout + r.stderr
     assert_same_run(reference64, out, 1e-12)
     assert sorted(os.listdir(out)) == sorted(os.listdir(reference64))
