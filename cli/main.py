@@ -68,13 +68,24 @@ class LazyGroup(click.Group):
 
     def main(self, *args, **kwargs):
         """Under an MPI launcher every rank parses the same flags: rank 0 alone shows a usage error (the others
-        exit with its status, silently). Errors after start-up are the commands' own (cpnet.dist names the rank)."""
+        exit with its status, silently). Errors after start-up are the commands' own (cpnet.dist names the rank);
+        a rank killed outright is named by the process that waits for it (cpnet.dist.supervise)."""
+        import os
+        import sys
+
         from cpnet import dist
 
         try:
             rank = dist.launched_rank()
+            ended = dist.supervise()  # several ranks: this process waits for its rank, which goes on below
         except CpnetError:  # a bad CPNET_MPI: the command reports it
-            rank = 0
+            rank, ended = 0, None
+        if ended is not None:
+            code, line = ended
+            if line:
+                sys.stderr.write(f"Error: {line}\n")
+                sys.stderr.flush()
+            os._exit(code)
         if rank == 0 or kwargs.get("standalone_mode") is False:
             return super().main(*args, **kwargs)
         try:

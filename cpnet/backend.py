@@ -225,13 +225,35 @@ def data_ptr(a) -> int:
     return int(a.data.ptr) if is_gpu_array(a) else int(a.ctypes.data)
 
 
-def current_stream_ptr(device: "Device") -> int:
-    """The handle of `device`'s current CUDA stream (0, the legacy default stream, on the host)."""
-    if not device.is_gpu:
-        return 0
-    cp = cupy_module()
-    with cp.cuda.Device(device.index):
-        return int(cp.cuda.get_current_stream().ptr)
+class SideStream:
+    """A second CUDA stream on `device` for the gradient sums, so that they run while the compute stream goes on
+    with backward; ordered against the compute (current) stream by events. On the host every call is a no-op
+    and `ptr` is 0 (the legacy default stream)."""
+
+    def __init__(self, device: "Device"):
+        self.device, self.stream = device, None
+        if device.is_gpu:
+            cp = cupy_module()
+            with cp.cuda.Device(device.index):
+                self.stream = cp.cuda.Stream(non_blocking=True)
+
+    @property
+    def ptr(self) -> int:
+        return 0 if self.stream is None else int(self.stream.ptr)
+
+    def wait_for_compute(self):
+        """Work queued here from now on starts after the work queued so far on the device's current stream."""
+        if self.stream is not None:
+            cp = cupy_module()
+            with cp.cuda.Device(self.device.index):
+                self.stream.wait_event(cp.cuda.get_current_stream().record())
+
+    def join_compute(self):
+        """Work queued on the device's current stream from now on starts after the work queued here so far."""
+        if self.stream is not None:
+            cp = cupy_module()
+            with cp.cuda.Device(self.device.index):
+                cp.cuda.get_current_stream().wait_event(self.stream.record())
 
 
 def synchronize_all():

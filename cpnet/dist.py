@@ -14,19 +14,25 @@ of ChainerMN's communicator and PyTorch DDP's wrapper:
 A world of one does nothing at all: no buffer, no copy, the numbers and files of a single-process run.
 
 Reduction paths, per tower device: the host (MPI Allreduce on the flat buffers in place), a GPU with NCCL (one
-NCCL communicator per tower device across the replicas, its unique id sent by MPI broadcast), and a GPU without
-NCCL (the flat buffers staged through host memory and reduced with MPI; `Replicas.note` says so).
+NCCL communicator per tower device across the replicas, its unique id sent by MPI broadcast; the sums on a side
+stream, ordered by events after the packing and before the copies back), and a GPU without NCCL (the flat
+buffers staged through host memory and reduced with MPI; `Replicas.note` says so).
 
 Faults: when several processes run, an uncaught exception in one of them (and `fail`) prints one line naming the
 rank and calls MPI_Abort, which makes the launcher end every process at once; nobody waits in a collective for a
 peer that is gone. (That line is the one thing below cli/ that writes to stderr: a process's last words, like
-Python's own traceback, which nothing above it gets to print.) A killed process is noticed by the launcher itself (MPICH's hydra ends the others within a
-second and names its PID; the start line lists every rank's PID, so it can be tied to a rank).
+Python's own traceback, which nothing above it gets to print.) A process killed outright (SIGKILL, the
+out-of-memory killer, a segmentation fault) has no last words, so `supervise` splits each launched process in
+two: a small parent that never touches MPI and a child that is the rank. The parent waits for the child and
+passes on the signals it gets; when the child dies of a signal it did not pass on, the parent hands its caller
+the line naming the rank and exits, and the launcher, seeing a process end badly, ends the others (MPICH's hydra
+within a second; srun with --kill-on-bad-exit).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import time
@@ -73,6 +79,72 @@ def launched_rank() -> int:
         if v.isdigit():
             return int(v)
     return 0
+
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _die_with_parent() -> bool:
+    """Ask Linux to SIGKILL this process when its parent dies (prctl PR_SET_DEATHSIG); False where it cannot."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+
+
+def supervise():
+    """Under a launcher that started several processes: fork. The child returns None and goes on to be the rank
+    (MPI, training). The parent never touches MPI: it waits for the child, passes on to it the signals it gets
+    (Ctrl-C and SIGTERM, which the launcher sends), and returns (exit status, line): the child's status, and when
+    the child died of a signal that was not passed on, the line that names the rank (its caller prints it and
+    exits; the launcher then ends the job).
+
+    The child runs in its own process group, so a signal the launcher sends to the parent's group reaches it
+    once, through the parent; it dies with the parent (the launcher's SIGKILL ends both). A world of one,
+    CPNET_SUPERVISE=0, or a system without fork or PR_SET_PDEATHSIG (not Linux): no split, None."""
+    if os.environ.get("CPNET_SUPERVISE", "1") == "0" or launched_size() <= 1 or not hasattr(os, "fork") or \
+            not sys.platform.startswith("linux"):
+        return None
+    rank, size, parent = launched_rank(), launched_size(), os.getpid()
+    forwarded, child = [], []
+
+    def forward(signum, frame):
+        forwarded.append(signum)
+        if child:
+            os.kill(child[0], signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}  # before the fork: no signal is lost
+    pid = os.fork()
+    if pid == 0:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        os.environ["CPNET_SUPERVISE"] = "0"  # nothing below splits again
+        if not _die_with_parent() or os.getppid() != parent:  # the parent died before the child could ask
+            os._exit(1)
+        os.setpgid(0, 0)
+        return None
+    child.append(pid)
+    for sig in forwarded:  # a signal that came during the fork
+        os.kill(pid, sig)
+    try:
+        _, status = os.waitpid(pid, 0)  # retried after each forwarded signal (PEP 475)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig in forwarded:
+            return 128 + sig, None
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return 128 + sig, (f"rank {rank} of {size} (pid {pid} on {socket.gethostname()}) was killed by {name}; "
+                           "the job ends")
+    return os.waitstatus_to_exitcode(status), None
 
 
 def world() -> "World":
@@ -423,7 +495,8 @@ class Replicas:
             for blk, off, n in bucket.slots:
                 bucket.buf[off:off + n] = blk.grad.reshape(-1)
             comm = self._nccl_comms.get(bucket.device)
-            if comm is not None:
+            if comm is not None:  # on the side stream, after the packing queued on the compute stream
+                comm.side.wait_for_compute()
                 comm.sum(bucket.buf)
                 handle = None
             elif bucket.device.is_gpu:  # staged through the host
@@ -439,7 +512,8 @@ class Replicas:
             if bucket.device.is_gpu and bucket.device not in self._nccl_comms:  # staged: back from the host
                 with bucket.device:
                     bucket.buf[...] = to_device(bucket.host, bucket.device)
-        # NCCL's sums run on the device's current stream, before the copies back that follow them there
+        for comm in self._nccl_comms.values():  # the copies back wait on the compute stream for NCCL's sums
+            comm.side.join_compute()
 
     def describe(self) -> str:
         """Where the reduction runs and how it is laid out (for the start line)."""
@@ -481,16 +555,17 @@ def _reverse_layer_order(names):
 
 
 class _NcclComm:
-    """One NCCL communicator: this replica's `device` with the same device slot of every other replica."""
+    """One NCCL communicator: this replica's `device` with the same device slot of every other replica; its sums
+    run on a side stream of the device (`side`), so that backward's kernels go on meanwhile."""
 
     def __init__(self, mod, comm, device, size):
         self.mod, self.comm, self.device, self.size = mod, comm, device, size
+        self.side = backend.SideStream(device)
 
     def sum(self, buf):
         dtypes = {np.dtype(np.float32): self.mod.NCCL_FLOAT32, np.dtype(np.float64): self.mod.NCCL_FLOAT64}
         ptr = backend.data_ptr(buf)
-        self.comm.allReduce(ptr, ptr, buf.size, dtypes[np.dtype(buf.dtype)], self.mod.NCCL_SUM,
-                            backend.current_stream_ptr(self.device))
+        self.comm.allReduce(ptr, ptr, buf.size, dtypes[np.dtype(buf.dtype)], self.mod.NCCL_SUM, self.side.ptr)
 
 
 def _nccl_comm(w: World, mod, device) -> _NcclComm:
@@ -502,4 +577,4 @@ def _nccl_comm(w: World, mod, device) -> _NcclComm:
 
 
 __all__ = ["World", "MPIWorld", "Replicas", "default_overlap", "world", "replica_placement", "shard_rows", "checksum", "check_same",
-           "launched_size", "launched_rank"]
+           "launched_size", "launched_rank", "supervise"]

@@ -239,9 +239,69 @@ def test_a_raising_rank_ends_the_job_naming_itself():
     assert "Error: rank 1 of 2: RuntimeError: injected failure" in r.stderr
 
 
-def test_a_killed_rank_ends_the_job():
+def test_a_killed_rank_ends_the_job_naming_itself():
     r = mpirun(4, [PROG, "kill", "2"], timeout=120)
     assert r.returncode != 0, r.stdout + r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith("Error: rank 2 of 4 (pid ") and \
+        errors[0].endswith("was killed by SIGKILL; the job ends"), r.stdout + r.stderr
+
+
+def _supervised(monkeypatch, then):
+    """dist.supervise in this process, as rank 1 of 2 of a launcher; the child does `then()` and never returns."""
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setenv("PMI_RANK", "1")
+    monkeypatch.delenv("CPNET_MPI", raising=False)
+    monkeypatch.delenv("CPNET_SUPERVISE", raising=False)
+    before = {sig: signal.getsignal(sig) for sig in dist.FORWARDED}
+    ended = dist.supervise()
+    if ended is None:  # the child: never back into pytest
+        try:
+            then()
+        finally:
+            os._exit(3)
+    assert {sig: signal.getsignal(sig) for sig in dist.FORWARDED} == before  # the parent's handlers restored
+    return ended
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="supervise needs Linux (PR_SET_PDEATHSIG)")
+def test_supervise_names_a_killed_rank_and_passes_signals_on(monkeypatch, tmp_path):
+    """The supervising parent: the line for a child killed outright; the child's own exit status; a signal the
+    parent gets passed on to the child, which lives in its own process group (so a signal the launcher sends to
+    the parent's group reaches it once, through the parent), and its death from that signal no fault of the rank
+    (no line)."""
+    code, line = _supervised(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGKILL))
+    assert code == 128 + 9 and line.startswith("rank 1 of 2 (pid ") and line.endswith("killed by SIGKILL; the job ends")
+    assert _supervised(monkeypatch, lambda: os._exit(5)) == (5, None)
+    ready, got = tmp_path / "ready", tmp_path / "got"
+    parent_group = os.getpgrp()
+
+    def count_sigterms():
+        n = []
+        signal.signal(signal.SIGTERM, lambda *a: n.append(1))
+        ready.touch()
+        t = time.monotonic()
+        while time.monotonic() - t < 1 or (not n and time.monotonic() - t < 30):
+            time.sleep(0.01)
+        got.write_text(f"{len(n)} {int(os.getpgrp() != parent_group)}")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def send():
+        t = time.monotonic()
+        while not ready.exists() and time.monotonic() - t < 30:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)  # to the parent (this process) alone
+
+    import threading
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        ended = _supervised(monkeypatch, count_sigterms)
+    finally:
+        sender.join()
+    assert got.read_text() == "1 1" and ended == (128 + signal.SIGTERM, None)
 
 
 # ---- training: the run does not depend on the number of replicas -----------------------------------------------
@@ -318,10 +378,32 @@ def test_resume_on_another_world_size(synth, reference64, tmp_path):
     assert_same_run(reference64, out, 1e-12)
 
 
+def _processes_with(text):
+    """PIDs of processes whose command line holds `text`."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
 def test_killed_rank_ends_the_job_and_the_run_resumes(synth, reference64, tmp_path):
+    """SIGKILL on rank 1 in epoch 2: one line names it, no process of the job is left, last.h5 (epoch 1) loads,
+    and --resume ends with the uninterrupted run's numbers."""
     out = tmp_path / "run"
     r = mpirun(2, [PROG, "train", str(synth), str(out), "float64", "kill=9:1"], timeout=120)
     assert r.returncode != 0, r.stdout + r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith("Error: rank 1 of 2 (pid ") and "SIGKILL" in errors[0], \
+        r.stdout + r.stderr
+    t = time.monotonic()
+    while _processes_with(str(out)) and time.monotonic() - t < 30:  # the launcher's clean-up may take a moment
+        time.sleep(0.1)
+    assert _processes_with(str(out)) == []
     ck, _ = _load(out)  # the end of epoch 1, intact
     assert ck.state["epoch"] == 1 and ck.state["iteration"] == 6
     r = mpirun(2, [PROG, "train", str(synth), str(out), "float64", "resume"])
@@ -382,9 +464,10 @@ def test_cli_under_mpiexec_prints_once_and_refuses_a_batch_that_does_not_split(s
 # ---- GPUs: NCCL (skipped without them) --------------------------------------------------------------------------
 
 @pytest.mark.gpu
-def test_nccl_world_of_one_on_one_gpu():
-    """The NCCL path in a world of one: one communicator on GPU 0, the buffers summed over one rank unchanged,
-    the gradients of both (fused) towers divided by 1."""
+@pytest.mark.parametrize("overlap", [False, True], ids=["after-backward", "overlap"])
+def test_nccl_world_of_one_on_one_gpu(overlap):
+    """The NCCL path in a world of one: one communicator on GPU 0, the buffers summed over one rank (on the side
+    stream, during backward or after it) unchanged, the gradients of both (fused) towers divided by 1."""
     from cpnet import backend
     from cpnet.model import build_model, make_config
 
@@ -392,10 +475,10 @@ def test_nccl_world_of_one_on_one_gpu():
         pytest.skip("this CuPy has no NCCL")
     gpu = backend.Device("gpu", 0)
     m = build_model(make_config("alexnet-tiny", 3, 15), placement=[gpu, gpu], dtype=np.float64)
-    reps = dist.Replicas(dist.World(), m, alone=True, bucket_bytes=4000)
+    reps = dist.Replicas(dist.World(), m, alone=True, bucket_bytes=4000, overlap=overlap)
     assert "NCCL" in reps.describe() and len(reps.buckets) > 1
     m.loss(np.ones((4, 3, 15, 15)), np.array([0, 1, 2, 0]), train=True)
-    m.loss_backward()
+    m.loss_backward(done=reps.backward_done)
     before = {k: backend.to_host(v) for k, v in m.grads().items()}
     reps.reduce()
     for k, v in m.grads().items():
