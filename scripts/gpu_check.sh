@@ -253,7 +253,7 @@ MPIEXEC=$(dirname "$(command -v "$PY")")/mpiexec; [ -x "$MPIEXEC" ] || MPIEXEC=$
 GPUS=$("$PY" -c "from cpnet import backend; print(backend.gpu_count())" 2>/dev/null || echo 0)
 if [ -n "$MPIEXEC" ] && "$PY" -c "import mpi4py" >/dev/null 2>&1 && { [ "$GPUS" -ge 2 ] || [ "$DRY" = 1 ]; }; then
   APPEND=1 step "allreduce x2" 40 "$OUT/bench.log" "$MPIEXEC" -n 2 "$PY" bench/allreduce.py --model "$MODEL" \
-    --batch-size "$BATCH" --steps "$STEPS" --gpus-per-replica 1
+    --batch-size "$BATCH" --steps "$STEPS" --gpus-per-replica 1 --overlap both
 else
   say "allreduce with 2 replicas skipped (needs 2 GPUs, mpi4py and mpiexec; $GPUS GPU(s) here)"
 fi
