@@ -286,11 +286,14 @@ class MPIWorld(World):
 
     def fail(self, message: str, code: int = 1):
         """One line naming this rank, then MPI_Abort. Ranks other than 0 wait a moment first: when every rank hits
-        the same error (a bad flag, a missing file), rank 0's abort ends the job with its line alone."""
+        the same error (a bad flag, a missing file), rank 0's abort ends the job with its line alone. The line is
+        given half a second to pass through the launcher's output forwarding before the abort (hydra's proxies
+        end without reading what is left in their pipes: on a loaded machine the line was lost)."""
         if self.rank != 0:
-            time.sleep(1.0)
+            time.sleep(2.0)
         sys.stderr.write(f"Error: rank {self.rank} of {self.size}: {message}\n")
         sys.stderr.flush()
+        time.sleep(0.5)
         self.comm.Abort(code)
         os._exit(code)  # Abort returns while the launcher tears the job down
 
