@@ -68,9 +68,19 @@ def _loader_figures(loader_data, model, batch_size, crop, workers, batches):
               help="Output classes [default: 1000 for alexnet, 10 for the small presets].")
 @click.option("--crop", type=int, default=None, help="Input size [default: the preset's].")
 @click.option("--threads", type=int, default=None, help="Host BLAS threads [default: as `cpnet train` picks them].")
+@click.option("--allreduce", is_flag=True,
+              help="Instead: the gradient reduction of data-parallel replicas and their step (run it under "
+                   "`mpiexec -n N`; alone it is a world of one).")
+@click.option("--overlap", type=click.Choice(["on", "off", "both"]), default=None,
+              help="With --allreduce: the reduction overlapped with backward, after it, or both alternately "
+                   "[default: as training does, CPNET_OVERLAP or on with NCCL only].")
+@click.option("--bucket-mb", type=click.FloatRange(min=0.001), default=32.0, show_default=True,
+              help="With --allreduce: the flat buffers' size cap in MiB.")
+@click.option("--gpus-per-replica", type=click.IntRange(1, 2), default=None,
+              help="With --allreduce: GPUs per replica, as `cpnet train --gpus-per-replica`.")
 @precision_options
 def command(model, batch_size, steps, warmup, as_json, loader_data, loader_workers, no_loader, classes, crop, threads,
-            precision, tf32):
+            allreduce, overlap, bucket_mb, gpus_per_replica, precision, tf32):
     """Time the training step, layer by layer (like `caffe time`), and the loader beside it.
 
     Per layer: mean forward and backward milliseconds over --steps iterations after --warmup, both towers
@@ -78,6 +88,11 @@ def command(model, batch_size, steps, warmup, as_json, loader_data, loader_worke
     (forward, backward, momentum update) on a random batch without inner synchronisation, in images/s; the
     loader's images/s; peak memory (host RSS, CuPy pool per GPU); forward multiply-adds per image and the
     step time that the measured GEMM speed allows. Set CPNET_DEVICE=cpu|gpu to choose the device.
+
+    With --allreduce (`mpiexec -n N cpnet bench --allreduce`): the gradient reduction of cpnet.dist for the
+    preset's parameters (pack, sum over the replicas, unpack), one raw MPI Allreduce of the same bytes, and the
+    data-parallel step at global batch --batch-size with the reduction's part left after backward, overlapped
+    or not (medians; bench/allreduce.py is the same measurement). Rank 0 alone prints.
     """
     import datetime
     import json
@@ -89,6 +104,21 @@ def command(model, batch_size, steps, warmup, as_json, loader_data, loader_worke
     precision = apply_precision(precision, tf32)
     if model is None:
         model = "alexnet" if backend.default_placement(2)[0].is_gpu else "alexnet-small"
+    if allreduce:
+        from cpnet import dist
+
+        unused = [f for f, v in (("--loader-data", loader_data), ("--crop", crop), ("--threads", threads)) if v]
+        if unused:
+            raise click.UsageError(f"{', '.join(unused)}: not used by --allreduce (it times the replicas' step at "
+                                   "the preset's crop, with each rank's share of the CPUs)")
+        make_config(model, num_classes=classes or (1000 if model == "alexnet" else 10))
+        res = bench.bench_allreduce(model, batch_size, steps, warmup, classes, bucket_mb, gpus_per_replica,
+                                    overlap={"on": True, "off": False, "both": "both", None: None}[overlap])
+        if dist.world().is_root:
+            click.echo(json.dumps(res, indent=1) if as_json else "\n".join(bench.allreduce_lines(res)))
+        return
+    if overlap is not None or gpus_per_replica is not None:
+        raise click.UsageError("--overlap and --gpus-per-replica go with --allreduce")
     if no_loader and loader_data:
         raise click.UsageError("--no-loader and --loader-data contradict each other")
     num_classes = classes or (1000 if model == "alexnet" else 10)

@@ -1,4 +1,5 @@
-"""Measurements behind `cpnet bench`: per-layer times, the training step, the loader, memory and FLOP counts.
+"""Measurements behind `cpnet bench`: per-layer times, the training step, the loader, memory and FLOP counts, and
+(`--allreduce`) the gradient reduction of data-parallel replicas.
 
 Nothing here prints; every function returns plain dicts (JSON-ready). Times are milliseconds measured by
 `backend.Timer`: CUDA events on one GPU, `perf_counter` on the host, always after synchronising the devices, so
@@ -181,6 +182,117 @@ def bench_model(preset="alexnet", batch_size=128, steps=10, warmup=2, num_classe
         "step": {"ms": mean_ms, "ms_median": float(np.median(times)), "ms_min": float(np.min(times)),
                  "images_per_s": batch_size / (mean_ms * 1e-3), "first_loss": first_loss},
     }
+
+
+# ---- data-parallel replicas: the gradient reduction and the step (run under mpiexec -n N, or alone) --------------
+def bench_allreduce(preset="alexnet-small", batch_size=128, steps=10, warmup=2, num_classes=None, bucket_mb=32.0,
+                    gpus_per_replica=None, step=True, overlap=None) -> dict:
+    """The gradient reduction of cpnet.dist and the data-parallel step, on every rank of the world (rank 0's dict
+    is the one to report; every rank must call this, it runs collectives).
+
+    Per step after `warmup`, medians over `steps`, between barriers (and a device synchronisation):
+      reduce_s        Replicas.reduce(): pack each tower device's gradients into its flat buffers, sum them over
+                      the replicas (MPI on the host, NCCL on GPUs, host staging without NCCL), divide, write back
+      raw_allreduce_s one MPI Allreduce of a single host buffer of the same bytes (the transport alone)
+      modes           per overlap setting ('off', 'on'): step_s, a whole step at global batch B (forward and
+                      backward of this replica's B/N rows, the reduction, the update), images_per_s = B / step_s,
+                      and exposed_reduce_s, the time of Replicas.reduce() after backward has returned
+    `overlap`: None (as training does: dist.default_overlap), True, False, or 'both': the two alternately, step
+    by step (off, on, on, off, ...), so that the machine's load falls on both alike. With N = 1 the reduction
+    still packs and unpacks its buffers (what a world of one skips in training).
+    """
+    import statistics
+
+    from . import dist
+
+    w = dist.world()
+    placement = dist.replica_placement(w, gpus_per_replica)
+    first, rows = dist.shard_rows(w, batch_size)
+    classes = num_classes or (1000 if preset == "alexnet" else 10)
+    cfg = make_config(preset, classes)
+    cpus = backend.cpu_share(w.local_size)
+    settings = {"both": [False, True]}.get(overlap, [overlap])
+    with backend.host_threads(backend.default_host_threads(0, w.local_size)):
+        model = build_model(cfg, placement=placement, tower_threads=None if w.local_size == 1 else cpus >= 2)
+        opt = MomentumSGD(model, lr=1e-4)
+        replicas = [dist.Replicas(w, model, opt, bucket_bytes=int(bucket_mb * 2 ** 20), alone=True, overlap=on)
+                    for on in settings]
+        reps = replicas[0]
+        reps.start()
+        rng = np.random.default_rng(w.rank)
+        x = rng.standard_normal((rows, 3, cfg.crop, cfg.crop)).astype(np.float32)
+        y = rng.integers(0, classes, rows)
+
+        def sync():
+            backend.synchronize_all()
+            w.barrier()
+
+        def timed(fn, variants=1):
+            """Median seconds of fn(i, v) per variant v, the variants alternating (0 1 1 0 0 1 ...)."""
+            out = [[] for _ in range(variants)]
+            for i in range(warmup + steps):
+                for v in (range(variants) if i % 2 == 0 else reversed(range(variants))):
+                    sync()
+                    t = time.perf_counter()
+                    fn(i, v)
+                    sync()
+                    if i >= warmup:
+                        out[v].append(time.perf_counter() - t)
+            return [statistics.median(o) for o in out]
+
+        model.set_step(0, offset=first)
+        model.loss(x, y, train=True)
+        model.loss_backward()  # gradients to reduce
+        nbytes = model.num_params() * model.dtype.itemsize
+        t_reduce, = timed(lambda i, v: reps.reduce())
+        raw = np.zeros(model.num_params(), model.dtype)
+        t_raw, = timed(lambda i, v: w.sum(raw))
+        model.clear()
+        exposed = [[] for _ in replicas]
+
+        def one_step(i, v):
+            r = replicas[v]
+            model.set_step(i, offset=first)
+            model.loss(x, y, train=True)
+            model.loss_backward(done=r.backward_done)
+            t = time.perf_counter()
+            r.reduce()
+            backend.synchronize_all()
+            if i >= warmup:
+                exposed[v].append(time.perf_counter() - t)
+            opt.step()
+            model.clear()
+
+        t_steps = timed(one_step, len(replicas)) if step else None
+    res = dict(model=preset, params=model.num_params(), grad_bytes=nbytes, replicas=w.size, nodes=w.nodes,
+               world=w.describe(), devices=[str(d) for d in model.devices], reduction=reps.describe(),
+               buckets=len(reps.buckets), batch_size=batch_size, rows_per_replica=rows, reduce_s=t_reduce,
+               raw_allreduce_s=t_raw, reduce_GB_per_s=nbytes / t_reduce / 1e9, step_s=None, images_per_s=None,
+               cpus=os.cpu_count(), cpus_per_rank=cpus, load=os.getloadavg(), python=platform.python_version(),
+               numpy=np.__version__)
+    if t_steps is not None:
+        res.update(step_s=t_steps[0], images_per_s=batch_size / t_steps[0])
+        res["modes"] = {("on" if r.overlap else "off"): dict(step_s=t, exposed_reduce_s=statistics.median(e),
+                                                             images_per_s=batch_size / t)
+                        for r, t, e in zip(replicas, t_steps, exposed)}
+    return res
+
+
+def allreduce_lines(res: dict) -> list[str]:
+    """`bench_allreduce`'s result as the lines of a small table (for `cpnet bench --allreduce` and
+    bench/allreduce.py)."""
+    nbytes, rows = res["grad_bytes"], res["rows_per_replica"]
+    lines = [f"{res['model']}: {res['params']:,} parameters, {nbytes / 1e6:.1f} MB of float32 gradients; "
+             f"{res['world']}; towers on {', '.join(res['devices'])}; {res['reduction']}",
+             f"reduce (pack, sum, unpack) {res['reduce_s'] * 1e3:9.2f} ms  ({res['reduce_GB_per_s']:.2f} GB/s of "
+             "gradients)",
+             f"raw Allreduce, one buffer  {res['raw_allreduce_s'] * 1e3:9.2f} ms"]
+    for mode, m in (res.get("modes") or {}).items():
+        lines.append(f"step at global batch {res['batch_size']} ({rows} rows per replica), overlap {mode:3s} "
+                     f"{m['step_s'] * 1e3:9.1f} ms = {m['images_per_s']:.0f} images/s; reduction exposed after "
+                     f"backward {m['exposed_reduce_s'] * 1e3:.2f} ms")
+    lines.append(f"load average {res['load'][0]:.2f}, {res['cpus']} CPUs, {res['cpus_per_rank']} per rank")
+    return lines
 
 
 # ---- the loader, memory, the machine -------------------------------------------------------------------------------

@@ -509,6 +509,27 @@ def test_allreduce_bench_runs_under_mpiexec():
     res = json.loads(r.stdout.strip().splitlines()[-1])  # rank 0 alone prints
     assert res["replicas"] == 2 and res["rows_per_replica"] == 4 and res["reduce_s"] > 0 and res["step_s"] > 0
     assert res["grad_bytes"] == res["params"] * 4 and "by MPI" in res["reduction"]
+    assert list(res["modes"]) == ["off"] and "after backward" in res["reduction"]  # the host's default
+
+
+def test_cli_bench_allreduce_times_overlap_both_ways():
+    """`cpnet bench --allreduce` under mpiexec: the same measurement, both overlap settings, rank 0 alone prints;
+    its flags that do not apply are one-line errors."""
+    cmd = ["-m", "cpnet", "bench", "--allreduce", "--model", "alexnet-tiny", "--batch-size", "8", "--steps", "2",
+           "--warmup", "0", "--bucket-mb", "0.002"]
+    r = mpirun(2, cmd + ["--overlap", "both", "--json"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(r.stdout)
+    assert res["replicas"] == 2 and res["buckets"] >= 3 and set(res["modes"]) == {"off", "on"}
+    assert all(m["step_s"] > 0 and 0 < m["exposed_reduce_s"] < m["step_s"] for m in res["modes"].values())
+    r = mpirun(2, cmd)
+    assert r.returncode == 0 and r.stdout.count("reduce (pack, sum, unpack)") == 1, r.stdout + r.stderr
+    from conftest import invoke
+
+    for extra, flag in ((["--allreduce", "--crop", "9"], "--crop"), (["--overlap", "on"], "--overlap")):
+        out = invoke("bench", "--model", "alexnet-tiny", *extra)
+        assert out.exit_code == 2 and out.output.startswith("Error: " + flag) and out.output.count("\n") == 1, \
+            out.output
 
 
 def test_scaling_model_ring_formula():
