@@ -12,7 +12,7 @@ model's parameter memory (`param_blocks`) is one block per fused array with the 
 
 from __future__ import annotations
 
-from .backend import get_array_module
+from . import ops
 from .layers import LRN, Conv2D, Layer, Linear, ParamBlock, Sequential
 
 # groups of each fused convolution: 2 where a tower reads only its own tower's maps (the paper's Figure 2)
@@ -82,36 +82,29 @@ class _TowerLRN(LRN):
 
 
 class _PerTower(Layer):
-    """Applies tower 0's dropout layer to the first half of `axis` and tower 1's to the second (each tower draws
-    its own mask); the identity when dropout is off."""
+    """Both towers' dropout layers on the fused (N, 2U) activation: tower 0's layer (its seed) for the first U
+    units, tower 1's for the rest, each drawing the mask it draws alone (ops.dropout_towers_forward: one kernel
+    per direction on a GPU); the identity when dropout is off."""
 
     def __init__(self, first, second, axis=1):
         super().__init__()
-        self.parts, self.axis = (first, second), axis
-
-    def _halves(self, a):
-        n = a.shape[self.axis] // 2
-        idx = [slice(None)] * a.ndim
-        out = []
-        for t in range(2):
-            idx[self.axis] = slice(t * n, (t + 1) * n)
-            out.append(get_array_module(a).ascontiguousarray(a[tuple(idx)]))
-        return out
+        if axis != 1 or first.p != second.p:
+            raise ValueError("fused dropout needs both towers' layers on the feature axis with one p")
+        self.parts = (first, second)
 
     def forward(self, x, train=False):
-        if not train or all(getattr(p, "p", 1) == 0 for p in self.parts):  # dropout off: the identity
-            self._cache = "identity"
-            return x
-        self._cache = None
-        xp = get_array_module(x)
-        return xp.concatenate([p.forward(h, train) for p, h in zip(self.parts, self._halves(x))], axis=self.axis)
+        first, second = self.parts
+        # step and offset are set on each tower's layer by model.set_step (the same for both)
+        y, self._cache = ops.dropout_towers_forward(x, first.p, (first.seed, second.seed), first.step, train,
+                                                    first.offset)
+        return y
 
     def backward(self, dy):
-        if self._cache == "identity":
-            return dy
-        xp = get_array_module(dy)
-        return xp.concatenate([p.backward(h) for p, h in zip(self.parts, self._halves(dy))], axis=self.axis)
+        dx = ops.dropout_backward(dy, self._cache)
+        self._cache = None
+        return dx
 
     def clear(self):
+        self._cache = None
         for p in self.parts:
             p.clear()

@@ -505,6 +505,9 @@ class AlexNet:
         logits = self.forward(x, train, hook=hook)
         dev = self.devices[0]
         with dev:
+            if dev.is_gpu and isinstance(labels, np.ndarray) and labels.dtype != np.int32 and labels.size \
+                    and -2**31 <= labels.min() and labels.max() < 2**31:
+                labels = labels.astype(np.int32)  # the loss kernel's type, converted here rather than on the GPU
             labels = to_device(labels, dev)
             loss, self._loss_cache = self._call(hook, "loss", "forward", [dev],
                                                 lambda: ops.softmax_cross_entropy_forward(logits, labels))

@@ -7,7 +7,8 @@ with momentum 0.9 and weight decay 0.0005 in the paper. The paper writes the rul
 biases; like Caffe's reference models we leave biases out of the decay by default (`decay_biases=False`).
 The optimizer walks the model's parameter memory (`model.param_memory()`: contiguous arrays and the named
 parameters that are their rows) and keeps one velocity array per block on its device; the update runs in place
-there: on a GPU one kernel per array (kernels.sgd_momentum_gpu), with the same operations in the same order as
+there: on a GPU one kernel for all of a device's arrays (kernels.sgd_momentum_multi_gpu, a table of their
+addresses; one kernel per array with MULTI_TENSOR = False), with the same operations in the same order as
 the NumPy path, which on the host runs in cache-sized slices over two threads. Where one array holds several parameters (the fused model's towers), one update covers it whenever
 the gradients are its rows too.
 """
@@ -45,6 +46,7 @@ class MomentumSGD:
                 vel[name] = v if len(blk.parts) == 1 else v[start:stop]
         self.velocity = {name: vel[name] for name, *_ in model.param_slots()}
         self._threads = None  # the host update's thread pool (False: one thread), made at the first step
+        self._tables = {}  # (device, dtype) -> the multi-tensor kernel's cached address table
 
     def _decay(self, key):
         return self.weight_decay if (key == "W" or self.decay_biases) else 0.0
@@ -52,7 +54,7 @@ class MomentumSGD:
     def step(self):
         """Apply one update from the gradients the last backward pass left in the layers."""
         lr, m = self.lr, self.momentum
-        launches = []  # (w, g, v, weight decay) for the GPU kernel
+        launches = []  # (device, w, g, v, weight decay) for the GPU kernel
         host = []  # (w, g, v, weight decay) for _host_step
         for blk, v in self._blocks:
             wd = self._decay(blk.key)
@@ -63,7 +65,7 @@ class MomentumSGD:
                           for name, holder, _, _ in blk.parts]
             for w, g, vv in arrays:
                 if _one_kernel(w, g, vv):
-                    launches.append((w, g, vv, wd))
+                    launches.append((blk.device, w, g, vv, wd))
                     continue
                 if not is_gpu_array(w) and _host_chunkable(w, g, vv):
                     host.append((w, g, vv, wd))
@@ -74,10 +76,27 @@ class MomentumSGD:
                         vv -= (wd * lr) * w
                     vv -= lr * g
                     w += vv
-        for w, g, v, wd in launches:
-            kernels.sgd_momentum_gpu(w, g, v, m, wd * lr, lr)
+        if launches:
+            self._gpu_step(launches, m, lr)
         if host:
             self._host_step(host, m, lr)
+
+    def _gpu_step(self, launches, m, lr):
+        """One kernel per device and dtype for all its arrays (bit-identical to one kernel per array: the same
+        operations on each element), or, with MULTI_TENSOR off, one per array."""
+        if not MULTI_TENSOR:
+            for _, w, g, v, wd in launches:
+                kernels.sgd_momentum_gpu(w, g, v, m, wd * lr, lr)
+            return
+        groups = {}
+        for dev, w, g, v, wd in launches:
+            groups.setdefault((dev, w.dtype), []).append((w, g, v, wd))
+        for (dev, dt), arrays in groups.items():
+            with dev:
+                gs = [g if g.flags.c_contiguous else dev.xp.ascontiguousarray(g) for _, g, _, _ in arrays]
+                kernels.sgd_momentum_multi_gpu([a[0] for a in arrays], gs, [a[2] for a in arrays],
+                                               [bool(a[3]) for a in arrays], m, self.weight_decay * lr, lr,
+                                               cache=self._tables.setdefault((dev, dt), {}))
 
     def _host_step(self, arrays, m, lr):
         """The host arrays' update in cache-sized slices (the four passes of the rule then read w, g and v from
@@ -127,6 +146,8 @@ class MomentumSGD:
                 "decay_biases": self.decay_biases}
 
 
+# The GPU update as one multi-tensor kernel per device (False: one kernel per parameter array, as before).
+MULTI_TENSOR = True
 # Bytes of one slice of the host update: w, g, v and a temporary of this size stay in a core's L2 cache.
 UPDATE_SLICE_BYTES = 1 << 18
 # Parameter bytes from which the host update is shared by two threads (alexnet's 245 MB: 2.5x faster;

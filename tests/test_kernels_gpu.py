@@ -223,19 +223,24 @@ def test_sgd_momentum_gpu(cp, shape, dtype):
         _bitwise(cp, wg, w)
 
 
-def test_momentum_sgd_updates_the_fused_models_parameters_in_place(cp, monkeypatch):
-    """The fused model's parameters are row blocks of one array per layer: one kernel per such array updates them
-    in place, and the result equals the host optimizer's bit for bit."""
+@pytest.mark.parametrize("multi", [True, False], ids=["multi-tensor", "per-array"])
+def test_momentum_sgd_updates_the_fused_models_parameters_in_place(cp, monkeypatch, multi):
+    """The fused model's parameters are row blocks of one array per layer: one multi-tensor kernel for all of them
+    (or one kernel per such array) updates them in place, and the result equals the host optimizer's bit for bit."""
+    from cpnet import optim
     from cpnet.model import build_model, make_config
     from cpnet.optim import MomentumSGD
+
+    monkeypatch.setattr(optim, "MULTI_TENSOR", multi)
 
     cfg = make_config("alexnet-small", 7, 32, seed=1)
     host = build_model(cfg, placement=[backend.HOST, backend.HOST], dtype=np.float32)
     dev = build_model(cfg, placement=[backend.Device("gpu", 0)] * 2, dtype=np.float32, fuse=True)
     assert dev.fused
     calls = []
-    launch = kernels.sgd_momentum_gpu
-    monkeypatch.setattr(kernels, "sgd_momentum_gpu", lambda *a: calls.append(a) or launch(*a))
+    launch, launch_multi = kernels.sgd_momentum_gpu, kernels.sgd_momentum_multi_gpu
+    monkeypatch.setattr(kernels, "sgd_momentum_gpu", lambda *a: calls.append(1) or launch(*a))
+    monkeypatch.setattr(kernels, "sgd_momentum_multi_gpu", lambda *a, **k: calls.append(len(a[0])) or launch_multi(*a, **k))
     oh, od = MomentumSGD(host, lr=0.01), MomentumSGD(dev, lr=0.01)
     rng = np.random.default_rng(0)
     for _ in range(2):
@@ -251,7 +256,7 @@ def test_momentum_sgd_updates_the_fused_models_parameters_in_place(cp, monkeypat
         oh.step()
         od.step()
     assert [len(blk.parts) for blk, _ in od._blocks] == [2] * 14 + [1] * 2  # W, b of conv1-5, fc6, fc7; fc8's
-    assert len(calls) == 2 * (14 + 2)
+    assert calls == ([16, 16] if multi else [1] * 2 * (14 + 2))
     want = host.host_params()
     for name, got in dev.host_params().items():
         np.testing.assert_array_equal(float_bits(got), float_bits(want[name]), err_msg=name)
@@ -311,7 +316,10 @@ def test_elementwise_kernels_cover_more_elements_than_one_launch(cp, chunk, monk
 
 def test_a_fused_training_step_updates_with_one_kernel_per_layer_array(cp, monkeypatch):
     """After a real backward pass the tower gradients are row blocks of the fused gradients, so the update takes
-    the one-kernel-per-array path (16 launches, not 30)."""
+    the one-kernel-per-array path (16 launches, not 30) with MULTI_TENSOR off, and one launch for all with it on;
+    the two give the same bits."""
+    from cpnet import optim
+
     from cpnet.model import build_model, make_config
     from cpnet.optim import MomentumSGD
 
@@ -319,13 +327,106 @@ def test_a_fused_training_step_updates_with_one_kernel_per_layer_array(cp, monke
                       fuse=True)
     opt = MomentumSGD(dev, lr=0.01)
     calls = []
-    launch = kernels.sgd_momentum_gpu
+    launch, launch_multi = kernels.sgd_momentum_gpu, kernels.sgd_momentum_multi_gpu
     monkeypatch.setattr(kernels, "sgd_momentum_gpu", lambda *a: calls.append(a) or launch(*a))
+    monkeypatch.setattr(kernels, "sgd_momentum_multi_gpu", lambda *a, **k: calls.append(a) or launch_multi(*a, **k))
     rng = np.random.default_rng(0)
     dev.loss(rng.standard_normal((4, 3, 32, 32)).astype(np.float32), rng.integers(0, 7, 4), train=True)
     dev.loss_backward()
     before = dev.host_params()
+    velocity = {k: cp.asnumpy(v) for k, v in opt.velocity.items()}
+    monkeypatch.setattr(optim, "MULTI_TENSOR", False)
     opt.step()
     assert len(calls) == len(opt._blocks) == 16  # one per parameter array: 14 of both towers, fc8's W and b
     after = dev.host_params()
     assert all(not np.array_equal(after[k], before[k]) for k in before if k.endswith(".W"))  # decayed: all move
+    dev.set_params(before)  # the same update again, multi-tensor
+    dev.set_params(velocity, into=opt.velocity)
+    monkeypatch.setattr(optim, "MULTI_TENSOR", True)
+    calls.clear()
+    opt.step()
+    assert len(calls) == 1 and len(calls[0][0]) == 16
+    for k, v in dev.host_params().items():
+        np.testing.assert_array_equal(float_bits(v), float_bits(after[k]), err_msg=k)
+
+
+# Fewer launches: the multi-tensor update, the towers' dropout, softmax cross-entropy.
+
+def test_sgd_momentum_multi_gpu(cp):
+    """One launch over many arrays equals one launch per array bit for bit; the address table is cached."""
+    rng = np.random.default_rng(20)
+    shapes = [(300, 11), (5,), (0,), (4, 2, 3), (1,), (70001,)]
+    decays = [True, False, True, True, False, True]
+    ws = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    gs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    vs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    wg, gg, vg = ([cp.asarray(a) for a in arrays] for arrays in (ws, gs, vs))
+    w1, v1 = [cp.asarray(a) for a in ws], [cp.asarray(a) for a in vs]
+    cache = {}
+    for _ in range(2):
+        kernels.sgd_momentum_multi_gpu(wg, gg, vg, decays, 0.9, 5e-3, 0.1, cache=cache)
+        for w, g, v, d in zip(w1, gg, v1, decays):
+            kernels.sgd_momentum_gpu(w, g, v, 0.9, 5e-3 if d else 0.0, 0.1)
+        for a, b in zip(wg + vg, w1 + v1):
+            _bitwise(cp, a, cp.asnumpy(b))
+    assert len(cache) == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_towers_forward_gpu(cp, dtype):
+    """The fused towers' (rows, 2*units) dropout in one kernel: each half's NumPy dropout bit for bit."""
+    from cpnet.ops import counter_keys, dropout_forward
+
+    x = with_specials((128, 2 * 2048), dtype, 21)
+    for step, offset in ((0, 0), (5, 2**32 // 2048 - 3)):
+        keys = [counter_keys(s, step) for s in (7, 8)]
+        y, mask = kernels.dropout_towers_forward_gpu(cp.asarray(x), 0.5, keys[0], keys[1], first=offset * 2048)
+        with np.errstate(invalid="ignore"):
+            halves = [dropout_forward(np.ascontiguousarray(x[:, t * 2048:(t + 1) * 2048]), 0.5, 7 + t, step, True,
+                                      offset) for t in range(2)]
+        _bitwise(cp, mask, np.concatenate([m for _, m in halves], axis=1))
+        _bitwise(cp, y, np.concatenate([h for h, _ in halves], axis=1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_xent_gpu(cp, dtype):
+    """The loss (sum of the row terms) and p against the NumPy path, the gradient from the same p bit for bit;
+    the op takes the kernel path for CuPy arrays."""
+    from cpnet.ops import softmax_cross_entropy_backward, softmax_cross_entropy_forward
+
+    rng = np.random.default_rng(22)
+    z = (rng.standard_normal((128, 1000)) * 5).astype(dtype)
+    labels = rng.integers(0, 1000, 128)
+    loss_ref, cache_ref = softmax_cross_entropy_forward(z, labels)
+    loss, cache = softmax_cross_entropy_forward(cp.asarray(z), cp.asarray(labels))
+    assert loss.shape == () and loss.dtype == dtype
+    np.testing.assert_allclose(float(loss), float(loss_ref), **TOL[dtype])
+    np.testing.assert_allclose(cp.asnumpy(cache[0]), cache_ref[0], **TOL[dtype])
+    _bitwise(cp, softmax_cross_entropy_backward(cache),
+             softmax_cross_entropy_backward((cp.asnumpy(cache[0]), labels)))
+    row_loss, _, _ = kernels.softmax_xent_forward_gpu(cp.asarray(z[:2]), cp.asarray(np.array([3, 1000])))
+    assert np.isfinite(float(row_loss[0])) and np.isnan(float(row_loss[1]))  # an out-of-range label: NaN
+
+
+def test_fused_gpu_step_matches_the_host(cp):
+    """A training step of the fused model on the GPU (the fused loss, the towers' dropout kernel, the multi-tensor
+    update) against the same step on the host, in float64."""
+    from cpnet.model import build_model, make_config
+    from cpnet.optim import MomentumSGD
+
+    cfg = make_config("alexnet-tiny", 5, 15, seed=3)
+    host = build_model(cfg, placement=[backend.HOST] * 2, dtype=np.float64, fuse=True, tower_threads=False)
+    dev = build_model(cfg, placement=[backend.Device("gpu", 0)] * 2, dtype=np.float64, fuse=True)
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((6, 3, 15, 15)), rng.integers(0, 5, 6)
+    for model in (host, dev):
+        model.set_step(4, offset=2)
+        opt = MomentumSGD(model, lr=0.05)
+        loss, _ = model.loss(x, y, train=True)
+        model.loss_backward()
+        opt.step()
+        model.last_loss = float(loss)
+    assert dev.last_loss == pytest.approx(host.last_loss, rel=1e-12)
+    want = host.host_params()
+    for k, v in dev.host_params().items():
+        np.testing.assert_allclose(v, want[k], rtol=1e-9, atol=1e-12, err_msg=k)

@@ -327,10 +327,12 @@ def test_sgd_momentum(shim, shape, hyper, dtype, slice_bytes, monkeypatch):
             _bitwise(w, model.layer.params[k])
 
 
-def test_momentum_sgd_one_kernel_per_array_of_tower_blocks(shim, monkeypatch):
+@pytest.mark.parametrize("multi", [True, False], ids=["multi-tensor", "per-array"])
+def test_momentum_sgd_on_the_gpu_path_with_the_fused_parameter_memory(shim, monkeypatch, multi):
     """The fused model's tower parameters are row blocks of one array per layer: with the GPU path forced onto the
-    host shim, MomentumSGD updates each such array with one kernel (velocities laid out alike, gradients the row
-    blocks backward hands out), and the parameters and velocities equal the NumPy path's bit for bit."""
+    host shim, MomentumSGD updates all 16 arrays with one multi-tensor kernel (MULTI_TENSOR) or one kernel per such
+    array (velocities laid out alike, gradients the row blocks backward hands out), and the parameters and
+    velocities equal the NumPy path's bit for bit."""
     from cpnet import backend, optim
     from cpnet.model import build_model, make_config
 
@@ -340,11 +342,17 @@ def test_momentum_sgd_one_kernel_per_array_of_tower_blocks(shim, monkeypatch):
     calls = []
 
     def kernel(*args):
-        calls.append(args[0].shape)
+        calls.append(("one", args[0].shape))
         shim.sgd_momentum_host(*args)
 
+    def multi_kernel(ws, gs, vs, decays, m, wd_lr, lr, cache=None):
+        calls.append(("multi", len(ws)))
+        shim.sgd_momentum_multi_host(ws, gs, vs, decays, m, wd_lr, lr, cache)
+
+    monkeypatch.setattr(optim, "MULTI_TENSOR", multi)
     monkeypatch.setattr(optim, "is_gpu_array", lambda a: isinstance(a, np.ndarray))
     monkeypatch.setattr(optim.kernels, "sgd_momentum_gpu", kernel)
+    monkeypatch.setattr(optim.kernels, "sgd_momentum_multi_gpu", multi_kernel)
     fast = optim.MomentumSGD(models[0], lr=0.01)
     monkeypatch.setattr(optim, "is_gpu_array", lambda a: False)
     plain = optim.MomentumSGD(models[1], lr=0.01)
@@ -363,7 +371,8 @@ def test_momentum_sgd_one_kernel_per_array_of_tower_blocks(shim, monkeypatch):
         monkeypatch.setattr(optim, "is_gpu_array", lambda a: isinstance(a, np.ndarray))
         calls.clear()
         fast.step()
-        assert len(calls) == 14 + 2  # one per array of tower blocks, then fc8's W and b
+        # one launch for the 14 arrays of tower blocks and fc8's W and b, or one per array
+        assert calls == ([("multi", 16)] if multi else [("one", blk.param.shape) for blk, _ in fast._blocks])
         monkeypatch.setattr(optim, "is_gpu_array", lambda a: False)
         calls.clear()
         plain.step()
@@ -374,13 +383,15 @@ def test_momentum_sgd_one_kernel_per_array_of_tower_blocks(shim, monkeypatch):
         _bitwise(fast.velocity[name], plain.velocity[name])
     v0, v1 = fast.velocity["t0.conv1.W"], fast.velocity["t1.conv1.W"]
     assert v0.base is not None and v0.base is v1.base and v0.base.size == v0.size + v1.size
-    # Gradients laid out otherwise (here: separate arrays per tower) fall back to one kernel per parameter.
+    # Gradients laid out otherwise (here: separate arrays per tower): each parameter on its own, all in the one
+    # multi-tensor launch (or one kernel per parameter).
     monkeypatch.setattr(optim, "is_gpu_array", lambda a: isinstance(a, np.ndarray))
     for name, layer, key, _t in models[0].param_slots():
         layer.grads[key] = np.zeros_like(layer.params[key])
     calls.clear()
     fast.step()
-    assert len(calls) == len(models[0].param_slots())
+    n = len(models[0].param_slots())
+    assert calls == [("multi", n)] if multi else len(calls) == n
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -537,6 +548,122 @@ def test_bf16_dropout_and_relu(shim, p):
         np.testing.assert_array_equal(shim.relu_backward_host(r, dy), _bf16(_f32(dy) * (_f32(r) > 0)))
 
 
+# Fewer launches: the multi-tensor momentum update, the fused towers' dropout, softmax cross-entropy.
+
+
+def _arrays_for_multi(dtype, shapes, seed):
+    rng = np.random.default_rng(seed)
+    return [[rng.standard_normal(s).astype(dtype) for s in shapes] for _ in range(3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk", [None, 40, 7])
+def test_sgd_momentum_multi(shim, dtype, chunk, monkeypatch):
+    """One launch over many arrays (some decayed, an empty one, sizes off the blocks) equals one sgd_momentum
+    launch per array bit for bit, also when the total passes ELEMENTWISE_CHUNK (several launches; an array
+    larger than a chunk goes alone); a second call with the same arrays reuses the cached address table."""
+    if chunk is not None:
+        monkeypatch.setattr(kernels, "ELEMENTWISE_CHUNK", chunk)
+    shapes = [(3, 11), (5,), (0,), (4, 2, 3), (1,), (37,)]
+    decays = [True, False, True, True, False, True]
+    ws, gs, vs = _arrays_for_multi(dtype, shapes, 40)
+    ref_w, ref_v = [w.copy() for w in ws], [v.copy() for v in vs]
+    cache = {}
+    for step in range(2):
+        shim.sgd_momentum_multi_host(ws, gs, vs, decays, 0.9, 5e-3, 0.1, cache)
+        for w, g, v, d in zip(ref_w, gs, ref_v, decays):
+            shim.sgd_momentum_host(w, g, v, 0.9, 5e-3 if d else 0.0, 0.1)
+        for a, b in zip(ws + vs, ref_w + ref_v):
+            _bitwise(a, b)
+        if step == 0:
+            tables = {k: v[1] for k, v in cache.items()}
+    assert cache and all(cache[k][1] is t for k, t in tables.items())  # no new table for the same addresses
+    # table launches: sizes 33, 5, 0, 24, 1, 37 pack into [33 5] [24 1] [37] within 40; within 7 only [5 1] shares
+    # one, the larger arrays go alone to sgd_momentum_kernel
+    assert len(cache) == {None: 1, 40: 3, 7: 1}[chunk]
+
+
+def test_sgd_momentum_multi_checks_its_inputs(shim):
+    (w, w2), (g, g2), (v, v2) = _arrays_for_multi(np.float32, [(4, 6), (3,)], 41)
+    with pytest.raises(ValueError, match="g must be C-contiguous"):
+        shim.sgd_momentum_multi_host([w], [np.asfortranarray(g)], [v], [True], 0.9, 0.0, 0.1)
+    with pytest.raises(ValueError, match="expected g of w's shape"):
+        shim.sgd_momentum_multi_host([w, w2], [g2, g], [v, v2], [True, True], 0.9, 0.0, 0.1)
+    with pytest.raises(ValueError, match="as many"):
+        shim.sgd_momentum_multi_host([w], [g], [v], [True, False], 0.9, 0.0, 0.1)
+    with pytest.raises(ValueError, match="share one dtype"):
+        shim.sgd_momentum_multi_host([w, w2.astype(np.float64)], [g, g2], [v, v2], [True, True], 0.9, 0.0, 0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2), (3, 10), (5, 66), (2, 2 * 33)], ids=str)
+def test_dropout_towers_forward(shim, shape, dtype):
+    """y and mask of the (rows, 2*units) kernel equal each half's own dropout_forward (NumPy path) bit for bit,
+    from row offset 0 and from one whose counters wrap 2^32."""
+    from cpnet.ops import counter_keys, dropout_forward
+
+    x = with_specials(shape, dtype, 42)
+    units = shape[1] // 2
+    for step, offset, p in ((0, 0, 0.5), (7, 3, 0.1), (10**6, 2**32 // units - 1, 0.9)):
+        keys = [counter_keys(seed, step) for seed in (11, 12)]
+        y, mask = shim.dropout_towers_forward_host(x, p, keys[0], keys[1], first=offset * units)
+        with np.errstate(invalid="ignore"):  # inf * 0
+            halves = [dropout_forward(np.ascontiguousarray(x[:, t * units:(t + 1) * units]), p, 11 + t, step, True,
+                                      offset) for t in range(2)]
+        _bitwise(mask, np.concatenate([m for _, m in halves], axis=1))
+        _bitwise(y, np.concatenate([h for h, _ in halves], axis=1))
+    with pytest.raises(ValueError, match="rows, 2"):
+        shim.dropout_towers_forward_host(np.zeros((2, 3), dtype), 0.5, (1, 2), (3, 4))
+
+
+XENT_CASES = [(1, 1), (3, 7), (4, 10), (2, 1000), (33, 5)]  # (N, K)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", XENT_CASES, ids=str)
+def test_softmax_xent_forward(shim, case, dtype):
+    """The row losses sum to the NumPy path's loss and p is its softmax (float rounding: exp and log differ)."""
+    from cpnet.ops import softmax_cross_entropy_forward
+
+    N, K = case
+    rng = np.random.default_rng(N * K)
+    z = (rng.standard_normal((N, K)) * 4).astype(dtype)
+    z[0, 0] = 80.0  # exp(80) overflows float32 without the shift by the row maximum
+    labels = rng.integers(0, K, N)
+    row_loss, p, lab32 = shim.softmax_xent_forward_host(z, labels)
+    loss, (p_ref, _) = softmax_cross_entropy_forward(z, labels)
+    assert row_loss.dtype == dtype and p.dtype == dtype and lab32.dtype == np.int32
+    _close(p, p_ref, dtype)
+    _close(row_loss.sum(), loss, dtype)
+    logp = np.log(p_ref.astype(np.float64))
+    _close(row_loss, -logp[np.arange(N), labels] / N, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_xent_forward_bad_labels_and_nan(shim, dtype):
+    """A label outside [0, K) gives a NaN row (the NaN guard then stops the run), not a read out of bounds;
+    a NaN logit makes its row NaN."""
+    z = random_array((4, 5), dtype, 43)
+    z[3, 2] = np.nan
+    row_loss, p, _ = shim.softmax_xent_forward_host(z, np.array([0, 5, -1, 1]))
+    assert np.isfinite(row_loss[0]) and np.isnan(row_loss[1:]).all()
+    assert np.isfinite(p[:3]).all() and np.isnan(p[3]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", XENT_CASES, ids=str)
+def test_softmax_xent_backward(shim, case, dtype):
+    """From the same p, the gradient equals the NumPy path's bit for bit (one subtraction, one division)."""
+    from cpnet.ops import softmax_cross_entropy_backward
+
+    N, K = case
+    rng = np.random.default_rng(N + K)
+    p = rng.random((N, K)).astype(dtype)
+    labels = rng.integers(0, K, N)
+    dz = shim.softmax_xent_backward_host(p, labels.astype(np.int32))
+    _bitwise(dz, softmax_cross_entropy_backward((p, labels)))
+
+
 KERNEL_TESTS = {
     "im2col_kernel": test_im2col,
     "col2im_kernel": test_col2im,
@@ -548,6 +675,10 @@ KERNEL_TESTS = {
     "dropout_forward_kernel": test_dropout_forward,
     "relu_forward_kernel": test_relu_forward,
     "relu_backward_kernel": test_relu_backward,
+    "sgd_momentum_multi_kernel": test_sgd_momentum_multi,
+    "dropout_towers_forward_kernel": test_dropout_towers_forward,
+    "softmax_xent_forward_kernel": test_softmax_xent_forward,
+    "softmax_xent_backward_kernel": test_softmax_xent_backward,
     "narrow_kernel": test_narrow_and_widen,
     "widen_kernel": test_narrow_and_widen,
 }
@@ -743,7 +874,7 @@ def stand_in_gpu(shim, monkeypatch):
                 kinds = [p.kind for p in kernels.kernels()[name].params]
                 for kind, a in zip(kinds, args, strict=True):
                     expected = {"ptr_T": _StandInGpuArray, "ptr_F": _StandInGpuArray, "ptr_int": _StandInGpuArray,
-                                "int": np.int32}
+                                "ptr_i64": _StandInGpuArray, "int": np.int32}
                     assert type(a) is expected.get(kind, kernels.compute_dtype(self.dtype).type), (name, kind, type(a))
                 launches.append((name, grid, block))
                 shim.launch(name, self.dtype, grid, block[0], args)
@@ -798,6 +929,26 @@ def test_gpu_entry_points_with_a_stand_in_cupy(shim, stand_in_gpu):
             np.testing.assert_array_equal(ry, shim.relu_forward_host(x))
             np.testing.assert_array_equal(kernels.relu_backward_gpu(ry, cp.asarray(dly)),
                                           shim.relu_backward_host(np.asarray(ry), dly))
+            # Fewer launches: the multi-tensor update, the towers' dropout, softmax cross-entropy.
+            ws = [cp.asarray(random_array(s, dtype, 30 + i)) for i, s in enumerate(((3, 4), (5,)))]
+            vs = [cp.asarray(random_array(a.shape, dtype, 40 + i)) for i, a in enumerate(ws)]
+            gs = [random_array(a.shape, dtype, 50 + i) for i, a in enumerate(ws)]
+            ws_ref, vs_ref = [np.array(a) for a in ws], [np.array(a) for a in vs]
+            assert kernels.sgd_momentum_multi_gpu(ws, [cp.asarray(g) for g in gs], vs, [True, False], 0.9, 5e-4,
+                                                  0.01) is None
+            shim.sgd_momentum_multi_host(ws_ref, gs, vs_ref, [True, False], 0.9, 5e-4, 0.01)
+            for a, b in zip(ws + vs, ws_ref + vs_ref):
+                np.testing.assert_array_equal(a, b)
+            x2 = x.reshape(6, 42)
+            for a, b in zip(kernels.dropout_towers_forward_gpu(cp.asarray(x2), 0.5, (1, 2), (3, 2**32 - 1), first=9),
+                            shim.dropout_towers_forward_host(x2, 0.5, (1, 2), (3, 2**32 - 1), first=9), strict=True):
+                np.testing.assert_array_equal(a, b)
+            labels = np.arange(6) * 7
+            for a, b in zip(kernels.softmax_xent_forward_gpu(cp.asarray(x2), cp.asarray(labels)),
+                            shim.softmax_xent_forward_host(x2, labels), strict=True):
+                np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(kernels.softmax_xent_backward_gpu(cp.asarray(x2), cp.asarray(labels)),
+                                          shim.softmax_xent_backward_host(x2, labels))
             if dtype == np.float32:  # the bf16 conversions (elementwise.cu built for bf16)
                 b = kernels.narrow_gpu(cp.asarray(x))
                 np.testing.assert_array_equal(b, shim.narrow_host(x))
@@ -824,7 +975,7 @@ def test_gpu_entry_points_with_a_stand_in_cupy(shim, stand_in_gpu):
 
 
 # The checks of shapes, dtypes and sizes inside cpnet.kernels; the ops make their own and pass check=False.
-_KERNEL_CHECKS = ("_float_dtype", "out_size", "_same_shapes", "_check_pool", "_check_lrn_size")
+_KERNEL_CHECKS = ("_float_dtype", "out_size", "_same_shapes", "_check_pool", "_check_lrn_size", "_xent_check")
 
 
 def _forbid_kernel_checks(monkeypatch):
@@ -867,12 +1018,12 @@ def test_ops_on_a_gpu_check_their_arguments_once(shim, stand_in_gpu, monkeypatch
     """An op on GPU arrays validates its arguments itself (naming the op) and launches the kernels with
     check=False, so no argument is checked twice on the way; its results equal the NumPy path's."""
     from cpnet import ops
-    from cpnet.ops import activations, conv, dropout, lrn, pool
+    from cpnet.ops import activations, conv, dropout, loss, lrn, pool
 
     def xp_of(a):
         return _StandInCupy if isinstance(a, _StandInGpuArray) else np
 
-    for module in (activations, conv, dropout, lrn, pool):
+    for module in (activations, conv, dropout, loss, lrn, pool):
         monkeypatch.setattr(module, "get_array_module", xp_of)
     _forbid_kernel_checks(monkeypatch)
     cp = _StandInCupy
@@ -896,6 +1047,18 @@ def test_ops_on_a_gpu_check_their_arguments_once(shim, stand_in_gpu, monkeypatch
                                ops.max_pool2d_backward(dyp, cache_ref), **TOL[np.float32])
     y, _ = ops.dropout_forward(cp.asarray(x), 0.5, seed=3, step=2, train=True, offset=5)
     np.testing.assert_array_equal(y, ops.dropout_forward(x, 0.5, seed=3, step=2, train=True, offset=5)[0])
+    x2 = x.reshape(8, 72)
+    y, mask = ops.dropout_towers_forward(cp.asarray(x2), 0.5, (3, 4), step=2, train=True, offset=5)
+    y_ref, mask_ref = ops.dropout_towers_forward(x2, 0.5, (3, 4), step=2, train=True, offset=5)  # the halves
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(ops.dropout_backward(cp.asarray(x2), mask), ops.dropout_backward(x2, mask_ref))
+    labels = np.arange(8) % 72
+    lo, cache = ops.softmax_cross_entropy_forward(cp.asarray(x2), cp.asarray(labels))
+    lo_ref, cache_ref = ops.softmax_cross_entropy_forward(x2, labels)
+    assert lo.shape == () and lo.dtype == np.float32
+    np.testing.assert_allclose(lo, lo_ref, **TOL[np.float32])
+    np.testing.assert_allclose(ops.softmax_cross_entropy_backward(cache),
+                               ops.softmax_cross_entropy_backward(cache_ref), **TOL[np.float32])
     col = conv._im2col(cp.asarray(x), 3, 3, 1, 1, 1, 1)
     np.testing.assert_array_equal(col, conv._im2col(x, 3, 3, 1, 1, 1, 1))
     np.testing.assert_array_equal(conv._col2im(col, x.shape, 3, 3, 1, 1, 1, 1),

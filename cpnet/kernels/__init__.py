@@ -15,7 +15,9 @@ of type F. `narrow_gpu` (float32 -> bf16) and `widen_gpu` (bf16 -> float32) conv
 GPU entry points (`im2col_gpu`, `col2im_gpu`, `maxpool_forward_gpu`, `maxpool_backward_gpu`, `lrn_forward_gpu`,
 `lrn_backward_gpu`) take and return CuPy arrays; so do the elementwise ones, each one pass where CuPy would chain
 several kernels, bit-identical to the NumPy path: `sgd_momentum_gpu` (updates w and v in place),
-`dropout_forward_gpu`, `relu_forward_gpu`, `relu_backward_gpu`, and the conversions `narrow_gpu`, `widen_gpu`.
+`sgd_momentum_multi_gpu` (many arrays in one launch), `dropout_forward_gpu`, `dropout_towers_forward_gpu` (both
+fused towers in one launch), `relu_forward_gpu`, `relu_backward_gpu`, `softmax_xent_forward_gpu`,
+`softmax_xent_backward_gpu` (loss.cu), and the conversions `narrow_gpu`, `widen_gpu`.
 Each compiles its source with `backend.raw_module` on first use, cached per (device, dtype, file). The same Python
 bodies drive the host shim (`cpnet.kernels.shim`), which runs the very same kernel text on the CPU, so the tests
 without a GPU check everything but the CUDA compiler.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -41,7 +44,7 @@ from .. import backend
 from ..shapes import window_out
 
 KERNEL_DIR = Path(__file__).resolve().parent
-SOURCES = ("im2col.cu", "maxpool.cu", "lrn.cu", "elementwise.cu")
+SOURCES = ("im2col.cu", "maxpool.cu", "lrn.cu", "elementwise.cu", "loss.cu")
 # bfloat16 as the kernels see it: a uint16 array of bit patterns (NumPy and CuPy have no bfloat16 dtype).
 BF16 = np.dtype(np.uint16)
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64), BF16)
@@ -73,7 +76,8 @@ def _wide(*arrays) -> int:
 
 @dataclass(frozen=True)
 class Param:
-    """One kernel parameter: kind is 'ptr_T', 'ptr_F', 'ptr_int', 'int', 'T' or 'F' (F: the compute type)."""
+    """One kernel parameter: kind is 'ptr_T', 'ptr_F', 'ptr_int', 'ptr_i64' (long long*), 'int', 'T' or 'F' (F: the
+    compute type)."""
 
     name: str
     kind: str
@@ -106,6 +110,8 @@ def _parse_param(kernel: str, decl: str) -> Param:
         return Param(name, "F")
     if rest == ["int", "*"]:
         return Param(name, "ptr_int")
+    if rest == ["long", "long", "*"]:
+        return Param(name, "ptr_i64")
     if rest == ["int"]:
         return Param(name, "int")
     if rest == ["T"]:
@@ -166,7 +172,7 @@ def pack_args(name: str, dtype, args, array_check=None) -> list:
         raise TypeError(f"{name}: {len(kernel.params)} arguments expected, got {len(args)}")
     dtype = np.dtype(dtype)
     fdtype = compute_dtype(dtype)
-    expected = {"ptr_T": dtype, "ptr_F": fdtype, "ptr_int": np.dtype(np.int32)}
+    expected = {"ptr_T": dtype, "ptr_F": fdtype, "ptr_int": np.dtype(np.int32), "ptr_i64": np.dtype(np.int64)}
     out = []
     for p, a in zip(kernel.params, args):
         if p.kind in expected:
@@ -369,6 +375,49 @@ def _sgd_momentum(run, xp, w, g, v, momentum, wd_lr, lr, check=True):
     _elementwise(run, "sgd_momentum_kernel", w.dtype, (w, xp.ascontiguousarray(g), v), momentum, wd_lr, lr)
 
 
+MULTI_ROW = 5  # int64 per array in sgd_momentum_multi_kernel's table: w, g, v addresses, first index, decay
+
+
+def _sgd_momentum_multi(run, xp, ws, gs, vs, decays, momentum, wd_lr, lr, cache=None, check=True):
+    """The momentum update of many arrays, one launch per ELEMENTWISE_CHUNK elements (alexnet's 61 M parameters:
+    one). `decays[i]`: whether array i takes the weight-decay term. `cache`: a dict kept by the caller; the device
+    table of addresses is uploaded again only when an address changed since the last call (CuPy's pool hands
+    backward the same gradient blocks step after step), so a steady run launches the kernel and nothing else."""
+    if check:
+        _float_dtype("sgd_momentum_multi", *ws, *gs, *vs)
+        if not len(ws) == len(gs) == len(vs) == len(decays):
+            raise ValueError("sgd_momentum_multi: expected as many w, g, v and decay flags")
+        for w, g, v in zip(ws, gs, vs):
+            _same_shapes("sgd_momentum_multi", "w", w, g=g, v=v)
+            for nm, a in (("w", w), ("g", g), ("v", v)):
+                if not a.flags.c_contiguous:
+                    raise ValueError(f"sgd_momentum_multi: {nm} must be C-contiguous (the table holds its address)")
+    groups, rows, start = [], [], 0
+    for w, g, v, d in zip(ws, gs, vs, decays):
+        size = int(w.size)
+        if size == 0:
+            continue
+        if size > ELEMENTWISE_CHUNK:  # alone, in chunks
+            _sgd_momentum(run, xp, w, g, v, momentum, wd_lr if d else 0.0, lr, check=False)
+            continue
+        if start + size > ELEMENTWISE_CHUNK:
+            groups.append((rows, start))
+            rows, start = [], 0
+        rows.append((backend.data_ptr(w), backend.data_ptr(g), backend.data_ptr(v), start, int(bool(d))))
+        start += size
+    if rows:
+        groups.append((rows, start))
+    dt = np.dtype(ws[0].dtype) if ws else None
+    for i, (rows, n) in enumerate(groups):
+        host = np.array(rows, dtype=np.int64).reshape(-1, MULTI_ROW)
+        key, entry = host.tobytes(), None if cache is None else cache.get(i)
+        if entry is None or entry[0] != key:
+            entry = (key, xp.asarray(host))
+            if cache is not None:
+                cache[i] = entry
+        run("sgd_momentum_multi_kernel", dt, -(-n // ELEMENTWISE_ILP), entry[1], len(rows), n, momentum, wd_lr, lr)
+
+
 def _dropout_forward(run, xp, x, p, key0, key1, first=0, check=True):
     p = float(p)
     if check:
@@ -381,6 +430,28 @@ def _dropout_forward(run, xp, x, p, key0, key1, first=0, check=True):
     mask = xp.empty_like(x)
     _elementwise(run, "dropout_forward_kernel", dt, (x, y, mask), f.type(p), f.type(1.0 / (1.0 - p)),
                  _bits32(key0), _bits32(key1), counter=int(first))
+    return y, mask
+
+
+def _dropout_towers_forward(run, xp, x, p, keys0, keys1, first=0, check=True):
+    """Both fused towers' dropout in one launch: x (rows, 2*units), tower 0's keys for the first `units` columns,
+    tower 1's for the rest, counters from `first` as each tower's own (rows, units) half draws them."""
+    p = float(p)
+    if check:
+        _float_dtype("dropout_towers_forward", x)
+        if x.ndim != 2 or x.shape[1] % 2:
+            raise ValueError(f"dropout_towers_forward: expected x of shape (rows, 2*units), got {tuple(x.shape)}")
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout_towers_forward: p must be in [0, 1), got {p}")
+        if x.size > ELEMENTWISE_CHUNK:
+            raise ValueError(f"dropout_towers_forward: at most {ELEMENTWISE_CHUNK} elements, got {x.size}")
+    dt, f = x.dtype, compute_dtype(x.dtype)
+    x = xp.ascontiguousarray(x)
+    y = xp.empty_like(x)
+    mask = xp.empty_like(x)
+    n = int(x.size)
+    run("dropout_towers_forward_kernel", dt, -(-n // ELEMENTWISE_ILP), x, y, mask, n, int(x.shape[1]) // 2,
+        _bits32(first), f.type(p), f.type(1.0 / (1.0 - p)), *(_bits32(k) for k in (*keys0, *keys1)))
     return y, mask
 
 
@@ -415,9 +486,48 @@ def _relu_backward(run, xp, y, dy, check=True):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Softmax cross-entropy (loss.cu): one launch per direction.
+
+
+def _xent_check(op, z, labels):
+    _float_dtype(op, z)
+    if z.ndim != 2:
+        raise ValueError(f"{op}: expected (N, K) logits, got shape {tuple(z.shape)}")
+    if labels.ndim != 1 or labels.shape[0] != z.shape[0] or not np.issubdtype(np.dtype(labels.dtype), np.integer):
+        raise ValueError(f"{op}: expected ({z.shape[0]},) integer labels, got {tuple(labels.shape)} {labels.dtype}")
+
+
+def _softmax_xent_forward(run, xp, z, labels, check=True):
+    """-> (row_loss (N,) in the compute type, each row's -log p[label] / N; p (N, K); labels as int32)."""
+    if check:
+        _xent_check("softmax_xent_forward", z, labels)
+    N, K = (int(s) for s in z.shape)
+    z = xp.ascontiguousarray(z)
+    labels = xp.ascontiguousarray(labels, dtype=np.int32)
+    p = xp.empty_like(z)
+    row_loss = xp.empty((N,), dtype=compute_dtype(z.dtype))
+    run("softmax_xent_forward_kernel", z.dtype, N, z, labels, p, row_loss, N, K)
+    return row_loss, p, labels
+
+
+def _softmax_xent_backward(run, xp, p, labels, check=True):
+    """dz = (p - onehot(labels)) / N."""
+    if check:
+        _xent_check("softmax_xent_backward", p, labels)
+    N, K = (int(s) for s in p.shape)
+    p = xp.ascontiguousarray(p)
+    labels = xp.ascontiguousarray(labels, dtype=np.int32)
+    dz = xp.empty_like(p)
+    run("softmax_xent_backward_kernel", p.dtype, p.size, p, labels, dz, N, K)
+    return dz
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # GPU launcher
 
 _modules: dict = {}  # (device id, dtype name, source file) -> cupy.RawModule
+# kernel name -> how many times the GPU launcher started it (tools count the launches of a training step with it)
+launch_counts: Counter = Counter()
 _functions: dict = {}  # (device id, dtype name, kernel name) -> cupy.RawKernel
 
 
@@ -447,6 +557,7 @@ def _gpu_run(name, dtype, n, *args):
     if grid is None:
         return
     _gpu_function(name, dtype)(grid, (GPU_BLOCK,), tuple(packed))
+    launch_counts[name] += 1
 
 
 def launch_grid(n, block: int, cap: int):
@@ -516,6 +627,36 @@ def dropout_forward_gpu(x, p, key0, key1, first=0, check=True):
     """-> (y, mask): mask = 1/(1-p) where counter_uniform's draw (keys key0, key1: uint32; counters from
     `first`) is >= p, else 0."""
     return _on_gpu("dropout_forward_gpu", _dropout_forward, (x,), p, key0, key1, first, check=check)
+
+
+def sgd_momentum_multi_gpu(ws, gs, vs, decays, momentum, wd_lr, lr, cache=None, check=True):
+    """In place, for every i: sgd_momentum_gpu(ws[i], gs[i], vs[i], momentum, wd_lr if decays[i] else 0, lr), in one
+    launch (all arrays on one GPU, of one dtype, C-contiguous). `cache`: a dict the caller keeps between calls
+    (the table of addresses stays on the device while they do not change)."""
+    if not ws:
+        return
+    arrays = (*ws, *gs, *vs)
+    k = len(ws)
+    _on_gpu("sgd_momentum_multi_gpu",
+            lambda run, xp, *a, check: _sgd_momentum_multi(run, xp, a[:k], a[k:2 * k], a[2 * k:], decays, momentum,
+                                                           wd_lr, lr, cache, check=check),
+            arrays, check=check)
+
+
+def dropout_towers_forward_gpu(x, p, keys0, keys1, first=0, check=True):
+    """-> (y, mask) for the fused towers' (rows, 2*units) activation: the two halves' dropout_forward_gpu results
+    (keys0 for tower 0's columns, keys1 for tower 1's, counters from `first`), in one launch."""
+    return _on_gpu("dropout_towers_forward_gpu", _dropout_towers_forward, (x,), p, keys0, keys1, first, check=check)
+
+
+def softmax_xent_forward_gpu(z, labels, check=True):
+    """-> (row_loss, p, labels int32): row_loss.sum() is the mean cross-entropy of softmax(z) against labels."""
+    return _on_gpu("softmax_xent_forward_gpu", _softmax_xent_forward, (z, labels), check=check)
+
+
+def softmax_xent_backward_gpu(p, labels, check=True):
+    """dz = (p - onehot(labels)) / N, the gradient of the mean cross-entropy."""
+    return _on_gpu("softmax_xent_backward_gpu", _softmax_xent_backward, (p, labels), check=check)
 
 
 def narrow_gpu(x, check=True):

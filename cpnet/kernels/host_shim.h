@@ -62,6 +62,8 @@ inline double __dmul_rn(double a, double b) { return a * b; }
 /* The bit casts of bf16.cuh (the bf16 stand-in: the same struct and rounding as on the GPU). */
 inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, sizeof u); return u; }
 inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, sizeof f); return f; }
+/* and loss.cu's quiet NaN for double */
+inline double __longlong_as_double(long long u) { double f; std::memcpy(&f, &u, sizeof f); return f; }
 
 #endif /* __CUDACC__ */
 #endif /* CPNET_HOST_SHIM_H */

@@ -44,9 +44,13 @@ from . import (
     _lrn_forward,
     _maxpool_backward,
     _maxpool_forward,
+    _dropout_towers_forward,
     _relu_backward,
     _relu_forward,
     _sgd_momentum,
+    _sgd_momentum_multi,
+    _softmax_xent_backward,
+    _softmax_xent_forward,
     compute_dtype,
     kernel_source,
     kernels,
@@ -166,7 +170,7 @@ def build_all():
 
 
 def _ctype(kind, dtype):
-    if kind in ("ptr_T", "ptr_F", "ptr_int"):
+    if kind in ("ptr_T", "ptr_F", "ptr_int", "ptr_i64"):
         return ctypes.c_void_p
     if kind == "int":
         return ctypes.c_int
@@ -277,3 +281,19 @@ def relu_forward_host(x):
 
 def relu_backward_host(y, dy):
     return _relu_backward(_host_run, np, y, dy)
+
+
+def sgd_momentum_multi_host(ws, gs, vs, decays, momentum, wd_lr, lr, cache=None):
+    _sgd_momentum_multi(_host_run, np, ws, gs, vs, decays, momentum, wd_lr, lr, cache)
+
+
+def dropout_towers_forward_host(x, p, keys0, keys1, first=0):
+    return _dropout_towers_forward(_host_run, np, x, p, keys0, keys1, first)
+
+
+def softmax_xent_forward_host(z, labels):
+    return _softmax_xent_forward(_host_run, np, z, labels)
+
+
+def softmax_xent_backward_host(p, labels):
+    return _softmax_xent_backward(_host_run, np, p, labels)

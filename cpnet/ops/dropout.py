@@ -83,6 +83,27 @@ def dropout_forward(x, p, seed: int, step: int, train: bool, offset: int = 0):
     return dropout_with_mask(x, p, keep)
 
 
+def dropout_towers_forward(x, p, seeds, step: int, train: bool, offset: int = 0):
+    """Both fused towers' dropout on one (N, 2U) activation: columns [0, U) are tower 0's units, dropped with
+    seed seeds[0], columns [U, 2U) tower 1's with seeds[1]; each half gets exactly the mask and output that
+    dropout_forward gives it on its own. On a GPU that is one kernel for both halves (where the halves would
+    take two copies, two kernels and a concatenation); backward is dropout_backward with the returned cache."""
+    _check.floating(OP_F, "x", x)
+    p = _check_p(p)
+    if x.ndim != 2 or x.shape[1] % 2:
+        _check.fail(OP_F, f"the towers' x must have shape (N, 2*units), got {tuple(x.shape)}")
+    if not train or p == 0.0:
+        return x, None
+    xp = get_array_module(x)
+    units = x.shape[1] // 2
+    if xp is not np and x.dtype in kernels.DTYPES and x.size <= kernels.ELEMENTWISE_CHUNK:
+        return kernels.dropout_towers_forward_gpu(x, p, counter_keys(seeds[0], step), counter_keys(seeds[1], step),
+                                                  first=int(offset) * units, check=False)
+    halves = [dropout_forward(xp.ascontiguousarray(x[:, t * units:(t + 1) * units]), p, seeds[t], step, train, offset)
+              for t in range(2)]
+    return xp.concatenate([y for y, _ in halves], axis=1), xp.concatenate([m for _, m in halves], axis=1)
+
+
 def dropout_with_mask(x, p, keep):
     """(y, cache) for a given keep-mask (bool or 0/1, x's shape): y = x * keep / (1 - p). Gradient checks fix
     the mask this way; dropout_forward draws it."""

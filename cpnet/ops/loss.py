@@ -5,12 +5,17 @@ correct label, §4 and §5):
 
 computed with the log-sum-exp shift (z - max z) so large logits neither overflow nor lose precision.
 Backward: dz = (p - onehot(label)) / N.
+
+On a GPU each direction is one kernel (cpnet/kernels/loss.cu) where the array expression below chains about a
+dozen; the loss is then the sum of the kernel's per-row terms (one reduction). Labels outside [0, K) are refused on
+the host; on a GPU (not read back) they give a NaN loss, which the NaN guard stops.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from cpnet import kernels
 from cpnet.backend import get_array_module
 
 from . import _check
@@ -45,6 +50,9 @@ def softmax_cross_entropy_forward(logits, labels):
     if isinstance(labels, np.ndarray) and N and (labels.min() < 0 or labels.max() >= K):
         _check.fail(OP_F, f"labels must lie in [0, K={K}), got values in [{labels.min()}, {labels.max()}]")
     labels = xp.asarray(labels)
+    if xp is not np and logits.dtype in kernels.DTYPES:
+        row_loss, p, labels32 = kernels.softmax_xent_forward_gpu(logits, labels, check=False)
+        return row_loss.sum(), (p, labels32)
     logp = log_softmax(logits)
     rows = xp.arange(N)
     loss = -logp[rows, labels].sum() / logits.dtype.type(N)
@@ -55,6 +63,8 @@ def softmax_cross_entropy_backward(cache):
     """dlogits = (p - onehot) / N, for a loss of weight 1."""
     xp = get_array_module(cache[0])
     p, labels = cache
+    if xp is not np and p.dtype in kernels.DTYPES:
+        return kernels.softmax_xent_backward_gpu(p, labels, check=False)
     N = p.shape[0]
     d = p.copy()
     d[xp.arange(N), labels] -= 1
