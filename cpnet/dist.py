@@ -95,25 +95,38 @@ def _die_with_parent() -> bool:
         return False
 
 
+def _parent_name() -> str:
+    """The command name of this process's parent ('' where /proc cannot say)."""
+    try:
+        with open(f"/proc/{os.getppid()}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def supervise():
     """Under a launcher that started several processes: fork. The child returns None and goes on to be the rank
     (MPI, training). The parent never touches MPI: it waits for the child, passes on to it the signals it gets
     (Ctrl-C and SIGTERM, which the launcher sends), and returns (exit status, line): the child's status, and when
-    the child died of a signal that was not passed on, the line that names the rank (its caller prints it and
+    the child died of a signal the parent did not get too, the line that names the rank (its caller prints it and
     exits; the launcher then ends the job).
 
-    The child runs in its own process group, so a signal the launcher sends to the parent's group reaches it
-    once, through the parent; it dies with the parent (the launcher's SIGKILL ends both). A world of one,
-    CPNET_SUPERVISE=0, or a system without fork or PR_SET_PDEATHSIG (not Linux): no split, None."""
+    Each signal must reach the rank once. MPICH's hydra signals the process group of each process it started,
+    other launchers (Open MPI) the process: so the child runs in its own process group and gets them through the
+    parent. Slurm's slurmstepd (the parent of what srun starts) signals every process of the step itself: there
+    the child stays in the parent's group and the parent passes nothing on. The child dies with the parent (the
+    launcher's SIGKILL ends both). A world of one, CPNET_SUPERVISE=0, or a system without fork or
+    PR_SET_PDEATHSIG (not Linux): no split, None."""
     if os.environ.get("CPNET_SUPERVISE", "1") == "0" or launched_size() <= 1 or not hasattr(os, "fork") or \
             not sys.platform.startswith("linux"):
         return None
     rank, size, parent = launched_rank(), launched_size(), os.getpid()
-    forwarded, child = [], []
+    passes_on = _parent_name() != "slurmstepd"
+    received, child = [], []
 
     def forward(signum, frame):
-        forwarded.append(signum)
-        if child:
+        received.append(signum)
+        if child and passes_on:
             os.kill(child[0], signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}  # before the fork: no signal is lost
@@ -124,19 +137,20 @@ def supervise():
         os.environ["CPNET_SUPERVISE"] = "0"  # nothing below splits again
         if not _die_with_parent() or os.getppid() != parent:  # the parent died before the child could ask
             os._exit(1)
-        os.setpgid(0, 0)
+        if passes_on:
+            os.setpgid(0, 0)
         return None
     child.append(pid)
-    for sig in forwarded:  # a signal that came during the fork
+    for sig in received if passes_on else ():  # a signal that came during the fork
         os.kill(pid, sig)
     try:
-        _, status = os.waitpid(pid, 0)  # retried after each forwarded signal (PEP 475)
+        _, status = os.waitpid(pid, 0)  # retried after each signal (PEP 475)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        if sig in forwarded:
+        if sig in received:
             return 128 + sig, None
         try:
             name = signal.Signals(sig).name

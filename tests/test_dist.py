@@ -269,19 +269,19 @@ def test_supervise_names_a_killed_rank_and_passes_signals_on(monkeypatch, tmp_pa
     """The supervising parent: the line for a child killed outright; the child's own exit status; a signal the
     parent gets passed on to the child, which lives in its own process group (so a signal the launcher sends to
     the parent's group reaches it once, through the parent), and its death from that signal no fault of the rank
-    (no line)."""
+    (no line); under Slurm's slurmstepd the child stays in the group and nothing is passed on."""
     code, line = _supervised(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGKILL))
     assert code == 128 + 9 and line.startswith("rank 1 of 2 (pid ") and line.endswith("killed by SIGKILL; the job ends")
     assert _supervised(monkeypatch, lambda: os._exit(5)) == (5, None)
     ready, got = tmp_path / "ready", tmp_path / "got"
     parent_group = os.getpgrp()
 
-    def count_sigterms():
+    def count_sigterms(wait_for_one):
         n = []
         signal.signal(signal.SIGTERM, lambda *a: n.append(1))
         ready.touch()
         t = time.monotonic()
-        while time.monotonic() - t < 1 or (not n and time.monotonic() - t < 30):
+        while time.monotonic() - t < 1 or (wait_for_one and not n and time.monotonic() - t < 30):
             time.sleep(0.01)
         got.write_text(f"{len(n)} {int(os.getpgrp() != parent_group)}")
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -295,13 +295,16 @@ def test_supervise_names_a_killed_rank_and_passes_signals_on(monkeypatch, tmp_pa
 
     import threading
 
-    sender = threading.Thread(target=send)
-    sender.start()
-    try:
-        ended = _supervised(monkeypatch, count_sigterms)
-    finally:
-        sender.join()
-    assert got.read_text() == "1 1" and ended == (128 + signal.SIGTERM, None)
+    for slurm in (False, True):  # under slurmstepd (which signals every process itself) nothing is passed on
+        monkeypatch.setattr(dist, "_parent_name", lambda: "slurmstepd" if slurm else "hydra_pmi_proxy")
+        ready.unlink(missing_ok=True)
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            ended = _supervised(monkeypatch, lambda: count_sigterms(not slurm))
+        finally:
+            sender.join()
+        assert got.read_text() == ("0 0" if slurm else "1 1") and ended == (128 + signal.SIGTERM, None), slurm
 
 
 # ---- training: the run does not depend on the number of replicas -----------------------------------------------
