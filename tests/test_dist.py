@@ -492,15 +492,16 @@ def test_nccl_world_of_one_on_one_gpu(overlap):
 @pytest.mark.multigpu
 @pytest.mark.parametrize("per_replica", [1, 2])
 def test_nccl_gradient_sum_on_two_gpus(tmp_path, per_replica):
+    """Two replicas summing by NCCL on the side stream, after backward and overlapped with it (the same bits)."""
     from cpnet import backend
 
     if backend.gpu_count() < 2 * per_replica:
         pytest.skip(f"needs {2 * per_replica} GPUs")
     out = tmp_path / "r.npz"
-    r = mpirun(2, [PROG, "reduce", str(out), f"gpu{per_replica}"], env={"CPNET_DEVICE": "gpu"})
+    r = mpirun(2, [PROG, "reduce", str(out), f"gpu{per_replica}", "overlap"], env={"CPNET_DEVICE": "gpu"})
     assert r.returncode == 0, r.stdout + r.stderr
     res = np.load(out)
-    assert float(res["err"]) < 1e-12 and "NCCL" in str(res["describe"])
+    assert float(res["err"]) < 1e-12 and "NCCL" in str(res["describe"]) and bool(res["same"])
 
 
 # ---- the benchmark and the model --------------------------------------------------------------------------------
