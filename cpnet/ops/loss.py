@@ -47,7 +47,7 @@ def softmax_cross_entropy_forward(logits, labels):
         _check.fail(OP_F, f"labels must have shape (N,)=({N},), got {got}")
     if not np.issubdtype(labels.dtype, np.integer):
         _check.fail(OP_F, f"labels must have an integer dtype, got {labels.dtype}")
-    if isinstance(labels, np.ndarray) and N and (labels.min() < 0 or labels.max() >= K):
+    if get_array_module(labels) is np and isinstance(labels, np.ndarray) and N and (labels.min() < 0 or labels.max() >= K):
         _check.fail(OP_F, f"labels must lie in [0, K={K}), got values in [{labels.min()}, {labels.max()}]")
     labels = xp.asarray(labels)
     if xp is not np and logits.dtype in kernels.DTYPES:

@@ -1,0 +1,75 @@
+"""bench/launch_count.py: a training step on the GPU code path without a GPU (a stand-in CuPy on NumPy, cpnet's
+kernels through the host shim), its launches counted; and that step against the host path's."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from cpnet import backend, kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def lc():
+    from cpnet.kernels import shim
+
+    try:
+        shim.build_all()
+    except shim.ShimUnavailable as e:
+        pytest.skip(str(e))
+    spec = importlib.util.spec_from_file_location("launch_count", os.path.join(ROOT, "bench", "launch_count.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_launches_of_a_fused_training_step(lc):
+    r = lc.count_step("alexnet-tiny", batch_size=2, steps=2)
+    ours = r["cpnet kernels"]
+    assert ours == r["launcher"]  # the stand-in's RawModule and the launcher's own counter agree
+    # one multi-tensor update, one dropout kernel per fused dropout layer, one loss kernel each way
+    assert ours["sgd_momentum_multi_kernel"] == 1 and "sgd_momentum_kernel" not in ours
+    assert ours["dropout_towers_forward_kernel"] == 2 and "dropout_forward_kernel" not in ours
+    assert ours["softmax_xent_forward_kernel"] == ours["softmax_xent_backward_kernel"] == 1
+    assert ours["im2col_kernel"] == 5 and ours["col2im_kernel"] == 4  # conv1 has no input gradient
+    assert ours["relu_forward_kernel"] == ours["relu_backward_kernel"] == 7
+    # conv: 2 groups in conv2, 4, 5 -> 8 products forward, 8 weight gradients, 7 input gradients (not conv1's);
+    # fc6, fc7, fc8: 3 forward, 3 weight gradients, 3 input gradients
+    assert r["cublas"] == 8 + 8 + 7 + 9
+    assert r["total"] == sum(ours.values()) + r["cupy"] + r["cublas"] + r["copy"]
+    ops = r["cupy ops"]
+    assert "cupy:concatenate" not in ops and "cupy:exp.__call__" not in ops  # the old dropout and loss paths
+    assert r["total"] <= 110, r
+
+
+def test_the_gpu_path_on_the_stand_in_matches_the_host(lc):
+    """One training step of the fused model (dropout on) on the GPU code path, against the host path in float64:
+    the loss kernels, the towers' dropout kernel and the multi-tensor update in a real step."""
+    from cpnet.model import build_model, make_config
+    from cpnet.optim import MomentumSGD
+
+    cfg = make_config("alexnet-tiny", 5, 15, seed=2)
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((4, 3, 15, 15)), rng.integers(0, 5, 4)
+
+    def step(placement):
+        model = build_model(cfg, placement=placement, dtype=np.float64, fuse=True, tower_threads=False)
+        model.set_step(5, offset=8)
+        opt = MomentumSGD(model, lr=0.05)
+        for _ in range(2):
+            loss, _ = model.loss(x, y, train=True)
+            model.loss_backward()
+            opt.step()
+        return float(loss), model.host_params(), {k: backend.to_host(v) for k, v in opt.velocity.items()}
+
+    want = step([backend.HOST] * 2)
+    with lc.stand_in():
+        got = step([backend.Device("gpu", 0)] * 2)
+        assert kernels.launch_counts["dropout_towers_forward_kernel"] > 0
+    assert got[0] == pytest.approx(want[0], rel=1e-12)
+    for g, w in zip(got[1:], want[1:]):
+        for k in w:
+            np.testing.assert_allclose(g[k], w[k], rtol=1e-10, atol=1e-13, err_msg=k)
