@@ -13,7 +13,7 @@ model's parameter memory (`param_blocks`) is one block per fused array with the 
 from __future__ import annotations
 
 from . import ops
-from .layers import LRN, Conv2D, Layer, Linear, ParamBlock, Sequential
+from .layers import LRN, Conv2D, Layer, Linear, ParamBlock, ReLUInConv, Sequential
 
 # groups of each fused convolution: 2 where a tower reads only its own tower's maps (the paper's Figure 2)
 GROUPS = {"conv1": 1, "conv2": 2, "conv3": 1, "conv4": 2, "conv5": 2}
@@ -31,13 +31,18 @@ class FusedTowers:
             a = model.tower_layer(0, name).params[key]
             return a.base if a.base is not None else a
 
-        conv = [Conv2D(full(n, "W"), full(n, "b"), stride=c[2], pad=c[3], groups=GROUPS[n], input_grad=n != "conv1")
+        # On a GPU the ReLU after each convolution runs inside its output's layout pass (one kernel each way
+        # where there were two; the same bits)
+        in_conv = cfg.activation == "relu" and model.devices[0].is_gpu
+        conv = [Conv2D(full(n, "W"), full(n, "b"), stride=c[2], pad=c[3], groups=GROUPS[n], input_grad=n != "conv1",
+                       relu=in_conv)
                 for n, c in zip(GROUPS, cfg.conv)]
         fc6, fc7 = (Linear(full(n, "W"), full(n, "b")) for n in ("fc6", "fc7"))
         drops = [_PerTower(*(model.tower_layer(t, n) for t in range(2)), axis=1) for n in ("drop6", "drop7")]
         with model.devices[0]:
             self.streams = [Sequential(layers) for layers in
-                            model.stage_layers(conv, fc6, fc7, *drops, act=act, lrn=_TowerLRN)]
+                            model.stage_layers(conv, fc6, fc7, *drops, act=act, lrn=_TowerLRN,
+                                               conv_act=ReLUInConv if in_conv else None)]
 
     def named(self):
         return [nl for seq in self.streams for nl in seq.named()]

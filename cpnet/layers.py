@@ -34,17 +34,19 @@ class Layer:
 
 
 class Conv2D(Layer):
-    """`input_grad=False` for a first layer: backward then skips dx (and returns None)."""
+    """`input_grad=False` for a first layer: backward then skips dx (and returns None). `relu=True`: the ReLU
+    that follows is applied here (ops.conv2d_forward's relu: on a GPU inside the output's layout pass), and the
+    model's activation layer after it is a `ReLUInConv`."""
 
-    def __init__(self, W, b, stride=1, pad=0, groups=1, input_grad=True):
+    def __init__(self, W, b, stride=1, pad=0, groups=1, input_grad=True, relu=False):
         super().__init__()
         self.params = {"W": W, "b": b}
-        self.stride, self.pad, self.groups, self.input_grad = stride, pad, groups, input_grad
+        self.stride, self.pad, self.groups, self.input_grad, self.relu = stride, pad, groups, input_grad, relu
         self._workspace = {}  # host: the column matrix and its gradient, reused from step to step
 
     def forward(self, x, train=False):
         y, self._cache = ops.conv2d_forward(x, self.params["W"], self.params["b"], self.stride, self.pad, self.groups,
-                                            workspace=self._workspace)
+                                            workspace=self._workspace, relu=self.relu)
         return y
 
     def backward(self, dy):
@@ -92,6 +94,17 @@ class _Stateless(Layer):
 class ReLU(_Stateless):
     _fwd = staticmethod(ops.relu_forward)
     _bwd = staticmethod(ops.relu_backward)
+
+
+class ReLUInConv(Layer):
+    """The place of a ReLU that the convolution before it applies (Conv2D(relu=True)): the identity both ways,
+    kept so that the stage table, its names and the hooks that time each layer stay as they were."""
+
+    def forward(self, x, train=False):
+        return x
+
+    def backward(self, dy):
+        return dy
 
 
 class Tanh(_Stateless):

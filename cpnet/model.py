@@ -295,10 +295,12 @@ class AlexNet:
                     placed[t][name] = {k: to_device(v, self.devices[t]) for k, v in host[t][name].items()}
         return placed
 
-    def stage_layers(self, conv, fc6, fc7, drop6, drop7, act, lrn=LRN) -> list[list]:
-        """The (name, layer) lists of the stages stem, mid, fc6, fc7 from one tower's (or the fused) layers."""
+    def stage_layers(self, conv, fc6, fc7, drop6, drop7, act, lrn=LRN, conv_act=None) -> list[list]:
+        """The (name, layer) lists of the stages stem, mid, fc6, fc7 from one tower's (or the fused) layers;
+        `conv_act` (default `act`): the layer class of act1-act5, the activations after the convolutions."""
         cfg = self.cfg
         pk, ps = cfg.pool
+        cact = conv_act or act
 
         def norm_pool(tag):
             pool = (f"pool{tag}", MaxPool(ksize=pk, stride=ps))
@@ -307,10 +309,10 @@ class AlexNet:
             norm = (f"lrn{tag}", lrn(**cfg.lrn))
             return [norm, pool] if cfg.lrn_position == "before_pool" else [pool, norm]
 
-        return [[("conv1", conv[0]), ("act1", act())] + norm_pool(1) + [("conv2", conv[1]), ("act2", act())]
+        return [[("conv1", conv[0]), ("act1", cact())] + norm_pool(1) + [("conv2", conv[1]), ("act2", cact())]
                 + norm_pool(2),
-                [("conv3", conv[2]), ("act3", act()), ("conv4", conv[3]), ("act4", act()), ("conv5", conv[4]),
-                 ("act5", act()), ("pool5", MaxPool(ksize=pk, stride=ps)), ("flat", Flatten())],
+                [("conv3", conv[2]), ("act3", cact()), ("conv4", conv[3]), ("act4", cact()), ("conv5", conv[4]),
+                 ("act5", cact()), ("pool5", MaxPool(ksize=pk, stride=ps)), ("flat", Flatten())],
                 [("fc6", fc6), ("act6", act()), ("drop6", drop6)],
                 [("fc7", fc7), ("act7", act()), ("drop7", drop7)]]
 

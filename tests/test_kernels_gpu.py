@@ -430,3 +430,35 @@ def test_fused_gpu_step_matches_the_host(cp):
     want = host.host_params()
     for k, v in dev.host_params().items():
         np.testing.assert_allclose(v, want[k], rtol=1e-9, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_layout_gpu(cp, dtype):
+    """The layout pass with bias and ReLU, forward and backward, against the array path's two passes bit for bit;
+    conv2d with relu=True on the GPU against conv then ReLU."""
+    from cpnet import ops
+    from cpnet.ops import relu_backward, relu_forward
+    from cpnet.ops.conv import _to_nchw
+
+    N, F, G, Ho, Wo = 8, 96, 2, 27, 27
+    ym = with_specials((G, F // G, N * Ho * Wo), dtype, 30)
+    b = random_array((F,), dtype, 31)
+    y = kernels.conv_layout_forward_gpu(cp.asarray(ym), cp.asarray(b), cp.empty((N, F, Ho, Wo), dtype))
+    want, _ = relu_forward(_to_nchw(np, ym, b, np.empty((N, F, Ho, Wo), dtype)))
+    _bitwise(cp, y, want)
+    dy = with_specials((N, F, Ho, Wo), dtype, 32)
+    d = kernels.conv_layout_backward_gpu(cp.asarray(dy), y, G)
+    _bitwise(cp, d, np.ascontiguousarray(relu_backward(dy, want).transpose(1, 0, 2, 3)).reshape(G, F // G, -1))
+
+    rng = np.random.default_rng(33)
+    x = rng.standard_normal((4, 6, 9, 9)).astype(dtype)
+    W = rng.standard_normal((8, 3, 3, 3)).astype(dtype)
+    bb = rng.standard_normal(8).astype(dtype)
+    xg, Wg, bg = cp.asarray(x), cp.asarray(W), cp.asarray(bb)
+    yf, cf = ops.conv2d_forward(xg, Wg, bg, 1, 1, 2, relu=True)
+    yc, cc = ops.conv2d_forward(xg, Wg, bg, 1, 1, 2)
+    yr, cr = ops.relu_forward(yc)
+    _bitwise(cp, yf, cp.asnumpy(yr))
+    g = cp.asarray(rng.standard_normal(yf.shape).astype(dtype))
+    for got, ref in zip(ops.conv2d_backward(g, cf), ops.conv2d_backward(ops.relu_backward(g, cr), cc)):
+        _bitwise(cp, got, cp.asnumpy(ref))

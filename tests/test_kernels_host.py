@@ -548,6 +548,67 @@ def test_bf16_dropout_and_relu(shim, p):
         np.testing.assert_array_equal(shim.relu_backward_host(r, dy), _bf16(_f32(dy) * (_f32(r) > 0)))
 
 
+# The convolution's output layout with bias and ReLU (layout.cu), against the array path's two passes.
+
+LAYOUT_CASES = [(2, 3, 1, 4, 5), (1, 4, 2, 3, 3), (3, 6, 3, 1, 1), (2, 70, 2, 5, 7)]  # (N, F, G, Ho, Wo)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=str)
+def test_conv_layout_forward(shim, case, dtype):
+    """relu(ym + b) into NCHW equals ops.conv's layout pass then ReLU bit for bit (NaN, -0.0 and inf included);
+    without relu, the layout pass alone."""
+    from cpnet.ops import relu_forward
+    from cpnet.ops.conv import _to_nchw
+
+    N, F, G, Ho, Wo = case
+    ym = with_specials((G, F // G, N * Ho * Wo), dtype, 60)
+    b = random_array((F,), dtype, 61)
+    for relu in (True, False):
+        y = np.empty((N, F, Ho, Wo), dtype)
+        assert shim.conv_layout_forward_host(ym, b, y, relu=relu) is y
+        want = _to_nchw(np, ym, b, np.empty_like(y))
+        _bitwise(y, relu_forward(want)[0] if relu else want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=str)
+def test_conv_layout_backward(shim, case, dtype):
+    """dy * (y > 0) in the GEMM's (G, F/G, N*Ho*Wo) layout equals ReLU backward then the layout copy bit for bit."""
+    from cpnet.ops import relu_backward, relu_forward
+
+    N, F, G, Ho, Wo = case
+    y, _ = relu_forward(with_specials((N, F, Ho, Wo), dtype, 62))
+    dy = with_specials((N, F, Ho, Wo), dtype, 63)[..., ::-1]  # strided: made contiguous first
+    for relu in (True, False):
+        d = shim.conv_layout_backward_host(dy, y, G, relu=relu)
+        src = relu_backward(np.ascontiguousarray(dy), y) if relu else dy
+        _bitwise(d, np.ascontiguousarray(src.transpose(1, 0, 2, 3)).reshape(G, F // G, N * Ho * Wo))
+    with pytest.raises(ValueError, match="expected ym of shape"):
+        shim.conv_layout_forward_host(np.zeros((G, F // G, 1), dtype), np.zeros(F, dtype), y)
+    with pytest.raises(ValueError, match="expected b of shape"):
+        shim.conv_layout_forward_host(np.zeros((G, F // G, N * Ho * Wo), dtype), np.zeros(F + 1, dtype), y)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv2d_with_relu_is_conv_then_relu(groups):
+    """conv2d_forward(relu=True) and its backward equal the convolution followed by a separate ReLU, bit for bit
+    (the host path; the GPU path's layout kernels are compared with it in tests/test_launch_count.py)."""
+    from cpnet import ops
+
+    rng = np.random.default_rng(64)
+    x = rng.standard_normal((2, 4, 7, 6)).astype(np.float32)
+    W = rng.standard_normal((6, 4 // groups, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    y, cache = ops.conv2d_forward(x, W, b, 1, 1, groups, relu=True)
+    yc, cc = ops.conv2d_forward(x, W, b, 1, 1, groups)
+    yr, cr = ops.relu_forward(yc)
+    _bitwise(y, yr)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    for got, want in zip(ops.conv2d_backward(dy, cache), ops.conv2d_backward(ops.relu_backward(dy, cr), cc)):
+        _bitwise(got, want)
+
+
 # Fewer launches: the multi-tensor momentum update, the fused towers' dropout, softmax cross-entropy.
 
 
@@ -679,6 +740,8 @@ KERNEL_TESTS = {
     "dropout_towers_forward_kernel": test_dropout_towers_forward,
     "softmax_xent_forward_kernel": test_softmax_xent_forward,
     "softmax_xent_backward_kernel": test_softmax_xent_backward,
+    "conv_layout_forward_kernel": test_conv_layout_forward,
+    "conv_layout_backward_kernel": test_conv_layout_backward,
     "narrow_kernel": test_narrow_and_widen,
     "widen_kernel": test_narrow_and_widen,
 }
@@ -949,6 +1012,11 @@ def test_gpu_entry_points_with_a_stand_in_cupy(shim, stand_in_gpu):
                 np.testing.assert_array_equal(a, b)
             np.testing.assert_array_equal(kernels.softmax_xent_backward_gpu(cp.asarray(x2), cp.asarray(labels)),
                                           shim.softmax_xent_backward_host(x2, labels))
+            ym, bias = random_array((2, 3, 2 * 21), dtype, 55), random_array((6,), dtype, 56)
+            y_nchw = kernels.conv_layout_forward_gpu(cp.asarray(ym), cp.asarray(bias), cp.empty((2, 6, 3, 7), dtype))
+            np.testing.assert_array_equal(y_nchw, shim.conv_layout_forward_host(ym, bias, np.empty((2, 6, 3, 7), dtype)))
+            np.testing.assert_array_equal(kernels.conv_layout_backward_gpu(y_nchw, y_nchw, 2),
+                                          shim.conv_layout_backward_host(np.asarray(y_nchw), np.asarray(y_nchw), 2))
             if dtype == np.float32:  # the bf16 conversions (elementwise.cu built for bf16)
                 b = kernels.narrow_gpu(cp.asarray(x))
                 np.testing.assert_array_equal(b, shim.narrow_host(x))
@@ -958,7 +1026,8 @@ def test_gpu_entry_points_with_a_stand_in_cupy(shim, stand_in_gpu):
         [(dt, f, ()) for dt in DTYPES for f in kernels.SOURCES] + [(kernels.BF16, "elementwise.cu", ())], key=str
     ), "each (dtype, file) compiles exactly once"
     assert {n for n, _, _ in launches} == set(kernels.list_kernels())
-    two_d = {"im2col_kernel", "col2im_kernel"}  # 2-D grids: x over columns (pixels), y over channels (planes)
+    two_d = {"im2col_kernel", "col2im_kernel", "conv_layout_forward_kernel", "conv_layout_backward_kernel"}  # 2-D
+    # grids: x over columns (pixels), y over channels (planes)
     for name, grid, block in launches:
         assert block == (kernels.GPU_BLOCK,) and len(grid) == (2 if name in two_d else 1), (name, grid)
         assert all(1 <= g <= kernels.GPU_GRID_CAP for g in grid)
@@ -975,7 +1044,8 @@ def test_gpu_entry_points_with_a_stand_in_cupy(shim, stand_in_gpu):
 
 
 # The checks of shapes, dtypes and sizes inside cpnet.kernels; the ops make their own and pass check=False.
-_KERNEL_CHECKS = ("_float_dtype", "out_size", "_same_shapes", "_check_pool", "_check_lrn_size", "_xent_check")
+_KERNEL_CHECKS = ("_float_dtype", "out_size", "_same_shapes", "_check_pool", "_check_lrn_size", "_xent_check",
+                  "_layout_check")
 
 
 def _forbid_kernel_checks(monkeypatch):

@@ -35,19 +35,24 @@ def test_launches_of_a_fused_training_step(lc):
     assert ours["dropout_towers_forward_kernel"] == 2 and "dropout_forward_kernel" not in ours
     assert ours["softmax_xent_forward_kernel"] == ours["softmax_xent_backward_kernel"] == 1
     assert ours["im2col_kernel"] == 5 and ours["col2im_kernel"] == 4  # conv1 has no input gradient
-    assert ours["relu_forward_kernel"] == ours["relu_backward_kernel"] == 7
+    # conv1-5's bias and ReLU in their layout pass, each way; fc6 and fc7's ReLU on their own
+    assert ours["conv_layout_forward_kernel"] == ours["conv_layout_backward_kernel"] == 5
+    assert ours["relu_forward_kernel"] == ours["relu_backward_kernel"] == 2
     # conv: 2 groups in conv2, 4, 5 -> 8 products forward, 8 weight gradients, 7 input gradients (not conv1's);
     # fc6, fc7, fc8: 3 forward, 3 weight gradients, 3 input gradients
     assert r["cublas"] == 8 + 8 + 7 + 9
     assert r["total"] == sum(ours.values()) + r["cupy"] + r["cublas"] + r["copy"]
     ops = r["cupy ops"]
     assert "cupy:concatenate" not in ops and "cupy:exp.__call__" not in ops  # the old dropout and loss paths
-    assert r["total"] <= 110, r
+    assert "cupy:ascontiguousarray (copy)" not in ops  # conv backward's layout copy: in the layout kernel
+    assert ops["cupy:add.__call__"] == 3  # only fc6-fc8's bias adds (the conv biases: in the layout pass)
+    assert r["total"] <= 100, r
 
 
 def test_the_gpu_path_on_the_stand_in_matches_the_host(lc):
-    """One training step of the fused model (dropout on) on the GPU code path, against the host path in float64:
-    the loss kernels, the towers' dropout kernel and the multi-tensor update in a real step."""
+    """Two training steps of the fused model (dropout on) on the GPU code path, against the host path in float64:
+    the loss kernels, the towers' dropout kernel, the convolutions' layout kernels with bias and ReLU and the
+    multi-tensor update in a real step."""
     from cpnet.model import build_model, make_config
     from cpnet.optim import MomentumSGD
 
@@ -69,6 +74,7 @@ def test_the_gpu_path_on_the_stand_in_matches_the_host(lc):
     with lc.stand_in():
         got = step([backend.Device("gpu", 0)] * 2)
         assert kernels.launch_counts["dropout_towers_forward_kernel"] > 0
+        assert kernels.launch_counts["conv_layout_backward_kernel"] > 0
     assert got[0] == pytest.approx(want[0], rel=1e-12)
     for g, w in zip(got[1:], want[1:]):
         for k in w:

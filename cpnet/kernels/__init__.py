@@ -17,7 +17,8 @@ GPU entry points (`im2col_gpu`, `col2im_gpu`, `maxpool_forward_gpu`, `maxpool_ba
 several kernels, bit-identical to the NumPy path: `sgd_momentum_gpu` (updates w and v in place),
 `sgd_momentum_multi_gpu` (many arrays in one launch), `dropout_forward_gpu`, `dropout_towers_forward_gpu` (both
 fused towers in one launch), `relu_forward_gpu`, `relu_backward_gpu`, `softmax_xent_forward_gpu`,
-`softmax_xent_backward_gpu` (loss.cu), and the conversions `narrow_gpu`, `widen_gpu`.
+`softmax_xent_backward_gpu` (loss.cu), `conv_layout_forward_gpu`, `conv_layout_backward_gpu` (layout.cu: the
+convolution's output layout with bias and ReLU), and the conversions `narrow_gpu`, `widen_gpu`.
 Each compiles its source with `backend.raw_module` on first use, cached per (device, dtype, file). The same Python
 bodies drive the host shim (`cpnet.kernels.shim`), which runs the very same kernel text on the CPU, so the tests
 without a GPU check everything but the CUDA compiler.
@@ -44,7 +45,7 @@ from .. import backend
 from ..shapes import window_out
 
 KERNEL_DIR = Path(__file__).resolve().parent
-SOURCES = ("im2col.cu", "maxpool.cu", "lrn.cu", "elementwise.cu", "loss.cu")
+SOURCES = ("im2col.cu", "maxpool.cu", "lrn.cu", "elementwise.cu", "loss.cu", "layout.cu")
 # bfloat16 as the kernels see it: a uint16 array of bit patterns (NumPy and CuPy have no bfloat16 dtype).
 BF16 = np.dtype(np.uint16)
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64), BF16)
@@ -486,6 +487,44 @@ def _relu_backward(run, xp, y, dy, check=True):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The convolution's output layout with bias and ReLU (layout.cu): one launch per direction.
+
+
+def _layout_check(op, rows, nchw, G, rows_name):
+    N, F, Ho, Wo = (int(s) for s in nchw.shape)
+    if tuple(rows.shape) != (G, F // G, N * Ho * Wo) or F % G:
+        raise ValueError(f"{op}: expected {rows_name} of shape {(G, F // G, N * Ho * Wo)} for the NCHW "
+                         f"{tuple(nchw.shape)}, got {tuple(rows.shape)}")
+
+
+def _conv_layout_forward(run, xp, ym, b, y, relu=True, check=True):
+    """y (N, F, Ho, Wo) = relu(ym + b) from the GEMM's ym (G, F/G, N*Ho*Wo); written into y, returned."""
+    if check:
+        _float_dtype("conv_layout_forward", ym, b, y)
+        _layout_check("conv_layout_forward", ym, y, ym.shape[0], "ym")
+        if tuple(b.shape) != (y.shape[1],):
+            raise ValueError(f"conv_layout_forward: expected b of shape ({y.shape[1]},), got {tuple(b.shape)}")
+        if not (ym.flags.c_contiguous and y.flags.c_contiguous and b.flags.c_contiguous):
+            raise ValueError("conv_layout_forward: ym, b and y must be C-contiguous")
+    N, F, Ho, Wo = (int(s) for s in y.shape)
+    run("conv_layout_forward_kernel", y.dtype, (Ho * Wo, N * F), ym, b, y, N, F, Ho * Wo, int(bool(relu)))
+    return y
+
+
+def _conv_layout_backward(run, xp, dy, y, G, relu=True, check=True):
+    """-> d (G, F/G, N*Ho*Wo), the GEMM layout of dy (N, F, Ho, Wo) times the ReLU mask y > 0."""
+    if check:
+        _float_dtype("conv_layout_backward", dy, y)
+        _same_shapes("conv_layout_backward", "dy", dy, y=y)
+        _nchw("conv_layout_backward", dy.shape)
+    N, F, Ho, Wo = (int(s) for s in dy.shape)
+    dy, y = xp.ascontiguousarray(dy), xp.ascontiguousarray(y)
+    d = xp.empty((G, F // G, N * Ho * Wo), dtype=dy.dtype)
+    run("conv_layout_backward_kernel", dy.dtype, (Ho * Wo, N * F), dy, y, d, N, F, Ho * Wo, int(bool(relu)))
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Softmax cross-entropy (loss.cu): one launch per direction.
 
 
@@ -647,6 +686,16 @@ def dropout_towers_forward_gpu(x, p, keys0, keys1, first=0, check=True):
     """-> (y, mask) for the fused towers' (rows, 2*units) activation: the two halves' dropout_forward_gpu results
     (keys0 for tower 0's columns, keys1 for tower 1's, counters from `first`), in one launch."""
     return _on_gpu("dropout_towers_forward_gpu", _dropout_towers_forward, (x,), p, keys0, keys1, first, check=check)
+
+
+def conv_layout_forward_gpu(ym, b, y, relu=True, check=True):
+    """y (N, F, Ho, Wo) <- relu(ym + b) (no ReLU with relu=False), ym the GEMM output (G, F/G, N*Ho*Wo), one pass."""
+    return _on_gpu("conv_layout_forward_gpu", _conv_layout_forward, (ym, b, y), relu, check=check)
+
+
+def conv_layout_backward_gpu(dy, y, groups, relu=True, check=True):
+    """-> d (groups, F/groups, N*Ho*Wo) = dy * (y > 0) in the GEMM's layout (dy and y NCHW), one pass."""
+    return _on_gpu("conv_layout_backward_gpu", _conv_layout_backward, (dy, y), groups, relu, check=check)
 
 
 def softmax_xent_forward_gpu(z, labels, check=True):

@@ -37,6 +37,8 @@ from . import (
     KERNEL_DIR,
     BF16,
     _col2im,
+    _conv_layout_backward,
+    _conv_layout_forward,
     _convert,
     _dropout_forward,
     _im2col,
@@ -297,3 +299,11 @@ def softmax_xent_forward_host(z, labels):
 
 def softmax_xent_backward_host(p, labels):
     return _softmax_xent_backward(_host_run, np, p, labels)
+
+
+def conv_layout_forward_host(ym, b, y, relu=True):
+    return _conv_layout_forward(_host_run, np, ym, b, y, relu)
+
+
+def conv_layout_backward_host(dy, y, groups, relu=True):
+    return _conv_layout_backward(_host_run, np, dy, y, groups, relu)

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from cpnet import kernels
 from cpnet.backend import get_array_module
 from cpnet.shapes import window_out
 
 from . import _check
+from .activations import relu_backward, relu_forward
 
 OP_F = "conv2d_forward"
 OP_B = "conv2d_backward"
@@ -169,11 +171,14 @@ def _to_nchw(xp, ym, b, y, batch_inner=False):
     return y
 
 
-def conv2d_forward(x, W, b, stride=1, pad=0, groups=1, workspace=None):
+def conv2d_forward(x, W, b, stride=1, pad=0, groups=1, workspace=None, relu=False):
     """y = conv(x, W) + b on NCHW arrays; returns (y, cache). W is (F, C/groups, kh, kw), b is (F,) or None.
 
     `workspace`: on the host, a dict in which the column matrix is kept for the next call (the Conv2D layer
-    owns one); the cache then refers to it, so a later forward with the same workspace overwrites it."""
+    owns one); the cache then refers to it, so a later forward with the same workspace overwrites it.
+    `relu=True`: y = max(conv(x, W) + b, 0), the ReLU that follows the convolution applied here (and its mask in
+    backward): on a GPU in the layout pass itself (one kernel for layout, bias and ReLU where there were two, the
+    same for backward), elsewhere as ops.relu_forward; the same bits as a separate ReLU either way."""
     xp = get_array_module(x)
     _check.ndim(OP_F, "x", x, 4, "(N, C, H, W)")
     _check.floating(OP_F, "x", x, kernel=True)
@@ -202,8 +207,15 @@ def conv2d_forward(x, W, b, stride=1, pad=0, groups=1, workspace=None):
     K, M = Cg * kh * kw, N * Ho * Wo
     Wm = xp.ascontiguousarray(W).reshape(G, F // G, K)
     ym = _group_gemm(xp, Wm, col.reshape(G, K, M), xp.empty((G, F // G, M), dtype=x.dtype))
-    y = _to_nchw(xp, ym, b, xp.empty((N, F, Ho, Wo), dtype=x.dtype), batch_inner=bi)
-    return y, (col, Wm, tuple(x.shape), tuple(W.shape), tuple(y.shape), b is not None, geom, bi)
+    y = xp.empty((N, F, Ho, Wo), dtype=x.dtype)
+    if relu and b is not None and xp is not np:
+        kernels.conv_layout_forward_gpu(ym, b, y, relu=True, check=False)
+    else:
+        y = _to_nchw(xp, ym, b, y, batch_inner=bi)
+        if relu:
+            y, _ = relu_forward(y)
+    return y, (col, Wm, tuple(x.shape), tuple(W.shape), tuple(y.shape), b is not None, geom, bi,
+               y if relu else None)
 
 
 def conv2d_backward(dy, cache, need_dx=True, workspace=None):
@@ -213,15 +225,20 @@ def conv2d_backward(dy, cache, need_dx=True, workspace=None):
     the most expensive one in the network. `workspace`: as in conv2d_forward, for the column gradient.
     """
     xp = get_array_module(dy)
-    col, Wm, x_shape, W_shape, y_shape, has_b, geom, bi = cache
+    col, Wm, x_shape, W_shape, y_shape, has_b, geom, bi, y_relu = cache
     _check.same_shape(OP_B, "dy", dy, y_shape, f"the forward output's shape {y_shape}")
     _check.same_dtype(OP_B, "dy", dy, col, "the forward input")
     G, Fg, K = Wm.shape
     M = col.shape[1]
     N, F, Ho, Wo = y_shape
-    # dy in the columns' order: (F, N, Ho*Wo), or (F, Ho*Wo, N) when batch-inner
-    dt = dy.reshape(N, F, Ho * Wo).transpose(1, 2, 0) if bi else dy.transpose(1, 0, 2, 3)
-    d = xp.ascontiguousarray(dt).reshape(G, Fg, M)
+    if y_relu is not None and xp is not np and not bi:  # the ReLU mask and the layout below in one kernel
+        d = kernels.conv_layout_backward_gpu(dy, y_relu, G, relu=True, check=False)
+    else:
+        if y_relu is not None:
+            dy = relu_backward(dy, y_relu)
+        # dy in the columns' order: (F, N, Ho*Wo), or (F, Ho*Wo, N) when batch-inner
+        dt = dy.reshape(N, F, Ho * Wo).transpose(1, 2, 0) if bi else dy.transpose(1, 0, 2, 3)
+        d = xp.ascontiguousarray(dt).reshape(G, Fg, M)
     db = d.reshape(G * Fg, M).sum(axis=1) if has_b else None  # rows of the (F, N*Ho*Wo) layout: contiguous
     cg = col.reshape(G, K, M)
     dW = _group_gemm(xp, d, cg.transpose(0, 2, 1), xp.empty((G, Fg, K), dtype=col.dtype)).reshape(W_shape)
