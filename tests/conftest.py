@@ -28,6 +28,19 @@ def _xp_params():
     return [pytest.param("numpy", id="numpy"), pytest.param("cupy", id="cupy", marks=pytest.mark.gpu)]
 
 
+@pytest.fixture(scope="session")
+def shim():
+    """The host shim (cpnet.kernels.shim) with every library built once per session (skips, with the reason,
+    without g++)."""
+    from cpnet.kernels import shim as shim_module
+
+    try:
+        shim_module.build_all()
+    except shim_module.ShimUnavailable as e:
+        pytest.skip(str(e))
+    return shim_module
+
+
 @pytest.fixture(params=_xp_params())
 def xp(request):
     """The array module under test: one test body runs on numpy and, with a GPU, on cupy."""

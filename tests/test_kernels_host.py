@@ -28,16 +28,6 @@ BUILDS = [np.float32, np.float64, kernels.BF16]  # every dtype a .cu file is com
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
 
 
-@pytest.fixture(scope="session")
-def shim():
-    """The host shim with every library built once per session (skips, with the reason, without g++)."""
-    try:
-        shim_module.build_all()
-    except shim_module.ShimUnavailable as e:
-        pytest.skip(str(e))
-    return shim_module
-
-
 def _ops(module, name):
     """A NumPy `_cpu` reference from cpnet.ops, or skip when the ops are not there."""
     try:

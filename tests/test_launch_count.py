@@ -13,13 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def lc():
-    from cpnet.kernels import shim
-
-    try:
-        shim.build_all()
-    except shim.ShimUnavailable as e:
-        pytest.skip(str(e))
+def lc(shim):
     spec = importlib.util.spec_from_file_location("launch_count", os.path.join(ROOT, "bench", "launch_count.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -48,20 +48,31 @@ __device__ __forceinline__ void im2col_body(const T* __restrict__ x, T* __restri
     }
 }
 
-template <typename I>
-__device__ __forceinline__ void im2col_geometry(const T* __restrict__ x, T* __restrict__ col,
-                                                int N, int C, int H, int W, int kh, int kw,
-                                                int sy, int sx, int ph, int pw, int Ho, int Wo, int fixed)
+// The presets' geometries with compile-time window and stride (when `fixed`), any other at run time. Body is
+// Im2col or Col2im below: src, dst and the geometry, the same parameters for both.
+template <typename Body, typename I>
+__device__ __forceinline__ void with_geometry(const T* __restrict__ src, T* __restrict__ dst,
+                                              int N, int C, int H, int W, int kh, int kw,
+                                              int sy, int sx, int ph, int pw, int Ho, int Wo, int fixed)
 {
     if (fixed && kh == 11 && kw == 11 && sy == 4 && sx == 4)
-        im2col_body<I, 11, 11, 4, 4>(x, col, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo);
+        Body::template run<I, 11, 11, 4, 4>(src, dst, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo);
     else if (fixed && kh == 5 && kw == 5 && sy == 1 && sx == 1)
-        im2col_body<I, 5, 5, 1, 1>(x, col, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo);
+        Body::template run<I, 5, 5, 1, 1>(src, dst, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo);
     else if (fixed && kh == 3 && kw == 3 && sy == 1 && sx == 1)
-        im2col_body<I, 3, 3, 1, 1>(x, col, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo);
+        Body::template run<I, 3, 3, 1, 1>(src, dst, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo);
     else
-        im2col_body<I, 0, 0, 0, 0>(x, col, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo);
+        Body::template run<I, 0, 0, 0, 0>(src, dst, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo);
 }
+
+struct Im2col {
+    template <typename I, int KH, int KW, int SY, int SX>
+    __device__ static void run(const T* __restrict__ x, T* __restrict__ col, int N, int C, int H, int W, int kh,
+                               int kw, int sy, int sx, int ph, int pw, int Ho, int Wo)
+    {
+        im2col_body<I, KH, KW, SY, SX>(x, col, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo);
+    }
+};
 
 // Grid: x threads over the N*Ho*Wo columns, y blocks over the C channels.
 extern "C" __global__ void im2col_kernel(const T* __restrict__ x, T* __restrict__ col,
@@ -71,7 +82,7 @@ extern "C" __global__ void im2col_kernel(const T* __restrict__ x, T* __restrict_
     if (wide)
         im2col_body<long long, 0, 0, 0, 0>(x, col, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo);
     else
-        im2col_geometry<unsigned int>(x, col, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo, fixed);
+        with_geometry<Im2col, unsigned int>(x, col, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo, fixed);
 }
 
 // The adjoint of im2col: x[n, c, h, w] = sum of every col entry that im2col copied from (n, c, h, w).
@@ -111,20 +122,14 @@ __device__ __forceinline__ void col2im_body(const T* __restrict__ col, T* __rest
     }
 }
 
-template <typename I>
-__device__ __forceinline__ void col2im_geometry(const T* __restrict__ col, T* __restrict__ x,
-                                                int N, int C, int H, int W, int kh, int kw,
-                                                int sy, int sx, int ph, int pw, int Ho, int Wo, int fixed)
-{
-    if (fixed && kh == 11 && kw == 11 && sy == 4 && sx == 4)
-        col2im_body<I, 11, 11, 4, 4>(col, x, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo);
-    else if (fixed && kh == 5 && kw == 5 && sy == 1 && sx == 1)
-        col2im_body<I, 5, 5, 1, 1>(col, x, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo);
-    else if (fixed && kh == 3 && kw == 3 && sy == 1 && sx == 1)
-        col2im_body<I, 3, 3, 1, 1>(col, x, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo);
-    else
-        col2im_body<I, 0, 0, 0, 0>(col, x, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo);
-}
+struct Col2im {
+    template <typename I, int KH, int KW, int SY, int SX>
+    __device__ static void run(const T* __restrict__ col, T* __restrict__ x, int N, int C, int H, int W, int kh,
+                               int kw, int sy, int sx, int ph, int pw, int Ho, int Wo)
+    {
+        col2im_body<I, KH, KW, SY, SX>(col, x, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo);
+    }
+};
 
 // Grid: x threads over the H*W pixels of a plane, y blocks over the N*C planes.
 extern "C" __global__ void col2im_kernel(const T* __restrict__ col, T* __restrict__ x,
@@ -134,5 +139,5 @@ extern "C" __global__ void col2im_kernel(const T* __restrict__ col, T* __restric
     if (wide)
         col2im_body<long long, 0, 0, 0, 0>(col, x, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo);
     else
-        col2im_geometry<unsigned int>(col, x, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo, fixed);
+        with_geometry<Col2im, unsigned int>(col, x, N, C, H, W, kh, kw, sy, sx, ph, pw, Ho, Wo, fixed);
 }

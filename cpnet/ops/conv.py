@@ -214,8 +214,8 @@ def conv2d_forward(x, W, b, stride=1, pad=0, groups=1, workspace=None, relu=Fals
         y = _to_nchw(xp, ym, b, y, batch_inner=bi)
         if relu:
             y, _ = relu_forward(y)
-    return y, (col, Wm, tuple(x.shape), tuple(W.shape), tuple(y.shape), b is not None, geom, bi,
-               y if relu else None)
+    return y, (col, Wm, tuple(x.shape), tuple(W.shape), tuple(y.shape), b is not None, geom, y if relu else None,
+               bi)
 
 
 def conv2d_backward(dy, cache, need_dx=True, workspace=None):
@@ -225,7 +225,7 @@ def conv2d_backward(dy, cache, need_dx=True, workspace=None):
     the most expensive one in the network. `workspace`: as in conv2d_forward, for the column gradient.
     """
     xp = get_array_module(dy)
-    col, Wm, x_shape, W_shape, y_shape, has_b, geom, bi, y_relu = cache
+    col, Wm, x_shape, W_shape, y_shape, has_b, geom, y_relu, bi = cache
     _check.same_shape(OP_B, "dy", dy, y_shape, f"the forward output's shape {y_shape}")
     _check.same_dtype(OP_B, "dy", dy, col, "the forward input")
     G, Fg, K = Wm.shape
