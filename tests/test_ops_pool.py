@@ -102,7 +102,7 @@ def test_cpu_helpers_round_trip():
 
 # (N, C, H, W, k, s, p): odd sizes, windows that do and do not overlap, padding, k*k > 255 (int32 offsets)
 HOST_CASES = [(5, 3, 9, 11, 3, 2, 0), (3, 2, 8, 7, 3, 2, 1), (2, 3, 7, 9, 2, 2, 0), (2, 1, 6, 6, 3, 1, 2),
-              (1, 2, 17, 18, 16, 1, 0)]
+              (1, 2, 17, 18, 16, 1, 0), (2, 2, 11, 10, 2, 3, 1), (2, 2, 12, 12, 3, 2, 0)]  # gaps; even sizes
 
 
 @pytest.mark.parametrize("budget", [1, 2000, 10**9])

@@ -91,27 +91,40 @@ def maxpool_forward_host(x, ksize, stride, pad):
 def maxpool_backward_host(dy, off, x_shape, ksize, stride, pad):
     """dx (x_shape) from dy and the window offsets of maxpool_forward_host: for each of the k*k offsets, every
     output adds its dy to the input it sees there if that input won (an ordered, deterministic sum), a chunk of
-    images at a time."""
+    images at a time.
+
+    When the windows overlap or touch (stride <= ksize), the offsets (i, j) with i, j < stride tile the plane's
+    first stride*Ho rows and stride*Wo columns without overlapping: those are written (dy times the winner mask,
+    straight into dx) rather than added, and only the strips beyond them are zeroed; the other offsets add.
+    (3/2 pooling: 4 of the 9 offsets, and no zeroing of the whole dx.) A written input that did not win gets
+    dy * 0: -0.0 where that dy is negative (equal to the 0.0 that a sum from zero gives)."""
     N, C, H, W = x_shape
     k, s, p = ksize, stride, pad
     Ho, Wo = dy.shape[2:]
-    dx = np.zeros(x_shape, dtype=dy.dtype)
+    tiles = s <= k
+    dx = (np.empty if tiles else np.zeros)(x_shape, dtype=dy.dtype)
     per_image = C * Ho * Wo * dy.itemsize
     rows = _host.chunk_rows(N, per_image)
     hit = np.empty((rows, C, Ho, Wo), dtype=bool)
     g = np.empty((rows, C, Ho, Wo), dtype=dy.dtype)
     if p:
-        padded = np.zeros((rows, C, H + 2 * p, W + 2 * p), dtype=dy.dtype)
+        padded = np.empty((rows, C, H + 2 * p, W + 2 * p), dtype=dy.dtype)
     win = _windows(Ho, Wo, k, s)
     for n0, n1 in _host.chunks(N, per_image):
         m = n1 - n0
         dxc = padded[:m] if p else dx[n0:n1]
-        if p:
+        if tiles:  # zero what the written offsets do not reach: rows from s*Ho, columns from s*Wo
+            dxc[:, :, s * Ho:] = 0
+            dxc[:, :, :s * Ho, s * Wo:] = 0
+        elif p:
             dxc.fill(0)
         for t, w in enumerate(win):
             np.equal(off[n0:n1], t, out=hit[:m])
-            np.multiply(hit[:m], dy[n0:n1], out=g[:m])
-            dxc[w] += g[:m]
+            if tiles and t // k < s and t % k < s:
+                np.multiply(hit[:m], dy[n0:n1], out=dxc[w])
+            else:
+                np.multiply(hit[:m], dy[n0:n1], out=g[:m])
+                dxc[w] += g[:m]
         if p:
             dx[n0:n1] = dxc[:, :, p:p + H, p:p + W]
     return dx
