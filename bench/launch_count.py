@@ -10,7 +10,8 @@ counter, `cpnet.kernels.launch_counts`, where the code has one); what CuPy would
              array, copy, astype, concatenate, a reshape that cannot be a view), a fill (zeros), arange, a fancy
              index read or any item assignment
     cublas   a matmul (one GEMM; cuBLAS may split it further)
-    copy     a host <-> device transfer (the batch upload, the label upload, a value read back)
+    copy     a host <-> device transfer (the batch upload, through a pinned buffer on a side stream since
+             backend.upload; the label uploads; a value read back)
 
 It is a count, not a timing: each launch costs the host about 20 us of Python and CuPy (docs/PERFORMANCE.md),
 which is what fewer launches save. The stand-in counts CuPy's launches by its rules above, not CuPy's own code.
@@ -133,11 +134,50 @@ class GpuArray(np.ndarray):
         _count("copy", "device to host")
         return np.array(_plain(self))
 
+    def set(self, host, stream=None):
+        _count("copy", "host to device (pinned, side stream)" if stream is not None else "host to device")
+        np.copyto(_plain(self), host)
+
 
 _FREE = {"empty", "empty_like"}  # allocations: no kernel
 
 
+stream_log: list = []  # ('record', stream name, event) / ('wait', stream name, event) / ('sync', event)
+
+
+class _Event:
+    def synchronize(self):
+        stream_log.append(("sync", self))
+
+
+class _Stream:
+    def __init__(self, non_blocking=False, name="side"):
+        self.name = name
+
+    def record(self):
+        ev = _Event()
+        stream_log.append(("record", self.name, ev))
+        return ev
+
+    def wait_event(self, ev):
+        stream_log.append(("wait", self.name, ev))
+
+
+_COMPUTE = _Stream(name="compute")
+
+
 class _Cuda:
+    Stream = _Stream
+    Event = _Event
+
+    @staticmethod
+    def get_current_stream():
+        return _COMPUTE
+
+    @staticmethod
+    def alloc_pinned_memory(nbytes):
+        return bytearray(nbytes)
+
     class Device:
         def __init__(self, index=0):
             self.id = int(index)
@@ -225,8 +265,10 @@ class _Module:
 def stand_in():
     """cpnet's backend on the stand-in CuPy for the duration (GPU 0 is the host's memory)."""
     fake = StandInCupy()
-    saved = (backend._cupy, backend.raw_module, dict(kernels._modules), dict(kernels._functions))
+    saved = (backend._cupy, backend.raw_module, dict(kernels._modules), dict(kernels._functions),
+             dict(backend._uploads))
     backend._cupy = fake
+    backend._uploads.clear()
     backend.raw_module = lambda code, options=(): _Module(code, options)
     kernels._modules.clear()
     kernels._functions.clear()
@@ -238,6 +280,8 @@ def stand_in():
         kernels._modules.update(saved[2])
         kernels._functions.clear()
         kernels._functions.update(saved[3])
+        backend._uploads.clear()
+        backend._uploads.update(saved[4])
 
 
 def count_step(preset="alexnet-tiny", batch_size=4, steps=2, seed=0):

@@ -423,3 +423,74 @@ def set_tf32(on: bool):
     except (ImportError, AttributeError) as e:  # a CuPy without this internal switch
         raise CpnetError(f"this CuPy ({cp.__version__}) cannot switch TF32 at run time: set CUPY_TF32="
                          f"{int(bool(on))} before starting ({e})") from e
+
+
+# ---- the batch upload: pinned host buffers, a side stream -------------------------------------------------------
+# From pageable memory a batch goes to the GPU through the driver's staging buffer, in a copy the host waits for.
+# `upload` copies it into a page-locked (pinned) host buffer and has the GPU fetch it from there on a side stream:
+# the host goes on as soon as the transfer is queued, the transfer runs beside the kernels still queued from the
+# previous step, and the compute stream waits for it (an event) before the first kernel that reads the batch.
+# Two slots per GPU take turns, each a pinned buffer and a device buffer of its own (kept, not returned to the
+# memory pool, so no kernel of the compute stream can still be reading memory the side stream writes):
+#   - the pinned buffer is refilled only after the transfer that last read it has finished (a host wait on its
+#     event, normally long passed);
+#   - the device buffer is rewritten only after the compute stream's work queued up to the next upload (by then
+#     every read of that batch is queued) has finished: the side stream waits on an event recorded then.
+# So a batch handed out stays valid until the next-but-one upload to its GPU.
+PINNED_UPLOAD = True  # False: every upload through to_device (pageable memory, the compute stream), as before
+
+
+class _Slot:
+    __slots__ = ("pinned", "pinned_bytes", "dev", "copied", "released")
+
+    def __init__(self):
+        self.pinned, self.pinned_bytes, self.dev, self.copied, self.released = None, 0, None, None, None
+
+
+class _Uploads:
+    def __init__(self, cp, index):
+        self.cp, self.index = cp, index
+        with cp.cuda.Device(index):
+            self.stream = cp.cuda.Stream(non_blocking=True)
+        self.slots = [_Slot(), _Slot()]
+        self.turn = 0
+
+    def put(self, x: np.ndarray):
+        cp = self.cp
+        slot, other = self.slots[self.turn], self.slots[1 - self.turn]
+        self.turn = 1 - self.turn
+        with cp.cuda.Device(self.index):
+            compute = cp.cuda.get_current_stream()
+            if slot.copied is not None:
+                slot.copied.synchronize()  # the pinned buffer's last transfer
+            if slot.pinned_bytes < x.nbytes:
+                slot.pinned, slot.pinned_bytes = cp.cuda.alloc_pinned_memory(x.nbytes), x.nbytes
+            if slot.dev is None or slot.dev.nbytes < x.nbytes:
+                slot.dev = cp.empty((x.nbytes,), dtype=np.uint8)  # from the compute stream's pool
+                slot.released = compute.record()  # whatever that memory held before is done with after this
+            host = np.frombuffer(slot.pinned, dtype=x.dtype, count=x.size).reshape(x.shape)
+            np.copyto(host, x)
+            out = slot.dev[:x.nbytes].view(x.dtype).reshape(x.shape)
+            self.stream.wait_event(slot.released)
+            out.set(host, stream=self.stream)
+            slot.copied = self.stream.record()
+            if other.dev is not None:
+                other.released = compute.record()  # every read of the previous batch is queued before this
+            compute.wait_event(slot.copied)
+        return out
+
+
+_uploads: dict = {}  # GPU index -> _Uploads
+
+
+def upload(x, device: Device):
+    """The batch `x` (a host array) on `device`, as to_device gives it, through a pinned buffer on a side stream
+    when the device is a GPU (PINNED_UPLOAD); ready for every kernel queued after the call, valid until the
+    next-but-one upload to that GPU."""
+    if not (device.is_gpu and PINNED_UPLOAD and isinstance(x, np.ndarray) and not is_gpu_array(x) and x.size):
+        return to_device(x, device)
+    cp = cupy_module()
+    up = _uploads.get(device.index)
+    if up is None or up.cp is not cp:
+        up = _uploads[device.index] = _Uploads(cp, device.index)
+    return up.put(np.ascontiguousarray(x))

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import ops
-from .backend import HOST, Device, default_placement, device_of, to_device, to_host, transfer
+from .backend import HOST, Device, default_placement, device_of, to_device, to_host, transfer, upload
 from .config import DEFAULT_INIT
 from .errors import CpnetError, OptionError
 from .layers import LRN, Conv2D, Dropout, Flatten, Linear, MaxPool, ParamBlock, ReLU, Sequential, Tanh
@@ -464,7 +464,7 @@ class AlexNet:
         for dev in self.devices:
             if dev not in inputs:
                 with dev:
-                    xd = to_device(x, dev)
+                    xd = upload(x, dev)  # a host batch through a pinned buffer on a side stream (GPU)
                     inputs[dev] = xd if xd.dtype == self.dtype else xd.astype(self.dtype)
         h = [inputs[dev] for dev in self.stages[0].devices]
         for st in self.stages:

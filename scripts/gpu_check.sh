@@ -14,9 +14,10 @@
 # under one budget (GPU_CHECK_BUDGET, 330 s): a step gets what is left of it at most, and one that finds less
 # than 5 s left is skipped with a line saying so, so the whole call stays under 6 minutes. In order: pytest -m gpu
 # -x (75 s), cpnet bench (45), the precision/batch runs (60), GEMM rates (20), compare_torch (150, torch.compile
-# 45 s per use), cpnet train (70), conv parts (20), the loader (20), the allreduce (20; 40 more for 2 replicas,
+# 45 s per use), cpnet train (70), conv parts (20), the upload (15), the loader (20), the allreduce (20; 40 more for 2 replicas,
 # run only where two GPUs and mpi4py are there). The loader step (`bench/loader_bench.py`, 0 to 12 workers),
-# `bench/conv_parts.py`, `bench/matmul_rate.py`, `bench/allreduce.py` and the training run append to bench.log.
+# `bench/conv_parts.py`, `bench/upload_bench.py`, `bench/matmul_rate.py`, `bench/allreduce.py` and the training
+# run append to bench.log.
 # It writes 8 files in OUTDIR (env.txt with nvidia-smi before and after, pytest_gpu.log, bench.log, bench.json,
 # bench_more.json (the other bench runs, the GEMM rates, the training epochs), compare_torch.log/.json,
 # summary.txt): the device tool returns at most 8.
@@ -27,7 +28,7 @@
 #                        `pytest -m gpu` skips everything
 #   GPU_CHECK_MODEL, GPU_CHECK_BATCH, GPU_CHECK_STEPS   override the model (alexnet), batch (128), steps (20)
 #   GPU_CHECK_SKIP       comma-separated steps to leave out: pytest, bench, precisions, matmul, torch, train,
-#                        conv_parts, loader, allreduce (e.g. a quick dry run: pytest,loader,allreduce)
+#                        conv_parts, upload, loader, allreduce (e.g. a quick dry run: pytest,loader,allreduce)
 #   GPU_CHECK_TORCH_VARIANTS   compare_torch's --variants [all]; GPU_CHECK_COMPILE_LIMIT its --compile-limit
 #   GPU_CHECK_BUDGET     seconds for all steps together (330)
 #   PYTHON               the interpreter (python3)
@@ -243,6 +244,12 @@ fi
 if wanted conv_parts; then
   APPEND=1 step "conv parts" 20 "$OUT/bench.log" "$PY" bench/conv_parts.py --model "$MODEL" --batch-size "$BATCH" \
     --repeats "$STEPS"
+fi
+
+# ---- 6b. the batch upload: pageable against pinned on a side stream (bench/upload_bench.py), to bench.log -------
+if wanted upload; then
+  APPEND=1 step "upload" 15 "$OUT/bench.log" "$PY" bench/upload_bench.py --batch-size "$BATCH" \
+    --crop "$( [ "$DRY" = 1 ] && echo 17 || echo 227 )" --repeats "$( [ "$DRY" = 1 ] && echo 2 || echo 10 )"
 fi
 
 # ---- 7. the gradient reduction (cpnet.dist): NCCL in a world of one; 2 replicas when 2 GPUs and mpi4py are there

@@ -135,3 +135,29 @@ def test_default_loader_workers_cpu_and_gpu(monkeypatch):
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
         assert backend.default_loader_workers() == want, cpus
         assert backend.default_loader_workers([backend.HOST, backend.HOST]) == 0  # towers placed on the host
+
+
+def test_upload_to_the_host_is_to_device():
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert backend.upload(x, backend.HOST) is x
+
+
+@pytest.mark.gpu
+def test_upload_through_pinned_buffers_on_a_gpu():
+    """backend.upload on a real GPU: each batch arrives whole, while the next two uploads and kernels on the
+    compute stream are queued behind it (the stream protocol itself is tested on the stand-in in
+    tests/test_launch_count.py); the result equals to_device's."""
+    cp = backend.cupy_module()
+    dev = backend.Device("gpu", 0)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((64, 3, 64, 64)).astype(np.float32) for _ in range(5)]
+    sums = []
+    with dev:
+        for x in xs:
+            g = backend.upload(x, dev)
+            sums.append(g.sum(dtype=cp.float64))  # queued on the compute stream right behind the copy
+        for x, s in zip(xs, sums):
+            assert float(s) == pytest.approx(float(x.sum(dtype=np.float64)), rel=1e-12)
+        last = backend.upload(xs[0][:8], dev)
+        np.testing.assert_array_equal(cp.asnumpy(last), xs[0][:8])
+        np.testing.assert_array_equal(cp.asnumpy(backend.upload(xs[1], dev)), xs[1])

@@ -73,3 +73,46 @@ def test_the_gpu_path_on_the_stand_in_matches_the_host(lc):
     for g, w in zip(got[1:], want[1:]):
         for k in w:
             np.testing.assert_allclose(g[k], w[k], rtol=1e-10, atol=1e-13, err_msg=k)
+
+
+def test_the_batch_upload_through_pinned_buffers_on_a_side_stream(lc):
+    """backend.upload on the stand-in: the same arrays as to_device; the side stream copies only after the compute
+    stream released the slot's device buffer (at the upload after next), the compute stream waits for each copy,
+    and a pinned buffer is refilled only after its last copy."""
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal((3, 2, 4, 4)).astype(np.float32) for _ in range(4)]
+    with lc.stand_in():
+        dev = backend.Device("gpu", 0)
+        lc.stream_log.clear()
+        outs = [backend.upload(x, dev) for x in xs[:2]]
+        for o, x in zip(outs, xs):
+            assert backend.is_gpu_array(o) and o.dtype == x.dtype and o.shape == x.shape
+            np.testing.assert_array_equal(backend.to_host(o), x)  # the first still valid after the second
+        log = list(lc.stream_log)
+        third = backend.upload(xs[2], dev)  # slot 0 again
+        np.testing.assert_array_equal(backend.to_host(third), xs[2])
+        log3 = lc.stream_log[len(log):]
+        backend.upload(xs[3][:2], dev)  # smaller: the same buffers
+        lc.stream_log.clear()
+        saved = backend.PINNED_UPLOAD
+        backend.PINNED_UPLOAD = False
+        try:
+            plain = backend.upload(xs[0], dev)
+        finally:
+            backend.PINNED_UPLOAD = saved
+        assert not lc.stream_log and np.array_equal(backend.to_host(plain), xs[0])
+    kinds = [(e[0], e[1]) if e[0] != "sync" else ("sync",) for e in log]
+    # upload 1 (slot 0, new buffer): released by the compute stream, copied on the side stream, waited for
+    assert kinds[:4] == [("record", "compute"), ("wait", "side"), ("record", "side"), ("wait", "compute")]
+    assert log[1][2] is log[0][2] and log[3][2] is log[2][2]
+    # upload 2 (slot 1): the same, and slot 0 released (every read of batch 1 is queued by then)
+    assert kinds[4:] == [("record", "compute"), ("wait", "side"), ("record", "side"), ("record", "compute"),
+                         ("wait", "compute")]
+    released0 = log[7][2]
+    # upload 3 (slot 0): its pinned buffer's last copy done, the side stream waits on slot 0's release
+    assert log3[0] == ("sync", log[2][2]) and log3[1] == ("wait", "side", released0)
+
+
+def test_a_training_step_uploads_its_batch_through_the_pinned_path(lc):
+    r = lc.count_step("alexnet-tiny", batch_size=2, steps=2)
+    assert r["cupy ops"].get("copy:host to device (pinned, side stream)") == 1  # the batch; labels as before
