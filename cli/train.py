@@ -22,7 +22,7 @@ def _top5(ctx, value):
 @click.option("--epochs", default=D["epochs"], show_default=True,
               help="Total epochs; with --resume: the run's unless given, more than the run's extends it.")
 @click.option("--batch-size", default=D["batch_size"], show_default=True, help="Images per SGD step (the paper: 128).")
-@click.option("--lr", default=D["lr"], show_default=True, help="Initial learning rate.")
+@click.option("--lr", default=D["lr"], help="Initial learning rate [default: 0.01, the paper's; 0.03 for whole small images (see --crop), measured on Fashion-MNIST].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: last.h5, best.h5, metrics.jsonl.")
 @click.option("--resume", is_flag=True, default=D["resume"],
               help="Continue the run in --out from last.h5 with its saved settings, dataset and epochs.")
@@ -30,8 +30,8 @@ def _top5(ctx, value):
               help="Seeds the weights, the data order, the augmentation and dropout.")
 @click.option("--workers", type=click.IntRange(0), default=D["workers"],
               help="Loader worker processes (0: in-process) [default: 0 on the CPU; on a GPU the CPUs less 2, at most 12].")
-@click.option("--crop", type=int, default=D["crop"], help="Crop size [default: 227 for alexnet; stored size minus an eighth for the small presets, the paper's 224 of 256 in proportion].")
-@click.option("--pad", type=click.IntRange(0), default=D["pad"], show_default=True, help="Training crops may leave the image by up to this many pixels, filled with the mean (with --crop equal to the stored size: CIFAR's usual shifted whole image, evaluated uncut).")
+@click.option("--crop", type=int, default=D["crop"], help="Crop size [default: 227 for alexnet; for the small presets the stored size minus an eighth, the paper's 224 of 256 in proportion, or the whole image where it is no larger than the preset's crop (28 of 28: no border to crop away)].")
+@click.option("--pad", type=click.IntRange(0), default=D["pad"], help="Training crops may leave the image by up to this many pixels, filled with the mean (with --crop equal to the stored size: CIFAR's usual shifted whole image, evaluated uncut) [default: 0; a 14th of the size for whole small images (2 px at 28)].")
 @click.option("--conventions", default=D["conventions"], show_default=True, help="paper | ccn2 | caffe: LRN alpha convention, k, where LRN sits.")
 @click.option("--init", default=D["init"], show_default=True, help="he | paper | caffe: weight and bias initialisation.")
 @click.option("--momentum", default=D["momentum"], show_default=True, help="SGD momentum (the paper: 0.9).")
@@ -39,7 +39,7 @@ def _top5(ctx, value):
               help="L2 weight decay (the paper: 0.0005).")
 @click.option("--decay-biases", is_flag=True, default=D["decay_biases"], help="Apply weight decay to biases too.")
 @click.option("--schedule", default=D["schedule"], show_default=True, help="plateau | step | constant")
-@click.option("--patience", default=D["patience"], show_default=True, help="plateau: epochs without improvement before dividing the lr by 10.")
+@click.option("--patience", type=int, default=D["patience"], help="plateau: epochs without improvement before dividing the lr by 10 [default: an epoch per ten of --epochs, at least 1].")
 @click.option("--step-epochs", default=D["step_epochs"], show_default=True, help="step: divide the lr by 10 every N epochs.")
 @click.option("--lighting", default=D["lighting"], show_default=True, help="PCA lighting sigma (0 disables).")
 @click.option("--dropout", default=D["dropout"], show_default=True,
@@ -76,8 +76,12 @@ def command(precision, tf32, find_lr, find_lr_steps, **options):
 
     precision = apply_precision(precision, tf32)
     cfg = TrainConfig(**options)  # the flags are TrainConfig's fields, named alike
+    from click.core import ParameterSource
+
+    cctx = click.get_current_context()
+    explicit = {n for n in cctx.params if cctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)}
     if find_lr:
-        return _find_lr(cfg, find_lr_steps)
+        return _find_lr(cfg, find_lr_steps, explicit)
     out = cfg.out
     line = Line()
     t_start = time.monotonic()
@@ -130,10 +134,6 @@ def command(precision, tf32, find_lr, find_lr_steps, **options):
         click.echo(f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} top1 {r['train_top1']:.3f}"
                    f"{_top5(ctx, r['train_top5'])} ({r['images_per_s']:.0f} img/s){val}")
 
-    from click.core import ParameterSource
-
-    cctx = click.get_current_context()
-    explicit = {n for n in cctx.params if cctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)}
     from cpnet import dist
     from cpnet.errors import CpnetError
 
@@ -171,7 +171,7 @@ def command(precision, tf32, find_lr, find_lr_steps, **options):
         click.echo(f"done in {fmt_time(time.monotonic() - t_start)}: {best}checkpoints in {out}")
 
 
-def _find_lr(cfg, steps):
+def _find_lr(cfg, steps, explicit=None):
     """`cpnet train --find-lr`: the range test, its picture and JSON in --out, the suggestion on stdout."""
     import json
     import os
@@ -189,7 +189,7 @@ def _find_lr(cfg, steps):
                   f"(smoothed {s['smoothed']:.4f})")
 
     try:
-        r = lrfind.range_test(cfg, steps=steps, on_step=on_step)
+        r = lrfind.range_test(cfg, steps=steps, on_step=on_step, explicit=explicit)
     finally:
         line.done()
     os.makedirs(cfg.out, exist_ok=True)

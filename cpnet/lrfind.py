@@ -49,10 +49,11 @@ def default_beta(steps: int) -> float:
 
 
 def range_test(cfg: TrainConfig, lr_min=1e-5, lr_max=1.0, steps=100, beta=None, diverge=4.0, placement=None,
-               on_step=None) -> dict:
+               on_step=None, explicit=None) -> dict:
     """Run the range test with the model, data and augmentation `cfg` describes (its lr, epochs, schedule and
-    out are not used). Returns {lrs, losses, smoothed, suggested, stopped_early, config}."""
-    from .train import Trainer, _start, build_loaders, build_model_and_optimizer, check_options
+    out are not used; `explicit`: the flags given, the others take the data's defaults as in training).
+    Returns {lrs, losses, smoothed, suggested, stopped_early, config}."""
+    from .train import Trainer, _start, build_loaders, build_model_and_optimizer, check_options, data_defaults
 
     if not 0 < lr_min < lr_max or not math.isfinite(lr_max):
         raise CpnetError(f"--find-lr range {lr_min}..{lr_max}: expected 0 < min < max")
@@ -64,7 +65,7 @@ def range_test(cfg: TrainConfig, lr_min=1e-5, lr_max=1.0, steps=100, beta=None, 
     threads = cfg.threads if cfg.threads is not None else default_host_threads(cfg.workers)
     with flag_names(), host_threads(threads):  # the settings' errors from below name the flags
         data = check_options(cfg)
-        cfg, net_cfg, state = _start(replace(cfg, validate=False), data, [])
+        cfg, net_cfg, state = _start(data_defaults(replace(cfg, validate=False), data.stored, explicit), data, [])
         model, opt = build_model_and_optimizer(cfg, net_cfg, state, placement=placement)
         loader, _ = build_loaders(cfg, net_cfg, data)
         lrs, losses, smoothed, best = [], [], [], math.inf

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -318,11 +319,53 @@ def test_settings_checked_below_train_are_named_by_their_flags(synth, tmp_path):
     assert r.exit_code != 0 and "Error: --momentum 1.5: expected a number in [0, 1)" in r.output
 
 
-def test_default_crop_is_the_papers_proportion():
+def test_default_crop_is_the_papers_proportion_or_the_whole_small_image():
     from cpnet.train import default_crop
 
-    assert [default_crop("alexnet-small", s) for s in (17, 28, 32, 36)] == [15, 25, 28, 32]
+    # no larger than alexnet-small's 32-px crop: the whole image; larger: the paper's 224 of 256 in proportion
+    assert [default_crop("alexnet-small", s) for s in (17, 28, 32, 33, 36, 64)] == [17, 28, 32, 29, 32, 56]
+    assert [default_crop("alexnet-tiny", s) for s in (15, 17)] == [15, 15]
     assert default_crop("alexnet", 256) == 227
+
+
+def test_data_defaults_fill_only_the_flags_left_out():
+    from cpnet.train import data_defaults
+
+    cfg = TrainConfig(data="d", out="o", epochs=20)
+    given = {"data", "out", "epochs"}
+    small = data_defaults(cfg, 28, given)        # Fashion-MNIST's 28 px: whole image, shifted 2 px, lr 0.03
+    assert (small.pad, small.lr, small.patience) == (2, 0.03, 2)
+    cifar = data_defaults(cfg, 36, given)        # stored with a border (36 for crops of 32): the paper's recipe
+    assert (cifar.pad, cifar.lr, cifar.patience) == (0, 0.01, 2)
+    assert data_defaults(replace(cfg, epochs=10), 36, {"data", "out"}).patience == 1
+    assert data_defaults(replace(cfg, epochs=9), 36, {"data", "out"}).patience == 1
+    mine = data_defaults(replace(cfg, lr=0.05, pad=1, patience=3), 28, given | {"lr", "pad", "patience"})
+    assert (mine.pad, mine.lr, mine.patience) == (1, 0.05, 3)
+    assert data_defaults(replace(cfg, crop=24), 28, given | {"crop"}) == replace(cfg, crop=24, patience=2)
+    assert data_defaults(cfg, 28, None) == cfg   # a TrainConfig built in code is taken as it is
+    paper = data_defaults(replace(cfg, model="alexnet"), 28, given)
+    assert (paper.pad, paper.lr) == (0, 0.01)
+
+
+def test_whole_small_images_train_with_their_defaults_and_resume_with_them(tmp_path):
+    """alexnet-tiny's crop is 15: on 15-px images `cpnet train` picks the whole image, --pad 1 and --lr 0.03,
+    says so, records them in the checkpoint, and --resume keeps them."""
+    data = tmp_path / "d15"
+    r = CliRunner().invoke(cli, ["prep", "synthetic", "--out", str(data), "--n", "32", "--classes", "3",
+                                 "--size", "15", "--seed", "3", "-q"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--model", "alexnet-tiny", "--batch-size", "16", "--out", str(out)]
+    r = CliRunner().invoke(cli, args + ["--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    assert "crop 15," in r.output
+    assert "15-px images, no larger than alexnet-tiny's 15-px crop: the whole image, shifted by up to 1 px" in r.output
+    ck = checkpoint.load(out / "last.h5")
+    assert (ck.config.crop, ck.train["pad"], ck.train["lr"], ck.train["patience"]) == (15, 1, 0.03, 1)
+    r = CliRunner().invoke(cli, ["train", "--out", str(out), "--resume", "--epochs", "2"])
+    assert r.exit_code == 0, r.output
+    ck = checkpoint.load(out / "last.h5")
+    assert ck.state["epoch"] == 2 and (ck.train["pad"], ck.train["lr"]) == (1, 0.03)
 
 
 def test_runs_record_their_pad_and_a_bad_pad_names_the_flag(synth, tmp_path):
