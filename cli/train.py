@@ -153,7 +153,8 @@ def command(precision, tf32, find_lr, find_lr_steps, **options):
             import traceback
 
             traceback.print_exc()
-        dist.world().fail(str(e) if isinstance(e, CpnetError) else f"{type(e).__name__}: {e}")
+        dist.world().fail(str(e) if isinstance(e, CpnetError) else f"{type(e).__name__}: {e}",
+                          together=isinstance(e, dist.ReplicasDiffer))
     finally:
         line.done()
     if r and dist.world().is_root:

@@ -220,8 +220,9 @@ class World:
     def describe(self) -> str:
         return "one process"
 
-    def fail(self, message: str, code: int = 1):
-        """End the whole job with `message` (one line) and a non-zero exit code."""
+    def fail(self, message: str, code: int = 1, together: bool = False):
+        """End the whole job with `message` (one line) and a non-zero exit code (`together`: every rank calls this
+        at the same point, as for ReplicasDiffer)."""
         sys.stderr.write(f"Error: {message}\n")
         sys.stderr.flush()
         os._exit(code)
@@ -257,7 +258,7 @@ class MPIWorld(World):
 
         def hook(kind, value, tb):
             if isinstance(value, CpnetError):  # the user's error: its line is enough
-                self.fail(str(value))
+                self.fail(str(value), together=isinstance(value, ReplicasDiffer))
             previous(kind, value, tb)
             self.fail(f"{kind.__name__}: {value}")
 
@@ -298,11 +299,23 @@ class MPIWorld(World):
         return (f"{self.size} over MPI on {self.nodes} node{'s' if self.nodes > 1 else ''} ({self.local_size} on this "
                 f"one; rank:pid {where})")
 
-    def fail(self, message: str, code: int = 1):
-        """One line naming this rank, then MPI_Abort. Ranks other than 0 wait a moment first: when every rank hits
+    def fail(self, message: str, code: int = 1, together: bool = False):
+        """`together` (every rank fails at the same point, ReplicasDiffer): rank 0 alone writes the line, the ranks
+        meet at a barrier and all exit normally with `code`, so the launcher forwards the line whole however
+        loaded the machine is (an abort can end its output forwarding before the line gets through).
+
+        Otherwise one line naming this rank, then MPI_Abort. Ranks other than 0 wait a moment first: when every rank hits
         the same error (a bad flag, a missing file), rank 0's abort ends the job with its line alone. The line is
         given half a second to pass through the launcher's output forwarding before the abort (hydra's proxies
         end without reading what is left in their pipes: on a loaded machine the line was lost)."""
+        if together:
+            if self.rank == 0:
+                sys.stderr.write(f"Error: rank 0 of {self.size}: {message}\n")
+            sys.stderr.flush()
+            sys.stdout.flush()
+            self.comm.Barrier()
+            self.MPI.Finalize()
+            os._exit(code)
         if self.rank != 0:
             time.sleep(2.0)
         sys.stderr.write(f"Error: rank {self.rank} of {self.size}: {message}\n")
@@ -352,12 +365,17 @@ def checksum(arrays) -> int:
     return crc
 
 
+class ReplicasDiffer(CpnetError):
+    """An error every rank raises at the same point, from the same gathered values (check_same): the job can end
+    by a normal exit of every rank after rank 0's line (World.fail(..., together=True)), no MPI_Abort."""
+
+
 def check_same(w: World, what: str, value):
     """An error on every rank unless `value` (picklable) is the same on all of them."""
     values = w.gather(value)
     odd = [r for r, v in enumerate(values) if v != values[0]]
     if odd:
-        raise CpnetError(f"{what} differ between replicas: rank{'s' if len(odd) > 1 else ''} "
+        raise ReplicasDiffer(f"{what} differ between replicas: rank{'s' if len(odd) > 1 else ''} "
                          f"{', '.join(map(str, odd))} differ{'' if len(odd) > 1 else 's'} from rank 0")
 
 
