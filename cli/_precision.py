@@ -2,8 +2,7 @@
 
 import click
 
-# bf16 joins these once cpnet has a bf16 path (issue 14); until then it is not offered
-PRECISIONS = ("fp32", "tf32")
+from cpnet.precision import PRECISIONS
 
 
 def precision_options(f):
@@ -11,8 +10,10 @@ def precision_options(f):
     f = click.option("--tf32", is_flag=True, help="Deprecated: the same as --precision tf32.")(f)
     f = click.option("--precision", type=click.Choice(PRECISIONS), default=None,
                      help="fp32: float32 GEMMs as they are; tf32: GPU, let cuBLAS use TF32 tensor cores for the "
-                          "float32 GEMMs (about 10 mantissa bits in the products; no effect on the host) "
-                          "[default: fp32].")(f)
+                          "float32 GEMMs (about 10 mantissa bits in the products; no effect on the host); bf16: "
+                          "mixed precision, float32 weights and momentum, bf16 activations and GEMM inputs with "
+                          "float32 accumulation (GPU: tensor cores, compute capability 8.0 or newer; host: the "
+                          "same rounding emulated in NumPy, slower than fp32) [default: fp32].")(f)
     return f
 
 

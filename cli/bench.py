@@ -127,7 +127,7 @@ def command(model, batch_size, steps, warmup, as_json, loader_data, loader_worke
     threads = threads if threads is not None else backend.default_host_threads()
     with backend.host_threads(threads):
         res = bench.bench_model(model, batch_size=batch_size, steps=steps, warmup=warmup, num_classes=num_classes,
-                                crop=cfg.crop)
+                                crop=cfg.crop, precision=precision)
         dev = backend.default_placement(2)[0]
         gemm = bench.gemm_gflops(dev, n=512 if model == "alexnet-tiny" else 2048)
     res["host_threads"] = threads

@@ -75,7 +75,7 @@ def command(precision, tf32, find_lr, find_lr_steps, **options):
     from ._progress import Line, fmt_time
 
     precision = apply_precision(precision, tf32)
-    cfg = TrainConfig(**options)  # the flags are TrainConfig's fields, named alike
+    cfg = TrainConfig(**options, precision=precision)  # the flags are TrainConfig's fields, named alike
     from click.core import ParameterSource
 
     cctx = click.get_current_context()

@@ -494,3 +494,89 @@ def upload(x, device: Device):
     if up is None or up.cp is not cp:
         up = _uploads[device.index] = _Uploads(cp, device.index)
     return up.put(np.ascontiguousarray(x))
+
+
+# ---- bf16 products (--precision bf16) -----------------------------------------------------------------------------
+# cublasGemmEx with bf16 inputs (A, B) and float32 accumulation, the output float32 or bf16, called through CuPy's
+# cuBLAS bindings (cupy_backends.cuda.libs.cublas.gemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda,
+# B, Btype, ldb, beta, C, Ctype, ldc, computeType, algo), pointers as integers, alpha/beta host pointers). CuPy's
+# own matmul has no bfloat16 dtype to take this route.
+CUDA_R_32F, CUDA_R_16BF = 0, 14  # cudaDataType_t
+CUBLAS_COMPUTE_32F = 68  # cublasComputeType_t
+CUBLAS_GEMM_DEFAULT = -1
+CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
+_ONE, _ZERO = np.ones(1, np.float32), np.zeros(1, np.float32)
+
+
+def gemm_layout(a):
+    """How cuBLAS (column-major) reads a 2-D row-major operand without a copy: (op, ld), or None when the strides
+    allow neither. A C-ordered array (row stride ld) is, read column-major, its own transpose with that ld: op N
+    in the swapped product C^T = B^T A^T; a transposed view (column stride ld) is op T."""
+    r, c = (int(s) for s in a.shape)
+    it = int(a.itemsize)
+    # the stride of an axis of length 1 is never used (and arbitrary in NumPy and CuPy)
+    s0 = int(a.strides[0]) if r > 1 else None
+    s1 = int(a.strides[1]) if c > 1 else None
+    for op, inner, outer, width in ((CUBLAS_OP_N, s1, s0, c), (CUBLAS_OP_T, s0, s1, r)):
+        if inner not in (it, None):
+            continue
+        if outer is None:
+            return op, max(1, width)
+        if outer > 0 and outer % it == 0 and outer // it >= max(1, width):
+            return op, outer // it
+    return None
+
+
+def gemm_bf16_call(gemm_ex, handle, a, b, out, ptr):
+    """out = a @ b through `gemm_ex` (the signature of cublas.gemmEx): a (m, k) and b (k, n) bf16 (uint16) views,
+    out (m, n) C-contiguous float32 or bf16. Row-major C = A B is column-major C^T = B^T A^T: cuBLAS gets B's
+    buffer first. Operands whose strides cuBLAS cannot read are made contiguous first. Returns out."""
+    m, k = (int(s) for s in a.shape)
+    n = int(b.shape[1])
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        out.fill(0)
+        return out
+    la, lb = gemm_layout(a), gemm_layout(b)
+    if la is None:
+        a = a.copy()
+        la = gemm_layout(a)
+    if lb is None:
+        b = b.copy()
+        lb = gemm_layout(b)
+    ctype = CUDA_R_16BF if out.dtype == np.uint16 else CUDA_R_32F
+    gemm_ex(handle, lb[0], la[0], n, m, k, int(_ONE.ctypes.data), ptr(b), CUDA_R_16BF, lb[1], ptr(a), CUDA_R_16BF,
+            la[1], int(_ZERO.ctypes.data), ptr(out), ctype, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+    return out
+
+
+def gemm_bf16(a, b, out):
+    """out = a @ b on the current GPU: bf16 (uint16) a, b; float32 accumulation; out float32 or bf16 (see
+    gemm_bf16_call)."""
+    cp = cupy_module()
+    from cupy_backends.cuda.libs import cublas
+
+    if out.dtype not in (np.float32, np.uint16) or not out.flags.c_contiguous:
+        raise CpnetError(f"gemm_bf16: out must be a C-contiguous float32 or bf16 array, got {out.dtype}")
+    return gemm_bf16_call(cublas.gemmEx, cp.cuda.Device().cublas_handle, a, b, out, lambda x: int(x.data.ptr))
+
+
+def check_bf16(device: Device):
+    """An error naming what is missing where `device` cannot run the bf16 path: on a GPU cuBLAS's bf16 GEMM needs
+    compute capability 8.0 or newer (Ampere, Hopper, ...) and a CuPy whose cuBLAS bindings have gemmEx. The host
+    always can (emulated in NumPy)."""
+    if not device.is_gpu:
+        return
+    cp = cupy_module()
+    cc = str(cp.cuda.Device(device.index).compute_capability)
+    if int(cc) < 80:
+        raise CpnetError(f"--precision bf16: {device} ({gpu_name(device.index)}) has compute capability "
+                         f"{cc[:-1]}.{cc[-1]}; bf16 GEMMs need 8.0 or newer (use --precision tf32 or fp32)")
+    try:
+        from cupy_backends.cuda.libs import cublas
+
+        cublas.gemmEx  # noqa: B018 - the binding the bf16 products call
+    except (ImportError, AttributeError) as e:
+        raise CpnetError(f"--precision bf16: this CuPy ({cp.__version__}) has no cuBLAS gemmEx binding ({e})") \
+            from e

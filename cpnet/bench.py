@@ -127,17 +127,18 @@ def _batch(cfg, batch_size, device, seed=0):
 
 
 def bench_model(preset="alexnet", batch_size=128, steps=10, warmup=2, num_classes=None, crop=None, placement=None,
-                lr=0.01, seed=0) -> dict:
+                lr=0.01, seed=0, precision="fp32") -> dict:
     """Per-layer forward/backward times and the whole training step on random batches.
 
     Returns {'config', 'devices', 'layers': [{'name', 'forward_ms', 'backward_ms'}], 'layers_total', 'update_ms',
     'step': {'ms', 'ms_median', 'ms_min', 'images_per_s', 'first_loss'}}; per-layer figures are means over
-    `steps` iterations after `warmup`, summed over both towers.
+    `steps` iterations after `warmup`, summed over both towers. `precision` 'bf16' builds the model in bf16
+    (cpnet.precision); tf32 is the caller's switch (backend.set_tf32 / enable_tf32), as for training.
     """
     if num_classes is None:
         num_classes = 1000 if preset == "alexnet" else 10
     cfg = make_config(preset, num_classes=num_classes, crop=crop, seed=seed)
-    model = build_model(cfg, placement=placement)
+    model = build_model(cfg, placement=placement, precision=precision)
     devs = model.devices
     opt = MomentumSGD(model, lr=lr)
     x, y = _batch(cfg, batch_size, devs[0], seed)

@@ -45,6 +45,7 @@ class TrainConfig:
     threads: int | None = None  # host BLAS threads per tower; None: backend.default_host_threads(workers)
     sync_every: int | None = None  # steps between loss read-backs (and on_step calls); None: 1 on the host, 20 on a GPU
     gpus_per_replica: int | None = None  # GPUs per data-parallel replica (1: towers fused, 2: a tower each); None: auto
+    precision: str = "fp32"  # fp32 | tf32 | bf16 (cpnet.precision); a resumed run may change it
 
 
 def defaults(cls=TrainConfig) -> dict:

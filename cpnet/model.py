@@ -11,6 +11,10 @@ Each tower holds half of every layer's kernels. Tower t's parameters and activat
 
 Backward sends the gradients back along the same edges. Every crossing goes through `backend.transfer`, which is
 a no-op when both towers share a device (one GPU, or the host).
+
+`precision='bf16'` (cpnet.precision): the parameters stay float32, the input batch is rounded to bf16 on its
+device, every activation and activation gradient is bf16, and the logits come back widened to float32 (the loss
+and its gradient are float32; the gradient is rounded to bf16 on its way into fc8).
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import ops
-from .backend import HOST, Device, default_placement, device_of, to_device, to_host, transfer, upload
+from . import ops, precision as _precision
+from .backend import HOST, Device, check_bf16, default_placement, device_of, to_device, to_host, transfer, upload
 from .config import DEFAULT_INIT
 from .errors import CpnetError, OptionError
 from .layers import LRN, Conv2D, Dropout, Flatten, Linear, MaxPool, ParamBlock, ReLU, Sequential, Tanh
@@ -229,12 +233,19 @@ class AlexNet:
     """
 
     def __init__(self, cfg: NetConfig, placement: list[Device] | None = None, dtype=np.float32, params=None,
-                 check_devices: bool | None = None, tower_threads: bool | None = None, fuse: bool | None = None):
+                 check_devices: bool | None = None, tower_threads: bool | None = None, fuse: bool | None = None,
+                 precision: str = "fp32"):
         self.cfg = cfg
-        self.dtype = np.dtype(dtype)
+        self.dtype = np.dtype(dtype)  # the parameters'
+        self.precision = precision
+        self.act_dtype = _precision.activation_dtype(precision, self.dtype)  # the activations'
+        self.bf16 = self.act_dtype == _precision.BF16
         self.devices = list(placement or default_placement(2))
         if len(self.devices) != 2:
             raise ValueError("AlexNet needs a placement of 2 devices (one per tower)")
+        if self.bf16:
+            for dev in dict.fromkeys(self.devices):
+                check_bf16(dev)
         self.check_devices = bool(int(os.environ.get("CPNET_DEBUG_DEVICES", "0"))) if check_devices is None \
             else check_devices
         host = _init_params(cfg, self.dtype) if params is None else _split_params(params, self.dtype)
@@ -410,7 +421,7 @@ class AlexNet:
             start += w
             with dev:
                 piece = transfer(piece, dev)
-                into[s] = piece.copy() if into[s] is None else into[s] + piece
+                into[s] = piece.copy() if into[s] is None else _precision.add(into[s], piece)
         return into
 
     # ---- forward / backward: one walk over the stage table each ---------------------------------------------
@@ -465,7 +476,9 @@ class AlexNet:
             if dev not in inputs:
                 with dev:
                     xd = upload(x, dev)  # a host batch through a pinned buffer on a side stream (GPU)
-                    inputs[dev] = xd if xd.dtype == self.dtype else xd.astype(self.dtype)
+                    if self.bf16:
+                        xd = _precision.to_bf16(xd)
+                    inputs[dev] = xd if xd.dtype == self.act_dtype else xd.astype(self.dtype)
         h = [inputs[dev] for dev in self.stages[0].devices]
         for st in self.stages:
             if st.gathers and len(h) > 1:
@@ -473,14 +486,24 @@ class AlexNet:
                 h = self._call(hook, "exchange", "forward", self.devices,
                                lambda h=h, n=len(st.streams): [self.gather(h, s) for s in range(n)])
             if upto == "fc7" and st.name == "fc8":
-                return h[0]
+                return self._widen(h[0])
             h = self._each(lambda s, st=st, h=h: self._layers(st, s, h[s], "forward", train, hook), len(st.streams),
                            hook)
-        return h[0]
+        return self._widen(h[0])
+
+    def _widen(self, a):
+        """A bf16 output as float32 (on its device); other precisions' outputs as they are."""
+        if not self.bf16:
+            return a
+        with device_of(a):
+            return _precision.from_bf16(a)
 
     def backward(self, dlogits, hook=None, done=None):
         """Gradients for every parameter (in each layer's .grads) from d loss / d logits; `done` as in the class
         docstring."""
+        if self.bf16 and not _precision.is_bf16(dlogits):
+            with device_of(dlogits):
+                dlogits = _precision.to_bf16(dlogits)
         d = [dlogits]
         for st in reversed(self.stages):
             n = len(st.streams)
@@ -548,9 +571,9 @@ def _split_params(flat: dict, dtype) -> list[dict]:
 
 
 def build_model(cfg: NetConfig, placement=None, dtype=np.float32, params=None, check_devices=None,
-                tower_threads=None, fuse=None) -> AlexNet:
+                tower_threads=None, fuse=None, precision="fp32") -> AlexNet:
     return AlexNet(cfg, placement=placement, dtype=dtype, params=params, check_devices=check_devices,
-                   tower_threads=tower_threads, fuse=fuse)
+                   tower_threads=tower_threads, fuse=fuse, precision=precision)
 
 
 __all__ = ["AlexNet", "NetConfig", "PRESETS", "CONVENTIONS", "INITS", "make_config", "build_model", "feature_shapes",

@@ -98,19 +98,34 @@ def store_like(x32, like):
     return to_bf16(x32) if is_bf16(like) else x32
 
 
-def matmul(a, b, out_dtype=F32):
-    """a @ b for 2-D bf16 arrays (views with any strides; transposes included), accumulated in float32, the result
-    float32 or (out_dtype=BF16) rounded to bf16. On a GPU cuBLAS's GemmEx on tensor cores (backend.gemm_bf16); on
-    the host the float32 product of the widened inputs, which is the same sum up to its order."""
+def matmul(a, b, out=None, out_dtype=F32):
+    """a @ b for 2-D bf16 arrays (views with any strides, transposes included), accumulated in float32; the result
+    float32 or (out_dtype=BF16) rounded to bf16, written into `out` when given (C-contiguous, of that dtype). On a
+    GPU cuBLAS's GemmEx on tensor cores (backend.gemm_bf16); on the host the float32 product of the widened
+    inputs, which is the same sum up to its order."""
     xp = get_array_module(a)
-    out_dtype = np.dtype(out_dtype)
+    out_dtype = np.dtype(out_dtype if out is None else out.dtype)
+    if out is None:
+        out = xp.empty((a.shape[0], b.shape[1]), dtype=out_dtype)
     if xp is not np:
         from . import backend
 
-        out = xp.empty((a.shape[0], b.shape[1]), dtype=out_dtype)
         return backend.gemm_bf16(a, b, out)
-    y = from_bf16(a) @ from_bf16(b)
-    return to_bf16(y) if out_dtype == BF16 else y
+    if out_dtype == BF16:
+        out[...] = to_bf16(from_bf16(a) @ from_bf16(b))
+        return out
+    return np.matmul(from_bf16(a), from_bf16(b), out=out)
+
+
+def ones_bf16(xp, n):
+    """A bf16 column of n ones (n, 1): sums of bf16 rows as products with float32 accumulation."""
+    return xp.full((n, 1), 0x3F80, dtype=BF16)
+
+
+def row_sums(a):
+    """float32 sums of the rows of a 2-D bf16 array, (rows,): one product with a column of ones."""
+    xp = get_array_module(a)
+    return matmul(a, ones_bf16(xp, a.shape[1])).reshape(-1)
 
 
 def add(a, b):

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from . import checkpoint as ckpt_io
-from . import dist
+from . import dist, precision
 from .backend import cpu_share, default_host_threads, default_loader_workers, host_threads, to_device, to_host
 from .config import TrainConfig
 from .errors import CpnetError, flag_names
@@ -49,7 +49,7 @@ SYNC_EVERY = 20  # on a GPU, read the loss back (and check it) every this many s
 
 # what a resumed run may change; every other setting comes from the checkpoint
 RESUMABLE = {"data", "out", "epochs", "workers", "threads", "resume", "max_iterations", "sync_every",
-             "gpus_per_replica"}
+             "gpus_per_replica", "precision"}
 # the TrainConfig fields a checkpoint does not record (they belong to one invocation, not to the run)
 NOT_RECORDED = ("resume", "max_iterations", "threads", "sync_every", "gpus_per_replica")
 SUM_KEYS = ("loss", "top1", "top5", "n", "data_s", "compute_s")
@@ -339,6 +339,8 @@ def check_options(cfg: TrainConfig) -> DataFiles:
                          "default)")
     if cfg.workers < 0:
         raise CpnetError(f"--workers {cfg.workers}: expected 0 or more")
+    if cfg.precision not in precision.PRECISIONS:
+        raise CpnetError(f"--precision {cfg.precision}: expected one of {', '.join(precision.PRECISIONS)}")
     with H5Dataset(train_path) as ds:
         classes, stored, mean = list(ds.classes), ds.size, np.array(ds.mean)  # labels checked at open
         n = ds.n
@@ -462,7 +464,7 @@ def _resume(cfg: TrainConfig, data: DataFiles, last: str, explicit, notices):
 
 def build_model_and_optimizer(cfg: TrainConfig, net_cfg, state: dict, ck=None, placement=None, tower_threads=None):
     """The model on its devices and its MomentumSGD, with the checkpoint's weights and momentum when resuming."""
-    model = build_model(net_cfg, placement=placement, tower_threads=tower_threads)
+    model = build_model(net_cfg, placement=placement, tower_threads=tower_threads, precision=cfg.precision)
     opt = MomentumSGD(model, lr=state["lr"], momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                       decay_biases=cfg.decay_biases)
     if ck is not None:

@@ -52,7 +52,10 @@ BAD = [
     (["train", "--data", "{d}/data", "--out", "{t}/run", "--workers", "-1"], "--workers"),
     (["bench", "--model", "alexnet-tinyy"], "--model 'alexnet-tinyy': expected one of"),
     (["nosuch"], "No such command 'nosuch'"),
-    (["train", "--data", "{d}/data", "--out", "{t}/r", "--precision", "bf16"], "'bf16' is not one of 'fp32', 'tf32'"),
+    (["train", "--data", "{d}/data", "--out", "{t}/r", "--precision", "fp16"],
+     "'fp16' is not one of 'fp32', 'tf32', 'bf16'"),
+    (["train", "--data", "{d}/data", "--out", "{t}/r", "--tf32", "--precision", "bf16"],
+     "--tf32 contradicts --precision bf16"),
     (["train", "--data", "{d}/data", "--out", "{t}/r", "--tf32", "--precision", "fp32"],
      "--tf32 contradicts --precision fp32"),
     (["bench", "--model", "alexnet-tiny", "--tf32", "--precision", "fp32"], "--tf32 contradicts --precision fp32"),
@@ -300,3 +303,16 @@ def test_precision_is_chosen_shown_and_tf32_is_its_old_spelling(tiny, tmp_path, 
                                  "--warmup", "0", "--no-loader", "--tf32", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["precision"] == "tf32" and "--tf32 is deprecated" in r.stderr
+    monkeypatch.delenv("CUPY_TF32")
+    r = train("--data", tiny / "data", "--out", tmp_path / "c", "--epochs", "1", "--precision", "bf16")
+    assert r.exit_code == 0, r.output
+    assert "precision bf16;" in r.stdout and "CUPY_TF32" not in os.environ
+    ck = checkpoint.load(tmp_path / "c" / "last.h5")
+    assert ck.train["precision"] == "bf16"
+    assert all(v.dtype == np.float32 for v in ck.params.values())  # the master weights
+    assert all(v.dtype == np.float32 for v in ck.momentum.values())
+    r = CliRunner().invoke(cli, ["bench", "--model", "alexnet-tiny", "--batch-size", "2", "--steps", "1",
+                                 "--warmup", "0", "--no-loader", "--precision", "bf16", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["precision"] == "bf16" and np.isfinite(res["step"]["first_loss"])

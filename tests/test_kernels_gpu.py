@@ -462,3 +462,48 @@ def test_conv_layout_gpu(cp, dtype):
     g = cp.asarray(rng.standard_normal(yf.shape).astype(dtype))
     for got, ref in zip(ops.conv2d_backward(g, cf), ops.conv2d_backward(ops.relu_backward(g, cr), cc)):
         _bitwise(cp, got, cp.asnumpy(ref))
+
+
+
+
+def test_bf16_kernels_on_the_gpu_equal_the_host_shim(cp):
+    """Every kernel built for bf16 (T = bf16, F = float) on the GPU against the host shim's run of the same text:
+    copies, maxima, conversions, ReLU and dropout bit for bit; sums and LRN within one bf16 unit (the GPU's powf
+    and fused multiply-adds may round float32 differently)."""
+    from cpnet.precision import from_bf16, to_bf16
+
+    shim = _shim()
+    if shim is None:
+        pytest.skip("no C++ compiler for the host shim")
+    x32 = with_specials((2, 5, 9, 8), np.float32, 60)
+    x = to_bf16(x32)
+    fin = to_bf16(random_array(x.shape, np.float32, 61) * np.float32(3))
+    dy = to_bf16(random_array(x.shape, np.float32, 62))
+
+    def close(g, h):
+        a, b = from_bf16(_host(g)), from_bf16(h)
+        np.testing.assert_allclose(a, b, rtol=2.0 ** -7, atol=1e-30)
+
+    np.testing.assert_array_equal(_host(kernels.narrow_gpu(cp.asarray(x32))), shim.narrow_host(x32))
+    np.testing.assert_array_equal(_host(kernels.widen_gpu(cp.asarray(x))), shim.widen_host(x))
+    col = kernels.im2col_gpu(cp.asarray(fin), 3, 3, 1, 1, 1, 1)
+    np.testing.assert_array_equal(_host(col), shim.im2col_host(fin, 3, 3, 1, 1, 1, 1))
+    close(kernels.col2im_gpu(col, x.shape, 3, 3, 1, 1, 1, 1), shim.col2im_host(_host(col), x.shape, 3, 3, 1, 1, 1, 1))
+    y, arg = kernels.maxpool_forward_gpu(cp.asarray(fin), 3, 2, 0)
+    y_ref, arg_ref = shim.maxpool_forward_host(fin, 3, 2, 0)
+    np.testing.assert_array_equal(_host(y), y_ref)
+    np.testing.assert_array_equal(_host(arg), arg_ref)
+    dyp = to_bf16(random_array(y_ref.shape, np.float32, 63))
+    close(kernels.maxpool_backward_gpu(cp.asarray(dyp), arg, x.shape, 3, 2, 0),
+          shim.maxpool_backward_host(dyp, arg_ref, x.shape, 3, 2, 0))
+    ly, ls = kernels.lrn_forward_gpu(cp.asarray(fin), 5, 2.0, 1e-2, 0.75)
+    ly_ref, ls_ref = shim.lrn_forward_host(fin, 5, 2.0, 1e-2, 0.75)
+    close(ly, ly_ref)
+    np.testing.assert_allclose(_host(ls), ls_ref, **TOL[np.float32])
+    close(kernels.lrn_backward_gpu(cp.asarray(fin), ly, ls, cp.asarray(dy), 5, 1e-2, 0.75),
+          shim.lrn_backward_host(fin, ly_ref, ls_ref, dy, 5, 1e-2, 0.75))
+    np.testing.assert_array_equal(_host(kernels.relu_forward_gpu(cp.asarray(x))), shim.relu_forward_host(x))
+    np.testing.assert_array_equal(_host(kernels.relu_backward_gpu(cp.asarray(fin), cp.asarray(dy))),
+                                  shim.relu_backward_host(fin, dy))
+    for a, b in zip(kernels.dropout_forward_gpu(cp.asarray(fin), 0.3, 7, 9), shim.dropout_forward_host(fin, 0.3, 7, 9)):
+        np.testing.assert_array_equal(_host(a), b)

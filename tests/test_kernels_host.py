@@ -561,6 +561,29 @@ def test_conv_layout_forward(shim, case, dtype):
         _bitwise(y, relu_forward(want)[0] if relu else want)
 
 
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=str)
+def test_bf16_conv_layout(shim, case):
+    """bf16 y from the float32 GEMM output and the float32 bias: relu(ym + b) rounded once, as the host path's
+    float32 layout pass then the rounding then ReLU; backward in bf16 exact (a mask)."""
+    from cpnet.ops import relu_forward
+    from cpnet.ops.conv import _to_nchw
+
+    N, F, G, Ho, Wo = case
+    ym = with_specials((G, F // G, N * Ho * Wo), np.float32, 64)
+    b = random_array((F,), np.float32, 65)
+    for relu in (True, False):
+        y = np.empty((N, F, Ho, Wo), kernels.BF16)
+        shim.conv_layout_forward_host(ym, b, y, relu=relu)
+        want = _bf16(_to_nchw(np, ym, b, np.empty(y.shape, np.float32)))
+        np.testing.assert_array_equal(y, relu_forward(want)[0] if relu else want)
+    dy = _bf16(random_array(y.shape, np.float32, 66))
+    d = shim.conv_layout_backward_host(dy, y, G, relu=True)
+    src = _bf16(_f32(dy) * (_f32(y) > 0))
+    np.testing.assert_array_equal(d, np.ascontiguousarray(src.transpose(1, 0, 2, 3)).reshape(G, F // G, -1))
+    with pytest.raises(ValueError, match="ym and b of dtype float32 for y of dtype uint16"):
+        shim.conv_layout_forward_host(_bf16(ym), b, y)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", LAYOUT_CASES, ids=str)
 def test_conv_layout_backward(shim, case, dtype):
@@ -1125,6 +1148,50 @@ def test_ops_on_a_gpu_check_their_arguments_once(shim, stand_in_gpu, monkeypatch
                                   conv._col2im(np.asarray(col), x.shape, 3, 3, 1, 1, 1, 1))
     with pytest.raises(ValueError, match="max_pool2d_forward: pad"):  # the op's own check still speaks
         ops.max_pool2d_forward(cp.asarray(x), 3, 2, 3)
+
+
+def test_bf16_ops_on_a_gpu_agree_with_their_host_emulation(shim, stand_in_gpu, monkeypatch):
+    """The ops' GPU branches on bf16 arrays (the bf16 kernels through the stand-in cupy) against the host path's
+    emulation of the same semantics (widen, float32 NumPy, round): equal where nothing is summed, within one bf16
+    unit where float32 sums may round differently."""
+    from cpnet import ops, precision
+    from cpnet.ops import activations, conv, dropout, lrn, pool
+
+    def xp_of(a):
+        return _StandInCupy if isinstance(a, _StandInGpuArray) else np
+
+    for module in (activations, conv, dropout, lrn, pool, precision):
+        monkeypatch.setattr(module, "get_array_module", xp_of)
+    cp = _StandInCupy
+    x = _bf16(random_array((2, 4, 9, 8), np.float32, seed=51) * np.float32(3))
+    dy = _bf16(random_array(x.shape, np.float32, seed=52))
+    g = cp.asarray(x)
+    assert type(precision.to_bf16(cp.asarray(_f32(x)))) is _StandInGpuArray  # the conversions run the kernels
+    np.testing.assert_array_equal(precision.to_bf16(cp.asarray(_f32(x))), x)
+    np.testing.assert_array_equal(precision.from_bf16(g), _f32(x))
+
+    y, c = ops.relu_forward(g)
+    y_ref, c_ref = ops.relu_forward(x)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(ops.relu_backward(cp.asarray(dy), c), ops.relu_backward(dy, c_ref))
+    y, c = ops.lrn_forward(g, 5, 2.0, 1e-2, 0.75)
+    y_ref, c_ref = ops.lrn_forward(x, 5, 2.0, 1e-2, 0.75)
+    _bf16_close(np.asarray(y), _f32(y_ref))
+    _close(c[2], c_ref[2], np.float32)
+    _bf16_close(np.asarray(ops.lrn_backward(cp.asarray(dy), c)), _f32(ops.lrn_backward(dy, c_ref)))
+    y, c = ops.max_pool2d_forward(g, 3, 2, 0)
+    y_ref, c_ref = ops.max_pool2d_forward(x, 3, 2, 0)
+    np.testing.assert_array_equal(y, y_ref)
+    dyp = _bf16(random_array(y_ref.shape, np.float32, seed=53))
+    _bf16_close(np.asarray(ops.max_pool2d_backward(cp.asarray(dyp), c)), _f32(ops.max_pool2d_backward(dyp, c_ref)))
+    for p in (0.5, 0.3):
+        (y, m), (y_ref, m_ref) = (ops.dropout_forward(a, p, seed=3, step=2, train=True, offset=5) for a in (g, x))
+        np.testing.assert_array_equal(m, m_ref)
+        np.testing.assert_array_equal(y, y_ref)
+    col = conv._im2col(g, 3, 3, 1, 1, 1, 1)
+    np.testing.assert_array_equal(col, conv._im2col(x, 3, 3, 1, 1, 1, 1))
+    _bf16_close(np.asarray(conv._col2im(col, x.shape, 3, 3, 1, 1, 1, 1)),
+                _f32(conv._col2im(np.asarray(col), x.shape, 3, 3, 1, 1, 1, 1)))
 
 
 def test_host_functions_check_their_inputs(shim):

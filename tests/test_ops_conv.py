@@ -182,7 +182,7 @@ def test_errors_name_the_op_and_shape(xp):
         conv2d_forward(x, xp.zeros((4, 1, 3, 3)), None, groups=2)
     with pytest.raises(ValueError, match="conv2d_forward: window 11 is larger than the padded input height"):
         conv2d_forward(x, xp.zeros((4, 3, 11, 3)), None, pad=1)
-    with pytest.raises(ValueError, match="conv2d_forward: x must be float32 or float64, got int64"):
+    with pytest.raises(ValueError, match=r"conv2d_forward: x must be float32, float64 or bf16 \(uint16\), got int64"):
         conv2d_forward(xp.zeros((2, 3, 8, 8), dtype=np.int64), xp.zeros((4, 3, 3, 3)), None)
     with pytest.raises(ValueError, match=r"conv2d_forward: b must have shape \(F,\)=\(4,\), got \(5,\)"):
         conv2d_forward(x, xp.zeros((4, 3, 3, 3)), xp.zeros(5))

@@ -124,7 +124,7 @@ def test_errors_name_the_op_and_shape(xp):
         lrn_forward(xp.zeros((1, 4, 2, 2)), alpha_convention="avg")
     with pytest.raises(ValueError, match="lrn_forward: size must be an int >= 1, got 0"):
         lrn_forward(xp.zeros((1, 4, 2, 2)), size=0)
-    with pytest.raises(ValueError, match="lrn_forward: x must be float32 or float64, got int64"):
+    with pytest.raises(ValueError, match=r"lrn_forward: x must be float32, float64 or bf16 \(uint16\), got int64"):
         lrn_forward(xp.zeros((1, 4, 2, 2), dtype=np.int64))
     _, cache = lrn_forward(xp.zeros((1, 4, 2, 2)))
     with pytest.raises(ValueError, match=r"lrn_backward: dy must have the forward input's shape \(1, 4, 2, 2\)"):

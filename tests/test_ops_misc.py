@@ -56,7 +56,7 @@ def test_linear_errors(xp):
         linear_forward(xp.zeros(6), xp.zeros((5, 6)), None)
     with pytest.raises(ValueError, match=r"linear_forward: b must have shape \(out,\)=\(5,\), got \(4,\)"):
         linear_forward(xp.zeros((4, 6)), xp.zeros((5, 6)), xp.zeros(4))
-    with pytest.raises(ValueError, match="linear_forward: x must have a floating dtype, got int64"):
+    with pytest.raises(ValueError, match=r"linear_forward: x must have a floating dtype or be bf16 \(uint16\), got int64"):
         linear_forward(xp.zeros((4, 6), dtype=np.int64), xp.zeros((5, 6)), None)
     with pytest.raises(ValueError, match="linear_forward: W must have x's dtype float32, got float64"):
         linear_forward(xp.zeros((4, 6), dtype=np.float32), xp.zeros((5, 6)), None)
@@ -126,7 +126,7 @@ def test_tanh_gradient(xp):
 
 
 def test_activation_errors(xp):
-    with pytest.raises(ValueError, match="relu_forward: x must have a floating dtype, got int32"):
+    with pytest.raises(ValueError, match=r"relu_forward: x must have a floating dtype or be bf16 \(uint16\), got int32"):
         relu_forward(xp.zeros(3, dtype=np.int32))
     with pytest.raises(ValueError, match=r"tanh_backward: dy must have the forward input's shape \(3,\), got \(4,\)"):
         tanh_backward(xp.zeros(4), tanh_forward(xp.zeros(3))[1])

@@ -151,7 +151,7 @@ def test_float32_stays_float32(xp):
 def test_errors_name_the_op_and_shape(xp):
     with pytest.raises(ValueError, match=r"max_pool2d_forward: x must have shape \(N, C, H, W\), got \(3, 8, 8\)"):
         max_pool2d_forward(xp.zeros((3, 8, 8)))
-    with pytest.raises(ValueError, match="max_pool2d_forward: x must be float32 or float64, got int32"):
+    with pytest.raises(ValueError, match=r"max_pool2d_forward: x must be float32, float64 or bf16 \(uint16\), got int32"):
         max_pool2d_forward(xp.zeros((1, 3, 8, 8), dtype=np.int32))
     with pytest.raises(ValueError, match="max_pool2d_forward: window 3 is larger than the padded input width"):
         max_pool2d_forward(xp.zeros((1, 3, 8, 2)))

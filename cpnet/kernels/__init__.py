@@ -498,9 +498,14 @@ def _layout_check(op, rows, nchw, G, rows_name):
 
 
 def _conv_layout_forward(run, xp, ym, b, y, relu=True, check=True):
-    """y (N, F, Ho, Wo) = relu(ym + b) from the GEMM's ym (G, F/G, N*Ho*Wo); written into y, returned."""
+    """y (N, F, Ho, Wo) = relu(ym + b) from the GEMM's ym (G, F/G, N*Ho*Wo); written into y, returned. ym and b
+    are of y's compute type (float32 for a bf16 y: the products' float32 output and the float32 bias)."""
     if check:
-        _float_dtype("conv_layout_forward", ym, b, y)
+        _float_dtype("conv_layout_forward", y)
+        f = compute_dtype(y.dtype)
+        if np.dtype(ym.dtype) != f or np.dtype(b.dtype) != f:
+            raise ValueError(f"conv_layout_forward: expected ym and b of dtype {f} for y of dtype {y.dtype}, got "
+                             f"{ym.dtype} and {b.dtype}")
         _layout_check("conv_layout_forward", ym, y, ym.shape[0], "ym")
         if tuple(b.shape) != (y.shape[1],):
             raise ValueError(f"conv_layout_forward: expected b of shape ({y.shape[1]},), got {tuple(b.shape)}")

@@ -7,18 +7,20 @@
 //   backward: d[f, n*HW + p] = dy[n, f, p] * (y[n, f, p] > 0)  (without relu: the plain copy)
 //
 // relu(v) = v > 0 ? v : 0 with NaN passing through, the mask a product (a NaN or inf in dy stays non-finite),
-// as relu_forward_kernel / relu_backward_kernel: the same bits as the two passes. Loads T, arithmetic F.
+// as relu_forward_kernel / relu_backward_kernel: the same bits as the two passes. Loads T, arithmetic F. The
+// forward reads the GEMM output and the bias as F (bf16: the float32 accumulator and the float32 master bias), so
+// bf16's y is rounded once, after bias and ReLU.
 // 2-D grid: y blocks over the N*C planes (n, f), x threads over the HW pixels of one, so reads and writes are
 // both contiguous runs and a thread splits no index.
 
-extern "C" __global__ void conv_layout_forward_kernel(const T* __restrict__ ym, const T* __restrict__ b,
+extern "C" __global__ void conv_layout_forward_kernel(const F* __restrict__ ym, const F* __restrict__ b,
                                                       T* __restrict__ y, int N, int C, int HW, int relu)
 {
     const long long planes = (long long)N * C;
     for (long long nf = blockIdx.y; nf < planes; nf += gridDim.y) {
         const long long n = nf / C;
         const int f = (int)(nf - n * C);
-        const T* const src = ym + (long long)f * N * HW + n * HW;
+        const F* const src = ym + (long long)f * N * HW + n * HW;
         T* const dst = y + nf * HW;
         const F bias = F(b[f]);
         for (int p = (int)(blockIdx.x * blockDim.x + threadIdx.x); p < HW; p += (int)(blockDim.x * gridDim.x)) {

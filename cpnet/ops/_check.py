@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cpnet.kernels import BF16
 from cpnet.kernels import DTYPES as KERNEL_DTYPES  # the element types the CUDA kernels are compiled for
 from cpnet.shapes import window_out
 
@@ -13,20 +14,29 @@ def fail(op: str, msg: str):
 
 
 def floating(op: str, name: str, a, kernel: bool = False):
-    """`a` must be a floating array (float32/float64 when a CUDA kernel handles it)."""
+    """`a` must be a floating array (float32/float64 when a CUDA kernel handles it) or bf16 (uint16 bit patterns,
+    cpnet.precision)."""
     dt = getattr(a, "dtype", None)
     if dt is None:
         fail(op, f"{name} must be an array, got {type(a).__name__}")
     if kernel and dt not in KERNEL_DTYPES:
-        fail(op, f"{name} must be float32 or float64, got {dt}")
-    if not np.issubdtype(dt, np.floating):
-        fail(op, f"{name} must have a floating dtype, got {dt}")
+        fail(op, f"{name} must be float32, float64 or bf16 (uint16), got {dt}")
+    if dt != BF16 and not np.issubdtype(dt, np.floating):
+        fail(op, f"{name} must have a floating dtype or be bf16 (uint16), got {dt}")
 
 
 def ndim(op: str, name: str, a, n: int, expected: str):
     if getattr(a, "ndim", None) != n:
         got = tuple(a.shape) if hasattr(a, "shape") else type(a).__name__
         fail(op, f"{name} must have shape {expected}, got {got}")
+
+
+def param_dtype(op: str, name: str, p, x):
+    """A parameter has x's dtype, or float32 when x is bf16 (the float32 master weights of --precision bf16)."""
+    if x.dtype != BF16:
+        same_dtype(op, name, p, x)
+    elif p.dtype != np.float32:
+        fail(op, f"{name} must be float32 (the master weights) for bf16 x, got {p.dtype}")
 
 
 def same_dtype(op: str, name: str, a, ref, ref_name: str = "x"):

@@ -23,13 +23,18 @@ instead of Wo (7 or 15 in alexnet-small), and the transposes to and from NCHW mo
 For alexnet-small's conv2-conv5 at batch 128 this took im2col + col2im + both transposes from 34 to 23 ms
 (conv2) and from 20 to 8 ms (conv3) per tower (docs/PERFORMANCE.md, CPU section). Large maps (conv1) keep the
 image-major order: there the transposes of the 32x32 maps cost more than the short rows.
+
+bf16 (cpnet.precision): x, y, dy, dx and the column matrices are bf16, W and b float32 (the master weights). W is
+rounded to bf16 once per forward (the cache keeps that copy for backward), every product takes bf16 inputs and
+accumulates in float32; y gets its bias in float32 and is rounded once; dW and db come out in float32 (db as the
+product of dy with a column of ones), dcol in bf16, and col2im sums it in float32 before rounding dx.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from cpnet import kernels
+from cpnet import kernels, precision
 from cpnet.backend import get_array_module
 from cpnet.shapes import window_out
 
@@ -134,6 +139,8 @@ def _im2col(x, *geom, workspace=None, batch_inner=False):
 
 def _col2im(col, x_shape, *geom, batch_inner=False):
     if get_array_module(col) is np:
+        if precision.is_bf16(col):  # the kernel's semantics: the sums in float32, dx rounded once
+            return precision.to_bf16(col2im_cpu(precision.from_bf16(col), x_shape, *geom, batch_inner=batch_inner))
         return col2im_cpu(col, x_shape, *geom, batch_inner=batch_inner)
     from cpnet import kernels
 
@@ -148,8 +155,13 @@ def _group_gemm(xp, a, b, out):
     makes its operands contiguous first, copying a transposed one whole (for conv1's weight gradient the 560 MB
     column matrix at batch 128), and calls cuBLAS's strided-batched GEMM with the FP32 compute type whatever
     the switch.
-    `out` must be C-contiguous, so each out[g] is too.
+    `out` must be C-contiguous, so each out[g] is too. bf16 operands: precision.matmul (float32 accumulation, out
+    float32 or bf16).
     """
+    if precision.is_bf16(a):
+        for g in range(a.shape[0]):
+            precision.matmul(a[g], b[g], out=out[g])
+        return out
     for g in range(a.shape[0]):
         xp.matmul(a[g], b[g], out=out[g])
     return out
@@ -192,10 +204,10 @@ def conv2d_forward(x, W, b, stride=1, pad=0, groups=1, workspace=None, relu=Fals
     if Cw != Cg or F % G or kh < 1 or kw < 1:
         _check.fail(OP_F, f"W must have shape (F, C/groups={Cg}, kh, kw) with F divisible by groups={G}, "
                           f"got {tuple(W.shape)}")
-    _check.same_dtype(OP_F, "W", W, x)
+    _check.param_dtype(OP_F, "W", W, x)
     if b is not None:
         _check.same_shape(OP_F, "b", b, (F,), f"shape (F,)=({F},)")
-        _check.same_dtype(OP_F, "b", b, x)
+        _check.param_dtype(OP_F, "b", b, x)
     sy, sx = _check.pair(OP_F, "stride", stride, 1)
     ph, pw = _check.pair(OP_F, "pad", pad, 0)
     Ho = _check.out_size(OP_F, H, kh, sy, ph, "height")
@@ -206,12 +218,18 @@ def conv2d_forward(x, W, b, stride=1, pad=0, groups=1, workspace=None, relu=Fals
     col = _im2col(x, *geom, workspace=workspace, batch_inner=bi)
     K, M = Cg * kh * kw, N * Ho * Wo
     Wm = xp.ascontiguousarray(W).reshape(G, F // G, K)
-    ym = _group_gemm(xp, Wm, col.reshape(G, K, M), xp.empty((G, F // G, M), dtype=x.dtype))
+    bf16 = precision.is_bf16(x)
+    if bf16:
+        Wm = precision.to_bf16(Wm)
+    acc = precision.F32 if bf16 else x.dtype  # the products' output: float32 for bf16, rounded once when stored
+    ym = _group_gemm(xp, Wm, col.reshape(G, K, M), xp.empty((G, F // G, M), dtype=acc))
     y = xp.empty((N, F, Ho, Wo), dtype=x.dtype)
-    if relu and b is not None and xp is not np:
-        kernels.conv_layout_forward_gpu(ym, b, y, relu=True, check=False)
+    if (relu or bf16) and b is not None and xp is not np:  # layout, bias, ReLU and bf16's rounding in one pass
+        kernels.conv_layout_forward_gpu(ym, b, y, relu=relu, check=False)
     else:
-        y = _to_nchw(xp, ym, b, y, batch_inner=bi)
+        y = _to_nchw(xp, ym, b, y if not bf16 else xp.empty((N, F, Ho, Wo), dtype=acc), batch_inner=bi)
+        if bf16:
+            y = precision.to_bf16(y)
         if relu:
             y, _ = relu_forward(y)
     return y, (col, Wm, tuple(x.shape), tuple(W.shape), tuple(y.shape), b is not None, geom, y if relu else None,
@@ -239,9 +257,16 @@ def conv2d_backward(dy, cache, need_dx=True, workspace=None):
         # dy in the columns' order: (F, N, Ho*Wo), or (F, Ho*Wo, N) when batch-inner
         dt = dy.reshape(N, F, Ho * Wo).transpose(1, 2, 0) if bi else dy.transpose(1, 0, 2, 3)
         d = xp.ascontiguousarray(dt).reshape(G, Fg, M)
-    db = d.reshape(G * Fg, M).sum(axis=1) if has_b else None  # rows of the (F, N*Ho*Wo) layout: contiguous
+    bf16 = precision.is_bf16(d)
+    grad = precision.F32 if bf16 else col.dtype  # parameter gradients: float32 for bf16 (the master weights')
+    if not has_b:
+        db = None
+    elif bf16:
+        db = precision.row_sums(d.reshape(G * Fg, M))
+    else:
+        db = d.reshape(G * Fg, M).sum(axis=1)  # rows of the (F, N*Ho*Wo) layout: contiguous
     cg = col.reshape(G, K, M)
-    dW = _group_gemm(xp, d, cg.transpose(0, 2, 1), xp.empty((G, Fg, K), dtype=col.dtype)).reshape(W_shape)
+    dW = _group_gemm(xp, d, cg.transpose(0, 2, 1), xp.empty((G, Fg, K), dtype=grad)).reshape(W_shape)
     if not need_dx:
         return None, dW, db
     out = _buffer(workspace, "dcol", (G, K, M), col.dtype) if xp is np else xp.empty((G, K, M), dtype=col.dtype)

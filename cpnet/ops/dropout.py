@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cpnet import kernels
+from cpnet import kernels, precision
 from cpnet.backend import get_array_module
 
 from . import _check
@@ -79,7 +79,8 @@ def dropout_forward(x, p, seed: int, step: int, train: bool, offset: int = 0):
     first = int(offset) * (int(np.prod(x.shape[1:])) if x.ndim else 1)
     if xp is not np and x.dtype in kernels.DTYPES:
         return kernels.dropout_forward_gpu(x, p, *counter_keys(seed, step), first=first, check=False)
-    keep = counter_uniform(xp, x.shape, seed, step, x.dtype.type, first) >= x.dtype.type(p)
+    f = precision.F32 if precision.is_bf16(x) else x.dtype  # the draw in the kernels' compute type
+    keep = counter_uniform(xp, x.shape, seed, step, f.type, first) >= f.type(p)
     return dropout_with_mask(x, p, keep)
 
 
@@ -106,14 +107,24 @@ def dropout_towers_forward(x, p, seeds, step: int, train: bool, offset: int = 0)
 
 def dropout_with_mask(x, p, keep):
     """(y, cache) for a given keep-mask (bool or 0/1, x's shape): y = x * keep / (1 - p). Gradient checks fix
-    the mask this way; dropout_forward draws it."""
+    the mask this way; dropout_forward draws it. bf16 x: the mask is the float32 scale rounded to bf16 and y the
+    rounded product with it (as the kernel does)."""
     xp = get_array_module(x)
     _check.floating(OP_F, "x", x)
     p = _check_p(p)
     keep = xp.asarray(keep)
     _check.same_shape(OP_F, "mask", keep, x.shape, f"x's shape {tuple(x.shape)}")
+    if precision.is_bf16(x):
+        m = precision.to_bf16(keep.astype(np.float32) * np.float32(1.0 / (1.0 - p)))
+        return _times_mask(x, m), m
     m = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
     return x * m, m
+
+
+def _times_mask(a, m):
+    """a * m for bf16 a and mask m, in float32, rounded once."""
+    with np.errstate(invalid="ignore"):  # inf * 0 is NaN, as in float32
+        return precision.to_bf16(precision.from_bf16(a) * precision.from_bf16(m))
 
 
 def dropout_backward(dy, cache):
@@ -121,4 +132,6 @@ def dropout_backward(dy, cache):
     if cache is None:
         return dy
     _check.same_shape("dropout_backward", "dy", dy, cache.shape, f"the forward input's shape {tuple(cache.shape)}")
+    if precision.is_bf16(dy):
+        return _times_mask(dy, cache)
     return dy * cache

@@ -18,12 +18,16 @@ On the host both directions run a chunk of images at a time (cpnet.ops._host), t
 in-place adds, and scale^(-0.75) as two square roots. The host's forward keeps scale^(-beta) beside scale for
 the backward (one more array of x's size), which then skips recomputing it, and alpha_eff and k enter before
 the window sum: 23 passes over each chunk for both directions instead of 28 (docs/PERFORMANCE.md).
+
+bf16 (cpnet.precision): x, y, dy, dx bf16, the scale (and the host's scale^(-beta)) float32; on a GPU the bf16
+kernels compute in float32; on the host the float32 path runs on the widened arrays and y and dx are rounded once.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from cpnet import precision
 from cpnet.backend import get_array_module
 
 from . import _check, _host
@@ -111,7 +115,11 @@ def lrn_forward(x, size=5, k=2.0, alpha=1e-4, beta=0.75, alpha_convention="sum")
     k, alpha, beta = float(k), float(alpha), float(beta)
     alpha_eff = alpha if alpha_convention == "sum" else alpha / size
     power = None
-    if get_array_module(x) is np:
+    if get_array_module(x) is np and precision.is_bf16(x):
+        power = np.empty(x.shape, dtype=np.float32)
+        y, scale = lrn_forward_cpu(precision.from_bf16(x), size, k, alpha_eff, beta, power=power)
+        y = precision.to_bf16(y)
+    elif get_array_module(x) is np:
         power = np.empty_like(x)
         y, scale = lrn_forward_cpu(x, size, k, alpha_eff, beta, power=power)
     else:
@@ -126,6 +134,9 @@ def lrn_backward(dy, cache):
     x, y, scale, size, alpha_eff, beta, power = cache
     _check.same_shape(OP_B, "dy", dy, x.shape, f"the forward input's shape {tuple(x.shape)}")
     _check.same_dtype(OP_B, "dy", dy, x, "the forward input")
+    if get_array_module(dy) is np and precision.is_bf16(dy):
+        f = precision.from_bf16
+        return precision.to_bf16(lrn_backward_cpu(f(x), f(y), scale, f(dy), size, alpha_eff, beta, power=power))
     if get_array_module(dy) is np:
         return lrn_backward_cpu(x, y, scale, dy, size, alpha_eff, beta, power=power)
     from cpnet import kernels

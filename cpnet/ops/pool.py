@@ -10,12 +10,16 @@ index h*W + w of the winner inside its (n, c) input plane; on the host the offse
 
 Backward is a gather: dx[n, c, h, w] = sum of dy[n, c, oy, ox] over the outputs whose window covers (h, w) and
 whose argmax is h*W + w. No atomics, so the result is deterministic.
+
+bf16 (cpnet.precision): on a GPU the bf16 kernels (comparisons and sums in float32); on the host the float32 path
+on the widened values, y exact and dx rounded once.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from cpnet import precision
 from cpnet.backend import get_array_module
 from cpnet.shapes import window_out
 
@@ -181,7 +185,10 @@ def max_pool2d_forward(x, ksize=3, stride=2, pad=0):
     H, W = x.shape[2:]
     _check.out_size(OP_F, H, k, s, p, "height")
     _check.out_size(OP_F, W, k, s, p, "width")
-    if get_array_module(x) is np:
+    if get_array_module(x) is np and precision.is_bf16(x):
+        y, arg = maxpool_forward_host(precision.from_bf16(x), k, s, p)
+        y = precision.to_bf16(y)
+    elif get_array_module(x) is np:
         y, arg = maxpool_forward_host(x, k, s, p)
     else:
         from cpnet import kernels
@@ -196,6 +203,8 @@ def max_pool2d_backward(dy, cache):
     _check.same_shape(OP_B, "dy", dy, arg.shape, f"the forward output's shape {tuple(arg.shape)}")
     if dy.dtype != dtype:
         _check.fail(OP_B, f"dy must have the forward input's dtype {dtype}, got {dy.dtype}")
+    if get_array_module(dy) is np and precision.is_bf16(dy):
+        return precision.to_bf16(maxpool_backward_host(precision.from_bf16(dy), arg, x_shape, k, s, p))
     if get_array_module(dy) is np:
         return maxpool_backward_host(dy, arg, x_shape, k, s, p)
     from cpnet import kernels
