@@ -28,8 +28,8 @@ Then the PyTorch variants a user would pick (`--variants`, each on top of the on
     compile        + torch.compile of the net (under --compile-limit seconds; skipped with the reason otherwise)
 
 each in every precision of `--precisions`: fp32 (TF32 off), tf32 (TF32 on in both; a GPU only), bf16 (torch's
-bf16 autocast; cpnet has no bf16 path yet, so its side runs TF32 on a GPU and fp32 on the CPU, and the table
-says so). Each variant is first checked on one step (dropout off) against cpnet: loss, gradients and momentum
+bf16 autocast against cpnet's --precision bf16: float32 master weights, bf16 activations, bf16 GEMMs with float32
+accumulation; on the CPU cpnet emulates that rounding in NumPy). Each variant is first checked on one step (dropout off) against cpnet: loss, gradients and momentum
 updates within a tolerance for its precision (fp32 1e-2, tf32 5e-2, bf16 2e-1; max |cpnet - torch| / max |torch|
 per parameter), then timed alternately with cpnet: median and p10/p90 over --steps (>= 20; fewer only on the CPU
 with --allow-few-steps). The table names the strongest variant per precision and cpnet / it. `--launches` adds
@@ -169,7 +169,7 @@ VARIANTS = OrderedDict([  # each on top of the one before it
 PRECISIONS = ("fp32", "tf32", "bf16")
 # of the one-step check (max |cpnet - torch| / max |torch| per parameter). fp32: see check_one_step; tf32 keeps
 # 10 bits of each product's inputs; bf16 keeps 8 (torch's autocast against cpnet's fp32: 7.5e-2 measured on
-# alexnet-tiny); a wrong layer (an LRN over the wrong channels, a missing bias) is off by O(1) and still fails.
+# alexnet-tiny; against cpnet's bf16 not measured yet, no torch where it was built); a wrong layer (an LRN over the wrong channels, a missing bias) is off by O(1) and still fails.
 TOLERANCE = {"fp32": 1e-2, "tf32": 5e-2, "bf16": 2e-1}
 
 
@@ -300,8 +300,9 @@ def check_one_step(preset="alexnet-tiny", batch_size=4, num_classes=10, tdev="cp
     to rounding (about 1e-15), and 1e-2 in float32: there the two sides' different summation orders can flip a
     near-tie in a max pool, which sends one window's gradient to another input, and conv1's gradient then
     differs by up to a few 1e-3 on some batches (1e-6 on most). `variant` and `precision` choose the PyTorch
-    side (TorchSide; TOLERANCE gives the default `tol` of tf32 and bf16, where cpnet runs TF32 and fp32); raises
-    Skipped where that variant cannot run here.
+    side (TorchSide; TOLERANCE gives the default `tol` of tf32 and bf16), and cpnet runs in the same precision
+    (`cpnet_precision`: bf16 builds cpnet's model in bf16; tf32 is the caller's set_tf32); raises Skipped where
+    that variant cannot run here.
     Returns {'loss_cpnet', 'loss_torch', 'loss_rel_err', 'grad_rel_err': {name: err},
     'update_rel_err': {name: err}, 'max_grad_rel_err', 'max_update_rel_err', 'tol', 'ok'}.
     """
@@ -311,7 +312,7 @@ def check_one_step(preset="alexnet-tiny", batch_size=4, num_classes=10, tdev="cp
     tol = tol if tol is not None else (TOLERANCE[precision] if dtype == np.float32 else 1e-8)
     tdt = torch.float32 if dtype == np.float32 else torch.float64
     cfg = make_config(preset, num_classes=num_classes, dropout=0.0, seed=seed, conventions=conventions)
-    model = build_model(cfg, dtype=dtype)
+    model = build_model(cfg, dtype=dtype, precision=_model_precision(precision))
     host0 = {k: v.copy() for k, v in model.host_params().items()}  # host_params may alias the live arrays
     side = TorchSide(cfg, host0, variant, precision, tdev, lr, dtype=tdt, compile_limit=compile_limit)
     net = side.net
@@ -405,10 +406,10 @@ def time_both(preset, batch_size, steps, warmup, num_classes, tdev, seed=0, lr=0
     Per framework: mean, median, min, p10 and p90 ms and images/s at the median; `ratio` is cpnet / PyTorch by
     median. cpnet's steps run under its own host BLAS limit (`cpnet_threads`, default: what `cpnet train`
     picks), as a user's training would; PyTorch keeps its own thread settings. cpnet runs in the precision the
-    caller set (set_tf32); it has no bf16. Raises Skipped where the variant cannot run here."""
+    caller set (set_tf32; bf16: cpnet's bf16 model). Raises Skipped where the variant cannot run here."""
     n_threads = cpnet_threads if cpnet_threads is not None else backend.default_host_threads()
     cfg = make_config(preset, num_classes=num_classes, seed=seed)
-    model = build_model(cfg)
+    model = build_model(cfg, precision=_model_precision(precision))
     opt = MomentumSGD(model, lr=lr)
     side = TorchSide(cfg, model.host_params(), variant, precision, tdev, lr, compile_limit=compile_limit)
     side.net.train()
@@ -466,7 +467,7 @@ def launches(preset, batch_size, num_classes, tdev, variant="eager", precision="
     torch.profiler (CUPTI records every kernel of the process, CuPy's too). Kernel counts are None on the CPU.
     The host time is an upper bound where a step waits on the device inside (e.g. a full launch queue)."""
     cfg = make_config(preset, num_classes=num_classes, seed=seed)
-    model = build_model(cfg)
+    model = build_model(cfg, precision=_model_precision(precision))
     opt = MomentumSGD(model, lr=lr)
     side = TorchSide(cfg, model.host_params(), variant, precision, tdev, lr, compile_limit=compile_limit)
     rng = np.random.default_rng(seed + 3)
@@ -520,10 +521,13 @@ def launches(preset, batch_size, num_classes, tdev, variant="eager", precision="
 
 
 def _cpnet_mode(precision, gpu):
-    """The cpnet precision set beside a PyTorch precision: itself, except bf16 (no cpnet bf16 yet)."""
-    if precision == "bf16":
-        return "tf32" if gpu else "fp32"
+    """The cpnet precision set beside a PyTorch precision: the same one (bf16 on the CPU: cpnet's emulation)."""
     return precision
+
+
+def _model_precision(precision):
+    """The `precision` cpnet's model is built with: bf16 for bf16; fp32 and tf32 build the same float32 model."""
+    return "bf16" if precision == "bf16" else "fp32"
 
 
 def best_per_precision(variants: dict) -> dict:
@@ -734,9 +738,8 @@ def _print_table(res, precisions, variants, steps):
             print(f"{prec:<9} {v + ('*' if v == best else ''):<13} {fmt(t['torch']):>22} "
                   f"{(r['cpnet_precision'] + ' ' + fmt(t['cpnet'])):>22} {t['ratio']:>11.2f}  {ck}")
     for prec, b in res["best"].items():
-        note = f" (cpnet runs {b['cpnet_precision']}: it has no bf16 yet)" if prec == "bf16" else ""
         print(f"strongest PyTorch in {prec}: {b['variant']} {b['torch_ms_median']:.2f} ms; cpnet "
-              f"{b['cpnet_ms_median']:.2f} ms; cpnet / it = {b['ratio']:.2f}{note}")
+              f"{b['cpnet_precision']} {b['cpnet_ms_median']:.2f} ms; cpnet / it = {b['ratio']:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The square GEMM rate (n x n by n x n, default 2048) in fp32, tf32 and bf16, through CuPy and through PyTorch.
 
 Are tensor cores in use? On a GPU the fp32 row (TF32 off) runs on the CUDA cores; the tf32 and bf16 rows should
-be several times faster where tensor cores take them. cpnet has no bf16 path yet: the CuPy bf16 row calls
-cuBLAS's mixed-precision GEMM (cublasGemmEx: bf16 inputs, float32 accumulation and output) through CuPy's cuBLAS
-bindings, the route issue 14 names for cpnet's bf16 GEMMs; the torch rows are what PyTorch gets on the same card.
+be several times faster where tensor cores take them. The CuPy bf16 row is cpnet's own bf16 product
+(backend.gemm_bf16: cuBLAS's mixed-precision cublasGemmEx, bf16 inputs, float32 accumulation and output, through
+CuPy's cuBLAS bindings), as `--precision bf16` runs it; the torch rows are what PyTorch gets on the same card.
 On the CPU: NumPy's float32 GEMM and torch CPU's fp32 and bf16 (tf32 and the CuPy rows are skipped with the
 reason). Each rate is the best of --repeats after a warm-up. Not a test; prints a table (JSON with --json).
 
@@ -27,11 +27,6 @@ except ImportError:  # run from a checkout without installing
 
 from cpnet import backend  # noqa: E402
 
-CUDA_R_32F, CUDA_R_16BF = 0, 14  # cudaDataType_t
-CUBLAS_COMPUTE_32F = 68  # cublasComputeType_t
-CUBLAS_GEMM_DEFAULT = -1
-
-
 def _best_ms(fn, sync, repeats):
     fn()
     sync()
@@ -50,10 +45,10 @@ def _row(lib, precision, n, ms):
 
 
 def cupy_rates(n, repeats):
-    """fp32, tf32 (CuPy's matmul under backend.set_tf32) and bf16 (cublasGemmEx) on the current GPU."""
-    cp = backend.cupy_module()
-    from cupy_backends.cuda.libs import cublas
+    """fp32, tf32 (CuPy's matmul under backend.set_tf32) and bf16 (cpnet's cublasGemmEx call) on the current GPU."""
+    from cpnet import precision
 
+    cp = backend.cupy_module()
     dev = cp.cuda.Device()
     sync = dev.synchronize
     rng = np.random.default_rng(0)
@@ -67,22 +62,10 @@ def cupy_rates(n, repeats):
         finally:
             backend.set_tf32(False)
 
-    def to_bf16(x):  # float32 -> bfloat16 bits, round to nearest even (as a uint16 array)
-        u = x.view(cp.uint32)
-        return ((u + cp.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16).astype(cp.uint16)
-
-    a16, b16 = to_bf16(a), to_bf16(b)
+    a16, b16 = precision.to_bf16(a), precision.to_bf16(b)
     c = cp.empty((n, n), cp.float32)
-    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
-    handle = dev.cublas_handle
-
-    def gemm():  # row-major C = A B is column-major C^T = B^T A^T
-        cublas.gemmEx(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N, n, n, n, one.ctypes.data,
-                      b16.data.ptr, CUDA_R_16BF, n, a16.data.ptr, CUDA_R_16BF, n, zero.ctypes.data,
-                      c.data.ptr, CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
-
-    r = _row("cupy", "bf16", n, _best_ms(gemm, sync, repeats))
-    af, bf = ((t.astype(cp.uint32) << 16).view(cp.float32) for t in (a16, b16))  # the bf16 inputs in float32
+    r = _row("cupy", "bf16", n, _best_ms(lambda: backend.gemm_bf16(a16, b16, c), sync, repeats))
+    af, bf = precision.from_bf16(a16), precision.from_bf16(b16)  # the bf16 inputs in float32
     ref = cp.matmul(af, bf)  # TF32 off: checks the call's layout (transposes, leading dimensions)
     r["max_rel_err_vs_fp32_of_bf16_inputs"] = float(cp.abs(c - ref).max() / cp.abs(ref).max())
     rows.append(r)

@@ -276,6 +276,9 @@ def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=
             if ck is not None and world.is_root:
                 notices += repair_run_files(cfg.out, ck)
             model, opt = build_model_and_optimizer(cfg, net_cfg, state, ck, placement, tower_threads)
+            if model.bf16 and not any(d.is_gpu for d in model.devices):
+                notices.append("--precision bf16 on the host emulates bf16's rounding in NumPy (float32 arithmetic): "
+                               "it trains as bf16 does on a GPU, and more slowly than fp32")
             replicas = dist.Replicas(world, model, opt)
             if world.size > 1:
                 dist.check_same(world, "the training options (each rank's TrainConfig)",

@@ -307,6 +307,7 @@ def test_precision_is_chosen_shown_and_tf32_is_its_old_spelling(tiny, tmp_path, 
     r = train("--data", tiny / "data", "--out", tmp_path / "c", "--epochs", "1", "--precision", "bf16")
     assert r.exit_code == 0, r.output
     assert "precision bf16;" in r.stdout and "CUPY_TF32" not in os.environ
+    assert "note: --precision bf16 on the host emulates" in r.stdout
     ck = checkpoint.load(tmp_path / "c" / "last.h5")
     assert ck.train["precision"] == "bf16"
     assert all(v.dtype == np.float32 for v in ck.params.values())  # the master weights

@@ -218,36 +218,30 @@ extern "C" __global__ void relu_backward_kernel(const T* __restrict__ y, const T
 
 // The conversions of --precision bf16 (T = bf16, F = float; plain copies for float and double): narrow rounds
 // float to T (to nearest, ties to even), widen is exact.
-extern "C" __global__ void narrow_kernel(const F* __restrict__ x, T* __restrict__ y, int n)
+template <typename S, typename D>
+__device__ __forceinline__ void convert_body(const S* __restrict__ x, D* __restrict__ y, int n)
 {
     const long long stride = (long long)blockDim.x * gridDim.x;
     for (long long e0 = (long long)blockIdx.x * blockDim.x + threadIdx.x; e0 < n; e0 += ILP * stride) {
-        F xk[ILP];
+        S xk[ILP];
         for (int k = 0; k < ILP; ++k) {
             const long long e = e0 + k * stride;
-            xk[k] = e < n ? x[e] : F(0);
+            xk[k] = e < n ? x[e] : S(0);
         }
         for (int k = 0; k < ILP; ++k) {
             const long long e = e0 + k * stride;
             if (e < n)
-                y[e] = T(xk[k]);
+                y[e] = D(xk[k]);
         }
     }
 }
 
+extern "C" __global__ void narrow_kernel(const F* __restrict__ x, T* __restrict__ y, int n)
+{
+    convert_body<F, T>(x, y, n);
+}
+
 extern "C" __global__ void widen_kernel(const T* __restrict__ x, F* __restrict__ y, int n)
 {
-    const long long stride = (long long)blockDim.x * gridDim.x;
-    for (long long e0 = (long long)blockIdx.x * blockDim.x + threadIdx.x; e0 < n; e0 += ILP * stride) {
-        T xk[ILP];
-        for (int k = 0; k < ILP; ++k) {
-            const long long e = e0 + k * stride;
-            xk[k] = e < n ? x[e] : T(0);
-        }
-        for (int k = 0; k < ILP; ++k) {
-            const long long e = e0 + k * stride;
-            if (e < n)
-                y[e] = F(xk[k]);
-        }
-    }
+    convert_body<T, F>(x, y, n);
 }
