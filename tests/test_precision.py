@@ -14,6 +14,7 @@ from bitwise import random_array
 
 from cpnet import backend, ops, precision
 from cpnet.errors import CpnetError
+from cpnet import kernels
 from cpnet.kernels import BF16
 from cpnet.model import build_model, make_config
 from cpnet.precision import from_bf16, round_bf16, to_bf16
@@ -271,3 +272,48 @@ def test_training_on_in_bf16_keeps_the_float32_error_within_a_point(tmp_path):
         assert last["epoch"] == 12
         err[prec] = last["val_top1"]
     assert abs(err["bf16"] - err["fp32"]) <= 0.01 + 1e-9, err
+
+
+def test_the_bf16_gpu_path_on_the_stand_in_follows_the_host_emulation(shim, monkeypatch):
+    """Two training steps of the fused bf16 model (dropout on) on the GPU code path without a GPU: the stand-in
+    CuPy of bench/launch_count.py, the bf16 kernels through the host shim, and every product through
+    backend.gemm_bf16's real call (transposes, leading dimensions, output types) into cuBLAS's contract run on host
+    memory; against the host path's bf16 emulation. They differ only in the order of float32 sums (and so, rarely,
+    in a bf16 rounding): the loss within 1e-3, the parameters after the steps within 1e-4 in norm."""
+    import importlib.util
+    import os
+
+    from cpnet.optim import MomentumSGD
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "launch_count.py")
+    spec = importlib.util.spec_from_file_location("launch_count", path)
+    lc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lc)
+    calls = []
+    monkeypatch.setattr(backend, "gemm_bf16", lambda a, b, out: backend.gemm_bf16_call(
+        _fake_gemm_ex(calls), 0, a, b, out, lambda x: x.ctypes.data))
+    monkeypatch.setattr(backend, "check_bf16", lambda device: None)  # the stand-in has no compute capability
+    monkeypatch.setattr("cpnet.model.check_bf16", lambda device: None)
+    cfg = make_config("alexnet-tiny", 5, 15, seed=2)
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((4, 3, 15, 15)).astype(np.float32), rng.integers(0, 5, 4)
+
+    def step(placement):
+        model = build_model(cfg, placement=placement, precision="bf16", fuse=True, tower_threads=False)
+        model.set_step(5, offset=8)
+        opt = MomentumSGD(model, lr=0.05)
+        for _ in range(2):
+            loss, _ = model.loss(x, y, train=True)
+            model.loss_backward()
+            opt.step()
+        return float(loss), model.host_params()
+
+    want = step([backend.HOST] * 2)
+    with lc.stand_in():
+        got = step([backend.Device("gpu", 0)] * 2)
+        built = {k for k in kernels._modules if k[1] == "uint16"}  # (device, dtype, file) compiled for bf16
+    assert {f for _, _, f in built} >= {"im2col.cu", "lrn.cu", "maxpool.cu", "elementwise.cu", "layout.cu"}, built
+    assert calls, "no product went through gemm_bf16"
+    assert got[0] == pytest.approx(want[0], rel=1e-3)
+    w32, g32 = (np.concatenate([p[k].ravel() for k in sorted(p)]) for p in (want[1], got[1]))
+    assert np.linalg.norm(g32 - w32) <= 1e-4 * np.linalg.norm(w32)
