@@ -412,6 +412,7 @@ def chart(series, size=(460, 320), title="", xlabel="", ylabel="", xlim=None, yl
             img = Image.alpha_composite(img.convert("RGBA"), layer).convert("RGB")
             d = ImageDraw.Draw(img)
 
+    row_ends = []  # per text row, the right end of the last x-mark label in it: close marks' labels stack
     for m in marks:
         if not _finite(m.value):
             continue
@@ -419,7 +420,11 @@ def chart(series, size=(460, 320), title="", xlabel="", ylabel="", xlim=None, yl
             x = X(m.value)
             _dashed_line(d, [(x, py0), (x, py1)], m.color, 1)
             if m.label:
-                d.text((x + 3, py0 + 2), m.label, fill=m.color, font=small)
+                row = next((i for i, end in enumerate(row_ends) if x + 3 > end + 4), len(row_ends))
+                if row == len(row_ends):
+                    row_ends.append(0)
+                row_ends[row] = x + 3 + text_size(m.label, small)[0]
+                d.text((x + 3, py0 + 2 + row * (th + 2)), m.label, fill=m.color, font=small)
         else:
             y = Y(m.value)
             _dashed_line(d, [(px0, y), (px1, y)], m.color, 1)
