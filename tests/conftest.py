@@ -86,3 +86,20 @@ def invoke(*args):
     from cpnet.cli.main import cli
 
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def fused_training_steps(cfg, x, y, placement, steps=2, **build):
+    """`steps` momentum-SGD steps (train mode, dropout step 5 at row offset 8, lr 0.05) of the fused model built
+    from `cfg` on `placement` (build: build_model's dtype/precision); returns (last loss, the optimizer), whose
+    model and velocities the caller compares between the host path and a GPU path."""
+    from cpnet.model import build_model
+    from cpnet.optim import MomentumSGD
+
+    model = build_model(cfg, placement=placement, fuse=True, tower_threads=False, **build)
+    model.set_step(5, offset=8)
+    opt = MomentumSGD(model, lr=0.05)
+    for _ in range(steps):
+        loss, _ = model.loss(x, y, train=True)
+        model.loss_backward()
+        opt.step()
+    return float(loss), opt

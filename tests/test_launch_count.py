@@ -47,22 +47,17 @@ def test_the_gpu_path_on_the_stand_in_matches_the_host(lc):
     """Two training steps of the fused model (dropout on) on the GPU code path, against the host path in float64:
     the loss kernels, the towers' dropout kernel, the convolutions' layout kernels with bias and ReLU and the
     multi-tensor update in a real step."""
-    from cpnet.model import build_model, make_config
-    from cpnet.optim import MomentumSGD
+    from conftest import fused_training_steps
+
+    from cpnet.model import make_config
 
     cfg = make_config("alexnet-tiny", 5, 15, seed=2)
     rng = np.random.default_rng(3)
     x, y = rng.standard_normal((4, 3, 15, 15)), rng.integers(0, 5, 4)
 
     def step(placement):
-        model = build_model(cfg, placement=placement, dtype=np.float64, fuse=True, tower_threads=False)
-        model.set_step(5, offset=8)
-        opt = MomentumSGD(model, lr=0.05)
-        for _ in range(2):
-            loss, _ = model.loss(x, y, train=True)
-            model.loss_backward()
-            opt.step()
-        return float(loss), model.host_params(), {k: backend.to_host(v) for k, v in opt.velocity.items()}
+        loss, opt = fused_training_steps(cfg, x, y, placement, dtype=np.float64)
+        return loss, opt.model.host_params(), {k: backend.to_host(v) for k, v in opt.velocity.items()}
 
     want = step([backend.HOST] * 2)
     with lc.stand_in():

@@ -283,7 +283,7 @@ def test_the_bf16_gpu_path_on_the_stand_in_follows_the_host_emulation(shim, monk
     import importlib.util
     import os
 
-    from cpnet.optim import MomentumSGD
+    from conftest import fused_training_steps
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "launch_count.py")
     spec = importlib.util.spec_from_file_location("launch_count", path)
@@ -299,14 +299,8 @@ def test_the_bf16_gpu_path_on_the_stand_in_follows_the_host_emulation(shim, monk
     x, y = rng.standard_normal((4, 3, 15, 15)).astype(np.float32), rng.integers(0, 5, 4)
 
     def step(placement):
-        model = build_model(cfg, placement=placement, precision="bf16", fuse=True, tower_threads=False)
-        model.set_step(5, offset=8)
-        opt = MomentumSGD(model, lr=0.05)
-        for _ in range(2):
-            loss, _ = model.loss(x, y, train=True)
-            model.loss_backward()
-            opt.step()
-        return float(loss), model.host_params()
+        loss, opt = fused_training_steps(cfg, x, y, placement, precision="bf16")
+        return loss, opt.model.host_params()
 
     want = step([backend.HOST] * 2)
     with lc.stand_in():
