@@ -119,11 +119,12 @@ def command(precision, tf32, find_lr, find_lr_steps, **options):
         sums = s["sums"]
         n = max(sums["n"], 1)
         done = (s["epoch"] - ctx["start_epoch"]) * s["batches"] + s["batch"] - (ctx["start_pos"] if s["epoch"] == ctx["start_epoch"] else 0)
-        total = (cfg.epochs - ctx["start_epoch"]) * s["batches"] - ctx["start_pos"]
+        epochs = ctx["train"].epochs  # the run's: with --resume and no --epochs, the saved run's, not the default
+        total = (epochs - ctx["start_epoch"]) * s["batches"] - ctx["start_pos"]
         el = time.monotonic() - ctx["t0"]
         eta = el / max(done, 1) * (total - done)
         ips = sums["n"] / max(sums["data_s"] + sums["compute_s"], 1e-9)
-        line.show(f"epoch {s['epoch'] + 1}/{cfg.epochs} batch {s['batch']}/{s['batches']} loss {sums['loss'] / n:.4f} "
+        line.show(f"epoch {s['epoch'] + 1}/{epochs} batch {s['batch']}/{s['batches']} loss {sums['loss'] / n:.4f} "
                   f"top1 {sums['top1'] / n:.3f}{_top5(ctx, sums['top5'] / n)} lr {s['lr']:.2g} {ips:.0f} img/s "
                   f"data {sums['data_s']:.1f}s compute {sums['compute_s']:.1f}s ETA {fmt_time(eta)}")
 

@@ -257,6 +257,7 @@ def test_resume_takes_data_and_epochs_from_the_run(tiny, tmp_path):
     r = train("--out", out, "--resume")                 # what the interrupt message says: no --data, no --epochs
     assert r.exit_code == 0, r.output
     assert "resuming at epoch 2, batch 1" in r.stdout and epochs_in(out) == [1, 2]   # 2 epochs, not the default 10
+    assert "epoch 2/2 batch" in r.output and "/10 batch" not in r.output             # and the progress line says so
     r = train("--out", out, "--resume")
     assert r.exit_code == 0 and "note: the run in" in r.stdout and "is finished (2 of 2 epochs)" in r.stdout
     assert epochs_in(out) == [1, 2]
