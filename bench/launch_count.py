@@ -17,6 +17,11 @@ It is a count, not a timing: each launch costs the host about 20 us of Python an
 which is what fewer launches save. The stand-in counts CuPy's launches by its rules above, not CuPy's own code.
 
     python bench/launch_count.py [--model alexnet-tiny] [--batch-size 4] [--steps 2] [--json]
+    python bench/launch_count.py --traffic [--model alexnet] [--batch-size 128] [--precision fp32]
+
+(CPNET_FUSE_LRN_POOL=0 counts the step with layers 1-2's LRN and pool apart. --traffic prints the bytes those
+kernels move per step, apart and fused, computed from the shapes by `lrn_pool_traffic`; the tests check that
+formula against the bytes of the arrays the stand-in's launches are handed.)
 
 (the counts do not depend on the batch size or on the preset's widths, only on the layers; alexnet-tiny is the
 quickest to run through the shim.)
@@ -43,6 +48,7 @@ from cpnet import backend, kernels  # noqa: E402
 
 counts: Counter = Counter()  # kind -> launches counted by the stand-in ('cupy', 'cublas', 'copy')
 raw_launches: Counter = Counter()  # cpnet kernel name -> launches through the stand-in's RawModule
+raw_bytes: Counter = Counter()  # cpnet kernel name -> bytes of the arrays its launches were handed
 ops_seen: Counter = Counter()  # what the 'cupy' launches were (function or method name)
 
 
@@ -255,6 +261,7 @@ class _Module:
 
         def run(grid, block, args):
             raw_launches[name] += 1
+            raw_bytes[name] += sum(int(a.nbytes) for a in args if isinstance(a, np.ndarray) and a.ndim)
             shim.launch(name, self.dtype, grid, block[0], [_plain(a) if isinstance(a, np.ndarray) else a
                                                            for a in args])
 
@@ -284,10 +291,27 @@ def stand_in():
         backend._uploads.update(saved[4])
 
 
-def count_step(preset="alexnet-tiny", batch_size=4, steps=2, seed=0):
+@contextlib.contextmanager
+def _env(name, value):
+    """Environment variable `name` set to `value` (None: left as it is) for the duration."""
+    saved = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = str(value)
+    try:
+        yield
+    finally:
+        if value is not None:
+            if saved is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = saved
+
+
+def count_step(preset="alexnet-tiny", batch_size=4, steps=2, seed=0, lrn_pool=None):
     """Launches of one training step (the last of `steps`, after warm-up steps that compile and fill caches),
     as {'cpnet kernels': {name: n}, 'launcher': the launcher's own count (None where it has none), 'cupy': n,
-    'cublas': n, 'copy': n, 'total': n, 'cupy ops': {what: n}}."""
+    'cublas': n, 'copy': n, 'total': n, 'cupy ops': {what: n}, 'kernel bytes': {name: bytes of the arrays handed
+    to its launches}}. `lrn_pool`: CPNET_FUSE_LRN_POOL for the model (0: LRN and pool apart; None: as set)."""
     from cpnet import dist
     from cpnet.model import build_model, make_config
     from cpnet.optim import MomentumSGD
@@ -297,7 +321,7 @@ def count_step(preset="alexnet-tiny", batch_size=4, steps=2, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch_size, 3, cfg.crop, cfg.crop)).astype(np.float32)
     y = rng.integers(0, 10, batch_size)
-    with stand_in():
+    with stand_in(), _env("CPNET_FUSE_LRN_POOL", lrn_pool):
         dev = backend.Device("gpu", 0)
         model = build_model(cfg, placement=[dev, dev], fuse=True)
         opt = MomentumSGD(model, lr=0.01)
@@ -307,6 +331,7 @@ def count_step(preset="alexnet-tiny", batch_size=4, steps=2, seed=0):
             counts.clear()
             ops_seen.clear()
             raw_launches.clear()
+            raw_bytes.clear()
             launcher = getattr(kernels, "launch_counts", None)  # the launcher's own counter (where it has one)
             if launcher is not None:
                 launcher.clear()
@@ -319,7 +344,46 @@ def count_step(preset="alexnet-tiny", batch_size=4, steps=2, seed=0):
     total = sum(ours.values()) + sum(counts.values())
     return {"cpnet kernels": ours, "launcher": launcher, "cpnet kernels total": sum(ours.values()), **dict(counts),
             "total": total,
-            "cupy ops": dict(sorted(ops_seen.items()))}
+            "cupy ops": dict(sorted(ops_seen.items())), "kernel bytes": dict(sorted(raw_bytes.items())),
+            "lrn_pool": bool(model.lrn_pool)}
+
+
+LRN_POOL_KERNELS = ("lrn_forward_kernel", "lrn_backward_kernel", "maxpool_forward_kernel", "maxpool_backward_kernel",
+                    "lrn_pool_forward_kernel", "lrn_pool_backward_kernel")
+
+
+def lrn_pool_traffic(preset="alexnet", batch_size=128, precision="fp32"):
+    """Bytes the LRN and pool kernels of layers 1-2 read and write in one training step, apart and fused, from the
+    model's shapes: every array a launch is handed counted once (window re-reads assumed cached), as the stand-in's
+    'kernel bytes' count them. E elements of LRN input (conv1, conv2 outputs), P pooled outputs, T bytes per
+    activation (4 fp32/tf32, 2 bf16), the LRN scale float32 (4), the pool's argmax int32 (4) apart, uint8 fused:
+
+        apart  forward   LRN x, y, scale; pool y, out, argmax          E (3T + 4) + P (T + 4)
+               backward  pool dy, argmax, dx; LRN x, y, scale, dy, dx   E (5T + 4) + P (T + 4)
+        fused  forward   x, out, off                                  E T + P (T + 1)
+               backward  x, dy, off, dx                               E 2T + P (T + 1)
+
+    and the activation memory held from forward to backward: apart y, scale, argmax; fused off (x is held by
+    both, the convolution's backward reads it too)."""
+    from cpnet.model import feature_shapes, make_config
+
+    cfg = make_config(preset, 1000 if preset == "alexnet" else 10)
+    shapes = feature_shapes(cfg)
+    t = 2 if precision == "bf16" else 4
+    out = {"preset": preset, "batch_size": batch_size, "precision": precision, "layers": {}}
+    for tag in ("1", "2"):
+        e = batch_size * int(np.prod(shapes[f"conv{tag}"]))
+        p = batch_size * int(np.prod(shapes[f"pool{tag}"]))
+        out["layers"][f"lrn{tag}+pool{tag}"] = {
+            "E": e, "P": p,
+            "apart": {"forward": e * (3 * t + 4) + p * (t + 4), "backward": e * (5 * t + 4) + p * (t + 4),
+                      "held": e * (t + 4) + p * 4},
+            "fused": {"forward": e * t + p * (t + 1), "backward": 2 * e * t + p * (t + 1), "held": p}}
+    for way in ("apart", "fused"):
+        out[way] = {k: sum(v[way][k] for v in out["layers"].values()) for k in ("forward", "backward", "held")}
+        out[way]["step"] = out[way]["forward"] + out[way]["backward"]
+    out["saved_per_step"] = out["apart"]["step"] - out["fused"]["step"]
+    return out
 
 
 def main(argv=None):
@@ -328,7 +392,25 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--traffic", action="store_true",
+                   help="print the bytes the layer 1-2 LRN and pool kernels move per step, apart and fused, for "
+                        "--model at --batch-size (computed from the shapes, not timed) instead of counting")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"), help="for --traffic")
     a = p.parse_args(argv)
+    if a.traffic:
+        t = lrn_pool_traffic(a.model, a.batch_size, a.precision)
+        if a.json:
+            print(json.dumps(t, indent=1))
+            return 0
+        mb = 1e6
+        print(f"{a.model}, batch {a.batch_size}, {a.precision}: bytes the layer 1-2 LRN and pool kernels move per "
+              f"training step (each array once)")
+        for way in ("apart", "fused"):
+            v = t[way]
+            print(f"  {way:6s} forward {v['forward'] / mb:8.1f} MB  backward {v['backward'] / mb:8.1f} MB  step "
+                  f"{v['step'] / mb:8.1f} MB  held for backward {v['held'] / mb:7.1f} MB")
+        print(f"  saved per step {t['saved_per_step'] / mb:.1f} MB")
+        return 0
     r = count_step(a.model, a.batch_size, a.steps)
     if a.json:
         print(json.dumps(r, indent=1))

@@ -13,7 +13,7 @@ model's parameter memory (`param_blocks`) is one block per fused array with the 
 from __future__ import annotations
 
 from . import ops
-from .layers import LRN, Conv2D, Layer, Linear, ParamBlock, ReLUInConv, Sequential
+from .layers import LRN, Conv2D, Layer, Linear, LRNPool, ParamBlock, ReLUInConv, Sequential
 
 # groups of each fused convolution: 2 where a tower reads only its own tower's maps (the paper's Figure 2)
 GROUPS = {"conv1": 1, "conv2": 2, "conv3": 1, "conv4": 2, "conv5": 2}
@@ -41,7 +41,7 @@ class FusedTowers:
         drops = [_PerTower(*(model.tower_layer(t, n) for t in range(2)), axis=1) for n in ("drop6", "drop7")]
         with model.devices[0]:
             self.streams = [Sequential(layers) for layers in
-                            model.stage_layers(conv, fc6, fc7, *drops, act=act, lrn=_TowerLRN,
+                            model.stage_layers(conv, fc6, fc7, *drops, act=act, lrn=_TowerLRN, lrn_pool=_TowerLRNPool,
                                                conv_act=ReLUInConv if in_conv else None)]
 
     def named(self):
@@ -74,16 +74,35 @@ class FusedTowers:
             seq.clear()
 
 
-class _TowerLRN(LRN):
-    """LRN over both towers' channels at once without mixing them: (N, 2C, H, W) is viewed as (2N, C, H, W)."""
+def _as_towers(a):
+    """(N, 2C, H, W) -> the view (2N, C, H, W): each image's two towers' maps as two images."""
+    n, c, h, w = a.shape
+    return a.reshape(2 * n, c // 2, h, w)
+
+
+def _as_fused(a):
+    """The inverse view of _as_towers: (2N, C, H, W) -> (N, 2C, H, W)."""
+    n, c, h, w = a.shape
+    return a.reshape(n // 2, 2 * c, h, w)
+
+
+class _PerTowerChannels:
+    """A layer over both towers' channels at once without mixing them: (N, 2C, H, W) is viewed as (2N, C, H, W)
+    (LRN's window stays inside its tower; pooling is per channel anyway)."""
 
     def forward(self, x, train=False):
-        n, c, h, w = x.shape
-        return super().forward(x.reshape(2 * n, c // 2, h, w), train).reshape(x.shape)
+        return _as_fused(super().forward(_as_towers(x), train))
 
     def backward(self, dy):
-        n, c, h, w = dy.shape
-        return super().backward(dy.reshape(2 * n, c // 2, h, w)).reshape(dy.shape)
+        return _as_fused(super().backward(_as_towers(dy)))
+
+
+class _TowerLRN(_PerTowerChannels, LRN):
+    pass
+
+
+class _TowerLRNPool(_PerTowerChannels, LRNPool):
+    pass
 
 
 class _PerTower(Layer):

@@ -96,15 +96,23 @@ class ReLU(_Stateless):
     _bwd = staticmethod(ops.relu_backward)
 
 
-class ReLUInConv(Layer):
-    """The place of a ReLU that the convolution before it applies (Conv2D(relu=True)): the identity both ways,
-    kept so that the stage table, its names and the hooks that time each layer stay as they were."""
+class _Absorbed(Layer):
+    """The place of a layer that the layer before it applies: the identity both ways, kept so that the stage table,
+    its names and the hooks that time each layer stay as they were."""
 
     def forward(self, x, train=False):
         return x
 
     def backward(self, dy):
         return dy
+
+
+class ReLUInConv(_Absorbed):
+    """The place of a ReLU that the convolution before it applies (Conv2D(relu=True))."""
+
+
+class PoolInLRN(_Absorbed):
+    """The place of a max pool that the LRN before it applies (LRNPool: one kernel each way on a GPU)."""
 
 
 class Tanh(_Stateless):
@@ -120,6 +128,13 @@ class LRN(_Stateless):
 class MaxPool(_Stateless):
     _fwd = staticmethod(ops.max_pool2d_forward)
     _bwd = staticmethod(ops.max_pool2d_backward)
+
+
+class LRNPool(_Stateless):
+    """LRN then max pooling (ops.lrn_pool_forward: the LRN's keyword arguments plus ksize, stride, pad)."""
+
+    _fwd = staticmethod(ops.lrn_pool_forward)
+    _bwd = staticmethod(ops.lrn_pool_backward)
 
 
 class Flatten(Layer):

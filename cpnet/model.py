@@ -30,7 +30,8 @@ from . import ops, precision as _precision
 from .backend import HOST, Device, check_bf16, default_placement, device_of, to_device, to_host, transfer, upload
 from .config import DEFAULT_INIT
 from .errors import CpnetError, OptionError
-from .layers import LRN, Conv2D, Dropout, Flatten, Linear, MaxPool, ParamBlock, ReLU, Sequential, Tanh
+from .layers import (LRN, Conv2D, Dropout, Flatten, Linear, LRNPool, MaxPool, ParamBlock, PoolInLRN, ReLU,
+                     Sequential, Tanh)
 from .shapes import window_out
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
@@ -250,6 +251,7 @@ class AlexNet:
             else check_devices
         host = _init_params(cfg, self.dtype) if params is None else _split_params(params, self.dtype)
         self.fused = self._choose_fuse(fuse)
+        self.lrn_pool = self._choose_lrn_pool()
         placed = self._place(host)
         act = ReLU if cfg.activation == "relu" else Tanh
         self.towers = []  # per tower: [stem, mid, fc6, fc7] Sequentials
@@ -288,6 +290,20 @@ class AlexNet:
             raise ValueError("fused towers need both towers on one device")
         return bool(fuse)
 
+    def _choose_lrn_pool(self) -> bool:
+        """LRN -> pool of layers 1-2 as one layer (LRNPool: one kernel each way) where the towers run on GPUs and the
+        conventions normalise before pooling (paper, ccn2; Caffe pools first and stays apart);
+        CPNET_FUSE_LRN_POOL=0 keeps them apart, =1 fuses them wherever the conventions allow (the host then runs
+        the same two ops inside one layer)."""
+        env = os.environ.get("CPNET_FUSE_LRN_POOL", "").strip()
+        if env not in ("", "0", "1"):
+            raise CpnetError(f"CPNET_FUSE_LRN_POOL={env!r}: expected 0 or 1 (unset: fused on a GPU)")
+        from .ops.lrnpool import fusable
+
+        cfg = self.cfg
+        allowed = cfg.lrn is not None and cfg.lrn_position == "before_pool" and fusable(cfg.pool[0])
+        return allowed and (all(d.is_gpu for d in self.devices) if env == "" else env == "1")
+
     def _place(self, host) -> list[dict]:
         """The host parameters on their towers' devices; fused, each layer's two towers are row blocks (views) of
         one array."""
@@ -306,9 +322,10 @@ class AlexNet:
                     placed[t][name] = {k: to_device(v, self.devices[t]) for k, v in host[t][name].items()}
         return placed
 
-    def stage_layers(self, conv, fc6, fc7, drop6, drop7, act, lrn=LRN, conv_act=None) -> list[list]:
+    def stage_layers(self, conv, fc6, fc7, drop6, drop7, act, lrn=LRN, conv_act=None, lrn_pool=LRNPool) -> list[list]:
         """The (name, layer) lists of the stages stem, mid, fc6, fc7 from one tower's (or the fused) layers;
-        `conv_act` (default `act`): the layer class of act1-act5, the activations after the convolutions."""
+        `conv_act` (default `act`): the layer class of act1-act5, the activations after the convolutions. With
+        self.lrn_pool, lrn1/lrn2 are `lrn_pool` layers (LRN and pool in one) and pool1/pool2 their PoolInLRN."""
         cfg = self.cfg
         pk, ps = cfg.pool
         cact = conv_act or act
@@ -317,6 +334,8 @@ class AlexNet:
             pool = (f"pool{tag}", MaxPool(ksize=pk, stride=ps))
             if cfg.lrn is None:
                 return [pool]
+            if self.lrn_pool:
+                return [(f"lrn{tag}", lrn_pool(**cfg.lrn, ksize=pk, stride=ps)), (f"pool{tag}", PoolInLRN())]
             norm = (f"lrn{tag}", lrn(**cfg.lrn))
             return [norm, pool] if cfg.lrn_position == "before_pool" else [pool, norm]
 

@@ -255,6 +255,125 @@ def test_lrn_backward(shim, case, params, dtype):
     _close(dx, _ops("lrn", "lrn_backward_cpu")(x, y, scale, dy, size, alpha, beta), dtype)
 
 
+# LRN -> max pool fused (lrn.cu's lrn_pool kernels): bit for bit the separate LRN and pool kernels (the same
+# arithmetic in the same order), and against the NumPy path (lrn_forward_cpu, then the host pool).
+
+# (N, C, H, W, size, ksize, stride, pad): odd map sizes, C below and above the window, padded and partial windows
+LRN_POOL_CASES = [
+    (2, 7, 9, 9, 5, 3, 2, 0),  # the paper's LRN and overlapping pool, odd maps
+    (1, 3, 8, 7, 5, 3, 2, 1),  # C < size, padding, unequal sides
+    (2, 4, 6, 5, 4, 2, 2, 0),  # even LRN size, non-overlapping pool, the floor leaves a column unread
+    (1, 5, 7, 6, 3, 3, 3, 2),  # windows mostly in the padding
+    (1, 2, 5, 5, 1, 4, 1, 3),  # size-1 LRN, a large pad: corner windows see one element
+]
+
+
+def _lrn_pool_inputs(shape, dtype, seed):
+    """No ties; many ties (small integers: equal LRN values at positions with equal channel vectors); NaN and -inf
+    sprinkled in."""
+    ties = np.round(random_array(shape, dtype, seed) * 1.5)
+    ties[:, :, ::2] = ties[:, :, :1]  # repeat a row: tied windows
+    nan = random_array(shape, dtype, seed + 1)
+    nan.reshape(-1)[::7] = np.nan
+    nan.reshape(-1)[3::11] = -np.inf
+    return [random_array(shape, dtype, seed + 2), ties, nan]
+
+
+def _same_bits(actual, expected):
+    """The same bits (so -0.0 != 0.0), except that a NaN's sign may differ: the host's x86 arithmetic picks a NaN's
+    sign by operand order, which the compiler may choose differently in two kernels (a GPU has one NaN)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (actual.dtype, actual.shape)
+    if actual.dtype == kernels.BF16:
+        actual, expected = _f32(actual), _f32(expected)
+    nan = np.isnan(actual)
+    np.testing.assert_array_equal(nan, np.isnan(expected))
+    np.testing.assert_array_equal(float_bits(np.where(nan, 0, actual)), float_bits(np.where(nan, 0, expected)))
+
+
+def _lrn_pool_apart(shim, x, size, k, alpha, beta, ks, s, p):
+    """The separate kernels: (y, off as window offsets, the LRN's y and scale, the pool's argmax)."""
+    from cpnet.ops.pool import flat_to_window
+
+    ly, scale = shim.lrn_forward_host(x, size, k, alpha, beta)
+    y, arg = shim.maxpool_forward_host(ly, ks, s, p)
+    return y, flat_to_window(arg, x.shape, ks, s, p), ly, scale, arg
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", LRN_POOL_CASES, ids=str)
+def test_lrn_pool_forward(shim, case, dtype):
+    N, C, H, W, size, ks, s, p = case
+    k, alpha, beta = 2.0, 0.125, 0.75  # alpha a power of two: the NumPy path's scale has the kernel's bits
+    for x in _lrn_pool_inputs((N, C, H, W), dtype, 60):
+        y, off = shim.lrn_pool_forward_host(x, size, k, alpha, beta, ks, s, p)
+        assert y.dtype == dtype and off.dtype == np.uint8 and off.shape == y.shape
+        y_apart, off_apart, *_ = _lrn_pool_apart(shim, x, size, k, alpha, beta, ks, s, p)
+        _bitwise(y, y_apart)
+        np.testing.assert_array_equal(off, off_apart)
+        with np.errstate(invalid="ignore"):  # -inf * inf^-beta
+            ly_np, _ = _ops("lrn", "lrn_forward_cpu")(x, size, k, alpha, beta)
+        y_np, off_np = _ops("pool", "maxpool_forward_host")(ly_np, ks, s, p)
+        _close(y, y_np, dtype)
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(y_np))
+        np.testing.assert_array_equal(off, off_np)  # ties to the first maximum, the first NaN wins
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", LRN_POOL_CASES, ids=str)
+def test_lrn_pool_backward(shim, case, dtype):
+    N, C, H, W, size, ks, s, p = case
+    k, alpha, beta = 1.5, 0.1, 0.75
+    for x in _lrn_pool_inputs((N, C, H, W), dtype, 61):
+        y, off = shim.lrn_pool_forward_host(x, size, k, alpha, beta, ks, s, p)
+        dy = random_array(y.shape, dtype, seed=62)
+        dx = shim.lrn_pool_backward_host(x, dy, off, size, k, alpha, beta, ks, s, p)
+        assert dx.shape == x.shape and dx.dtype == dtype
+        _, _, ly, scale, arg = _lrn_pool_apart(shim, x, size, k, alpha, beta, ks, s, p)
+        _same_bits(dx, shim.lrn_backward_host(x, ly, scale, shim.maxpool_backward_host(dy, arg, x.shape, ks, s, p),
+                                            size, alpha, beta))
+        dpool = _ops("pool", "maxpool_backward_host")(dy, off, x.shape, ks, s, p)
+        with np.errstate(invalid="ignore"):  # -inf * inf^-beta
+            ly_np, scale_np = _ops("lrn", "lrn_forward_cpu")(x, size, k, alpha, beta)
+            _close(dx, _ops("lrn", "lrn_backward_cpu")(x, ly_np, scale_np, dpool, size, alpha, beta), dtype)
+
+
+@pytest.mark.parametrize("case", LRN_POOL_CASES, ids=str)
+def test_bf16_lrn_pool(shim, case):
+    """bf16: the separate bf16 kernels' bits (the LRN output and the pooled gradient rounded where they store
+    them), and the float32 NumPy path on the widened input within one bf16 unit."""
+    N, C, H, W, size, ks, s, p = case
+    k, alpha, beta = 2.0, 0.1, 0.75
+    for x32 in _lrn_pool_inputs((N, C, H, W), np.float32, 63):
+        x = _bf16(x32)
+        y, off = shim.lrn_pool_forward_host(x, size, k, alpha, beta, ks, s, p)
+        assert y.dtype == kernels.BF16 and off.dtype == np.uint8
+        y_apart, off_apart, ly, scale, arg = _lrn_pool_apart(shim, x, size, k, alpha, beta, ks, s, p)
+        np.testing.assert_array_equal(y, y_apart)
+        np.testing.assert_array_equal(off, off_apart)
+        with np.errstate(invalid="ignore"):
+            ly_np, _ = _ops("lrn", "lrn_forward_cpu")(_f32(x), size, k, alpha, beta)
+        y_np, _ = _ops("pool", "maxpool_forward_host")(ly_np, ks, s, p)
+        np.testing.assert_allclose(_f32(y), y_np, rtol=BF16_RTOL, atol=1e-30)
+        dy = _bf16(random_array(y.shape, np.float32, seed=64))
+        dx = shim.lrn_pool_backward_host(x, dy, off, size, k, alpha, beta, ks, s, p)
+        assert dx.dtype == kernels.BF16
+        _same_bits(dx, shim.lrn_backward_host(x, ly, scale, shim.maxpool_backward_host(dy, arg, x.shape, ks, s, p),
+                                              size, alpha, beta))
+
+
+def test_lrn_pool_checks_its_arguments(shim):
+    x = random_array((1, 3, 7, 7), np.float32)
+    with pytest.raises(ValueError, match="ksize 16 too large for uint8 window offsets"):
+        shim.lrn_pool_forward_host(x, 5, 2.0, 0.1, 0.75, 16, 1, 0)
+    with pytest.raises(ValueError, match=r"pad must be in \[0, ksize=3\)"):
+        shim.lrn_pool_forward_host(x, 5, 2.0, 0.1, 0.75, 3, 2, 3)
+    y, off = shim.lrn_pool_forward_host(x, 5, 2.0, 0.1, 0.75, 3, 2, 0)
+    with pytest.raises(ValueError, match="off must be uint8"):
+        shim.lrn_pool_backward_host(x, y, off.astype(np.int32), 5, 2.0, 0.1, 0.75, 3, 2, 0)
+    with pytest.raises(ValueError, match=r"expected dy and off of shape \(1, 3, 3, 3\)"):
+        shim.lrn_pool_backward_host(x, y[:, :2], off, 5, 2.0, 0.1, 0.75, 3, 2, 0)
+
+
 # Elementwise kernels (elementwise.cu): bit for bit against the NumPy paths they replace.
 
 ELEMENTWISE_SHAPES = [(1,), (7,), (31,), (33,), (5, 7), (3, 100), (2, 3, 5, 7)]  # sizes off the 32-thread blocks
@@ -745,6 +864,8 @@ KERNEL_TESTS = {
     "maxpool_backward_kernel": test_maxpool_backward,
     "lrn_forward_kernel": test_lrn_forward,
     "lrn_backward_kernel": test_lrn_backward,
+    "lrn_pool_forward_kernel": test_lrn_pool_forward,
+    "lrn_pool_backward_kernel": test_lrn_pool_backward,
     "sgd_momentum_kernel": test_sgd_momentum,
     "dropout_forward_kernel": test_dropout_forward,
     "relu_forward_kernel": test_relu_forward,
@@ -815,7 +936,11 @@ def _run_all_kernels(shim):
     col = shim.im2col_host(x, 3, 2, 2, 1, 1, 1)
     y, arg = shim.maxpool_forward_host(x, 3, 2, 0)
     ly, ls = shim.lrn_forward_host(x, 5, 2.0, 0.1, 0.75)
+    fy, off = shim.lrn_pool_forward_host(x, 5, 2.0, 0.1, 0.75, 3, 2, 1)
     return [
+        fy,
+        off,
+        shim.lrn_pool_backward_host(x, random_array(fy.shape, np.float32, seed=13), off, 5, 2.0, 0.1, 0.75, 3, 2, 1),
         col,
         shim.col2im_host(col, x.shape, 3, 2, 2, 1, 1, 1),
         y,
@@ -950,7 +1075,7 @@ def stand_in_gpu(shim, monkeypatch):
                 kinds = [p.kind for p in kernels.kernels()[name].params]
                 for kind, a in zip(kinds, args, strict=True):
                     expected = {"ptr_T": _StandInGpuArray, "ptr_F": _StandInGpuArray, "ptr_int": _StandInGpuArray,
-                                "ptr_i64": _StandInGpuArray, "int": np.int32}
+                                "ptr_i64": _StandInGpuArray, "ptr_u8": _StandInGpuArray, "int": np.int32}
                     assert type(a) is expected.get(kind, kernels.compute_dtype(self.dtype).type), (name, kind, type(a))
                 launches.append((name, grid, block))
                 shim.launch(name, self.dtype, grid, block[0], args)
@@ -991,6 +1116,12 @@ def test_gpu_entry_points_with_a_stand_in_cupy(shim, stand_in_gpu):
             dly = random_array(x.shape, dtype, seed=15)
             np.testing.assert_array_equal(kernels.lrn_backward_gpu(cp.asarray(x), ly, ls, cp.asarray(dly), 4, 0.1, 0.75),
                                           shim.lrn_backward_host(x, ly_ref, ls_ref, dly, 4, 0.1, 0.75))
+            fy, off = kernels.lrn_pool_forward_gpu(cp.asarray(x), 4, 2.0, 0.1, 0.75, 3, 2, 1)
+            for a, b in zip((fy, off), shim.lrn_pool_forward_host(x, 4, 2.0, 0.1, 0.75, 3, 2, 1), strict=True):
+                np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(
+                kernels.lrn_pool_backward_gpu(cp.asarray(x), cp.asarray(dy), off, 4, 2.0, 0.1, 0.75, 3, 2, 1),
+                shim.lrn_pool_backward_host(x, dy, np.asarray(off), 4, 2.0, 0.1, 0.75, 3, 2, 1))
             # The elementwise kernels; sgd_momentum_gpu updates its w and v in place.
             w, v, g = cp.asarray(random_array(x.shape, dtype, 16)), cp.asarray(random_array(x.shape, dtype, 17)), random_array(x.shape, dtype, 18)
             w_ref, v_ref = np.array(w), np.array(v)
@@ -1057,7 +1188,8 @@ def test_gpu_entry_points_with_a_stand_in_cupy(shim, stand_in_gpu):
 
 
 # The checks of shapes, dtypes and sizes inside cpnet.kernels; the ops make their own and pass check=False.
-_KERNEL_CHECKS = ("_float_dtype", "out_size", "_same_shapes", "_check_pool", "_check_lrn_size", "_xent_check",
+_KERNEL_CHECKS = ("_float_dtype", "out_size", "_same_shapes", "_check_pool", "_check_lrn_size", "_check_lrn_pool",
+                  "_xent_check",
                   "_layout_check")
 
 
@@ -1101,12 +1233,12 @@ def test_ops_on_a_gpu_check_their_arguments_once(shim, stand_in_gpu, monkeypatch
     """An op on GPU arrays validates its arguments itself (naming the op) and launches the kernels with
     check=False, so no argument is checked twice on the way; its results equal the NumPy path's."""
     from cpnet import ops
-    from cpnet.ops import activations, conv, dropout, loss, lrn, pool
+    from cpnet.ops import activations, conv, dropout, loss, lrn, lrnpool, pool
 
     def xp_of(a):
         return _StandInCupy if isinstance(a, _StandInGpuArray) else np
 
-    for module in (activations, conv, dropout, loss, lrn, pool):
+    for module in (activations, conv, dropout, loss, lrn, lrnpool, pool):
         monkeypatch.setattr(module, "get_array_module", xp_of)
     _forbid_kernel_checks(monkeypatch)
     cp = _StandInCupy
@@ -1146,8 +1278,20 @@ def test_ops_on_a_gpu_check_their_arguments_once(shim, stand_in_gpu, monkeypatch
     np.testing.assert_array_equal(col, conv._im2col(x, 3, 3, 1, 1, 1, 1))
     np.testing.assert_array_equal(conv._col2im(col, x.shape, 3, 3, 1, 1, 1, 1),
                                   conv._col2im(np.asarray(col), x.shape, 3, 3, 1, 1, 1, 1))
+    y, cache = ops.lrn_pool_forward(cp.asarray(x), 5, 2.0, 1e-4, 0.75, "mean", 3, 2, 1)
+    y_ref, cache_ref = ops.lrn_pool_forward(x, 5, 2.0, 1e-4, 0.75, "mean", 3, 2, 1)
+    assert cache[0] == "fused" and cache_ref[0] == "apart" and cache[2].dtype == np.uint8
+    np.testing.assert_allclose(y, y_ref, **TOL[np.float32])
+    np.testing.assert_array_equal(cache[2], cache_ref[2][0])  # the host pool's window offsets
+    dyp = random_array(y_ref.shape, np.float32, seed=26)
+    np.testing.assert_allclose(ops.lrn_pool_backward(cp.asarray(dyp), cache), ops.lrn_pool_backward(dyp, cache_ref),
+                               **TOL[np.float32])
     with pytest.raises(ValueError, match="max_pool2d_forward: pad"):  # the op's own check still speaks
         ops.max_pool2d_forward(cp.asarray(x), 3, 2, 3)
+    with pytest.raises(ValueError, match="lrn_pool_forward: pad"):
+        ops.lrn_pool_forward(cp.asarray(x), ksize=3, stride=2, pad=3)
+    with pytest.raises(ValueError, match="lrn_pool_backward: dy must have"):
+        ops.lrn_pool_backward(cp.asarray(x), cache)
 
 
 def test_bf16_ops_on_a_gpu_agree_with_their_host_emulation(shim, stand_in_gpu, monkeypatch):

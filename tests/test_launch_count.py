@@ -32,6 +32,10 @@ def test_launches_of_a_fused_training_step(lc):
     # conv1-5's bias and ReLU in their layout pass, each way; fc6 and fc7's ReLU on their own
     assert ours["conv_layout_forward_kernel"] == ours["conv_layout_backward_kernel"] == 5
     assert ours["relu_forward_kernel"] == ours["relu_backward_kernel"] == 2
+    # LRN -> pool of layers 1-2 in one kernel each way; pool5 on its own
+    assert r["lrn_pool"] and ours["lrn_pool_forward_kernel"] == ours["lrn_pool_backward_kernel"] == 2
+    assert "lrn_forward_kernel" not in ours and "lrn_backward_kernel" not in ours
+    assert ours["maxpool_forward_kernel"] == ours["maxpool_backward_kernel"] == 1
     # conv: 2 groups in conv2, 4, 5 -> 8 products forward, 8 weight gradients, 7 input gradients (not conv1's);
     # fc6, fc7, fc8: 3 forward, 3 weight gradients, 3 input gradients
     assert r["cublas"] == 8 + 8 + 7 + 9
@@ -40,13 +44,37 @@ def test_launches_of_a_fused_training_step(lc):
     assert "cupy:concatenate" not in ops and "cupy:exp.__call__" not in ops  # the old dropout and loss paths
     assert "cupy:ascontiguousarray (copy)" not in ops  # conv backward's layout copy: in the layout kernel
     assert ops["cupy:add.__call__"] == 3  # only fc6-fc8's bias adds (the conv biases: in the layout pass)
-    assert r["total"] <= 100, r
+    assert r["total"] <= 96, r
+
+
+def test_fusing_lrn_and_pool_saves_four_launches_and_the_bytes_computed(lc):
+    """CPNET_FUSE_LRN_POOL=0 puts layers 1-2's LRN and pool apart again: 4 launches more per step (2 LRN and 2 pool
+    kernels each way become 2 fused ones each way), nothing else changes; and the bytes of the arrays those kernels
+    are handed in a step are what lrn_pool_traffic computes from the shapes, apart and fused."""
+    fused = lc.count_step("alexnet-tiny", batch_size=2, steps=2)
+    apart = lc.count_step("alexnet-tiny", batch_size=2, steps=2, lrn_pool=0)
+    assert fused["lrn_pool"] and not apart["lrn_pool"]
+    assert apart["total"] - fused["total"] == 4
+    assert apart["cpnet kernels"]["lrn_forward_kernel"] == apart["cpnet kernels"]["lrn_backward_kernel"] == 2
+    assert apart["cpnet kernels"]["maxpool_forward_kernel"] == 3 and "lrn_pool_forward_kernel" not in apart["cpnet kernels"]
+    for kind in ("cupy", "cublas", "copy"):
+        assert apart[kind] == fused[kind], kind
+    t = lc.lrn_pool_traffic("alexnet-tiny", 2, "fp32")
+    moved = {name: sum(r["kernel bytes"].get(k, 0) for k in lc.LRN_POOL_KERNELS) for name, r in
+             (("fused", fused), ("apart", apart))}
+    pool5 = fused["kernel bytes"]["maxpool_forward_kernel"] + fused["kernel bytes"]["maxpool_backward_kernel"]
+    assert moved["fused"] - pool5 == t["fused"]["step"]
+    assert moved["apart"] - pool5 == t["apart"]["step"]
+    assert moved["apart"] - moved["fused"] == t["saved_per_step"] > 0
+    big = lc.lrn_pool_traffic("alexnet", 128, "fp32")  # the figure docs/PERFORMANCE.md quotes
+    assert big["layers"]["lrn1+pool1"]["E"] == 128 * 96 * 55 * 55 and big["layers"]["lrn2+pool2"]["P"] == 128 * 256 * 13 * 13
+    assert round(big["saved_per_step"] / 1e6) == 1797
 
 
 def test_the_gpu_path_on_the_stand_in_matches_the_host(lc):
     """Two training steps of the fused model (dropout on) on the GPU code path, against the host path in float64:
-    the loss kernels, the towers' dropout kernel, the convolutions' layout kernels with bias and ReLU and the
-    multi-tensor update in a real step."""
+    the loss kernels, the towers' dropout kernel, the convolutions' layout kernels with bias and ReLU, the fused
+    LRN -> pool kernels of layers 1-2 and the multi-tensor update in a real step."""
     from conftest import fused_training_steps
 
     from cpnet.model import make_config
@@ -61,13 +89,41 @@ def test_the_gpu_path_on_the_stand_in_matches_the_host(lc):
 
     want = step([backend.HOST] * 2)
     with lc.stand_in():
+        kernels.launch_counts.clear()
         got = step([backend.Device("gpu", 0)] * 2)
         assert kernels.launch_counts["dropout_towers_forward_kernel"] > 0
         assert kernels.launch_counts["conv_layout_backward_kernel"] > 0
+        assert kernels.launch_counts["lrn_pool_backward_kernel"] > 0 and not kernels.launch_counts["lrn_forward_kernel"]
     assert got[0] == pytest.approx(want[0], rel=1e-12)
     for g, w in zip(got[1:], want[1:]):
         for k in w:
             np.testing.assert_allclose(g[k], w[k], rtol=1e-10, atol=1e-13, err_msg=k)
+
+
+def test_the_two_tower_gpu_path_with_fused_lrn_pool_on_the_stand_in_matches_the_host(lc):
+    """Towers not fused (CPNET_FUSE_TOWERS=0 on one GPU, or two GPUs): each tower's LRN -> pool is one LRNPool layer
+    on the GPU path; one step's loss and gradients against the host path in float64."""
+    from cpnet.model import build_model, make_config
+
+    cfg = make_config("alexnet-tiny", 5, 15, seed=2)
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((3, 3, 15, 15)), rng.integers(0, 5, 3)
+
+    def step(placement):
+        m = build_model(cfg, placement=placement, dtype=np.float64, fuse=False, tower_threads=False)
+        loss, _ = m.loss(x, y)
+        m.loss_backward()
+        return m, float(loss), {k: backend.to_host(g) for k, g in m.grads().items()}
+
+    _, want_loss, want = step([backend.HOST] * 2)
+    with lc.stand_in():
+        kernels.launch_counts.clear()
+        m, got_loss, got = step([backend.Device("gpu", 0)] * 2)
+        assert m.lrn_pool and kernels.launch_counts["lrn_pool_forward_kernel"] == 4  # 2 layers x 2 towers
+        assert not kernels.launch_counts["lrn_forward_kernel"]
+    assert got_loss == pytest.approx(want_loss, rel=1e-12)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-10, atol=1e-13, err_msg=k)
 
 
 def test_the_batch_upload_through_pinned_buffers_on_a_side_stream(lc):

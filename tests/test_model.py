@@ -341,6 +341,45 @@ def test_cpnet_fuse_towers_values(monkeypatch):
         build_model(cfg)
 
 
+def test_cpnet_fuse_lrn_pool_values(monkeypatch):
+    """LRN -> pool of layers 1-2 as one layer: off on the host by default, on with =1 where the conventions
+    normalise before pooling (never for Caffe's pool-then-LRN); the stage names stay."""
+    from cpnet.layers import LRNPool, PoolInLRN
+
+    cfg = make_config("alexnet-tiny", 5, 15)
+    assert not build_model(cfg).lrn_pool
+    monkeypatch.setenv("CPNET_FUSE_LRN_POOL", "1")
+    for fuse in (True, False):
+        m = build_model(cfg, fuse=fuse)
+        layers = dict(m.stages[0].streams[0].named())
+        assert m.lrn_pool and isinstance(layers["lrn1"], LRNPool) and isinstance(layers["pool2"], PoolInLRN)
+        assert [n for n, _ in m.stages[0].streams[0].named()] == [
+            "conv1", "act1", "lrn1", "pool1", "conv2", "act2", "lrn2", "pool2"]
+    assert not build_model(make_config("alexnet-tiny", 5, 15, conventions="caffe")).lrn_pool
+    assert not build_model(make_config("alexnet-tiny", 5, 15, lrn=False)).lrn_pool
+    monkeypatch.setenv("CPNET_FUSE_LRN_POOL", "yes")
+    with pytest.raises(CpnetError, match="CPNET_FUSE_LRN_POOL='yes': expected 0 or 1"):
+        build_model(cfg)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_lrn_pool_layers_train_as_the_separate_ones(monkeypatch, fuse):
+    """On the host the LRNPool layer runs the two ops it stands for: the same loss and gradients, bit for bit."""
+    cfg = make_config("alexnet-tiny", 5, 15, seed=4)
+    rng = np.random.default_rng(6)
+    x, y = rng.standard_normal((3, 3, 15, 15)), rng.integers(0, 5, 3)
+    out = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("CPNET_FUSE_LRN_POOL", flag)
+        m = build_model(cfg, dtype=np.float64, fuse=fuse, tower_threads=False)
+        loss, _ = m.loss(x, y)
+        m.loss_backward()
+        out.append((float(loss), m.grads()))
+    assert out[0][0] == out[1][0]
+    for k, g in out[0][1].items():
+        np.testing.assert_array_equal(out[1][1][k], g, err_msg=k)
+
+
 def test_fused_model_loads_parameters_into_its_shared_arrays():
     cfg = make_config("alexnet-tiny", 5, 15, seed=1)
     src = build_model(make_config("alexnet-tiny", 5, 15, seed=9), dtype=np.float64).host_params()

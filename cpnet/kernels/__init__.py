@@ -13,7 +13,8 @@ and round once per stored element. Scalars (`F alpha`) and caches that need the 
 of type F. `narrow_gpu` (float32 -> bf16) and `widen_gpu` (bf16 -> float32) convert whole arrays.
 
 GPU entry points (`im2col_gpu`, `col2im_gpu`, `maxpool_forward_gpu`, `maxpool_backward_gpu`, `lrn_forward_gpu`,
-`lrn_backward_gpu`) take and return CuPy arrays; so do the elementwise ones, each one pass where CuPy would chain
+`lrn_backward_gpu`, and LRN -> max pool fused: `lrn_pool_forward_gpu`, `lrn_pool_backward_gpu`) take and return
+CuPy arrays; so do the elementwise ones, each one pass where CuPy would chain
 several kernels, bit-identical to the NumPy path: `sgd_momentum_gpu` (updates w and v in place),
 `sgd_momentum_multi_gpu` (many arrays in one launch), `dropout_forward_gpu`, `dropout_towers_forward_gpu` (both
 fused towers in one launch), `relu_forward_gpu`, `relu_backward_gpu`, `softmax_xent_forward_gpu`,
@@ -46,6 +47,9 @@ from ..shapes import window_out
 
 KERNEL_DIR = Path(__file__).resolve().parent
 SOURCES = ("im2col.cu", "maxpool.cu", "lrn.cu", "elementwise.cu", "loss.cu", "layout.cu")
+# headers kernel_source puts before a source (after the T and F typedefs): pool.cuh's comparison and gather rules
+# are shared by the plain max pool and the fused LRN -> pool kernels
+HEADERS = {"maxpool.cu": ("pool.cuh",), "lrn.cu": ("pool.cuh",)}
 # bfloat16 as the kernels see it: a uint16 array of bit patterns (NumPy and CuPy have no bfloat16 dtype).
 BF16 = np.dtype(np.uint16)
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64), BF16)
@@ -77,8 +81,8 @@ def _wide(*arrays) -> int:
 
 @dataclass(frozen=True)
 class Param:
-    """One kernel parameter: kind is 'ptr_T', 'ptr_F', 'ptr_int', 'ptr_i64' (long long*), 'int', 'T' or 'F' (F: the
-    compute type)."""
+    """One kernel parameter: kind is 'ptr_T', 'ptr_F', 'ptr_int', 'ptr_i64' (long long*), 'ptr_u8' (unsigned char*),
+    'int', 'T' or 'F' (F: the compute type)."""
 
     name: str
     kind: str
@@ -113,6 +117,8 @@ def _parse_param(kernel: str, decl: str) -> Param:
         return Param(name, "ptr_int")
     if rest == ["long", "long", "*"]:
         return Param(name, "ptr_i64")
+    if rest == ["unsigned", "char", "*"]:
+        return Param(name, "ptr_u8")
     if rest == ["int"]:
         return Param(name, "int")
     if rest == ["T"]:
@@ -152,12 +158,14 @@ def list_kernels() -> list[str]:
 
 def kernel_source(filename: str, dtype) -> str:
     """The text compiled for `dtype` (float32, float64 or BF16): typedefs for T and F (bf16.cuh first for BF16),
-    then the file as written."""
+    the file's HEADERS, then the file as written."""
     dt = np.dtype(dtype)
     ctype, ftype = _CTYPE[dt], _CTYPE[compute_dtype(dt)]
     head = f'typedef {ctype} T;\ntypedef {ftype} F;\n'
     if dt == BF16:
         head = f'#line 1 "bf16.cuh"\n{read_source("bf16.cuh")}\n{head}'
+    for h in HEADERS.get(filename, ()):
+        head += f'#line 1 "{h}"\n{read_source(h)}\n'
     return f'{head}#line 1 "{filename}"\n' + read_source(filename)
 
 
@@ -173,7 +181,8 @@ def pack_args(name: str, dtype, args, array_check=None) -> list:
         raise TypeError(f"{name}: {len(kernel.params)} arguments expected, got {len(args)}")
     dtype = np.dtype(dtype)
     fdtype = compute_dtype(dtype)
-    expected = {"ptr_T": dtype, "ptr_F": fdtype, "ptr_int": np.dtype(np.int32), "ptr_i64": np.dtype(np.int64)}
+    expected = {"ptr_T": dtype, "ptr_F": fdtype, "ptr_int": np.dtype(np.int32), "ptr_i64": np.dtype(np.int64),
+                "ptr_u8": np.dtype(np.uint8)}
     out = []
     for p, a in zip(kernel.params, args):
         if p.kind in expected:
@@ -329,6 +338,55 @@ def _lrn_backward(run, xp, x, y, scale, dy, size, alpha_eff, beta, check=True):
     x, y, scale, dy = (xp.ascontiguousarray(a) for a in (x, y, scale, dy))
     dx = xp.empty_like(x)
     run("lrn_backward_kernel", x.dtype, x.size, x, y, scale, dy, dx, N, C, H * W, size, alpha_eff, beta, _wide(x))
+    return dx
+
+
+# LRN -> max pool fused (lrn.cu's lrn_pool kernels): the pooled output and uint8 window offsets, never the LRN's.
+
+POOL_OFFSET_MAX = 255  # the window offsets i*ksize + j are uint8: ksize*ksize may not exceed this
+
+
+def _check_lrn_pool(op, x_shape, size, ksize, stride, pad):
+    """-> (N, C, H, W, Ho, Wo) after checking the LRN size, the pool window and that its offsets fit a uint8."""
+    N, C, H, W = _nchw(op, x_shape)
+    _check_lrn_size(op, size)
+    _check_pool(op, ksize, pad)
+    if ksize * ksize > POOL_OFFSET_MAX:
+        raise ValueError(f"{op}: ksize {ksize} too large for uint8 window offsets (ksize^2 <= {POOL_OFFSET_MAX})")
+    return N, C, H, W, out_size(op, H, ksize, stride, pad), out_size(op, W, ksize, stride, pad)
+
+
+def _lrn_pool_forward(run, xp, x, size, k, alpha_eff, beta, ksize, stride, pad, check=True):
+    """-> (y (N, C, Ho, Wo), off uint8 (N, C, Ho, Wo)): max_pool(lrn(x)) and each winner's offset in its window."""
+    if check:
+        _float_dtype("lrn_pool_forward", x)
+        _check_lrn_pool("lrn_pool_forward", x.shape, size, ksize, stride, pad)
+    N, C, H, W = (int(s) for s in x.shape)
+    Ho, Wo = window_out(H, ksize, stride, pad), window_out(W, ksize, stride, pad)
+    x = xp.ascontiguousarray(x)
+    y = xp.empty((N, C, Ho, Wo), dtype=x.dtype)
+    off = xp.empty((N, C, Ho, Wo), dtype=np.uint8)
+    run("lrn_pool_forward_kernel", x.dtype, y.size, x, y, off, N, C, H, W, size, k, alpha_eff, beta, ksize, stride,
+        pad, Ho, Wo, _wide(x))
+    return y, off
+
+
+def _lrn_pool_backward(run, xp, x, dy, off, size, k, alpha_eff, beta, ksize, stride, pad, check=True):
+    """dx (x's shape) of max_pool(lrn(x)) from the forward's x and offsets and the pooled output's gradient dy."""
+    if check:
+        _float_dtype("lrn_pool_backward", x, dy)
+        N, C, H, W, Ho, Wo = _check_lrn_pool("lrn_pool_backward", x.shape, size, ksize, stride, pad)
+        if tuple(dy.shape) != (N, C, Ho, Wo) or tuple(off.shape) != (N, C, Ho, Wo):
+            raise ValueError(f"lrn_pool_backward: expected dy and off of shape {(N, C, Ho, Wo)}, got "
+                             f"{tuple(dy.shape)} and {tuple(off.shape)}")
+        if np.dtype(off.dtype) != np.uint8:
+            raise ValueError(f"lrn_pool_backward: off must be uint8 window offsets, got {off.dtype}")
+    N, C, H, W = (int(s) for s in x.shape)
+    Ho, Wo = (int(s) for s in dy.shape[2:])
+    x, dy, off = (xp.ascontiguousarray(a) for a in (x, dy, off))
+    dx = xp.empty_like(x)
+    run("lrn_pool_backward_kernel", x.dtype, dx.size, x, dy, off, dx, N, C, H, W, size, k, alpha_eff, beta, ksize,
+        stride, pad, Ho, Wo, _wide(x))
     return dx
 
 
@@ -660,6 +718,19 @@ def lrn_forward_gpu(x, size, k, alpha_eff, beta, check=True):
 def lrn_backward_gpu(x, y, scale, dy, size, alpha_eff, beta, check=True):
     """dx = dy * scale^-beta - 2 alpha_eff beta x * sum over the windows containing c of dy * y / scale."""
     return _on_gpu("lrn_backward_gpu", _lrn_backward, (x, y, scale, dy), size, alpha_eff, beta, check=check)
+
+
+def lrn_pool_forward_gpu(x, size, k, alpha_eff, beta, ksize, stride, pad, check=True):
+    """-> (y, off uint8): max pooling of lrn_forward_gpu's output in one pass, off the winner's offset i*ksize + j in
+    its window (the host path's compact argmax); the LRN output and scale are not stored."""
+    return _on_gpu("lrn_pool_forward_gpu", _lrn_pool_forward, (x,), size, k, alpha_eff, beta, ksize, stride, pad,
+                   check=check)
+
+
+def lrn_pool_backward_gpu(x, dy, off, size, k, alpha_eff, beta, ksize, stride, pad, check=True):
+    """dx of lrn_pool_forward_gpu: the pool's gradient gathered through off, LRN's scale recomputed from x."""
+    return _on_gpu("lrn_pool_backward_gpu", _lrn_pool_backward, (x, dy, off), size, k, alpha_eff, beta, ksize,
+                   stride, pad, check=check)
 
 
 def sgd_momentum_gpu(w, g, v, momentum, wd_lr, lr, check=True):

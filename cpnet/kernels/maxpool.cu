@@ -6,6 +6,7 @@
 // the flat index h*W + w of the winner inside its (n, c) plane (-1 if a window covers no input at all).
 // Index arithmetic in I: 32-bit unsigned unless the launcher sets `wide` (an array of 2^31 elements or more);
 // see im2col.cu. Comparisons and the backward's sums run in F (float for bf16; the maximum itself is exact).
+// pool_window, pool_takes and pool_covering: pool.cuh (shared with lrn.cu's fused LRN -> pool kernels).
 
 template <typename I>
 __device__ __forceinline__ void maxpool_forward_body(const T* __restrict__ x, T* __restrict__ y,
@@ -19,16 +20,15 @@ __device__ __forceinline__ void maxpool_forward_body(const T* __restrict__ x, T*
         const int oy = (int)((e / Wo) % Ho);
         const I nc = e / ((I)Wo * Ho);
         const T* plane = x + nc * H * W;
-        const int h0 = oy * stride - pad;
-        const int w0 = ox * stride - pad;
-        const int hs = max(h0, 0), he = min(h0 + ksize, H);
-        const int ws = max(w0, 0), we = min(w0 + ksize, W);
+        int hs, he, ws, we;
+        pool_window(oy, ksize, stride, pad, H, hs, he);
+        pool_window(ox, ksize, stride, pad, W, ws, we);
         int best_at = -1;
         F best = F(0);
         for (int h = hs; h < he; ++h) {
             for (int w = ws; w < we; ++w) {
                 const F v = F(plane[h * W + w]);
-                if (best_at < 0 || v > best || (v != v && best == best)) {
+                if (pool_takes(v, best, best_at)) {
                     best = v;
                     best_at = h * W + w;
                 }
@@ -63,12 +63,9 @@ __device__ __forceinline__ void maxpool_backward_body(const T* __restrict__ dy, 
         const int w = (int)(e % W);
         const int h = (int)((e / W) % H);
         const I nc = e / ((I)W * H);
-        // Output oy covers rows [oy*stride - pad, oy*stride - pad + ksize): those with
-        // (h + pad - ksize) / stride < oy <= (h + pad) / stride.
-        const int oy0 = (h + pad < ksize) ? 0 : (h + pad - ksize) / stride + 1;
-        const int oy1 = min((h + pad) / stride + 1, Ho);
-        const int ox0 = (w + pad < ksize) ? 0 : (w + pad - ksize) / stride + 1;
-        const int ox1 = min((w + pad) / stride + 1, Wo);
+        int oy0, oy1, ox0, ox1;
+        pool_covering(h, ksize, stride, pad, Ho, oy0, oy1);
+        pool_covering(w, ksize, stride, pad, Wo, ox0, ox1);
         const int here = h * W + w;
         const I obase = nc * Ho * Wo;
         F acc = F(0);

@@ -44,6 +44,8 @@ from . import (
     _im2col,
     _lrn_backward,
     _lrn_forward,
+    _lrn_pool_backward,
+    _lrn_pool_forward,
     _maxpool_backward,
     _maxpool_forward,
     _dropout_towers_forward,
@@ -172,7 +174,7 @@ def build_all():
 
 
 def _ctype(kind, dtype):
-    if kind in ("ptr_T", "ptr_F", "ptr_int", "ptr_i64"):
+    if kind in ("ptr_T", "ptr_F", "ptr_int", "ptr_i64", "ptr_u8"):
         return ctypes.c_void_p
     if kind == "int":
         return ctypes.c_int
@@ -259,6 +261,14 @@ def lrn_forward_host(x, size, k, alpha_eff, beta):
 
 def lrn_backward_host(x, y, scale, dy, size, alpha_eff, beta):
     return _lrn_backward(_host_run, np, x, y, scale, dy, size, alpha_eff, beta)
+
+
+def lrn_pool_forward_host(x, size, k, alpha_eff, beta, ksize, stride, pad):
+    return _lrn_pool_forward(_host_run, np, x, size, k, alpha_eff, beta, ksize, stride, pad)
+
+
+def lrn_pool_backward_host(x, dy, off, size, k, alpha_eff, beta, ksize, stride, pad):
+    return _lrn_pool_backward(_host_run, np, x, dy, off, size, k, alpha_eff, beta, ksize, stride, pad)
 
 
 def sgd_momentum_host(w, g, v, momentum, wd_lr, lr):

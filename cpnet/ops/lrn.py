@@ -104,16 +104,21 @@ def lrn_backward_cpu(x, y, scale, dy, size, alpha_eff, beta, power=None):
     return dx
 
 
+def lrn_args(op, x, size, k, alpha, beta, alpha_convention):
+    """The checked (size, k, alpha_eff, beta) for normalising the NCHW array x (a ValueError naming `op` otherwise)."""
+    _check.ndim(op, "x", x, 4, "(N, C, H, W)")
+    _check.floating(op, "x", x, kernel=True)
+    size = _check.positive_int(op, "size", size)
+    if alpha_convention not in CONVENTIONS:
+        _check.fail(op, f"alpha_convention must be 'sum' or 'mean', got {alpha_convention!r}")
+    k, alpha, beta = float(k), float(alpha), float(beta)
+    return size, k, alpha if alpha_convention == "sum" else alpha / size, beta
+
+
 def lrn_forward(x, size=5, k=2.0, alpha=1e-4, beta=0.75, alpha_convention="sum"):
     """Cross-channel LRN on NCHW; returns (y, cache) with cache = (x, y, scale, size, alpha_eff, beta, power):
     power is scale^(-beta) on the host, None on a GPU (its backward kernel computes it)."""
-    _check.ndim(OP_F, "x", x, 4, "(N, C, H, W)")
-    _check.floating(OP_F, "x", x, kernel=True)
-    size = _check.positive_int(OP_F, "size", size)
-    if alpha_convention not in CONVENTIONS:
-        _check.fail(OP_F, f"alpha_convention must be 'sum' or 'mean', got {alpha_convention!r}")
-    k, alpha, beta = float(k), float(alpha), float(beta)
-    alpha_eff = alpha if alpha_convention == "sum" else alpha / size
+    size, k, alpha_eff, beta = lrn_args(OP_F, x, size, k, alpha, beta, alpha_convention)
     power = None
     if get_array_module(x) is np and precision.is_bf16(x):
         power = np.empty(x.shape, dtype=np.float32)

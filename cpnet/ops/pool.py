@@ -173,18 +173,24 @@ def argmax_flat(cache):
     return arg
 
 
+def pool_args(op, x, ksize, stride, pad):
+    """The checked (ksize, stride, pad) for pooling the NCHW array x (one ValueError naming `op` otherwise)."""
+    _check.ndim(op, "x", x, 4, "(N, C, H, W)")
+    _check.floating(op, "x", x, kernel=True)
+    k = _check.positive_int(op, "ksize", ksize)
+    s = _check.positive_int(op, "stride", stride)
+    p = _check.positive_int(op, "pad", pad, 0)
+    if p >= k:
+        _check.fail(op, f"pad must be smaller than ksize={k}, got {p}")
+    H, W = x.shape[2:]
+    _check.out_size(op, H, k, s, p, "height")
+    _check.out_size(op, W, k, s, p, "width")
+    return k, s, p
+
+
 def max_pool2d_forward(x, ksize=3, stride=2, pad=0):
     """Max pooling on NCHW; returns (y, cache) with cache = (argmax, x.shape, ksize, stride, pad)."""
-    _check.ndim(OP_F, "x", x, 4, "(N, C, H, W)")
-    _check.floating(OP_F, "x", x, kernel=True)
-    k = _check.positive_int(OP_F, "ksize", ksize)
-    s = _check.positive_int(OP_F, "stride", stride)
-    p = _check.positive_int(OP_F, "pad", pad, 0)
-    if p >= k:
-        _check.fail(OP_F, f"pad must be smaller than ksize={k}, got {p}")
-    H, W = x.shape[2:]
-    _check.out_size(OP_F, H, k, s, p, "height")
-    _check.out_size(OP_F, W, k, s, p, "width")
+    k, s, p = pool_args(OP_F, x, ksize, stride, pad)
     if get_array_module(x) is np and precision.is_bf16(x):
         y, arg = maxpool_forward_host(precision.from_bf16(x), k, s, p)
         y = precision.to_bf16(y)
