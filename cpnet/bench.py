@@ -11,7 +11,9 @@ Per-layer times follow `caffe time`: the model's own forward and backward passes
 the sum over both towers (run one after the other while hooked). The cross-tower exchanges (the concatenations
 before conv3, fc6, fc7 and fc8, and the gradient splits after them) are reported as one row, `exchange`. A model
 whose towers share a GPU runs fused (cpnet.fused): then each row is one fused layer doing both towers' work, and
-there is no exchange row. Because of the synchronisation around every call, the layer rows add up to a little
+there is no exchange row. On a GPU the rows act1-act5 are the identity (the ReLU runs in its convolution's row)
+and, where layers 1-2's LRN and pool run as one kernel (`lrn_pool` in the JSON; CPNET_FUSE_LRN_POOL), lrn1 and
+lrn2 hold the pooling too and pool1, pool2 are the identity. Because of the synchronisation around every call, the layer rows add up to a little
 more than the whole step, which is timed separately without it.
 """
 
@@ -177,6 +179,7 @@ def bench_model(preset="alexnet", batch_size=128, steps=10, warmup=2, num_classe
                    "dropout": cfg.dropout, "params": model.num_params()},
         "devices": [str(d) for d in devs],
         "fused": bool(model.fused),  # towers sharing a device as one grouped layer each (no exchange row)
+        "lrn_pool": bool(model.lrn_pool),  # layers 1-2's LRN -> pool as one layer (its time in the lrn rows)
         "layers": layers,
         "layers_total": totals,
         "update_ms": float(np.mean(update)),

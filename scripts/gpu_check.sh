@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the GPU tests, `cpnet bench` for alexnet in fp32, tf32 and bf16 at batch 128 and
-# 256 (peak GPU memory), the GEMM rate in fp32/tf32/bf16 (bench/matmul_rate.py: CuPy, cuBLAS's bf16 GemmEx, torch),
+# 256 (peak GPU memory; fp32 also with the towers apart and with CPNET_FUSE_LRN_POOL=0), the GEMM rate in fp32/tf32/bf16 (bench/matmul_rate.py: CuPy, cuBLAS's bf16 GemmEx, torch),
 # the PyTorch variants side by side (bench/compare_torch.py, with host time and kernel launches per step), ~100
 # iterations of real `cpnet train` from a synthetic 256-px file with the default workers, and nvidia-smi's clocks
 # and throttle reasons before and after. Writes logs and JSON to OUTDIR and prints a short table last.
@@ -13,7 +13,7 @@
 # Every step runs (so one costly GPU session gives every answer) under its own time limit, and all of them
 # under one budget (GPU_CHECK_BUDGET, 330 s): a step gets what is left of it at most, and one that finds less
 # than 5 s left is skipped with a line saying so, so the whole call stays under 6 minutes. In order: pytest -m gpu
-# -x (75 s), cpnet bench (45), the precision/batch runs (80), GEMM rates (20), compare_torch (150, torch.compile
+# -x (75 s), cpnet bench (45), the precision/batch runs (90), GEMM rates (20), compare_torch (150, torch.compile
 # 45 s per use), cpnet train (70), conv parts (20), the upload (15), the loader (20), the allreduce (20; 40 more for 2 replicas,
 # run only where two GPUs and mpi4py are there). The loader step (`bench/loader_bench.py`, 0 to 12 workers),
 # `bench/conv_parts.py`, `bench/upload_bench.py`, `bench/matmul_rate.py`, `bench/allreduce.py` and the training
@@ -186,16 +186,20 @@ if wanted bench; then
 fi
 APPEND=1
 
-# ---- 2b. precisions and batches: tf32, bf16, batch $BIG (peak GPU memory per precision), the two-tower path ----
+# ---- 2b. precisions and batches: tf32, bf16, batch $BIG (peak GPU memory per precision), the two-tower path, and
+# fp32 with layers 1-2's LRN and pool apart (CPNET_FUSE_LRN_POOL=0: the fused LRN -> pool kernels' gain) ----------
 if wanted precisions; then
-  runs=("1 tf32 $BATCH 1" "2 bf16 $BATCH 1" "3 fp32 $BIG 1" "4 tf32 $BIG 1" "5 bf16 $BIG 1" "6 fp32 $BATCH 0")
-  step "precisions" 80 "$OUT/bench.log" bash -c '
+  runs=("1 tf32 $BATCH 1" "2 bf16 $BATCH 1" "3 fp32 $BIG 1" "4 tf32 $BIG 1" "5 bf16 $BIG 1" "6 fp32 $BATCH 0"
+        "7 fp32 $BATCH 1 0")
+  step "precisions" 90 "$OUT/bench.log" bash -c '
     py=$1 model=$2 steps=$3 dir=$4; shift 4
     for r in "$@"; do
       set -- $r
-      echo "== cpnet bench --precision $2 --batch-size $3 (CPNET_FUSE_TOWERS=$4)"
-      CPNET_FUSE_TOWERS=$4 "$py" -m cpnet bench --model "$model" --batch-size "$3" --steps "$steps" --no-loader \
-        --precision "$2" --json >"$dir/bench_$1_$2_$3_fuse$4.json" || exit 1
+      lp=${5:-}  # CPNET_FUSE_LRN_POOL: empty = the default (fused on a GPU)
+      echo "== cpnet bench --precision $2 --batch-size $3 (CPNET_FUSE_TOWERS=$4${lp:+ CPNET_FUSE_LRN_POOL=$lp})"
+      CPNET_FUSE_TOWERS=$4 CPNET_FUSE_LRN_POOL=$lp "$py" -m cpnet bench --model "$model" --batch-size "$3" \
+        --steps "$steps" --no-loader --precision "$2" --json >"$dir/bench_$1_$2_$3_fuse$4${lp:+_lrnpool$lp}.json" \
+        || exit 1
     done' _ "$PY" "$MODEL" "$STEPS" "$TMPD" "${runs[@]}"
 fi
 
@@ -317,7 +321,7 @@ b = load("bench.json")
 if b:
     s = b["step"]
     rows.append(("device", ", ".join(b["machine"]["gpus"]) or b["machine"]["cpu"]))
-    path = "fused towers" if b.get("fused") else "two towers"
+    path = ("fused towers" if b.get("fused") else "two towers") + (", LRN+pool fused" if b.get("lrn_pool") else "")
     rows.append((f"cpnet step fp32 ({model}, batch {batch}, {path})", f"{s['ms_median']:.2f} ms median = {s['images_per_s']:.0f} images/s"))
     top = sorted(b["layers"], key=lambda r: -(r["forward_ms"] + r["backward_ms"]))[:4]
     rows.append(("top layers (fwd+bwd ms)", ", ".join(f"{r['name']} {r['forward_ms'] + r['backward_ms']:.2f}" for r in top)))
@@ -336,7 +340,8 @@ for key, r in (more.get("bench") or {}).items():
         rows.append((f"cpnet {key}", r.get("error", "no result")))
         continue
     pool = sum(v["total"] for v in r["memory"]["gpu_pool_bytes"].values())
-    where = "fused towers" if r.get("fused") else "two towers"
+    where = ("fused towers" if r.get("fused") else "two towers") + (
+        ", CPNET_FUSE_LRN_POOL=0" if key.endswith("_lrnpool0") else "")
     rows.append((f"cpnet {r.get('precision', '?')} batch {r['config']['batch_size']} ({where})",
                  f"{r['step']['ms_median']:.2f} ms median = {r['step']['images_per_s']:.0f} images/s; "
                  + (f"GPU pool {mib(pool)}" if pool else f"host RSS {mib(r['memory']['host_peak_rss_bytes'])}")))

@@ -38,8 +38,10 @@ def test_gpu_check_dry_run_writes_its_files_and_the_table(tmp_path):
     assert b["precision"] == "fp32" and b["config"]["batch_size"] == 4 and b["step"]["ms_median"] > 0
     more = json.loads((out / "bench_more.json").read_text())
     runs = sorted((v["precision"], v["config"]["batch_size"], v["fused"]) for v in more["bench"].values())
-    assert runs == [("bf16", 4, True), ("bf16", 8, True), ("fp32", 4, False), ("fp32", 8, True), ("tf32", 4, True),
-                    ("tf32", 8, True)]
+    assert runs == [("bf16", 4, True), ("bf16", 8, True), ("fp32", 4, False), ("fp32", 4, True), ("fp32", 8, True),
+                    ("tf32", 4, True), ("tf32", 8, True)]
+    apart = more["bench"]["7_fp32_4_fuse1_lrnpool0"]  # the fused LRN -> pool kernels off (on the CPU: off anyway)
+    assert apart["lrn_pool"] is False and apart["step"]["ms_median"] > 0
     gemm = {(row["lib"], row["precision"]): row for row in more["matmul"]["rows"]}
     assert gemm[("numpy", "fp32")]["tflops"] > 0 and "skipped" in gemm[("cupy", "all")]
     epochs = more["train"]["epochs"]  # 2 epochs of 3 batches of 4 from the synthetic file
@@ -51,6 +53,7 @@ def test_gpu_check_dry_run_writes_its_files_and_the_table(tmp_path):
     summary = (out / "summary.txt").read_text()
     for words in ("cpnet step fp32 (alexnet-tiny, batch 4", "cpnet tf32 batch 8", "GEMM 256^3 numpy fp32",
                   "cpnet train fp32 epoch 2 (it 6)", "cpnet bf16 batch 4 (fused towers)", "cpnet bf16 batch 8",
+                  "cpnet fp32 batch 4 (fused towers, CPNET_FUSE_LRN_POOL=0)",
                   "steps skipped", "pytest (GPU_CHECK_SKIP)"):
         assert words in summary, (words, summary)
     if has_torch:

@@ -141,6 +141,45 @@ def test_lrn_gpu(cp, case, params, dtype):
     np.testing.assert_allclose(_host(dx), lrn_backward_cpu(x, y_ref, scale_ref, dy, size, alpha, beta), **TOL[dtype])
 
 
+LRN_POOL_CASES = [(2, 7, 9, 9, 5, 3, 2, 0), (1, 3, 8, 7, 5, 3, 2, 1), (2, 4, 6, 5, 4, 2, 2, 0), (2, 48, 27, 27, 5, 3, 2, 0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [kernels.BF16])
+@pytest.mark.parametrize("case", LRN_POOL_CASES, ids=str)
+def test_lrn_pool_gpu_equals_the_separate_kernels(cp, case, dtype):
+    """The fused LRN -> pool kernels against lrn_forward_gpu then maxpool_forward_gpu and back (the same
+    arithmetic; NVRTC may contract multiply-adds differently in the two, so values within the LRN tolerance), the
+    window offsets equal, and against the host shim's run of the fused kernels."""
+    from cpnet import precision
+    from cpnet.ops.pool import flat_to_window
+
+    N, C, H, W, size, ks, s, p = case
+    k, alpha, beta = 2.0, 0.1, 0.75
+    x32 = np.round(random_array((N, C, H, W), np.float32, seed=7) * 2)  # ties
+    x32[0, 0, 0, :2] = np.nan
+    x = precision.to_bf16(x32) if dtype == kernels.BF16 else x32.astype(dtype)
+    widen = (lambda a: precision.from_bf16(_host(a))) if dtype == kernels.BF16 else _host
+    tol = dict(rtol=2.0 ** -7, atol=1e-30) if dtype == kernels.BF16 else TOL[dtype]
+    y, off = kernels.lrn_pool_forward_gpu(cp.asarray(x), size, k, alpha, beta, ks, s, p)
+    ly, scale = kernels.lrn_forward_gpu(cp.asarray(x), size, k, alpha, beta)
+    y_ref, arg = kernels.maxpool_forward_gpu(ly, ks, s, p)
+    np.testing.assert_allclose(widen(y), widen(y_ref), **tol)
+    np.testing.assert_array_equal(_host(off), flat_to_window(_host(arg), x.shape, ks, s, p))
+    dy = random_array(y.shape, np.float32, seed=8)
+    dy = precision.to_bf16(dy) if dtype == kernels.BF16 else dy.astype(dtype)
+    dx = kernels.lrn_pool_backward_gpu(cp.asarray(x), cp.asarray(dy), off, size, k, alpha, beta, ks, s, p)
+    dx_ref = kernels.lrn_backward_gpu(cp.asarray(x), ly, scale, kernels.maxpool_backward_gpu(
+        cp.asarray(dy), arg, x.shape, ks, s, p), size, alpha, beta)
+    np.testing.assert_allclose(widen(dx), widen(dx_ref), **tol)
+    shim = _shim()
+    if shim is not None:
+        y_h, off_h = shim.lrn_pool_forward_host(x, size, k, alpha, beta, ks, s, p)
+        np.testing.assert_allclose(widen(y), widen(y_h), **tol)
+        np.testing.assert_array_equal(_host(off), off_h)
+        np.testing.assert_allclose(widen(dx), widen(shim.lrn_pool_backward_host(x, dy, off_h, size, k, alpha, beta,
+                                                                                 ks, s, p)), **tol)
+
+
 def test_grid_stride_loop_covers_more_elements_than_one_launch(cp):
     """More output elements than GPU_GRID_CAP * GPU_BLOCK threads: the grid-stride loop must reach them all."""
     from cpnet.ops.conv import im2col_cpu
