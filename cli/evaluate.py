@@ -46,7 +46,7 @@ def command(checkpoint, data, ten_crop, batch_size, workers, as_json):
         check_dataset(ck, ds, f"--data {data}", checkpoint)
     views = "ten" if ten_crop else "center"
     with EvalLoader(data, batch_size, ck.config.crop, views=views, workers=workers, scale=ck.scale,
-                    mean=ck.mean) as loader:
+                    mean=ck.mean, pad=ck.pad) as loader:
         r = evaluate(model, loader)
     informative = top5_informative(len(ck.classes))
     r = dict(r, views=views, checkpoint=checkpoint, data=data, top5_informative=informative)

@@ -75,12 +75,12 @@ def _centre_crops(images, mean, crop, scale):
     (what the evaluation loader feeds the network for the centre view)."""
     import numpy as np
 
-    s = images.shape[1]
-    o = (s - crop) // 2
-    x = images[:, o:o + crop, o:o + crop].astype(np.float32) - mean[o:o + crop, o:o + crop].astype(np.float32)
-    if scale != 1.0:
-        x *= np.float32(scale)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    from cpnet.data.augment import eval_batch_into, view_offsets
+
+    x = np.empty((len(images), 1, 3, crop, crop), np.float32)
+    mean_chw = np.ascontiguousarray(np.asarray(mean, np.float32).transpose(2, 0, 1))
+    eval_batch_into(x, images, range(len(images)), view_offsets(images.shape[1], crop), mean_chw, scale)
+    return x[:, 0]
 
 
 @command.command("filters")
@@ -257,7 +257,8 @@ def neighbors(checkpoint, query, pool, n, k, seed, batch_size, workers, out):
         if k > pds.n:
             raise CpnetError(f"-k {k}: {pool} holds only {pds.n} images")
         t0 = time.perf_counter()
-        with EvalLoader(pool, batch_size, ck.config.crop, views="center", workers=workers, scale=ck.scale) as ld:
+        with EvalLoader(pool, batch_size, ck.config.crop, views="center", workers=workers, scale=ck.scale,
+                        pad=ck.pad) as ld:
             feats = fc7_features(model, ld)
         fq = fc7_features(model, [xq])
         idx, dist = nearest_neighbors(fq, feats, k)

@@ -353,7 +353,7 @@ def _train(cfg, tc, name, opts, settings, partial, on_step, train_run, TrainingD
         train_path, _ = dataset_paths(tc.data)
         workers = holder["train"].workers
         with EvalLoader(train_path, max(tc.batch_size, 128), holder["config"].crop, views="center",
-                        workers=workers, scale=tc.scale) as ld:
+                        workers=workers, scale=tc.scale, pad=holder["train"].pad) as ld:
             rec["train_eval"] = evaluate(holder["model"], ld)
     rec["seconds"] += time.perf_counter() - t0
     _write_json(os.path.join(tc.out, "ablation_run.json"), rec)

@@ -50,6 +50,12 @@ class Checkpoint:
     train: dict = field(default_factory=dict)
     path: str = ""
 
+    @property
+    def pad(self) -> int:
+        """How far the training crops could leave the image (--pad): evaluation may then use a crop up to
+        2 x pad larger than the stored images (the image centred on a canvas of the mean colour)."""
+        return int(self.train.get("pad", 0) or 0)
+
 
 @contextmanager
 def atomic_path(path):
@@ -284,7 +290,7 @@ def check_dataset(ck: Checkpoint, ds, where: str, checkpoint=None):
     if list(ds.classes) != list(ck.classes):
         raise CpnetError(f"{where}: its {len(ds.classes)} classes differ from the checkpoint's {len(ck.classes)} "
                          f"({name})")
-    if ck.config.crop > ds.size:
+    if ck.config.crop > ds.size + 2 * ck.pad:
         raise CpnetError(f"{where}: images are {ds.size}px, smaller than the model's crop {ck.config.crop}")
     if ck.stored_size and ds.size != ck.stored_size:
         raise CpnetError(f"{where}: images are stored at {ds.size}px, the checkpoint was trained on "

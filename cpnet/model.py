@@ -164,12 +164,15 @@ def fc6_fan_in(cfg: NetConfig, crop=None) -> int:
     return c * h * w
 
 
-def check_crop(cfg: NetConfig, stored_size=None):
+def check_crop(cfg: NetConfig, stored_size=None, pad=0):
+    """The crop fits the preset, and the stored images where given: at most their size, or their size + 2 x pad
+    for training crops that may leave the image by `pad` px on each side."""
     lo = min_crop(cfg)
     if cfg.crop < lo:
         raise OptionError("crop", cfg.crop, f"model {cfg.preset} needs crops of at least {lo}")
-    if stored_size is not None and cfg.crop > stored_size:
-        raise OptionError("crop", cfg.crop, f"larger than the stored image size {stored_size}")
+    if stored_size is not None and cfg.crop > stored_size + 2 * pad:
+        raise OptionError("crop", cfg.crop, f"larger than the stored image size {stored_size}"
+                          + (f" + 2 x --pad {pad}" if pad else ""))
     if cfg.preset == "alexnet" and cfg.crop in (224, 227) and fc6_fan_in(cfg) != 9216:
         raise AssertionError(f"alexnet fc6 fan-in is {fc6_fan_in(cfg)}, expected 9216")
 

@@ -392,7 +392,7 @@ def start_or_resume(cfg: TrainConfig, data: DataFiles, explicit=None, world=None
         ck = None
     if cfg.schedule == "plateau" and (data.val is None or not cfg.validate):
         raise CpnetError("--schedule plateau needs validation data (val.h5 beside train.h5)")
-    check_crop(net_cfg, data.stored)
+    check_crop(net_cfg, data.stored, cfg.pad)
     return cfg, net_cfg, state, ck
 
 
@@ -404,7 +404,7 @@ def _start(cfg: TrainConfig, data: DataFiles, notices):
     if cfg.model not in PRESETS:
         raise CpnetError(f"--model {cfg.model!r}: expected one of {', '.join(PRESETS)}")
     crop = cfg.crop or default_crop(cfg.model, data.stored)
-    if cfg.crop is None and crop > data.stored:
+    if cfg.crop is None and crop > data.stored + 2 * cfg.pad:
         raise CpnetError(f"--model {cfg.model} takes {crop}-px crops, larger than the {data.stored}-px images of "
                          f"{data.train} (prepare them with --size 256, or use --model alexnet-small)")
     if cfg.model != "alexnet" and data.stored > SMALL_PRESET_SIZE:
@@ -489,7 +489,7 @@ def build_loaders(cfg: TrainConfig, net_cfg, data: DataFiles, part=(0, 1)):
     loader = TrainLoader(data.train, cfg.batch_size, net_cfg.crop, seed=cfg.seed, workers=cfg.workers,
                          lighting=cfg.lighting, scale=cfg.scale, part=part, pad=cfg.pad)
     val_loader = EvalLoader(data.val, cfg.batch_size, net_cfg.crop, views="center", workers=cfg.workers,
-                            scale=cfg.scale, part=part) if (data.val and cfg.validate) else None
+                            scale=cfg.scale, part=part, pad=cfg.pad) if (data.val and cfg.validate) else None
     return loader, val_loader
 
 

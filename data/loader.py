@@ -304,7 +304,9 @@ def _check_part(part):
 
 
 class _Loader:
-    def _setup(self, path, batch_size, crop, workers, spec, slots, x_shape):
+    def _setup(self, path, batch_size, crop, workers, spec, slots, x_shape, beyond=0):
+        """`beyond`: how many pixels a crop may exceed the stored size by (2 x pad: crops that may leave the image
+        by pad px on each side)."""
         self.path = os.fspath(path)
         self._workers = None
         if int(batch_size) < 1:
@@ -315,9 +317,10 @@ class _Loader:
         try:
             self.n, self.size, self.classes = ds.n, ds.size, list(ds.classes)
             self.num_classes = ds.num_classes
-            if crop > ds.size or crop < 1:
+            if crop < 1 or crop > ds.size + beyond:
+                limit = f"{ds.size}" + (f" + 2 x pad = {ds.size + beyond}" if beyond else "")
                 raise CpnetError(f"{self.path}: crop {crop} does not fit the stored image size {ds.size} "
-                                 f"(expected 1 <= crop <= {ds.size})")
+                                 f"(expected 1 <= crop <= {limit})")
         except BaseException:
             ds.close()
             raise
@@ -395,7 +398,8 @@ class TrainLoader(_Loader):
                      float(scale), rows=(self.first_row, rows), pad=int(pad))
         self.seed, self.lighting, self.flip, self.scale = int(seed), float(lighting), bool(flip), float(scale)
         self.pad = int(pad)
-        self._setup(path, batch_size, crop, workers, spec, int(prefetch), (rows, 3, int(crop), int(crop)))
+        self._setup(path, batch_size, crop, workers, spec, int(prefetch), (rows, 3, int(crop), int(crop)),
+                    beyond=2 * self.pad)
         if self.n < self.batch_size:
             n = self.n
             self.close()
@@ -418,6 +422,9 @@ class EvalLoader(_Loader):
     """Every image exactly once, in file order: (x float32 (b, V, 3, crop, crop), y int64 (b,)), the last batch
     possibly smaller. views='center': V=1, the centre crop; views='ten': the paper's 10 views in
     `augment.TEN_VIEW_ORDER` (centre, top-left, top-right, bottom-left, bottom-right, then the same mirrored).
+    A crop larger than the stored images by up to 2 x `pad` (a net trained with crops that left whole small
+    images by up to `pad` px) sees each image on a canvas of the mean colour: centred, or in the canvas's
+    corners for the corner views.
     No lighting; the mean image is subtracted at each view's window: the file's own, or `mean` (S, S, 3) when
     given (a checkpoint's training mean, for a file prepared apart from the training set).
 
@@ -425,7 +432,7 @@ class EvalLoader(_Loader):
     the n parts together hold every image exactly once). `len(loader.span)` images are visited."""
 
     def __init__(self, path, batch_size, crop, views="center", workers=0, scale=1.0, prefetch=2, mean=None,
-                 part=(0, 1)):
+                 part=(0, 1), pad=0):
         if views not in augment.VIEWS:
             raise CpnetError(f"views must be 'center' or 'ten', got {views!r}")
         r, n = _check_part(part)
@@ -440,7 +447,7 @@ class EvalLoader(_Loader):
                      mean=None if mean is None else np.ascontiguousarray(mean, np.float32),
                      span=(self.span.start, self.span.stop))
         self._setup(path, batch_size, crop, workers, spec, max(1, int(prefetch)),
-                    (int(batch_size), self.num_views, 3, int(crop), int(crop)))
+                    (int(batch_size), self.num_views, 3, int(crop), int(crop)), beyond=2 * int(pad))
 
     def __len__(self):
         return -(-len(self.span) // self.batch_size)
