@@ -31,7 +31,7 @@ def _top5(ctx, value):
 @click.option("--workers", type=click.IntRange(0), default=D["workers"],
               help="Loader worker processes (0: in-process) [default: 0 on the CPU; on a GPU the CPUs less 2, at most 12].")
 @click.option("--crop", type=int, default=D["crop"], help="Crop size [default: 227 for alexnet; for the small presets the stored size minus an eighth, the paper's 224 of 256 in proportion, or the whole image where it is no larger than the preset's crop (28 of 28: no border to crop away)].")
-@click.option("--pad", type=click.IntRange(0), default=D["pad"], help="Training crops may leave the image by up to this many pixels, filled with the mean (with --crop equal to the stored size: CIFAR's usual shifted whole image, evaluated uncut) [default: 0; a 14th of the size for whole small images (2 px at 28)].")
+@click.option("--pad", type=click.IntRange(0), default=D["pad"], help="Training crops may leave the image by up to this many pixels, filled with the mean (with --crop equal to the stored size: CIFAR's usual shifted whole image, evaluated uncut; --crop may exceed the stored size by up to 2 x pad: the whole image on a canvas of the mean colour, evaluated centred on it) [default: 0; a 14th of the size for whole small images (2 px at 28)].")
 @click.option("--conventions", default=D["conventions"], show_default=True, help="paper | ccn2 | caffe: LRN alpha convention, k, where LRN sits.")
 @click.option("--init", default=D["init"], show_default=True, help="he | paper | caffe: weight and bias initialisation.")
 @click.option("--momentum", default=D["momentum"], show_default=True, help="SGD momentum (the paper: 0.9).")

@@ -123,9 +123,11 @@ def test_mean_subtraction_flip_and_scale(tmp_path):
                 np.testing.assert_allclose(x[k], 0.5 * ref.transpose(2, 0, 1), rtol=1e-6, atol=1e-4)
 
 
-def test_padded_crops_leave_the_image_over_mean_coloured_borders(tmp_path):
+@pytest.mark.parametrize("crop", [8, 11, 12])
+def test_padded_crops_leave_the_image_over_mean_coloured_borders(tmp_path, crop):
     """--pad: windows may start up to `pad` pixels outside the image; outside is 0 (the mean, no lighting), inside
-    is (pixel + lighting shift - mean) * scale, the whole window mirrored when flipped. Naive per-pixel reference."""
+    is (pixel + lighting shift - mean) * scale, the whole window mirrored when flipped. Naive per-pixel reference.
+    A crop up to 2 x pad larger than the image (11 and 12 of 8 with pad 2) holds the whole image on that canvas."""
     rng = np.random.default_rng(5)
     imgs = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
     mean = rng.uniform(0, 255, (8, 8, 3)).astype(np.float32)
@@ -133,21 +135,33 @@ def test_padded_crops_leave_the_image_over_mean_coloured_borders(tmp_path):
     eigvec = np.linalg.qr(rng.standard_normal((3, 3)))[0].astype(np.float32)
     path = write_h5(tmp_path / "p.h5", imgs, np.zeros(16), ["x"], mean=mean, eigval=eigval, eigvec=eigvec)
     offsets = set()
-    with TrainLoader(path, 8, 8, seed=2, lighting=0.5, scale=0.5, pad=2) as L:
+    c = crop
+    with TrainLoader(path, 8, c, seed=2, lighting=0.5, scale=0.5, pad=2) as L:
         for bi, (x, _) in enumerate(L.epoch(1)):
             order = augment.epoch_order(2, 1, 16)[bi * 8:(bi + 1) * 8]
-            oy, ox, fl, alpha = augment.train_params(2, 1, bi, 8, 8, 8, 0.5, True, 2)
+            oy, ox, fl, alpha = augment.train_params(2, 1, bi, 8, 8, c, 0.5, True, 2)
             shift = augment.lighting_shift(alpha, eigval, eigvec)
             for k in range(8):
                 offsets.add((int(oy[k]), int(ox[k])))
-                ref = np.zeros((8, 8, 3))
-                for i in range(8):
-                    for j in range(8):
-                        yy, xx = oy[k] + i, ox[k] + (7 - j if fl[k] else j)
+                ref = np.zeros((c, c, 3))
+                for i in range(c):
+                    for j in range(c):
+                        yy, xx = oy[k] + i, ox[k] + (c - 1 - j if fl[k] else j)
                         if 0 <= yy < 8 and 0 <= xx < 8:
                             ref[i, j] = imgs[order[k], yy, xx] + shift[k] - mean[yy, xx]
                 np.testing.assert_allclose(x[k], 0.5 * ref.transpose(2, 0, 1), rtol=1e-5, atol=1e-3)
-    assert all(-2 <= a <= 2 and -2 <= b <= 2 for a, b in offsets) and min(min(offsets)) < 0 < max(max(offsets))
+    hi = 8 - c + 2                                     # offsets in [-pad, size - crop + pad]
+    assert all(-2 <= a <= hi and -2 <= b <= hi for a, b in offsets) and min(min(offsets)) == -2
+    assert max(max(offsets)) == hi                     # crop 12 = 8 + 2 x 2: the one offset -2
+    if c > 8:                                          # evaluation: the image centred on the canvas, corners
+        with EvalLoader(path, 16, c, views="ten", scale=0.5, pad=2) as E:
+            xe, _ = next(iter(E))
+        for v, (oy, ox, fl) in enumerate(augment.view_offsets(8, c, "ten")):
+            ref = np.zeros((c, c, 3))
+            ref[-oy:-oy + 8, -ox:-ox + 8] = imgs[3] - mean
+            ref = ref[:, ::-1] if fl else ref
+            np.testing.assert_allclose(xe[3, v], 0.5 * ref.transpose(2, 0, 1), rtol=1e-5, atol=1e-3)
+        assert augment.view_offsets(8, c)[0][:2] == ((8 - c) // 2,) * 2
     # pad 0 draws what it drew before --pad existed: offsets in [0, size - crop]
     oy0, ox0, _, _ = augment.train_params(2, 1, 0, 64, 12, 9)
     assert oy0.min() >= 0 and oy0.max() <= 3 and len(set(oy0)) == 4
@@ -264,6 +278,13 @@ def test_errors_name_the_file(coded, tmp_path):
         TrainLoader(path, 4, 13)
     with pytest.raises(CpnetError, match=r"coded\.h5.*crop 13"):
         EvalLoader(path, 4, 13)
+    with pytest.raises(CpnetError, match=r"coded\.h5: crop 15 does not fit the stored image size 12 \(expected 1 "
+                                         r"<= crop <= 12 \+ 2 x pad = 14\)"):
+        TrainLoader(path, 4, 15, pad=1)
+    with pytest.raises(CpnetError, match=r"coded\.h5.*crop 15.*12 \+ 2 x pad = 14"):
+        EvalLoader(path, 4, 15, pad=1)
+    TrainLoader(path, 4, 14, pad=1).close()
+    EvalLoader(path, 4, 14, pad=1).close()
     with pytest.raises(CpnetError, match=r"coded\.h5: 37 images, fewer than one training batch of 64"):
         TrainLoader(path, 64, 8)
     with pytest.raises(CpnetError, match=r"nothere\.h5: no such"):

@@ -377,6 +377,30 @@ def test_runs_record_their_pad_and_a_bad_pad_names_the_flag(synth, tmp_path):
         run(tiny_cfg(synth, tmp_path / "b", pad=15))
 
 
+def test_crops_may_exceed_the_stored_size_by_twice_the_pad(synth, tmp_path):
+    """17-px images, crop 19, --pad 1: the whole image on a 19-px canvas of the mean colour, shifted by up to 1 px;
+    evaluation (cpnet eval, the show commands' centre crops) centres it on that canvas; a crop beyond 2 x pad
+    names both flags."""
+    from cpnet.cli.show import _centre_crops
+    from cpnet.data import EvalLoader, H5Dataset
+
+    out = tmp_path / "canvas"
+    run(tiny_cfg(synth, out, epochs=1, crop=19, pad=1))
+    ck = checkpoint.load(out / "last.h5")
+    assert (ck.config.crop, ck.pad, ck.stored_size) == (19, 1, 17)
+    r = CliRunner().invoke(cli, ["eval", str(out / "last.h5"), "--data", str(synth / "val.h5"), "--json"])
+    assert r.exit_code == 0, r.output
+    with H5Dataset(str(synth / "val.h5")) as ds:
+        assert json.loads(r.stdout)["n"] == ds.n
+        images, mean = ds.read(np.arange(4)), ds.mean
+    with EvalLoader(str(synth / "val.h5"), 4, 19, scale=ck.scale, pad=1) as E:
+        x, _ = next(iter(E))
+    np.testing.assert_array_equal(_centre_crops(images, mean, 19, ck.scale), x[:, 0])
+    assert np.all(x[:, :, :, 0, :] == 0) and np.any(x[:, :, :, 1, 1] != 0)   # the canvas row, then the image
+    with pytest.raises(CpnetError, match=r"^--crop 20: larger than the stored image size 17 \+ 2 x --pad 1"):
+        run(tiny_cfg(synth, tmp_path / "b", crop=20, pad=1))
+
+
 def test_find_lr_sweeps_geometrically_and_suggests_a_tenth_of_the_best(synth, tmp_path):
     from cpnet import lrfind
 
