@@ -8,6 +8,7 @@ import pytest
 
 from cpnet import backend, ops
 from cpnet.errors import CpnetError
+from cpnet.ops import conv as conv_mod
 from cpnet.model import build_model, fc6_fan_in, feature_shapes, make_config, min_crop
 from cpnet.optim import MomentumSGD
 
@@ -190,9 +191,13 @@ def test_transfers_count_bytes_only_between_distinct_devices():
 
 # ---- whole-network gradient check ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("conventions", ["paper", "caffe"])
-def test_whole_network_gradient_check_float64(conventions):
-    """Central differences through both towers and every exchange, dropout on (masks fixed by the step)."""
+@pytest.mark.parametrize("conventions, winograd", [("paper", False), ("caffe", False), ("paper", True)])
+def test_whole_network_gradient_check_float64(conventions, winograd, monkeypatch):
+    """Central differences through both towers and every exchange, dropout on (masks fixed by the step); with
+    winograd, every convolution of alexnet-tiny (3x3, stride 1) through the host's Winograd path."""
+    monkeypatch.setattr(conv_mod, "WINOGRAD_TILES", {3: 2} if winograd else {})
+    monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_PIXELS", 0)
+    monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_CHANNELS", 0)
     cfg = make_config("alexnet-tiny", 5, 15, conventions=conventions, init="he", seed=1)
     m = build_model(cfg, dtype=np.float64)
     m.set_step(7)
@@ -277,8 +282,13 @@ def test_input_shape_error_names_the_expected_shape():
         m.forward(np.zeros((2, 3, 16, 16), np.float32))
 
 
-def test_host_towers_in_two_threads_give_bitwise_the_same_result(monkeypatch):
+@pytest.mark.parametrize("winograd", [False, True])
+def test_host_towers_in_two_threads_give_bitwise_the_same_result(monkeypatch, winograd):
+    """With conv3-5 through im2col and through Winograd's transforms (whatever the batch's size)."""
     monkeypatch.delenv("CPNET_FUSE_TOWERS", raising=False)
+    monkeypatch.setattr(conv_mod, "WINOGRAD_TILES", {3: 2} if winograd else {})
+    monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_PIXELS", 0)
+    monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_CHANNELS", 0)
     cfg = make_config("alexnet-small", 7, 32, seed=2)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((6, 3, 32, 32)).astype(np.float32)
@@ -297,10 +307,14 @@ def test_host_towers_in_two_threads_give_bitwise_the_same_result(monkeypatch):
         np.testing.assert_array_equal(out[0][2][k], out[1][2][k], err_msg=k)
 
 
-@pytest.mark.parametrize("conventions", ["paper", "caffe"])
-def test_fused_towers_on_one_device_equal_the_two_tower_path(conventions):
+@pytest.mark.parametrize("conventions, winograd", [("paper", False), ("caffe", False), ("paper", True)])
+def test_fused_towers_on_one_device_equal_the_two_tower_path(conventions, winograd, monkeypatch):
     """The shared-device fast path (one grouped convolution / one GEMM per layer for both towers, the towers'
-    parameters as views into one array) gives the two-tower results, dropout included, and trains the same."""
+    parameters as views into one array) gives the two-tower results, dropout included, and trains the same
+    (winograd: conv3-5 through the host's Winograd path, grouped in the fused model)."""
+    monkeypatch.setattr(conv_mod, "WINOGRAD_TILES", {3: 2} if winograd else {})
+    monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_PIXELS", 0)
+    monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_CHANNELS", 0)
     cfg = make_config("alexnet-small", 7, 32, conventions=conventions, seed=4)
     split = build_model(cfg, dtype=np.float64, fuse=False, tower_threads=False)
     fused = build_model(cfg, dtype=np.float64, fuse=True)

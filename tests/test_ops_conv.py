@@ -3,18 +3,26 @@ import pytest
 
 import naive
 from cpnet.backend import to_host
+from cpnet.errors import CpnetError
 from cpnet.ops import conv as conv_mod
-from cpnet.ops import conv2d_backward, conv2d_forward
+from cpnet.ops import conv2d_backward, conv2d_forward, winograd
 from cpnet.ops.conv import col2im_cpu, im2col_cpu
 from gradcheck import numerical_grad, projected, rel_error
 
 EPS = 1e-3
 
+# The host's Winograd tiles per kernel size: the default F(2x2, 3x3), and larger tiles (and 5x5, 2x2 kernels)
+WINO = {"winograd": {3: 2, 5: 2, 2: 2}, "winograd-large": {3: 4, 5: 3, 2: 5}}
 
-@pytest.fixture(autouse=True, params=["image-major", "batch-inner"])
+
+@pytest.fixture(autouse=True, params=["image-major", "batch-inner", "winograd", "winograd-large"])
 def host_order(request, monkeypatch):
-    """Every test runs with the host's column matrix in each order (the threshold decides per layer)."""
+    """Every test runs with the host's column matrix in each order (the threshold decides per layer), and with
+    the stride-1 square kernels through Winograd's transforms (im2col otherwise)."""
     monkeypatch.setattr(conv_mod, "BATCH_INNER_MAX_HW", 0 if request.param == "image-major" else 10**9)
+    monkeypatch.setattr(conv_mod, "WINOGRAD_TILES", WINO.get(request.param, {}))
+    monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_PIXELS", 0)
+    monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_CHANNELS", 0)
     return request.param
 
 # (N, C, H, W, F, kh, kw, stride, pad, groups)
@@ -26,6 +34,10 @@ CASES = [
     (1, 2, 5, 5, 2, 5, 5, 3, 0, 1),  # the window is the whole input
     (2, 6, 6, 5, 6, 1, 1, 1, 0, 3),  # 1x1, three groups
     (1, 4, 12, 12, 4, 11, 11, 4, 2, 1),  # conv1-like: 11x11 at stride 4
+    (2, 4, 7, 7, 6, 3, 3, 1, 1, 2),  # conv4-like: 3x3 stride 1 pad 1, 7x7 maps (not a multiple of the tile)
+    (1, 2, 8, 5, 3, 3, 3, 1, (0, 2), 1),  # rectangular maps and padding
+    (2, 4, 9, 9, 4, 5, 5, 1, 2, 2),  # conv2-like: 5x5 stride 1
+    (2, 3, 6, 7, 4, 2, 2, 1, 0, 1),  # an even kernel
 ]
 
 
@@ -82,6 +94,112 @@ def test_gradients_grouped_strided_padded(xp, bias):
         assert rel_error(db, numerical_grad(f, b, EPS)) < 1e-6
     else:
         assert db is None
+
+
+@pytest.mark.parametrize("case", [(2, 4, 7, 6, 4, 3, 3, 1, 1, 2), (1, 2, 6, 7, 3, 5, 5, 1, (2, 1), 1)])
+def test_gradients_stride_one(xp, host_order, case):
+    """The stride-1 layers that the host runs through Winograd's transforms (with a winograd host_order)."""
+    x, W, b, kw = _arrays(xp, case, seed=9)
+    y, cache = conv2d_forward(x, W, b, **kw)
+    assert isinstance(cache, winograd.Cache) == (host_order.startswith("winograd") and xp is np)
+    dy = xp.asarray(np.random.default_rng(10).standard_normal(y.shape))
+    dx, dW, db = conv2d_backward(dy, cache)
+    f = projected(xp, lambda: conv2d_forward(x, W, b, **kw)[0], dy)
+    for a, p in ((dx, x), (dW, W), (db, b)):
+        assert rel_error(a, numerical_grad(f, p, EPS)) < 1e-6
+
+
+@pytest.mark.parametrize("case", [CASES[7], CASES[9], (3, 8, 13, 13, 6, 3, 3, 1, 1, 2)])
+def test_winograd_equals_im2col(host_order, monkeypatch, case):
+    """float64: Winograd's y, dx, dW, db equal im2col's to 1e-12 relative; float32 within 2e-6 of float64 for
+    F(2x2, 3x3) (im2col's own float32 error on these maps: about 4e-7)."""
+    if not host_order.startswith("winograd"):
+        pytest.skip("compares the winograd orders with im2col")
+    rel = lambda a, e: float(np.abs(a - e).max() / np.abs(e).max())
+    got = {}
+    for dtype in (np.float64, np.float32):
+        x, W, b, kw = _arrays(np, case, dtype=dtype, seed=11)
+        y, cache = conv2d_forward(x, W, b, **kw)
+        assert isinstance(cache, winograd.Cache) and y.dtype == dtype
+        dy = np.random.default_rng(12).standard_normal(y.shape).astype(dtype)
+        got[dtype] = (y,) + conv2d_backward(dy, cache)
+    monkeypatch.setattr(conv_mod, "WINOGRAD_TILES", {})
+    x, W, b, kw = _arrays(np, case, seed=11)
+    y, cache = conv2d_forward(x, W, b, **kw)
+    ref = (y,) + conv2d_backward(np.random.default_rng(12).standard_normal(y.shape), cache)
+    for a, e in zip(got[np.float64], ref):
+        assert rel(a, e) < 1e-12
+    if host_order == "winograd" and case[5] == 3:
+        for a, e in zip(got[np.float32], ref):
+            assert a.dtype == np.float32 and rel(a, e) < 2e-6
+
+
+@pytest.mark.parametrize("m, r", [(2, 3), (4, 3), (2, 5), (3, 2), (6, 3)])
+def test_winograd_transforms_compute_the_correlation(m, r):
+    """The derived (A^T, G, B^T): y = A^T [(G g) * (B^T d)] is the 1-D correlation y_i = sum_k g_k d_{i+k},
+    exactly in rational arithmetic; the rows of B^T are coprime integers."""
+    AT, G, BT = winograd.transforms(m, r)
+    n = m + r - 1
+    r_ = np.random.default_rng(m * 10 + r)
+    from fractions import Fraction
+
+    g = [Fraction(int(v)) for v in r_.integers(-9, 10, r)]
+    d = [Fraction(int(v)) for v in r_.integers(-9, 10, n)]
+    Gg = [sum(G[k][i] * g[i] for i in range(r)) for k in range(n)]
+    Bd = [sum(BT[k][j] * d[j] for j in range(n)) for k in range(n)]
+    y = [sum(AT[i][k] * Gg[k] * Bd[k] for k in range(n)) for i in range(m)]
+    assert y == [sum(g[k] * d[i + k] for k in range(r)) for i in range(m)]
+    assert all(v.denominator == 1 for row in BT for v in row)
+    if (m, r) == (2, 3):  # Lavin & Gray's F(2, 3) (up to the sign of the last row): adds and subtracts only
+        assert {abs(v) for row in BT + AT for v in row} == {0, 1}
+
+
+def test_winograd_only_where_it_pays(monkeypatch):
+    """The defaults send a stride-1 square kernel through Winograd only with enough output pixels over the batch
+    and enough input channels per group; the result is the same either way."""
+    monkeypatch.setattr(conv_mod, "WINOGRAD_TILES", {3: 2})
+    monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_PIXELS", 1024)
+    monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_CHANNELS", 16)
+    r = np.random.default_rng(14)
+    for n, c, groups, expect in ((21, 16, 1, True), (20, 16, 1, False), (21, 16, 2, False), (21, 8, 1, False)):
+        x, W = r.standard_normal((n, c, 7, 7)), r.standard_normal((4, c // groups, 3, 3))
+        y, cache = conv2d_forward(x, W, None, pad=1, groups=groups)  # 21 * 49 = 1029 output pixels
+        assert isinstance(cache, winograd.Cache) == expect, (n, c, groups)
+        np.testing.assert_allclose(y, naive.conv2d(x, W, None, (1, 1), (1, 1), groups), rtol=1e-10, atol=1e-10)
+    x, W = r.standard_normal((21, 16, 7, 7)), r.standard_normal((4, 16, 3, 3))
+    assert not isinstance(conv2d_forward(x, W, None, stride=2, pad=1)[1], winograd.Cache)
+
+
+def test_winograd_setting_parses_and_names_the_variable():
+    assert conv_mod.parse_winograd("") == conv_mod.parse_winograd("1") == {3: 2}
+    assert conv_mod.parse_winograd("0") == {}
+    assert conv_mod.parse_winograd(" 3:4, 5:2 ") == {3: 4, 5: 2}
+    for bad in ("yes", "3", "3:0", "1:2", "7:4", "3:2,x"):
+        with pytest.raises(CpnetError, match=r"CPNET_WINOGRAD=.*expected 0, 1 or kernel:tile pairs"):
+            conv_mod.parse_winograd(bad)
+
+
+def test_winograd_workspace_changes_no_result(host_order):
+    """With a workspace the Winograd path reuses its buffers (forward's and backward's share some) from call to
+    call: every result equals the one without it, a second backward on the same cache gives the same gradients,
+    and a new batch size replaces the buffers."""
+    if not host_order.startswith("winograd"):
+        pytest.skip("the winograd orders' buffers")
+    r = np.random.default_rng(13)
+    W, b = r.standard_normal((6, 2, 3, 3)), r.standard_normal(6)
+    ws = {}
+    for n in (3, 3, 2):
+        x, dy = r.standard_normal((n, 4, 7, 5)), r.standard_normal((n, 6, 7, 5))
+        y, cache = conv2d_forward(x, W, b, pad=1, groups=2, workspace=ws, relu=True)
+        got = conv2d_backward(dy, cache, workspace=ws)
+        again = conv2d_backward(dy, cache, workspace=ws)
+        y0, c0 = conv2d_forward(x, W, b, pad=1, groups=2, relu=True)
+        np.testing.assert_array_equal(y, y0)
+        for a, a2, e in zip(got, again, conv2d_backward(dy, c0)):
+            np.testing.assert_array_equal(a, e)
+            np.testing.assert_array_equal(a2, e)
+    m = WINO[host_order][3]
+    assert ws["wino_V"].size == (m + 2) ** 2 * -(-7 // m) * -(-5 // m) * 2 * 4  # n^2 * tiles * N * C, N = 2
 
 
 def test_need_dx_false_skips_only_the_input_gradient(xp):
@@ -155,6 +273,7 @@ def test_host_order_follows_the_output_size(host_order, monkeypatch):
     r = np.random.default_rng(8)
     x, W, b = r.standard_normal((2, 3, 6, 6)), r.standard_normal((4, 3, 3, 3)), r.standard_normal(4)
     monkeypatch.setattr(conv_mod, "BATCH_INNER_MAX_HW", 16)
+    monkeypatch.setattr(conv_mod, "WINOGRAD_TILES", {})
     small = conv2d_forward(x, W, b, pad=0)  # 4x4 output: batch-inner
     big = conv2d_forward(x, W, b, pad=1)  # 6x6 output: image-major
     assert small[1][-1] is True and big[1][-1] is False

@@ -24,6 +24,11 @@ For alexnet-small's conv2-conv5 at batch 128 this took im2col + col2im + both tr
 (conv2) and from 20 to 8 ms (conv3) per tower (docs/PERFORMANCE.md, CPU section). Large maps (conv1) keep the
 image-major order: there the transposes of the 32x32 maps cost more than the short rows.
 
+On the host, stride-1 layers with square kernels listed in WINOGRAD_TILES (by default the 3x3 ones) skip im2col
+and run Winograd's minimal filtering F(2x2, 3x3) instead (cpnet/ops/winograd.py): 16 products over channels,
+one per entry of the 4x4 transform domain, 4 multiplies per output pixel where im2col does 9. Their cache is a
+winograd.Cache, which conv2d_backward recognises. The GPU path and bf16 keep im2col.
+
 bf16 (cpnet.precision): x, y, dy, dx and the column matrices are bf16, W and b float32 (the master weights). W is
 rounded to bf16 once per forward (the cache keeps that copy for backward), every product takes bf16 inputs and
 accumulates in float32; y gets its bias in float32 and is rounded once; dW and db come out in float32 (db as the
@@ -32,13 +37,16 @@ product of dy with a column of ones), dcol in bf16, and col2im sums it in float3
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from cpnet import kernels, precision
 from cpnet.backend import get_array_module
+from cpnet.errors import CpnetError
 from cpnet.shapes import window_out
 
-from . import _check
+from . import _check, winograd
 from .activations import relu_backward, relu_forward
 
 OP_F = "conv2d_forward"
@@ -53,6 +61,47 @@ def _out_hw(H, W, kh, kw, sy, sx, ph, pw):
 # (alexnet-small: conv2-5 at 15x15 and 7x7; alexnet: conv3-5 at 13x13). Measured per layer in
 # docs/PERFORMANCE.md; tests set it to 0 or a large value to run either order.
 BATCH_INNER_MAX_HW = 256
+
+
+# Host stride-1 convolutions with square kernels go through Winograd's minimal filtering instead of im2col
+# (cpnet/ops/winograd.py): kernel size r -> output tile m of F(m x m, r x r). The default, F(2x2, 3x3) for the 3x3
+# layers (alexnet-small's and alexnet's conv3-conv5), is as exact as im2col in float32 and faster there
+# (docs/PERFORMANCE.md, CPU section, third round). CPNET_WINOGRAD=0 turns it off (im2col everywhere); a list
+# such as CPNET_WINOGRAD=3:4,5:2 picks the tiles per kernel size (F(4x4, 3x3) and F(2x2, 5x5) are faster still
+# but lose 20-50 times more float32 rounding). None: read from the environment at the first host convolution;
+# tests set a dict ({} for im2col only).
+WINOGRAD_TILES = None
+WINOGRAD_DEFAULT = {3: 2}
+# ... and only layers with at least this many output pixels over the batch (N*Ho*Wo) and input channels per
+# group: below them the transforms' hundred-odd NumPy passes cost more than the products save (alexnet-small's
+# conv3-5 at batch 32: 1568 pixels; its conv1, 5x5 on 3 channels, took 72 -> 196 ms through F(2x2, 5x5)).
+WINOGRAD_MIN_PIXELS = 1024
+WINOGRAD_MIN_CHANNELS = 16
+
+
+def winograd_tiles():
+    """{kernel size: output tile} for the host's Winograd path, from CPNET_WINOGRAD unless set."""
+    global WINOGRAD_TILES
+    if WINOGRAD_TILES is None:
+        WINOGRAD_TILES = parse_winograd(os.environ.get("CPNET_WINOGRAD", ""))
+    return WINOGRAD_TILES
+
+
+def parse_winograd(text):
+    """CPNET_WINOGRAD's value: "" or "1" the default, "0" none, else "r:m" pairs separated by commas."""
+    text = text.strip()
+    if text in ("", "1"):
+        return dict(WINOGRAD_DEFAULT)
+    if text == "0":
+        return {}
+    tiles = {}
+    for item in text.split(","):
+        r, _, m = item.strip().partition(":")
+        if not (r.isdigit() and m.isdigit() and int(r) >= 2 and int(m) >= 1 and int(m) + int(r) - 1 <= 8):
+            raise CpnetError(f"CPNET_WINOGRAD={text!r}: expected 0, 1 or kernel:tile pairs such as 3:2,5:2 "
+                             f"(kernel >= 2, tile >= 1, kernel + tile <= 9)")
+        tiles[int(r)] = int(m)
+    return tiles
 
 
 def _batch_inner(Ho, Wo):
@@ -213,12 +262,15 @@ def conv2d_forward(x, W, b, stride=1, pad=0, groups=1, workspace=None, relu=Fals
     Ho = _check.out_size(OP_F, H, kh, sy, ph, "height")
     Wo = _check.out_size(OP_F, Wd, kw, sx, pw, "width")
 
+    bf16 = precision.is_bf16(x)
+    if (xp is np and not bf16 and sy == sx == 1 and kh == kw and kh in winograd_tiles()
+            and N * Ho * Wo >= WINOGRAD_MIN_PIXELS and Cg >= WINOGRAD_MIN_CHANNELS):
+        return winograd.forward(x, W, b, (ph, pw), G, winograd_tiles()[kh], workspace=workspace, relu=relu)
     geom = (kh, kw, sy, sx, ph, pw)
     bi = xp is np and _batch_inner(Ho, Wo)
     col = _im2col(x, *geom, workspace=workspace, batch_inner=bi)
     K, M = Cg * kh * kw, N * Ho * Wo
     Wm = xp.ascontiguousarray(W).reshape(G, F // G, K)
-    bf16 = precision.is_bf16(x)
     if bf16:
         Wm = precision.to_bf16(Wm)
     acc = precision.F32 if bf16 else x.dtype  # the products' output: float32 for bf16, rounded once when stored
@@ -243,6 +295,10 @@ def conv2d_backward(dy, cache, need_dx=True, workspace=None):
     the most expensive one in the network. `workspace`: as in conv2d_forward, for the column gradient.
     """
     xp = get_array_module(dy)
+    if isinstance(cache, winograd.Cache):
+        _check.same_shape(OP_B, "dy", dy, cache.y_shape, f"the forward output's shape {cache.y_shape}")
+        _check.same_dtype(OP_B, "dy", dy, cache.V, "the forward input")
+        return winograd.backward(dy, cache, need_dx=need_dx, workspace=workspace)
     col, Wm, x_shape, W_shape, y_shape, has_b, geom, y_relu, bi = cache
     _check.same_shape(OP_B, "dy", dy, y_shape, f"the forward output's shape {y_shape}")
     _check.same_dtype(OP_B, "dy", dy, col, "the forward input")
