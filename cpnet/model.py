@@ -31,7 +31,7 @@ from .backend import HOST, Device, check_bf16, default_placement, device_of, to_
 from .config import DEFAULT_INIT
 from .errors import CpnetError, OptionError
 from .layers import (LRN, Conv2D, Dropout, Flatten, Linear, LRNPool, MaxPool, ParamBlock, PoolInLRN, ReLU,
-                     Sequential, Tanh)
+                     ReLUInConv, Sequential, Tanh)
 from .shapes import window_out
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
@@ -257,14 +257,18 @@ class AlexNet:
         self.lrn_pool = self._choose_lrn_pool()
         placed = self._place(host)
         act = ReLU if cfg.activation == "relu" else Tanh
+        # on GPUs the ReLU after each convolution runs in its output's layout pass (as the fused towers' do)
+        in_conv = cfg.activation == "relu" and all(d.is_gpu for d in self.devices)
         self.towers = []  # per tower: [stem, mid, fc6, fc7] Sequentials
         for t in range(2):
             P = placed[t]
-            conv = [Conv2D(P[f"conv{i + 1}"]["W"], P[f"conv{i + 1}"]["b"], stride=c[2], pad=c[3], input_grad=i > 0)
+            conv = [Conv2D(P[f"conv{i + 1}"]["W"], P[f"conv{i + 1}"]["b"], stride=c[2], pad=c[3], input_grad=i > 0,
+                           relu=in_conv)
                     for i, c in enumerate(cfg.conv)]
             fc6, fc7 = (Linear(P[n]["W"], P[n]["b"]) for n in ("fc6", "fc7"))
             drops = [Dropout(cfg.dropout, seed=cfg.seed * 4 + 2 * t + i) for i in range(2)]
-            self.towers.append([Sequential(ls) for ls in self.stage_layers(conv, fc6, fc7, *drops, act=act)])
+            self.towers.append([Sequential(ls) for ls in self.stage_layers(
+                conv, fc6, fc7, *drops, act=act, conv_act=ReLUInConv if in_conv else None)])
         self.fc8 = Linear(placed[0]["fc8"]["W"], placed[0]["fc8"]["b"])
         self.fused_net = None
         if self.fused:  # both towers as one grouped stream on their device, on the same parameter memory

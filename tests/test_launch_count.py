@@ -102,7 +102,8 @@ def test_the_gpu_path_on_the_stand_in_matches_the_host(lc):
 
 def test_the_two_tower_gpu_path_with_fused_lrn_pool_on_the_stand_in_matches_the_host(lc):
     """Towers not fused (CPNET_FUSE_TOWERS=0 on one GPU, or two GPUs): each tower's LRN -> pool is one LRNPool layer
-    on the GPU path; one step's loss and gradients against the host path in float64."""
+    and each convolution's ReLU is in its layout pass on the GPU path; one step's loss and gradients against the
+    host path in float64."""
     from cpnet.model import build_model, make_config
 
     cfg = make_config("alexnet-tiny", 5, 15, seed=2)
@@ -121,6 +122,9 @@ def test_the_two_tower_gpu_path_with_fused_lrn_pool_on_the_stand_in_matches_the_
         m, got_loss, got = step([backend.Device("gpu", 0)] * 2)
         assert m.lrn_pool and kernels.launch_counts["lrn_pool_forward_kernel"] == 4  # 2 layers x 2 towers
         assert not kernels.launch_counts["lrn_forward_kernel"]
+        # the ReLU of conv1-conv5 in their layout pass, as on the fused path: only fc6 and fc7's on their own
+        assert kernels.launch_counts["conv_layout_backward_kernel"] == 2 * 5
+        assert kernels.launch_counts["relu_forward_kernel"] == kernels.launch_counts["relu_backward_kernel"] == 4
     assert got_loss == pytest.approx(want_loss, rel=1e-12)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-10, atol=1e-13, err_msg=k)
