@@ -16,12 +16,16 @@ counter, `cpnet.kernels.launch_counts`, where the code has one); what CuPy would
 It is a count, not a timing: each launch costs the host about 20 us of Python and CuPy (docs/PERFORMANCE.md),
 which is what fewer launches save. The stand-in counts CuPy's launches by its rules above, not CuPy's own code.
 
-    python bench/launch_count.py [--model alexnet-tiny] [--batch-size 4] [--steps 2] [--json]
+    python bench/launch_count.py [--model alexnet-tiny] [--batch-size 4] [--steps 2] [--input raw|float] [--json]
     python bench/launch_count.py --traffic [--model alexnet] [--batch-size 128] [--precision fp32]
 
 (CPNET_FUSE_LRN_POOL=0 counts the step with layers 1-2's LRN and pool apart. --traffic prints the bytes those
 kernels move per step, apart and fused, computed from the shapes by `lrn_pool_traffic`; the tests check that
 formula against the bytes of the arrays the stand-in's launches are handed.)
+
+--input raw (the default) feeds each step a raw batch as `cpnet train` does on a GPU (data.augment.RawBatch: the
+uint8 crop windows and the per-crop choices, one pinned upload, the input made by augment.cu); --input float a
+float32 batch, as with CPNET_GPU_AUGMENT=0. The bytes each step uploads are reported too (backend.upload_stats).
 
 (the counts do not depend on the batch size or on the preset's widths, only on the layers; alexnet-tiny is the
 quickest to run through the shim.)
@@ -234,7 +238,8 @@ class StandInCupy(types.ModuleType):
 
     def __getattr__(self, name):
         fn = getattr(np, name)
-        if isinstance(fn, np.ufunc) or not callable(fn):  # ufuncs count through GpuArray.__array_ufunc__
+        # ufuncs count through GpuArray.__array_ufunc__; dtypes (cupy.float64, ...) are NumPy's
+        if isinstance(fn, (np.ufunc, type)) or not callable(fn):
             return fn
 
         def call(*args, **kw):
@@ -307,11 +312,37 @@ def _env(name, value):
                 os.environ[name] = saved
 
 
-def count_step(preset="alexnet-tiny", batch_size=4, steps=2, seed=0, lrn_pool=None):
+def raw_batches(crop, batch_size, seed=0, pad=0):
+    """make(step) -> a training RawBatch of random uint8 images 4 px larger than the crop, drawn as TrainLoader
+    draws them (lighting 0.1, flips, `pad`), and the float32 batch the host loader makes of the same images."""
+    from cpnet.data import augment
+
+    size = crop + 4
+    rng = np.random.default_rng(seed)
+    mean = np.ascontiguousarray((rng.random((3, size, size)) * 255).astype(np.float32))
+    eigval, eigvec = rng.random(3).astype(np.float32) * 0.2, rng.standard_normal((3, 3)).astype(np.float32)
+    lay = augment.RawLayout.choose(batch_size, 1, crop, size)
+
+    def make(step):
+        images = np.random.default_rng([seed, step]).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+        rows = np.arange(batch_size)
+        params = augment.train_params(seed, 0, step, batch_size, size, crop, 0.1, True, pad)
+        buf = np.empty(lay.nbytes, np.uint8)
+        augment.train_raw_into(buf, lay, images, rows, params, eigval, eigvec)
+        x = np.empty((batch_size, 3, crop, crop), np.float32)
+        augment.train_batch_into(x, images, rows, params, mean, eigval, eigvec, 1 / 64)
+        return augment.RawBatch(buf, batch_size, lay, mean, 1 / 64, train=True), x
+
+    return make
+
+
+def count_step(preset="alexnet-tiny", batch_size=4, steps=2, seed=0, lrn_pool=None, input="raw"):
     """Launches of one training step (the last of `steps`, after warm-up steps that compile and fill caches),
     as {'cpnet kernels': {name: n}, 'launcher': the launcher's own count (None where it has none), 'cupy': n,
     'cublas': n, 'copy': n, 'total': n, 'cupy ops': {what: n}, 'kernel bytes': {name: bytes of the arrays handed
-    to its launches}}. `lrn_pool`: CPNET_FUSE_LRN_POOL for the model (0: LRN and pool apart; None: as set)."""
+    to its launches}, 'upload bytes': the batch's bytes sent}. `lrn_pool`: CPNET_FUSE_LRN_POOL for the model (0:
+    LRN and pool apart; None: as set). `input`: 'raw' (a RawBatch each step, augmented by augment.cu, as cpnet
+    train on a GPU) or 'float'."""
     from cpnet import dist
     from cpnet.model import build_model, make_config
     from cpnet.optim import MomentumSGD
@@ -319,7 +350,9 @@ def count_step(preset="alexnet-tiny", batch_size=4, steps=2, seed=0, lrn_pool=No
 
     cfg = make_config(preset, 10, seed=seed)
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch_size, 3, cfg.crop, cfg.crop)).astype(np.float32)
+    if input not in ("raw", "float"):
+        raise ValueError(f"input must be 'raw' or 'float', got {input!r}")
+    make = raw_batches(cfg.crop, batch_size, seed)
     y = rng.integers(0, 10, batch_size)
     with stand_in(), _env("CPNET_FUSE_LRN_POOL", lrn_pool):
         dev = backend.Device("gpu", 0)
@@ -336,16 +369,20 @@ def count_step(preset="alexnet-tiny", batch_size=4, steps=2, seed=0, lrn_pool=No
             if launcher is not None:
                 launcher.clear()
             trainer.iteration = step
-            Trainer.forward_backward(trainer, x, y)
+            raw, x = make(step)
+            backend.reset_upload_stats()
+            Trainer.forward_backward(trainer, raw if input == "raw" else x, y)
+            uploaded = backend.upload_stats()["bytes"]
             Trainer.reduce_gradients(trainer)
             Trainer.update(trainer)
         ours = dict(sorted(raw_launches.items()))
         launcher = None if launcher is None else dict(sorted(launcher.items()))
     total = sum(ours.values()) + sum(counts.values())
     return {"cpnet kernels": ours, "launcher": launcher, "cpnet kernels total": sum(ours.values()), **dict(counts),
-            "total": total,
+            "total": total, "upload bytes": uploaded, "input": input,
             "cupy ops": dict(sorted(ops_seen.items())), "kernel bytes": dict(sorted(raw_bytes.items())),
             "lrn_pool": bool(model.lrn_pool)}
+
 
 
 LRN_POOL_KERNELS = ("lrn_forward_kernel", "lrn_backward_kernel", "maxpool_forward_kernel", "maxpool_backward_kernel",
@@ -391,6 +428,7 @@ def main(argv=None):
     p.add_argument("--model", default="alexnet-tiny")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--input", choices=("raw", "float"), default="raw")
     p.add_argument("--json", action="store_true")
     p.add_argument("--traffic", action="store_true",
                    help="print the bytes the layer 1-2 LRN and pool kernels move per step, apart and fused, for "
@@ -411,11 +449,12 @@ def main(argv=None):
                   f"{v['step'] / mb:8.1f} MB  held for backward {v['held'] / mb:7.1f} MB")
         print(f"  saved per step {t['saved_per_step'] / mb:.1f} MB")
         return 0
-    r = count_step(a.model, a.batch_size, a.steps)
+    r = count_step(a.model, a.batch_size, a.steps, input=a.input)
     if a.json:
         print(json.dumps(r, indent=1))
         return 0
-    print(f"{a.model}, batch {a.batch_size}: launches in one training step on the GPU path (stand-in CuPy)")
+    print(f"{a.model}, batch {a.batch_size}: launches in one training step on the GPU path (stand-in CuPy), "
+          f"{a.input} input ({r['upload bytes']} bytes uploaded)")
     print(f"  cpnet kernels {r['cpnet kernels total']:4d}  " + ", ".join(f"{k} {v}" for k, v in r["cpnet kernels"].items()))
     for kind in ("cupy", "cublas", "copy"):
         print(f"  {kind:13s} {r.get(kind, 0):4d}")

@@ -36,6 +36,7 @@ def command(checkpoint, data, ten_crop, batch_size, workers, as_json):
     """Top-1 and top-5 error of CHECKPOINT on every image of an HDF5 dataset."""
     import json
 
+    from cpnet.backend import gpu_augment
     from cpnet.checkpoint import check_dataset, load_model
     from cpnet.data import EvalLoader, H5Dataset
     from cpnet.evaluate import evaluate, top5_informative
@@ -46,7 +47,7 @@ def command(checkpoint, data, ten_crop, batch_size, workers, as_json):
         check_dataset(ck, ds, f"--data {data}", checkpoint)
     views = "ten" if ten_crop else "center"
     with EvalLoader(data, batch_size, ck.config.crop, views=views, workers=workers, scale=ck.scale,
-                    mean=ck.mean, pad=ck.pad) as loader:
+                    mean=ck.mean, pad=ck.pad, raw=gpu_augment(model.devices)) as loader:
         r = evaluate(model, loader)
     informative = top5_informative(len(ck.classes))
     r = dict(r, views=views, checkpoint=checkpoint, data=data, top5_informative=informative)

@@ -480,13 +480,27 @@ class _Uploads:
         return out
 
 
+def gpu_augment(devices) -> bool:
+    """Whether loaders feeding a model on `devices` should hand over raw batches (uint8 pixels and the per-crop
+    choices, augmented on the GPU by augment.cu) instead of float32 crops: where one of the devices is a GPU,
+    unless CPNET_GPU_AUGMENT=0 (the float32 batches, through the same pinned upload)."""
+    flag = os.environ.get("CPNET_GPU_AUGMENT", "").strip()
+    if flag not in ("", "0", "1"):
+        raise CpnetError(f"CPNET_GPU_AUGMENT={flag!r}: expected 0 or 1 (unset: augment on the GPU when there is one)")
+    return flag != "0" and any(d.is_gpu for d in devices)
+
+
 _uploads: dict = {}  # GPU index -> _Uploads
+_upload_stats = {"bytes": 0, "count": 0}  # host batches `upload` sent to a GPU (either way)
 
 
 def upload(x, device: Device):
     """The batch `x` (a host array) on `device`, as to_device gives it, through a pinned buffer on a side stream
     when the device is a GPU (PINNED_UPLOAD); ready for every kernel queued after the call, valid until the
     next-but-one upload to that GPU."""
+    if device.is_gpu and isinstance(x, np.ndarray) and not is_gpu_array(x):
+        _upload_stats["bytes"] += int(x.nbytes)
+        _upload_stats["count"] += 1
     if not (device.is_gpu and PINNED_UPLOAD and isinstance(x, np.ndarray) and not is_gpu_array(x) and x.size):
         return to_device(x, device)
     cp = cupy_module()
@@ -494,6 +508,16 @@ def upload(x, device: Device):
     if up is None or up.cp is not cp:
         up = _uploads[device.index] = _Uploads(cp, device.index)
     return up.put(np.ascontiguousarray(x))
+
+
+def upload_stats() -> dict:
+    """Bytes and number of host batches `upload` sent to a GPU since the last reset (the input path's traffic)."""
+    return dict(_upload_stats)
+
+
+def reset_upload_stats():
+    _upload_stats["bytes"] = 0
+    _upload_stats["count"] = 0
 
 
 # ---- bf16 products (--precision bf16) -----------------------------------------------------------------------------

@@ -30,13 +30,15 @@ def topk_hits(scores, labels, k=5):
 
 
 def view_probs(model, x, chunk=None):
-    """Softmax probabilities (float64, on the model's device) of a batch of prepared crops x (b, V, 3, C, C),
-    averaged over the V views. The b * V crops go through the network `chunk` at a time (default b), so the 10
-    views cost 10 times the compute but no more activation memory than one batch of b crops."""
+    """Softmax probabilities (float64, on the model's device) of a batch of prepared crops x (b, V, 3, C, C) (or
+    its raw form, a RawBatch, augmented on the model's device), averaged over the V views. The b * V crops go
+    through the network `chunk` at a time (default b), so the 10 views cost 10 times the compute but no more
+    activation memory than one batch of b crops."""
     dev = model.devices[0]
     xp = dev.xp
     b, v = x.shape[:2]
-    flat = x.reshape((b * v,) + x.shape[2:])
+    # a raw batch (data.augment.RawBatch, the GPU input path) is sliced by crops as the float32 one is
+    flat = x.crops() if getattr(x, "raw_batch", False) else x.reshape((b * v,) + x.shape[2:])
     chunk = max(1, int(chunk or b))
     parts = []
     for s in range(0, b * v, chunk):

@@ -177,6 +177,31 @@ def check_crop(cfg: NetConfig, stored_size=None, pad=0):
         raise AssertionError(f"alexnet fc6 fan-in is {fc6_fan_in(cfg)}, expected 9216")
 
 
+_device_means: dict = {}  # (device, id of a host mean image) -> (that host array, its copy on the device)
+
+
+def raw_input(x, dev: Device, dtype):
+    """The network input of a raw batch (data.augment.RawBatch) on GPU `dev`, of `dtype` (float32, float64 or
+    bf16): its buffer through `upload` (once per device, shared by the batch's slices), the loader's mean image
+    once per device, then one launch of augment.cu with the crops, flips and lighting drawn by the loader; the
+    same bits as the float32 loader's batch (widened or rounded to dtype as the model would)."""
+    from . import kernels
+
+    buf = x.on_device.get(dev)
+    if buf is None:
+        buf = x.on_device[dev] = upload(x.used(), dev)
+    key = (dev, id(x.mean_chw))
+    held = _device_means.get(key)
+    if held is None or held[0] is not x.mean_chw:
+        if len(_device_means) >= 8:  # loaders come and go (training, validation, a few evaluations)
+            _device_means.clear()
+        held = _device_means[key] = (x.mean_chw, to_device(x.mean_chw, dev))
+    lay = x.layout
+    table, shift, pixels = lay.parts(buf)
+    return kernels.augment_gpu(pixels, table, shift, held[1], dtype, lay.crop, lay.windowed, x.scale,
+                               first=x.first, n=x.n)
+
+
 def _init_params(cfg: NetConfig, dtype) -> list[dict]:
     """Host arrays for every layer of every tower, drawn from one generator in a fixed order.
 
@@ -498,10 +523,15 @@ class AlexNet:
             raise CpnetError(f"input batch has shape {tuple(x.shape)}, the model expects (N, 3, {self.cfg.crop}, "
                              f"{self.cfg.crop})")
         inputs = {}  # the batch goes to each distinct device once (not an exchange: to_device, not transfer)
+        raw = getattr(x, "raw_batch", False)  # uint8 pixels and choices (data.augment.RawBatch): augmented here
         for dev in self.devices:
             if dev not in inputs:
                 with dev:
-                    xd = upload(x, dev)  # a host batch through a pinned buffer on a side stream (GPU)
+                    if raw and dev.is_gpu:  # the pixels through the pinned upload, the crops by augment.cu
+                        inputs[dev] = raw_input(x, dev, self.act_dtype)
+                        continue
+                    # a host batch through a pinned buffer on a side stream (GPU)
+                    xd = upload(x.expand() if raw else x, dev)
                     if self.bf16:
                         xd = _precision.to_bf16(xd)
                     inputs[dev] = xd if xd.dtype == self.act_dtype else xd.astype(self.dtype)

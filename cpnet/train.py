@@ -35,7 +35,8 @@ import numpy as np
 
 from . import checkpoint as ckpt_io
 from . import dist, precision
-from .backend import cpu_share, default_host_threads, default_loader_workers, host_threads, to_device, to_host
+from .backend import (cpu_share, default_host_threads, default_loader_workers, gpu_augment, host_threads, to_device,
+                      to_host)
 from .config import TrainConfig
 from .errors import CpnetError, flag_names
 from .files import FolderLock, write_error
@@ -289,7 +290,7 @@ def run(cfg: TrainConfig, on_step=None, on_epoch=None, on_start=None, placement=
             if cfg.batch_size > data.n:  # before a loader allocates a batch (--batch-size 1e11: MemoryError)
                 raise CpnetError(f"--batch-size {cfg.batch_size}: {data.train} has {data.n} images, fewer than one "
                                  "training batch")
-            loaders = build_loaders(cfg, net_cfg, data, (world.rank, world.size))
+            loaders = build_loaders(cfg, net_cfg, data, (world.rank, world.size), gpu_augment(model.devices))
             trainer = Trainer(cfg, net_cfg, state, data, model, opt, *loaders, replicas=replicas)
             with trainer:
                 return trainer.run(on_step, on_epoch,
@@ -481,15 +482,16 @@ def build_model_and_optimizer(cfg: TrainConfig, net_cfg, state: dict, ck=None, p
     return model, opt
 
 
-def build_loaders(cfg: TrainConfig, net_cfg, data: DataFiles, part=(0, 1)):
+def build_loaders(cfg: TrainConfig, net_cfg, data: DataFiles, part=(0, 1), raw=False):
     """(training loader, validation loader or None); `part` (r, n): replica r of n takes rows [r*B/n, (r+1)*B/n)
-    of each global batch, and its n-th of the validation images."""
+    of each global batch, and its n-th of the validation images. `raw`: batches as uint8 pixels and per-crop
+    choices, augmented on the model's GPU (backend.gpu_augment)."""
     from cpnet.data import EvalLoader, TrainLoader
 
     loader = TrainLoader(data.train, cfg.batch_size, net_cfg.crop, seed=cfg.seed, workers=cfg.workers,
-                         lighting=cfg.lighting, scale=cfg.scale, part=part, pad=cfg.pad)
+                         lighting=cfg.lighting, scale=cfg.scale, part=part, pad=cfg.pad, raw=raw)
     val_loader = EvalLoader(data.val, cfg.batch_size, net_cfg.crop, views="center", workers=cfg.workers,
-                            scale=cfg.scale, part=part, pad=cfg.pad) if (data.val and cfg.validate) else None
+                            scale=cfg.scale, part=part, pad=cfg.pad, raw=raw) if (data.val and cfg.validate) else None
     return loader, val_loader
 
 

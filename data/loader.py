@@ -30,13 +30,27 @@ class _Spec:
     """What a process needs to make any batch of one loader (small and picklable)."""
 
     def __init__(self, path, kind, batch_size, crop, seed=0, lighting=0.0, flip=False, scale=1.0, views="center",
-                 mean=None, rows=None, span=None, pad=0):
+                 mean=None, rows=None, span=None, pad=0, layout=None):
         self.path, self.kind, self.batch_size, self.crop, self.pad = path, kind, batch_size, crop, pad
         self.seed, self.lighting, self.flip, self.scale, self.views = seed, lighting, flip, scale, views
         self.mean = mean  # (S, S, 3) float32 to subtract instead of the file's own, or None
         # training: (first, count) rows of each global batch this loader makes (a replica's share), or all of them
         self.rows = rows or (0, batch_size)
         self.span = span  # evaluation: the (start, stop) range of images this loader visits, or the whole file
+        # raw batches (augment.RawLayout): uint8 pixels and per-crop choices for the device to augment, or None
+        self.layout = layout
+
+    @property
+    def x_dtype(self):
+        return np.dtype(np.uint8 if self.layout is not None else np.float32)
+
+
+def mean_chw_of(ds, mean=None):
+    """The mean image to subtract, (3, S, S) float32: the file's own or `mean` (S, S, 3)."""
+    mean = ds.mean if mean is None else np.asarray(mean, np.float32)
+    if mean.shape != ds.mean.shape:
+        raise CpnetError(f"{ds.path}: images are {ds.size}px but the mean image given is {mean.shape[:2]}")
+    return np.ascontiguousarray(mean.transpose(2, 0, 1), dtype=np.float32)
 
 
 class _Maker:
@@ -45,10 +59,7 @@ class _Maker:
 
     def __init__(self, ds, spec):
         self.ds, self.spec = ds, spec
-        mean = ds.mean if spec.mean is None else np.asarray(spec.mean, np.float32)
-        if mean.shape != ds.mean.shape:
-            raise CpnetError(f"{ds.path}: images are {ds.size}px but the mean image given is {mean.shape[:2]}")
-        self.mean_chw = np.ascontiguousarray(mean.transpose(2, 0, 1))
+        self.mean_chw = mean_chw_of(ds, spec.mean)
         self.buf = np.empty((spec.rows[1], ds.size, ds.size, 3), np.uint8)
         self.offsets = augment.view_offsets(ds.size, spec.crop, spec.views) if spec.kind == "eval" else None
         self._order = (None, None)   # (epoch, permutation) of the last epoch seen
@@ -65,7 +76,8 @@ class _Maker:
         return np.arange(start + key * b, min(stop, start + (key + 1) * b))
 
     def make(self, key, x, y):
-        """Fill x[:k], y[:k] with batch `key` ((epoch, index) for training, index for evaluation); return k."""
+        """Fill x[:k], y[:k] with batch `key` ((epoch, index) for training, index for evaluation); return k.
+        Raw batches (spec.layout): x is the whole uint8 buffer, filled with the raw form of the same batch."""
         s = self.spec
         idx = self.indices(key)
         k = len(idx)
@@ -79,19 +91,29 @@ class _Maker:
             first = s.rows[0]
             params = tuple(p[first:first + k] for p in augment.train_params(
                 s.seed, key[0], key[1], s.batch_size, self.ds.size, s.crop, s.lighting, s.flip, s.pad))
-            augment.train_batch_into(x[:k], self.buf, rows, params, self.mean_chw, self.ds.eigval,
-                                     self.ds.eigvec, s.scale)
+            if s.layout is not None:
+                augment.train_raw_into(x, s.layout, self.buf, rows, params, self.ds.eigval, self.ds.eigvec)
+            else:
+                augment.train_batch_into(x[:k], self.buf, rows, params, self.mean_chw, self.ds.eigval,
+                                         self.ds.eigvec, s.scale)
+        elif s.layout is not None:
+            augment.eval_raw_into(x, s.layout, self.buf, rows, self.offsets)
         else:
             augment.eval_batch_into(x[:k], self.buf, rows, self.offsets, self.mean_chw, s.scale)
         y[:k] = self.ds.labels[idx]
         return k
 
 
-def _slot_arrays(raw, x_shape, y_len):
+def _x_bytes(x_shape, x_dtype):
+    """Bytes of a slot's x, rounded up to 8 so that y (int64) behind it is aligned."""
+    return -(-int(np.prod(x_shape)) * np.dtype(x_dtype).itemsize // 8) * 8
+
+
+def _slot_arrays(raw, x_shape, y_len, x_dtype=np.float32):
     """(x, y) arrays over one shared slot. x's base is the raw buffer itself, so every view of x (any depth) has
     x as its base, and sys.getrefcount(x) counts the views alive."""
-    nx = int(np.prod(x_shape)) * 4
-    x = np.ndarray(x_shape, np.float32, buffer=raw)
+    nx = _x_bytes(x_shape, x_dtype)
+    x = np.ndarray(x_shape, x_dtype, buffer=raw)
     y = np.ndarray((y_len,), np.int64, buffer=raw, offset=nx)
     return x, y
 
@@ -107,7 +129,7 @@ def _worker_main(spec, raws, x_shape, y_len, tasks, results, alive):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     results.cancel_join_thread()
-    slots = [_slot_arrays(r, x_shape, y_len) for r in raws]
+    slots = [_slot_arrays(r, x_shape, y_len, spec.x_dtype) for r in raws]
     maker = None
     try:
         while True:
@@ -189,11 +211,12 @@ class _Workers:
     Only `slots - 1` slots are ever lent; when the caller holds on to that many batches, later ones are copied.
     """
 
-    def __init__(self, spec, workers, slots, x_shape, y_len):
+    def __init__(self, spec, workers, slots, x_shape, y_len, wrap):
         ctx = _context()
-        nbytes = int(np.prod(x_shape)) * 4 + y_len * 8
+        nbytes = _x_bytes(x_shape, spec.x_dtype) + y_len * 8
+        self._wrap = wrap  # (x, k) -> the batch handed out: x[:k], or a RawBatch over x
         self._raws = [ctx.RawArray("b", nbytes) for _ in range(slots)]
-        self._slots = [_slot_arrays(r, x_shape, y_len) for r in self._raws]
+        self._slots = [_slot_arrays(r, x_shape, y_len, spec.x_dtype) for r in self._raws]
         # references to each slot's x held by us alone, counted the way _reclaim counts them
         self._baseline = [sys.getrefcount(self._slots[i][0]) for i in range(slots)]
         self._free = list(range(slots))
@@ -282,10 +305,10 @@ class _Workers:
             keep.discard(want)
             x, y = self._slots[slot]
             if len(self._lent) < len(self._slots) - 1:
-                batch = (x[:k], y[:k].copy())
+                batch = (self._wrap(x, k), y[:k].copy())
                 self._lent.append(slot)
             else:
-                batch = (x[:k].copy(), y[:k].copy())
+                batch = (self._wrap(x.copy(), k), y[:k].copy())
                 self._free.append(slot)
             del x, y
             yield batch
@@ -293,6 +316,20 @@ class _Workers:
 
     def close(self):
         self._finalizer()
+
+
+def _plain_wrap(x, k):
+    return x[:k]
+
+
+class _RawWrap:
+    """(x, k) -> the RawBatch over a raw buffer x holding a batch of k images."""
+
+    def __init__(self, layout, mean_chw, scale, train):
+        self.layout, self.mean_chw, self.scale, self.train = layout, mean_chw, scale, train
+
+    def __call__(self, x, k):
+        return augment.RawBatch(x, k, self.layout, self.mean_chw, self.scale, self.train)
 
 
 def _check_part(part):
@@ -304,9 +341,9 @@ def _check_part(part):
 
 
 class _Loader:
-    def _setup(self, path, batch_size, crop, workers, spec, slots, x_shape, beyond=0):
+    def _setup(self, path, batch_size, crop, workers, spec, slots, x_shape, beyond=0, raw=False, views=1):
         """`beyond`: how many pixels a crop may exceed the stored size by (2 x pad: crops that may leave the image
-        by pad px on each side)."""
+        by pad px on each side). `raw`: batches as augment.RawBatch (of `views` crops an image)."""
         self.path = os.fspath(path)
         self._workers = None
         if int(batch_size) < 1:
@@ -321,6 +358,13 @@ class _Loader:
                 limit = f"{ds.size}" + (f" + 2 x pad = {ds.size + beyond}" if beyond else "")
                 raise CpnetError(f"{self.path}: crop {crop} does not fit the stored image size {ds.size} "
                                  f"(expected 1 <= crop <= {limit})")
+            self.raw = bool(raw)
+            if self.raw:  # uint8 pixels and the per-crop choices instead of float32 crops (see augment.RawBatch)
+                spec.layout = augment.RawLayout.choose(x_shape[0], views, int(crop), ds.size)
+                x_shape = (spec.layout.nbytes,)
+                self._wrap = _RawWrap(spec.layout, mean_chw_of(ds, spec.mean), spec.scale, spec.kind == "train")
+            else:
+                self._wrap = _plain_wrap
         except BaseException:
             ds.close()
             raise
@@ -333,7 +377,7 @@ class _Loader:
             ds.close()
             self._ds = self._maker = None
             self._slots = max(slots, self.workers) + 1    # + the one the caller is holding
-            self._workers = _Workers(spec, self.workers, self._slots, x_shape, x_shape[0])
+            self._workers = _Workers(spec, self.workers, self._slots, x_shape, spec.rows[1], self._wrap)
 
     def _batches(self, keys, sizes, ahead=()):
         if self._workers is not None:
@@ -342,10 +386,11 @@ class _Loader:
         if self._maker is None:
             raise CpnetError(f"{self.path}: loader is closed")
         for key, k in zip(keys, sizes):
-            x = np.empty((k,) + self._x_shape[1:], np.float32)
+            x = np.empty(self._spec.layout.nbytes, np.uint8) if self.raw else np.empty((k,) + self._x_shape[1:],
+                                                                                      np.float32)
             y = np.empty(k, np.int64)
             self._maker.make(key, x, y)
-            yield x, y
+            yield self._wrap(x, k), y
 
     def close(self):
         """Stop the workers and close the file (idempotent)."""
@@ -379,10 +424,14 @@ class TrainLoader(_Loader):
     `part=(r, n)`: this loader is replica r of n and yields rows [r*B/n, (r+1)*B/n) of each global batch of B
     (the same order, crops, flips and lighting as those rows of the whole batch; B must be a multiple of n).
     `first_row` is r*B/n.
+
+    `raw=True`: each x is an `augment.RawBatch` instead, the uint8 pixels of the crop windows with the crops,
+    flips and lighting shifts drawn as above, which the model turns into the same float32 batch on its device
+    (the GPU input path: a quarter of the bytes to upload, the float work on the GPU).
     """
 
     def __init__(self, path, batch_size, crop, seed=0, workers=0, lighting=0.1, flip=True, prefetch=4, scale=1.0,
-                 part=(0, 1), pad=0):
+                 part=(0, 1), pad=0, raw=False):
         if int(seed) < 0:
             raise CpnetError(f"seed must be 0 or more, got {seed}")
         if not 0 <= int(pad) < int(crop):
@@ -399,7 +448,7 @@ class TrainLoader(_Loader):
         self.seed, self.lighting, self.flip, self.scale = int(seed), float(lighting), bool(flip), float(scale)
         self.pad = int(pad)
         self._setup(path, batch_size, crop, workers, spec, int(prefetch), (rows, 3, int(crop), int(crop)),
-                    beyond=2 * self.pad)
+                    beyond=2 * self.pad, raw=raw)
         if self.n < self.batch_size:
             n = self.n
             self.close()
@@ -429,10 +478,13 @@ class EvalLoader(_Loader):
     given (a checkpoint's training mean, for a file prepared apart from the training set).
 
     `part=(r, n)`: only images [r*N/n, (r+1)*N/n) of the file's N (replica r's share of a sharded evaluation:
-    the n parts together hold every image exactly once). `len(loader.span)` images are visited."""
+    the n parts together hold every image exactly once). `len(loader.span)` images are visited.
+
+    `raw=True`: each x is an `augment.RawBatch` of the same views (see TrainLoader), the pixels as crop windows or
+    as whole images, whichever is fewer bytes (`augment.RawLayout.choose`)."""
 
     def __init__(self, path, batch_size, crop, views="center", workers=0, scale=1.0, prefetch=2, mean=None,
-                 part=(0, 1), pad=0):
+                 part=(0, 1), pad=0, raw=False):
         if views not in augment.VIEWS:
             raise CpnetError(f"views must be 'center' or 'ten', got {views!r}")
         r, n = _check_part(part)
@@ -447,7 +499,8 @@ class EvalLoader(_Loader):
                      mean=None if mean is None else np.ascontiguousarray(mean, np.float32),
                      span=(self.span.start, self.span.stop))
         self._setup(path, batch_size, crop, workers, spec, max(1, int(prefetch)),
-                    (int(batch_size), self.num_views, 3, int(crop), int(crop)), beyond=2 * int(pad))
+                    (int(batch_size), self.num_views, 3, int(crop), int(crop)), beyond=2 * int(pad), raw=raw,
+                    views=self.num_views)
 
     def __len__(self):
         return -(-len(self.span) // self.batch_size)

@@ -14,7 +14,7 @@
 # under one budget (GPU_CHECK_BUDGET, 330 s): a step gets what is left of it at most, and one that finds less
 # than 5 s left is skipped with a line saying so, so the whole call stays under 6 minutes. In order: pytest -m gpu
 # -x (75 s), cpnet bench (45), the precision/batch runs (90), GEMM rates (20), compare_torch (150, torch.compile
-# 45 s per use), cpnet train (70), conv parts (20), the upload (15), the loader (20), the allreduce (20; 40 more for 2 replicas,
+# 45 s per use), cpnet train (90: raw batches augmented on the GPU, then 2 epochs of float32 ones), conv parts (20), the upload (15), the loader (20), the allreduce (20; 40 more for 2 replicas,
 # run only where two GPUs and mpi4py are there). The loader step (`bench/loader_bench.py`, 0 to 12 workers),
 # `bench/conv_parts.py`, `bench/upload_bench.py`, `bench/matmul_rate.py`, `bench/allreduce.py` and the training
 # run append to bench.log.
@@ -222,19 +222,27 @@ else
 fi
 
 # ---- 4. real training: a synthetic ${TRAIN_SIZE}-px file, $TRAIN_EPOCHS epochs of $TRAIN_BATCHES batches, the default
-# workers; images/s and data wait vs compute per epoch from metrics.jsonl (the first epoch includes the warm-up)
+# workers; images/s and data wait vs compute per epoch from metrics.jsonl (the first epoch includes the warm-up).
+# The default run feeds raw batches (uint8 crop windows, augmented on the GPU by augment.cu); a second, shorter run
+# (2 epochs: the warm-up and one more) with CPNET_GPU_AUGMENT=0 feeds float32 batches from the same file, so the
+# table shows the data wait both ways.
 if wanted train; then
   TP=$([ "$DRY" = 1 ] && echo fp32 || echo tf32)
-  step "train" 70 "$OUT/bench.log" bash -c '
+  step "train" 90 "$OUT/bench.log" bash -c '
     py=$1 model=$2 batch=$3 n=$4 size=$5 epochs=$6 prec=$7 dir=$8
     "$py" -m cpnet prep synthetic --size "$size" --n "$n" --val-fraction 0.05 --workers "$(nproc)" -q \
       --out "$dir/syn" || exit 1
-    "$py" -m cpnet train --data "$dir/syn" --model "$model" --batch-size "$batch" --epochs "$epochs" \
-      --precision "$prec" --out "$dir/run" </dev/null | tr "\r" "\n" | grep -v "^\s*$" | tail -n 12
-    rc=${PIPESTATUS[0]}
-    cat "$dir/run/metrics.jsonl"
-    exit $rc' _ "$PY" "$MODEL" "$BATCH" "$(( BATCH * TRAIN_BATCHES ))" "$TRAIN_SIZE" "$TRAIN_EPOCHS" "$TP" "$TMPD"
+    for way in run:"$epochs":1 run_f32:2:0; do
+      IFS=: read -r name ep aug <<<"$way"
+      echo "==== cpnet train, CPNET_GPU_AUGMENT=$aug, $ep epochs"
+      CPNET_GPU_AUGMENT=$aug "$py" -m cpnet train --data "$dir/syn" --model "$model" --batch-size "$batch" \
+        --epochs "$ep" --precision "$prec" --out "$dir/$name" </dev/null | tr "\r" "\n" | grep -v "^\s*$" | tail -n 12
+      rc=${PIPESTATUS[0]}
+      cat "$dir/$name/metrics.jsonl"
+      [ "$rc" = 0 ] || exit $rc
+    done' _ "$PY" "$MODEL" "$BATCH" "$(( BATCH * TRAIN_BATCHES ))" "$TRAIN_SIZE" "$TRAIN_EPOCHS" "$TP" "$TMPD"
   cp "$TMPD/run/metrics.jsonl" "$TMPD/train_metrics.jsonl" 2>/dev/null
+  cp "$TMPD/run_f32/metrics.jsonl" "$TMPD/train_metrics_f32.jsonl" 2>/dev/null
   echo "$TP" >"$TMPD/train_precision"
 fi
 
@@ -290,6 +298,9 @@ mp = os.path.join(d, "train_metrics.jsonl")
 if os.path.exists(mp):
     more["train"] = {"precision": open(os.path.join(d, "train_precision")).read().strip(),
                      "epochs": [json.loads(line) for line in open(mp) if line.strip()]}
+    mf = os.path.join(d, "train_metrics_f32.jsonl")  # the same with CPNET_GPU_AUGMENT=0 (float32 batches)
+    if os.path.exists(mf):
+        more["train"]["epochs_gpu_augment_off"] = [json.loads(line) for line in open(mf) if line.strip()]
 with open(dest + ".tmp", "w") as f:
     json.dump(more, f, indent=1)
 os.replace(dest + ".tmp", dest)
@@ -354,11 +365,12 @@ if lw:
     rows.append(("loader by workers", ", ".join(f"{w}: {v} images/s" for w, v in lw)))
 tr = more.get("train")
 if tr and tr["epochs"]:
-    for e in tr["epochs"]:
-        tot = e["data_s"] + e["compute_s"]
-        rows.append((f"cpnet train {tr['precision']} epoch {e['epoch']} (it {e['iteration']})",
-                     f"{e['images_per_s']:.0f} images/s; data wait {e['data_s']:.2f} s ({100 * e['data_s'] / max(tot, 1e-9):.0f}%), "
-                     f"compute {e['compute_s']:.2f} s"))
+    for key, how in (("epochs", ""), ("epochs_gpu_augment_off", " CPNET_GPU_AUGMENT=0")):
+        for e in tr.get(key) or []:
+            tot = e["data_s"] + e["compute_s"]
+            rows.append((f"cpnet train {tr['precision']}{how} epoch {e['epoch']} (it {e['iteration']})",
+                         f"{e['images_per_s']:.0f} images/s; data wait {e['data_s']:.2f} s "
+                         f"({100 * e['data_s'] / max(tot, 1e-9):.0f}%), compute {e['compute_s']:.2f} s"))
 else:
     rows.append(("cpnet train", "no metrics"))
 cp = re.search(r"^layer +im2col.*?(?=^====|\Z)", blog, re.M | re.S)

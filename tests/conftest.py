@@ -41,6 +41,23 @@ def shim():
     return shim_module
 
 
+def load_launch_count():
+    """bench/launch_count.py as a module: its stand-in CuPy (NumPy arrays passing for GPU 0's) and its counts."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "launch_count.py")
+    spec = importlib.util.spec_from_file_location("launch_count", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def lc(shim):
+    """bench/launch_count.py's module, with the host shim built (its stand-in runs cpnet's kernels through it)."""
+    return load_launch_count()
+
+
 @pytest.fixture(params=_xp_params())
 def xp(request):
     """The array module under test: one test body runs on numpy and, with a GPU, on cupy."""

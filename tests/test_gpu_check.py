@@ -47,12 +47,15 @@ def test_gpu_check_dry_run_writes_its_files_and_the_table(tmp_path):
     epochs = more["train"]["epochs"]  # 2 epochs of 3 batches of 4 from the synthetic file
     assert [e["iteration"] for e in epochs] == [3, 6] and more["train"]["precision"] == "fp32"
     assert all(e["images_per_s"] > 0 and e["data_s"] >= 0 and e["compute_s"] > 0 for e in epochs)
+    off = more["train"]["epochs_gpu_augment_off"]  # the same file, float32 batches (CPNET_GPU_AUGMENT=0)
+    assert [e["iteration"] for e in off] == [3, 6] and all(e["images_per_s"] > 0 for e in off)
     env_txt = (out / "env.txt").read_text()
     assert "== nvidia-smi before" in env_txt and "== nvidia-smi after" in env_txt
 
     summary = (out / "summary.txt").read_text()
     for words in ("cpnet step fp32 (alexnet-tiny, batch 4", "cpnet tf32 batch 8", "GEMM 256^3 numpy fp32",
-                  "cpnet train fp32 epoch 2 (it 6)", "cpnet bf16 batch 4 (fused towers)", "cpnet bf16 batch 8",
+                  "cpnet train fp32 epoch 2 (it 6)", "cpnet train fp32 CPNET_GPU_AUGMENT=0 epoch 2 (it 6)",
+                  "cpnet bf16 batch 4 (fused towers)", "cpnet bf16 batch 8",
                   "cpnet fp32 batch 4 (fused towers, CPNET_FUSE_LRN_POOL=0)",
                   "steps skipped", "pytest (GPU_CHECK_SKIP)"):
         assert words in summary, (words, summary)

@@ -857,6 +857,108 @@ def test_softmax_xent_backward(shim, case, dtype):
     _bitwise(dz, softmax_cross_entropy_backward((p, labels)))
 
 
+# (stored size S, crop C, pad, flip, lighting, scale)
+AUGMENT_CASES = [
+    (12, 9, 0, True, 0.1, 1.0),      # crop inside the image
+    (17, 13, 3, True, 0.1, 1 / 64),  # odd sizes, a --pad border on every side, the input scale
+    (9, 9, 2, True, 0.5, 0.3),       # the whole image shifted (crop = S), windows always partly outside
+    (11, 4, 0, False, 0.0, 1.0),     # no flip, no lighting (a zero shift)
+    (7, 6, 5, True, 0.1, 2.0),       # pad nearly the crop: windows mostly in the border
+    (8, 11, 2, True, 0.1, 1.0),      # a crop larger than the stored image (up to 2 x pad beyond it)
+]
+
+
+def _augment_data(S, B=5, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (B + 2, S, S, 3), dtype=np.uint8)
+    mean = (rng.random((S, S, 3)) * 255).astype(np.float32)
+    eigval = (rng.random(3) * 0.2).astype(np.float32)
+    eigvec = rng.standard_normal((3, 3)).astype(np.float32)
+    rows = rng.permutation(B + 2)[:B]
+    return images, np.ascontiguousarray(mean.transpose(2, 0, 1)), eigval, eigvec, rows
+
+
+def _expected_input(want, dtype):
+    """The host loader's float32 batch as the model's input of `dtype` (bf16: precision.to_bf16's rounding)."""
+    from cpnet import precision
+
+    return precision.to_bf16(want) if np.dtype(dtype) == kernels.BF16 else want.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", BUILDS)
+@pytest.mark.parametrize("case", AUGMENT_CASES, ids=str)
+def test_augment(shim, case, dtype):
+    """augment.cu against data/augment.py: the training batch from the raw form (windows, and whole images) is
+    the float32 loader's batch bit for bit (widened for float64, rounded as to_bf16 rounds it for bf16)."""
+    from cpnet.data import augment
+
+    S, C, pad, flip, lighting, scale = case
+    B = 5
+    images, mean_chw, eigval, eigvec, rows = _augment_data(S, B, seed=S + C)
+    params = augment.train_params(3, 1, 2, B, S, C, lighting, flip, pad)
+    assert (params[0] < 0).any() or pad == 0  # the cases do reach the border
+    want = augment.train_batch_into(np.empty((B, 3, C, C), np.float32), images, rows, params, mean_chw, eigval,
+                                    eigvec, scale)
+    for windowed in (True, False):
+        lay = augment.RawLayout(B, 1, C, S, windowed)
+        buf = np.full(lay.nbytes, 77, np.uint8)  # what the raw form does not write must not matter
+        augment.train_raw_into(buf, lay, images, rows, params, eigval, eigvec)
+        table, shift, pixels = lay.parts(buf)
+        got = shim.augment_host(pixels, table, shift, mean_chw, dtype, C, windowed, scale)
+        assert got.dtype == np.dtype(dtype) and got.shape == (B, 3, C, C)
+        want_in = _expected_input(want, dtype)
+        np.testing.assert_array_equal(got if want_in.itemsize == 2 else float_bits(got),
+                                      want_in if want_in.itemsize == 2 else float_bits(want_in))
+        if np.dtype(dtype) == np.float32:  # the NumPy expansion of the same buffer (a host model's fallback)
+            batch = augment.RawBatch(buf, B, lay, mean_chw, scale, train=True)
+            np.testing.assert_array_equal(float_bits(batch.expand()), float_bits(want))
+            part = shim.augment_host(pixels, table, shift, mean_chw, dtype, C, windowed, scale, first=2, n=2)
+            np.testing.assert_array_equal(float_bits(part), float_bits(want[2:4]))
+            np.testing.assert_array_equal(float_bits(batch[1:4].expand()), float_bits(want[1:4]))
+
+
+@pytest.mark.parametrize("views", ["center", "ten"])
+def test_augment_evaluation_views(shim, views):
+    """The evaluation views (centre, and the ten of section 4.1) from their raw form: windows or whole images,
+    whichever RawLayout.choose picks, and the other one, each equal to eval_batch_into's bits."""
+    from cpnet.data import augment
+
+    S, C, k = 13, 8, 3
+    images, mean_chw, _, _, rows = _augment_data(S, k, seed=4)
+    offsets = augment.view_offsets(S, C, views)
+    V = len(offsets)
+    want = augment.eval_batch_into(np.empty((k, V, 3, C, C), np.float32), images, rows, offsets, mean_chw, 0.25)
+    chosen = augment.RawLayout.choose(k, V, C, S)
+    assert chosen.windowed == (views == "center")  # 10 * 8^2 > 13^2: the whole image once beats ten windows
+    for windowed in (True, False):
+        lay = augment.RawLayout(k * V, V, C, S, windowed)
+        buf = np.zeros(lay.nbytes, np.uint8)
+        augment.eval_raw_into(buf, lay, images, rows, offsets)
+        table, shift, pixels = lay.parts(buf)
+        got = shim.augment_host(pixels, table, shift, mean_chw, np.float32, C, windowed, 0.25)
+        np.testing.assert_array_equal(float_bits(got.reshape(want.shape)), float_bits(want))
+        batch = augment.RawBatch(buf, k, lay, mean_chw, 0.25, train=False)
+        assert batch.shape == want.shape and batch.crops().shape == (k * V, 3, C, C)
+        np.testing.assert_array_equal(float_bits(batch.expand()), float_bits(want))
+
+
+def test_augment_checks_its_arguments(shim):
+    from cpnet.data import augment
+
+    images, mean_chw, eigval, eigvec, rows = _augment_data(9, 2)
+    lay = augment.RawLayout(2, 1, 5, 9, True)
+    buf = np.zeros(lay.nbytes, np.uint8)
+    table, shift, pixels = lay.parts(buf)
+    with pytest.raises(ValueError, match="src images of 5 px, expected 9"):
+        shim.augment_host(pixels, table, shift, mean_chw, np.float32, 5, False, 1.0)
+    with pytest.raises(ValueError, match="mean must be C-contiguous float32"):
+        shim.augment_host(pixels, table, shift, mean_chw.astype(np.float64), np.float32, 5, True, 1.0)
+    with pytest.raises(ValueError, match="outside the table"):
+        shim.augment_host(pixels, table, shift, mean_chw, np.float32, 5, True, 1.0, first=1, n=2)
+    with pytest.raises(ValueError, match="output"):
+        shim.augment_host(pixels, table, shift, mean_chw, np.int32, 5, True, 1.0)
+
+
 KERNEL_TESTS = {
     "im2col_kernel": test_im2col,
     "col2im_kernel": test_col2im,
@@ -875,6 +977,7 @@ KERNEL_TESTS = {
     "softmax_xent_forward_kernel": test_softmax_xent_forward,
     "softmax_xent_backward_kernel": test_softmax_xent_backward,
     "conv_layout_forward_kernel": test_conv_layout_forward,
+    "augment_kernel": test_augment,
     "conv_layout_backward_kernel": test_conv_layout_backward,
     "narrow_kernel": test_narrow_and_widen,
     "widen_kernel": test_narrow_and_widen,
@@ -1075,7 +1178,8 @@ def stand_in_gpu(shim, monkeypatch):
                 kinds = [p.kind for p in kernels.kernels()[name].params]
                 for kind, a in zip(kinds, args, strict=True):
                     expected = {"ptr_T": _StandInGpuArray, "ptr_F": _StandInGpuArray, "ptr_int": _StandInGpuArray,
-                                "ptr_i64": _StandInGpuArray, "ptr_u8": _StandInGpuArray, "int": np.int32}
+                                "ptr_i64": _StandInGpuArray, "ptr_u8": _StandInGpuArray,
+                                "ptr_f32": _StandInGpuArray, "int": np.int32, "f32": np.float32}
                     assert type(a) is expected.get(kind, kernels.compute_dtype(self.dtype).type), (name, kind, type(a))
                 launches.append((name, grid, block))
                 shim.launch(name, self.dtype, grid, block[0], args)
@@ -1161,6 +1265,16 @@ def test_gpu_entry_points_with_a_stand_in_cupy(shim, stand_in_gpu):
             np.testing.assert_array_equal(y_nchw, shim.conv_layout_forward_host(ym, bias, np.empty((2, 6, 3, 7), dtype)))
             np.testing.assert_array_equal(kernels.conv_layout_backward_gpu(y_nchw, y_nchw, 2),
                                           shim.conv_layout_backward_host(np.asarray(y_nchw), np.asarray(y_nchw), 2))
+            from cpnet.data import augment as aug  # the network input from uint8 pixels
+
+            imgs, mean_chw, ev, evec, rows = _augment_data(9, 2, seed=57)
+            lay = aug.RawLayout(2, 1, 7, 9, True)
+            buf = np.zeros(lay.nbytes, np.uint8)
+            aug.train_raw_into(buf, lay, imgs, rows, aug.train_params(1, 0, 0, 2, 9, 7, 0.1, True, 1), ev, evec)
+            table, shift, pixels = lay.parts(buf)
+            np.testing.assert_array_equal(
+                kernels.augment_gpu(*(cp.asarray(a) for a in (pixels, table, shift, mean_chw)), dtype, 7, True, 0.5),
+                shim.augment_host(pixels, table, shift, mean_chw, dtype, 7, True, 0.5))
             if dtype == np.float32:  # the bf16 conversions (elementwise.cu built for bf16)
                 b = kernels.narrow_gpu(cp.asarray(x))
                 np.testing.assert_array_equal(b, shim.narrow_host(x))
@@ -1170,7 +1284,8 @@ def test_gpu_entry_points_with_a_stand_in_cupy(shim, stand_in_gpu):
         [(dt, f, ()) for dt in DTYPES for f in kernels.SOURCES] + [(kernels.BF16, "elementwise.cu", ())], key=str
     ), "each (dtype, file) compiles exactly once"
     assert {n for n, _, _ in launches} == set(kernels.list_kernels())
-    two_d = {"im2col_kernel", "col2im_kernel", "conv_layout_forward_kernel", "conv_layout_backward_kernel"}  # 2-D
+    two_d = {"im2col_kernel", "col2im_kernel", "conv_layout_forward_kernel", "conv_layout_backward_kernel",
+             "augment_kernel"}  # 2-D
     # grids: x over columns (pixels), y over channels (planes)
     for name, grid, block in launches:
         assert block == (kernels.GPU_BLOCK,) and len(grid) == (2 if name in two_d else 1), (name, grid)

@@ -1,23 +1,10 @@
 """bench/launch_count.py: a training step on the GPU code path without a GPU (a stand-in CuPy on NumPy, cpnet's
 kernels through the host shim), its launches counted; and that step against the host path's."""
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 
 from cpnet import backend, kernels
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def lc(shim):
-    spec = importlib.util.spec_from_file_location("launch_count", os.path.join(ROOT, "bench", "launch_count.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_launches_of_a_fused_training_step(lc):
@@ -25,6 +12,7 @@ def test_launches_of_a_fused_training_step(lc):
     ours = r["cpnet kernels"]
     assert ours == r["launcher"]  # the stand-in's RawModule and the launcher's own counter agree
     # one multi-tensor update, one dropout kernel per fused dropout layer, one loss kernel each way
+    assert ours["augment_kernel"] == 1  # the input from the raw batch, as cpnet train on a GPU feeds it
     assert ours["sgd_momentum_multi_kernel"] == 1 and "sgd_momentum_kernel" not in ours
     assert ours["dropout_towers_forward_kernel"] == 2 and "dropout_forward_kernel" not in ours
     assert ours["softmax_xent_forward_kernel"] == ours["softmax_xent_backward_kernel"] == 1
@@ -169,5 +157,14 @@ def test_the_batch_upload_through_pinned_buffers_on_a_side_stream(lc):
 
 
 def test_a_training_step_uploads_its_batch_through_the_pinned_path(lc):
-    r = lc.count_step("alexnet-tiny", batch_size=2, steps=2)
-    assert r["cupy ops"].get("copy:host to device (pinned, side stream)") == 1  # the batch; labels as before
+    """One pinned copy a step either way; the raw batch (uint8 crop windows, 28 bytes of choices an image) is
+    close to a quarter of the float32 batch's bytes, and costs one launch more (augment.cu)."""
+    r = {i: lc.count_step("alexnet-tiny", batch_size=2, steps=2, input=i) for i in ("raw", "float")}
+    for i in r:
+        assert r[i]["cupy ops"].get("copy:host to device (pinned, side stream)") == 1  # the batch; labels as before
+    c = 15  # alexnet-tiny's crop
+    assert r["float"]["upload bytes"] == 2 * 3 * c * c * 4
+    assert r["raw"]["upload bytes"] == 2 * (3 * c * c + 4 * 4 + 3 * 4)
+    assert 3.8 < r["float"]["upload bytes"] / r["raw"]["upload bytes"] < 4
+    assert "augment_kernel" not in r["float"]["cpnet kernels"]
+    assert r["raw"]["total"] == r["float"]["total"] + 1

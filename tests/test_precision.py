@@ -280,15 +280,9 @@ def test_the_bf16_gpu_path_on_the_stand_in_follows_the_host_emulation(shim, monk
     backend.gemm_bf16's real call (transposes, leading dimensions, output types) into cuBLAS's contract run on host
     memory; against the host path's bf16 emulation. They differ only in the order of float32 sums (and so, rarely,
     in a bf16 rounding): the loss within 1e-3, the parameters after the steps within 1e-4 in norm."""
-    import importlib.util
-    import os
+    from conftest import fused_training_steps, load_launch_count
 
-    from conftest import fused_training_steps
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "launch_count.py")
-    spec = importlib.util.spec_from_file_location("launch_count", path)
-    lc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lc)
+    lc = load_launch_count()
     calls = []
     monkeypatch.setattr(backend, "gemm_bf16", lambda a, b, out: backend.gemm_bf16_call(
         _fake_gemm_ex(calls), 0, a, b, out, lambda x: x.ctypes.data))

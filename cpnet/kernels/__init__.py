@@ -19,7 +19,8 @@ several kernels, bit-identical to the NumPy path: `sgd_momentum_gpu` (updates w 
 `sgd_momentum_multi_gpu` (many arrays in one launch), `dropout_forward_gpu`, `dropout_towers_forward_gpu` (both
 fused towers in one launch), `relu_forward_gpu`, `relu_backward_gpu`, `softmax_xent_forward_gpu`,
 `softmax_xent_backward_gpu` (loss.cu), `conv_layout_forward_gpu`, `conv_layout_backward_gpu` (layout.cu: the
-convolution's output layout with bias and ReLU), and the conversions `narrow_gpu`, `widen_gpu`.
+convolution's output layout with bias and ReLU), the conversions `narrow_gpu`, `widen_gpu`, and `augment_gpu`
+(augment.cu: the network input from a loader's uint8 pixels and per-crop choices, data/augment.py's RawBatch).
 Each compiles its source with `backend.raw_module` on first use, cached per (device, dtype, file). The same Python
 bodies drive the host shim (`cpnet.kernels.shim`), which runs the very same kernel text on the CPU, so the tests
 without a GPU check everything but the CUDA compiler.
@@ -46,7 +47,7 @@ from .. import backend
 from ..shapes import window_out
 
 KERNEL_DIR = Path(__file__).resolve().parent
-SOURCES = ("im2col.cu", "maxpool.cu", "lrn.cu", "elementwise.cu", "loss.cu", "layout.cu")
+SOURCES = ("im2col.cu", "maxpool.cu", "lrn.cu", "elementwise.cu", "loss.cu", "layout.cu", "augment.cu")
 # headers kernel_source puts before a source (after the T and F typedefs): pool.cuh's comparison and gather rules
 # are shared by the plain max pool and the fused LRN -> pool kernels
 HEADERS = {"maxpool.cu": ("pool.cuh",), "lrn.cu": ("pool.cuh",)}
@@ -82,7 +83,7 @@ def _wide(*arrays) -> int:
 @dataclass(frozen=True)
 class Param:
     """One kernel parameter: kind is 'ptr_T', 'ptr_F', 'ptr_int', 'ptr_i64' (long long*), 'ptr_u8' (unsigned char*),
-    'int', 'T' or 'F' (F: the compute type)."""
+    'ptr_f32' (float* whatever T is), 'int', 'f32' (float whatever T is), 'T' or 'F' (F: the compute type)."""
 
     name: str
     kind: str
@@ -119,6 +120,10 @@ def _parse_param(kernel: str, decl: str) -> Param:
         return Param(name, "ptr_i64")
     if rest == ["unsigned", "char", "*"]:
         return Param(name, "ptr_u8")
+    if rest == ["float", "*"]:
+        return Param(name, "ptr_f32")
+    if rest == ["float"]:
+        return Param(name, "f32")
     if rest == ["int"]:
         return Param(name, "int")
     if rest == ["T"]:
@@ -173,8 +178,8 @@ def pack_args(name: str, dtype, args, array_check=None) -> list:
     """Check `args` against kernel `name`'s parameters and convert scalars to the exact C types.
 
     `array_check(param, array, expected_dtype)`, when given, validates array arguments (type, dtype, contiguity)
-    and returns the value to pass; without it arrays pass as they are. Scalars become np.int32 for `int` and the
-    compute type (np.float32 / np.float64) for `F` (and for `T`, which a BF16 build does not take).
+    and returns the value to pass; without it arrays pass as they are. Scalars become np.int32 for `int`, np.float32 for
+    `f32` and the compute type (np.float32 / np.float64) for `F` (and for `T`, which a BF16 build does not take).
     """
     kernel = kernels()[name]
     if len(args) != len(kernel.params):
@@ -182,7 +187,7 @@ def pack_args(name: str, dtype, args, array_check=None) -> list:
     dtype = np.dtype(dtype)
     fdtype = compute_dtype(dtype)
     expected = {"ptr_T": dtype, "ptr_F": fdtype, "ptr_int": np.dtype(np.int32), "ptr_i64": np.dtype(np.int64),
-                "ptr_u8": np.dtype(np.uint8)}
+                "ptr_u8": np.dtype(np.uint8), "ptr_f32": np.dtype(np.float32)}
     out = []
     for p, a in zip(kernel.params, args):
         if p.kind in expected:
@@ -192,6 +197,8 @@ def pack_args(name: str, dtype, args, array_check=None) -> list:
             if not -(2**31) <= v < 2**31:
                 raise ValueError(f"{name}: {p.name}={v} does not fit in a 32-bit int")
             out.append(np.int32(v))
+        elif p.kind == "f32":
+            out.append(np.float32(a))
         elif p.kind == "T" and dtype == BF16:
             raise ValueError(f"{name}: scalar {p.name} of type T has no bf16 form (declare it F)")
         else:
@@ -588,6 +595,43 @@ def _conv_layout_backward(run, xp, dy, y, G, relu=True, check=True):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The network input from uint8 pixels (augment.cu): crop, flip, lighting, mean and scale in one launch.
+
+
+def _augment(run, xp, src, table, shift, mean, dtype, crop, windowed, scale, first=0, n=None, check=True):
+    """-> out (n, 3, crop, crop) of `dtype` (float32, float64 or BF16) from crops first .. first+n-1 of `table`
+    (int32 (crops, 4): src image, oy, ox, flip) and `shift` (float32 (crops, 3)); src uint8 (images, R, R, 3)
+    (R = crop: windows cut at each crop's offset, windowed=1; R = S: whole images, windowed=0), mean float32
+    (3, S, S). n defaults to the table's crops from `first` on. See augment.cu and data/augment.py's RawBatch."""
+    n = int(table.shape[0]) - int(first) if n is None else int(n)
+    dt = np.dtype(dtype)
+    if check:
+        if dt not in DTYPES:
+            raise ValueError(f"augment: expected a float32, float64 or bf16 (uint16) output, got {dt}")
+        for nm, a, want in (("src", src, np.uint8), ("table", table, np.int32), ("shift", shift, np.float32),
+                            ("mean", mean, np.float32)):
+            if np.dtype(a.dtype) != want or not a.flags.c_contiguous:
+                raise ValueError(f"augment: {nm} must be C-contiguous {np.dtype(want)}, got {a.dtype}")
+        if src.ndim != 4 or src.shape[3] != 3 or src.shape[1] != src.shape[2]:
+            raise ValueError(f"augment: expected src of shape (images, R, R, 3), got {tuple(src.shape)}")
+        if mean.ndim != 3 or mean.shape[0] != 3 or mean.shape[1] != mean.shape[2]:
+            raise ValueError(f"augment: expected mean of shape (3, S, S), got {tuple(mean.shape)}")
+        region, size = int(src.shape[1]), int(mean.shape[1])
+        if region != (crop if windowed else size):
+            raise ValueError(f"augment: src images of {region} px, expected {crop if windowed else size} "
+                             f"({'crop windows' if windowed else 'whole images'})")
+        if tuple(table.shape[1:]) != (4,) or tuple(shift.shape) != (table.shape[0], 3):
+            raise ValueError(f"augment: expected table (crops, 4) and shift (crops, 3), got {tuple(table.shape)} "
+                             f"and {tuple(shift.shape)}")
+        if not (0 <= int(first) and n >= 0 and int(first) + n <= table.shape[0]):
+            raise ValueError(f"augment: crops {first}..{int(first) + n - 1} outside the table's {table.shape[0]}")
+    out = xp.empty((n, 3, int(crop), int(crop)), dtype=dt)
+    run("augment_kernel", dt, (int(crop) * int(crop), 3 * n), src, table, shift, mean, out, n, int(first),
+        int(crop), int(mean.shape[1]), int(src.shape[1]), int(bool(windowed)), float(scale))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Softmax cross-entropy (loss.cu): one launch per direction.
 
 
@@ -772,6 +816,13 @@ def conv_layout_forward_gpu(ym, b, y, relu=True, check=True):
 def conv_layout_backward_gpu(dy, y, groups, relu=True, check=True):
     """-> d (groups, F/groups, N*Ho*Wo) = dy * (y > 0) in the GEMM's layout (dy and y NCHW), one pass."""
     return _on_gpu("conv_layout_backward_gpu", _conv_layout_backward, (dy, y), groups, relu, check=check)
+
+
+def augment_gpu(src, table, shift, mean, dtype, crop, windowed, scale, first=0, n=None, check=True):
+    """The network input (n, 3, crop, crop) of `dtype` from uint8 pixels and per-crop choices (see _augment)."""
+    return _on_gpu("augment_gpu", lambda run, xp, *a, check: _augment(run, xp, *a, dtype, crop, windowed, scale,
+                                                                       first, n, check=check),
+                   (src, table, shift, mean), check=check)
 
 
 def softmax_xent_forward_gpu(z, labels, check=True):

@@ -36,6 +36,7 @@ from ..errors import CpnetError
 from . import (
     KERNEL_DIR,
     BF16,
+    _augment,
     _col2im,
     _conv_layout_backward,
     _conv_layout_forward,
@@ -174,10 +175,12 @@ def build_all():
 
 
 def _ctype(kind, dtype):
-    if kind in ("ptr_T", "ptr_F", "ptr_int", "ptr_i64", "ptr_u8"):
+    if kind in ("ptr_T", "ptr_F", "ptr_int", "ptr_i64", "ptr_u8", "ptr_f32"):
         return ctypes.c_void_p
     if kind == "int":
         return ctypes.c_int
+    if kind == "f32":
+        return ctypes.c_float
     return ctypes.c_float if compute_dtype(dtype) == np.float32 else ctypes.c_double
 
 
@@ -317,3 +320,7 @@ def conv_layout_forward_host(ym, b, y, relu=True):
 
 def conv_layout_backward_host(dy, y, groups, relu=True):
     return _conv_layout_backward(_host_run, np, dy, y, groups, relu)
+
+
+def augment_host(src, table, shift, mean, dtype, crop, windowed, scale, first=0, n=None):
+    return _augment(_host_run, np, src, table, shift, mean, dtype, crop, windowed, scale, first, n)
