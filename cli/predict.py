@@ -31,7 +31,7 @@ def command(checkpoint, images, ten_crop, top, background):
 
     model, ck = load_model(checkpoint)
     size, crop = ck.stored_size or ck.mean.shape[0], ck.config.crop
-    offsets = view_offsets(size, crop, "ten" if ten_crop else "center")
+    offsets = view_offsets(size, crop, "ten" if ten_crop else "center", ck.pad)
     mean_chw = np.ascontiguousarray(ck.mean.transpose(2, 0, 1), dtype=np.float32)
     k = max(1, min(top, len(ck.classes)))
     failed = 0

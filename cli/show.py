@@ -71,8 +71,8 @@ def _pick(ds, n, seed, flag, path):
 
 
 def _centre_crops(images, mean, crop, scale):
-    """uint8 (b, S, S, 3) -> float32 (b, 3, crop, crop): the centre window minus the mean image's, times scale
-    (what the evaluation loader feeds the network for the centre view)."""
+    """uint8 (b, S, S, 3) -> float32 (b, 3, crop, crop): the centre window minus the mean image's, times scale (or,
+    for a crop beyond S, the image centred on a canvas of the mean colour): the evaluation loader's centre view."""
     import numpy as np
 
     from cpnet.data.augment import eval_batch_into, view_offsets

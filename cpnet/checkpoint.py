@@ -291,7 +291,9 @@ def check_dataset(ck: Checkpoint, ds, where: str, checkpoint=None):
         raise CpnetError(f"{where}: its {len(ds.classes)} classes differ from the checkpoint's {len(ck.classes)} "
                          f"({name})")
     if ck.config.crop > ds.size + 2 * ck.pad:
-        raise CpnetError(f"{where}: images are {ds.size}px, smaller than the model's crop {ck.config.crop}")
+        raise CpnetError(f"{where}: images are {ds.size}px, smaller than the model's crop {ck.config.crop}" if not
+                         ck.pad else f"{where}: images are {ds.size}px: the model's crop {ck.config.crop} exceeds "
+                         f"them by more than 2 x its training --pad {ck.pad}")
     if ck.stored_size and ds.size != ck.stored_size:
         raise CpnetError(f"{where}: images are stored at {ds.size}px, the checkpoint was trained on "
                          f"{ck.stored_size}px images (prepare the data with --size {ck.stored_size})")

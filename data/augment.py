@@ -53,14 +53,15 @@ def lighting_shift(alpha, eigval, eigvec):
     return (alpha * np.asarray(eigval, np.float64)) @ np.asarray(eigvec, np.float64).T
 
 
-def view_offsets(size, crop, views="center"):
+def view_offsets(size, crop, views="center", pad=0):
     """[(oy, ox, flip)] of the evaluation views, in TEN_VIEW_ORDER for 'ten' (centre first, so view 0 is the
-    centre crop either way; views 5..9 mirror views 0..4)."""
+    centre crop either way; views 5..9 mirror views 0..4). A crop larger than the image (a canvas, trained with
+    offsets in [-pad, size - crop + pad]) puts the corner views at those extremes, the positions training saw."""
     if views not in VIEWS:
         raise ValueError(f"views must be one of {sorted(VIEWS)}, got {views!r}")
     c = (size - crop) // 2
-    e = size - crop
-    base = [(c, c)] if views == "center" else [(c, c), (0, 0), (0, e), (e, 0), (e, e)]
+    s, e = (-pad, size - crop + pad) if crop > size else (0, size - crop)
+    base = [(c, c)] if views == "center" else [(c, c), (s, s), (s, e), (e, s), (e, e)]
     out = [(y, x, False) for y, x in base]
     if views == "ten":
         out += [(y, x, True) for y, x in base]
@@ -128,8 +129,8 @@ def eval_batch_into(out, images, rows, offsets, mean_chw, scale=1.0):
 #   shift   float32 (crops, 3)  per crop: the lighting's RGB shift (lighting_shift; 0 for evaluation)
 #   pixels  uint8 (images, R, R, 3), HWC as stored: windowed, each crop's own window cut at (oy, ox) (R = crop,
 #           0 outside the stored image, never read); or whole stored images (R = S), which the views share.
-# A loader picks whichever has fewer pixel bytes: for training and centre crops always the windows (crop <= S);
-# for ten views the whole image once unless 10 crop^2 <= S^2.
+# A loader picks whichever has fewer pixel bytes: for training and centre crops the windows where crop <= S (the
+# whole images for a crop beyond S, a canvas); for ten views the whole image once unless 10 crop^2 <= S^2.
 
 TABLE_COLUMNS = 4
 

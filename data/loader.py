@@ -61,7 +61,8 @@ class _Maker:
         self.ds, self.spec = ds, spec
         self.mean_chw = mean_chw_of(ds, spec.mean)
         self.buf = np.empty((spec.rows[1], ds.size, ds.size, 3), np.uint8)
-        self.offsets = augment.view_offsets(ds.size, spec.crop, spec.views) if spec.kind == "eval" else None
+        self.offsets = (augment.view_offsets(ds.size, spec.crop, spec.views, spec.pad) if spec.kind == "eval"
+                        else None)
         self._order = (None, None)   # (epoch, permutation) of the last epoch seen
 
     def indices(self, key):
@@ -497,7 +498,7 @@ class EvalLoader(_Loader):
         self.span = range(r * total // n, (r + 1) * total // n)
         spec = _Spec(os.fspath(path), "eval", int(batch_size), int(crop), scale=float(scale), views=views,
                      mean=None if mean is None else np.ascontiguousarray(mean, np.float32),
-                     span=(self.span.start, self.span.stop))
+                     span=(self.span.start, self.span.stop), pad=int(pad))
         self._setup(path, batch_size, crop, workers, spec, max(1, int(prefetch)),
                     (int(batch_size), self.num_views, 3, int(crop), int(crop)), beyond=2 * int(pad), raw=raw,
                     views=self.num_views)

@@ -156,12 +156,13 @@ def test_padded_crops_leave_the_image_over_mean_coloured_borders(tmp_path, crop)
     if c > 8:                                          # evaluation: the image centred on the canvas, corners
         with EvalLoader(path, 16, c, views="ten", scale=0.5, pad=2) as E:
             xe, _ = next(iter(E))
-        for v, (oy, ox, fl) in enumerate(augment.view_offsets(8, c, "ten")):
+        views = augment.view_offsets(8, c, "ten", pad=2)
+        assert [v[:2] for v in views[:5]] == [((8 - c) // 2,) * 2, (-2, -2), (-2, 10 - c), (10 - c, -2), (10 - c,) * 2]
+        for v, (oy, ox, fl) in enumerate(views):                # the corners: training's extreme offsets
             ref = np.zeros((c, c, 3))
             ref[-oy:-oy + 8, -ox:-ox + 8] = imgs[3] - mean
             ref = ref[:, ::-1] if fl else ref
             np.testing.assert_allclose(xe[3, v], 0.5 * ref.transpose(2, 0, 1), rtol=1e-5, atol=1e-3)
-        assert augment.view_offsets(8, c)[0][:2] == ((8 - c) // 2,) * 2
     # pad 0 draws what it drew before --pad existed: offsets in [0, size - crop]
     oy0, ox0, _, _ = augment.train_params(2, 1, 0, 64, 12, 9)
     assert oy0.min() >= 0 and oy0.max() <= 3 and len(set(oy0)) == 4

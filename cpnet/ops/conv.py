@@ -68,7 +68,7 @@ BATCH_INNER_MAX_HW = 256
 # layers (alexnet-small's and alexnet's conv3-conv5), is as exact as im2col in float32 and faster there
 # (docs/PERFORMANCE.md, CPU section, third round). CPNET_WINOGRAD=0 turns it off (im2col everywhere); a list
 # such as CPNET_WINOGRAD=3:4,5:2 picks the tiles per kernel size (F(4x4, 3x3) and F(2x2, 5x5) are faster still
-# but lose 20-50 times more float32 rounding). None: read from the environment at the first host convolution;
+# but lose 15-30 times more float32 rounding). None: read from the environment at the first host convolution;
 # tests set a dict ({} for im2col only).
 WINOGRAD_TILES = None
 WINOGRAD_DEFAULT = {3: 2}
