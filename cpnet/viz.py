@@ -420,11 +420,13 @@ def chart(series, size=(460, 320), title="", xlabel="", ylabel="", xlim=None, yl
             x = X(m.value)
             _dashed_line(d, [(x, py0), (x, py1)], m.color, 1)
             if m.label:
-                row = next((i for i, end in enumerate(row_ends) if x + 3 > end + 4), len(row_ends))
+                w = text_size(m.label, small)[0]
+                lx = x + 3 if x + 3 + w <= px1 - 2 else x - 3 - w  # near the right edge: left of the line
+                row = next((i for i, end in enumerate(row_ends) if lx > end + 4), len(row_ends))
                 if row == len(row_ends):
                     row_ends.append(0)
-                row_ends[row] = x + 3 + text_size(m.label, small)[0]
-                d.text((x + 3, py0 + 2 + row * (th + 2)), m.label, fill=m.color, font=small)
+                row_ends[row] = lx + w
+                d.text((lx, py0 + 2 + row * (th + 2)), m.label, fill=m.color, font=small)
         else:
             y = Y(m.value)
             _dashed_line(d, [(px0, y), (px1, y)], m.color, 1)

@@ -242,3 +242,18 @@ def test_chart_ticks_and_nan_gaps():
     assert viz.nice_ticks(1, 3, integer=True) == [1, 2, 3]
     im = viz.chart([viz.Series([1, 2, 3, 4], [0.5, float("nan"), 0.3, 0.2], "a")], (300, 200), "t", "x", "y")
     assert im.size == (300, 200)
+
+
+def test_an_x_mark_label_at_the_right_edge_goes_left_of_its_line():
+    """A rate drop in the last epoch: its label is drawn left of the dashed line, inside the plot, not cut off at
+    the image's right edge (the Fashion-MNIST curves' 'lr 0.0003' was)."""
+    red = (200, 0, 0)
+    marks = [viz.Mark(10, "x", "lr 0.0003", red), viz.Mark(5, "x", "lr 0.003", red)]
+    im = np.asarray(viz.chart([viz.Series([0, 10], [0.5, 0.4], "a", viz.PALETTE[0])], (300, 200), xlim=(0, 10),
+                              ylim=(0, 1), marks=marks, legend=False)).astype(int)
+    cols = np.nonzero((np.abs(im - red).sum(-1) < 60).any(0))[0]   # columns holding the marks' colour
+    lines = [c for c in cols if (np.abs(im[:, c] - red).sum(-1) < 60).sum() > 60]  # the two dashed lines
+    assert len(lines) == 2
+    right = max(lines)
+    assert cols.max() <= right + 1                                  # nothing right of the last line
+    assert any(min(lines) + 3 < c < right - 3 for c in cols)       # its label, left of it
