@@ -30,8 +30,8 @@ def _top5(ctx, value):
               help="Seeds the weights, the data order, the augmentation and dropout.")
 @click.option("--workers", type=click.IntRange(0), default=D["workers"],
               help="Loader worker processes (0: in-process) [default: 0 on the CPU; on a GPU the CPUs less 2, at most 12].")
-@click.option("--crop", type=int, default=D["crop"], help="Crop size [default: 227 for alexnet; for the small presets the stored size minus an eighth, the paper's 224 of 256 in proportion, or the whole image where it is no larger than the preset's crop (28 of 28: no border to crop away)].")
-@click.option("--pad", type=click.IntRange(0), default=D["pad"], help="Training crops may leave the image by up to this many pixels, filled with the mean (with --crop equal to the stored size: CIFAR's usual shifted whole image, evaluated uncut; --crop may exceed the stored size by up to 2 x pad: the whole image on a canvas of the mean colour, evaluated centred on it) [default: 0; a 14th of the size for whole small images (2 px at 28)].")
+@click.option("--crop", type=int, default=D["crop"], help="Crop size [default: 227 for alexnet; for the small presets the stored size minus an eighth, the paper's 224 of 256 in proportion, or, where the whole image is no larger than the preset's crop, that crop: the whole image (32 of 32) or the image on a canvas of the mean colour (28 px on alexnet-small's 32), with --pad, --lr and --dropout chosen for it (see each)].")
+@click.option("--pad", type=click.IntRange(0), default=D["pad"], help="Training crops may leave the image by up to this many pixels, filled with the mean (with --crop equal to the stored size: CIFAR's usual shifted whole image, evaluated uncut; --crop may exceed the stored size by up to 2 x pad: the whole image on a canvas of the mean colour, evaluated centred on it) [default: 0; for whole small images a 14th of their size plus the canvas's border: 4 for 28 px on 32 (a shift of 2 px), 2 for 32 on 32].")
 @click.option("--conventions", default=D["conventions"], show_default=True, help="paper | ccn2 | caffe: LRN alpha convention, k, where LRN sits.")
 @click.option("--init", default=D["init"], show_default=True, help="he | paper | caffe: weight and bias initialisation.")
 @click.option("--momentum", default=D["momentum"], show_default=True, help="SGD momentum (the paper: 0.9).")
@@ -42,8 +42,9 @@ def _top5(ctx, value):
 @click.option("--patience", type=int, default=D["patience"], help="plateau: epochs without improvement before dividing the lr by 10 [default: an epoch per ten of --epochs, at least 1].")
 @click.option("--step-epochs", default=D["step_epochs"], show_default=True, help="step: divide the lr by 10 every N epochs.")
 @click.option("--lighting", default=D["lighting"], show_default=True, help="PCA lighting sigma (0 disables).")
-@click.option("--dropout", default=D["dropout"], show_default=True,
-              help="Probability of dropping a unit of fc6 and fc7 while training (0 disables).")
+@click.option("--dropout", type=float, default=D["dropout"],
+              help="Probability of dropping a unit of fc6 and fc7 while training (0 disables) [default: 0.5, the "
+                   "paper's; 0 for whole small images (see --crop), measured on Fashion-MNIST].")
 @click.option("--scale", type=float, default=D["scale"], help="Multiply mean-subtracted 0-255 inputs by this "
               "[default: 1/their standard deviation with --init he, 1 otherwise].")
 @click.option("--threads", type=int, default=D["threads"], help="Host BLAS threads per tower [default: (CPUs - workers) // 2, at least 1].")

@@ -103,7 +103,8 @@ def whole_image(preset: str, stored_size: int) -> bool:
 
 def default_crop(preset: str, stored_size: int) -> int:
     """227 for the paper's net; for the small presets the stored size minus an eighth (32 from 36, the paper's
-    224 of 256 in proportion), or the whole image where it is no larger than the preset's crop (28 from 28)."""
+    224 of 256 in proportion), or the whole image where it is no larger than the preset's crop (28 from 28; with
+    the data's defaults, `data_defaults`, such an image goes on a canvas of the preset's crop instead)."""
     if preset == "alexnet":
         return 227
     if whole_image(preset, stored_size):
@@ -111,12 +112,22 @@ def default_crop(preset: str, stored_size: int) -> int:
     return int(stored_size - stored_size // 8)
 
 
-# Whole small images (whole_image): training crops shifted by up to this fraction of the size (2 px at 28 and 32),
-# and this initial learning rate. Measured on Fashion-MNIST (README, "Results on real data"): these together with
-# the patience rule below gave validation error 0.082 after 10 epochs where the paper's proportion (crop 25 of 28,
-# no shift), lr 0.01 and patience 1 gave 0.096 after 8 and a plateau from epoch 6.
-WHOLE_IMAGE_SHIFT = 14  # pad = size // 14
+def default_pad(crop: int, stored_size: int) -> int:
+    """--pad for whole small images on a `crop`-px canvas: the canvas's border (half of crop - size, rounded up,
+    so that the canvas always fits) plus the shift of a 14th of the size (2 px at 28 and 32): 28 px on 32 -> 4,
+    so the image moves by up to 2 px either way about the centre (an odd border moves it 1 px further one way);
+    32 on 32 -> 2."""
+    return (int(crop) - int(stored_size) + 1) // 2 + int(stored_size) // WHOLE_IMAGE_SHIFT
+
+
+# Whole small images (whole_image): the preset's crop as a canvas, training crops shifted by up to this fraction
+# of the size (2 px at 28 and 32), this initial learning rate and this dropout. Measured on Fashion-MNIST (README,
+# "Results on real data"): the shift, the rate and the patience rule below gave validation error 0.082 after 10
+# epochs where the paper's proportion (crop 25 of 28, no shift), lr 0.01 and patience 1 gave 0.096 after 8; the
+# canvas and no dropout then took the test accuracy from 0.910 to 0.925 (validation error 0.079 -> 0.068).
+WHOLE_IMAGE_SHIFT = 14  # the shift is size // 14
 WHOLE_IMAGE_LR = 0.03
+WHOLE_IMAGE_DROPOUT = 0.0
 
 
 def default_patience(epochs: int) -> int:
@@ -127,20 +138,32 @@ def default_patience(epochs: int) -> int:
 
 def data_defaults(cfg: TrainConfig, stored_size: int, explicit=None, notices=None) -> TrainConfig:
     """The defaults chosen from the data for the flags the user left out (`explicit`: the flags given; None:
-    all of them, as for callers that build a TrainConfig themselves): --pad and --lr for whole small images,
-    --patience from --epochs."""
+    all of them, as for callers that build a TrainConfig themselves): --crop, --pad, --lr and --dropout for whole
+    small images, --patience from --epochs."""
     changes = {}
     if not _given("patience", explicit):
         changes["patience"] = default_patience(cfg.epochs)
     if cfg.model in PRESETS and whole_image(cfg.model, stored_size) and not _given("crop", explicit):
-        if not _given("pad", explicit):
-            changes["pad"] = stored_size // WHOLE_IMAGE_SHIFT
-        if not _given("lr", explicit):
-            changes["lr"] = WHOLE_IMAGE_LR
+        # the preset's crop as a canvas, so that the net keeps the geometry it was sized for: at crop 28,
+        # alexnet-small's 3/2 poolings drop the last row and column of conv1's and conv5's maps and leave fc6 a
+        # 2x2 map instead of 3x3
+        crop = int(PRESETS[cfg.model]["crop"])
+        if _given("pad", explicit) and crop > stored_size + 2 * cfg.pad:
+            crop = stored_size  # a --pad too small for the canvas: the whole image, uncut, shifted by that pad
+        changes["crop"] = crop
+        for name, value in (("pad", default_pad(crop, stored_size)), ("lr", WHOLE_IMAGE_LR),
+                            ("dropout", WHOLE_IMAGE_DROPOUT)):
+            if not _given(name, explicit):
+                changes[name] = value
         if notices is not None:
+            pad = changes.get("pad", cfg.pad)
+            where = (f"on a {crop}-px canvas of the mean colour (--crop {crop} --pad {pad})" if crop > stored_size
+                     else f"(--pad {pad})")
+            shift = pad - (crop - stored_size) // 2  # the farthest the image moves from the centre view
             notices.append(f"{stored_size}-px images, no larger than {cfg.model}'s {PRESETS[cfg.model]['crop']}-px "
-                           f"crop: the whole image, shifted by up to {changes.get('pad', cfg.pad)} px "
-                           f"(--pad), at --lr {changes.get('lr', cfg.lr):g}")
+                           f"crop: the whole image "
+                           f"{where}, " + (f"shifted by up to {shift} px" if shift > 0 else "centred")
+                           + f", at --lr {changes.get('lr', cfg.lr):g}, dropout {changes.get('dropout', cfg.dropout):g}")
     return replace(cfg, **changes) if changes else cfg
 
 

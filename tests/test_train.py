@@ -323,7 +323,8 @@ def test_settings_checked_below_train_are_named_by_their_flags(synth, tmp_path):
 def test_default_crop_is_the_papers_proportion_or_the_whole_small_image():
     from cpnet.train import default_crop
 
-    # no larger than alexnet-small's 32-px crop: the whole image; larger: the paper's 224 of 256 in proportion
+    # no larger than alexnet-small's 32-px crop: the whole image (the data's defaults put it on a canvas of 32, see
+    # below; callers that build a TrainConfig themselves get this); larger: the paper's 224 of 256 in proportion
     assert [default_crop("alexnet-small", s) for s in (17, 28, 32, 33, 36, 64)] == [17, 28, 32, 29, 32, 56]
     assert [default_crop("alexnet-tiny", s) for s in (15, 17)] == [15, 15]
     assert default_crop("alexnet", 256) == 227
@@ -334,23 +335,32 @@ def test_data_defaults_fill_only_the_flags_left_out():
 
     cfg = TrainConfig(data="d", out="o", epochs=20)
     given = {"data", "out", "epochs"}
-    small = data_defaults(cfg, 28, given)        # Fashion-MNIST's 28 px: whole image, shifted 2 px, lr 0.03
-    assert (small.pad, small.lr, small.patience) == (2, 0.03, 2)
+    small = data_defaults(cfg, 28, given)        # Fashion-MNIST's 28 px: on a 32-px canvas, shifted 2 px, lr 0.03
+    assert (small.crop, small.pad, small.lr, small.dropout, small.patience) == (32, 4, 0.03, 0.0, 2)
+    # --pad: the border (32 - s) / 2 rounded up, so the canvas always fits, + s // 14
+    assert [data_defaults(cfg, s, given).pad for s in (13, 17, 29, 32)] == [10, 9, 4, 2]
+    assert data_defaults(cfg, 32, given).crop == 32                                # 32 of 32: no canvas
+    tight = data_defaults(replace(cfg, pad=1), 28, given | {"pad"})  # too small a --pad for the canvas: uncut
+    assert (tight.crop, tight.pad, tight.lr) == (28, 1, 0.03)
+    wide = data_defaults(replace(cfg, pad=3), 28, given | {"pad"})   # room for it: the canvas, shifted 1 px
+    assert (wide.crop, wide.pad) == (32, 3)
     cifar = data_defaults(cfg, 36, given)        # stored with a border (36 for crops of 32): the paper's recipe
     assert (cifar.pad, cifar.lr, cifar.patience) == (0, 0.01, 2)
     assert data_defaults(replace(cfg, epochs=10), 36, {"data", "out"}).patience == 1
     assert data_defaults(replace(cfg, epochs=9), 36, {"data", "out"}).patience == 1
-    mine = data_defaults(replace(cfg, lr=0.05, pad=1, patience=3), 28, given | {"lr", "pad", "patience"})
-    assert (mine.pad, mine.lr, mine.patience) == (1, 0.05, 3)
+    mine = data_defaults(replace(cfg, lr=0.05, pad=5, patience=3, dropout=0.5), 28,
+                         given | {"lr", "pad", "patience", "dropout"})
+    assert (mine.crop, mine.pad, mine.lr, mine.patience, mine.dropout) == (32, 5, 0.05, 3, 0.5)
     assert data_defaults(replace(cfg, crop=24), 28, given | {"crop"}) == replace(cfg, crop=24, patience=2)
     assert data_defaults(cfg, 28, None) == cfg   # a TrainConfig built in code is taken as it is
     paper = data_defaults(replace(cfg, model="alexnet"), 28, given)
-    assert (paper.pad, paper.lr) == (0, 0.01)
+    assert (paper.crop, paper.pad, paper.lr, paper.dropout) == (None, 0, 0.01, 0.5)
+    assert (cifar.crop, cifar.dropout) == (None, 0.5)
 
 
 def test_whole_small_images_train_with_their_defaults_and_resume_with_them(tmp_path):
-    """alexnet-tiny's crop is 15: on 15-px images `cpnet train` picks the whole image, --pad 1 and --lr 0.03,
-    says so, records them in the checkpoint, and --resume keeps them."""
+    """alexnet-tiny's crop is 15: on 15-px images `cpnet train` picks the whole image, --pad 1, --lr 0.03 and no
+    dropout, says so, records them in the checkpoint, and --resume keeps them."""
     data = tmp_path / "d15"
     r = CliRunner().invoke(cli, ["prep", "synthetic", "--out", str(data), "--n", "32", "--classes", "3",
                                  "--size", "15", "--seed", "3", "-q"])
@@ -360,13 +370,34 @@ def test_whole_small_images_train_with_their_defaults_and_resume_with_them(tmp_p
     r = CliRunner().invoke(cli, args + ["--epochs", "1"])
     assert r.exit_code == 0, r.output
     assert "crop 15," in r.output
-    assert "15-px images, no larger than alexnet-tiny's 15-px crop: the whole image, shifted by up to 1 px" in r.output
+    assert ("note: 15-px images, no larger than alexnet-tiny's 15-px crop: the whole image (--pad 1), shifted by up "
+            "to 1 px, at --lr 0.03, dropout 0") in r.output
     ck = checkpoint.load(out / "last.h5")
     assert (ck.config.crop, ck.train["pad"], ck.train["lr"], ck.train["patience"]) == (15, 1, 0.03, 1)
+    assert ck.config.dropout == ck.train["dropout"] == 0.0
     r = CliRunner().invoke(cli, ["train", "--out", str(out), "--resume", "--epochs", "2"])
     assert r.exit_code == 0, r.output
     ck = checkpoint.load(out / "last.h5")
     assert ck.state["epoch"] == 2 and (ck.train["pad"], ck.train["lr"]) == (1, 0.03)
+
+
+def test_smaller_images_train_on_the_presets_crop_as_a_canvas(tmp_path):
+    """13-px images for alexnet-tiny's 15-px crop: the default crop is 15, the image on a canvas of the mean
+    colour (--pad 1: the border only, so centred), said in the note; cpnet eval then evaluates it so."""
+    data = tmp_path / "d13"
+    r = CliRunner().invoke(cli, ["prep", "synthetic", "--out", str(data), "--n", "32", "--classes", "3",
+                                 "--size", "13", "--seed", "3", "-q"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train", "--data", str(data), "--model", "alexnet-tiny", "--batch-size", "16",
+                                 "--out", str(out), "--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    assert ("note: 13-px images, no larger than alexnet-tiny's 15-px crop: the whole image on a 15-px canvas of the "
+            "mean colour (--crop 15 --pad 1), centred, at --lr 0.03, dropout 0") in r.output
+    ck = checkpoint.load(out / "last.h5")
+    assert (ck.config.crop, ck.pad, ck.stored_size, ck.train["crop"]) == (15, 1, 13, 15)
+    r = CliRunner().invoke(cli, ["eval", str(out / "last.h5"), "--data", str(data / "val.h5")])
+    assert r.exit_code == 0 and "centre crop: top-1 error" in r.output, r.output
 
 
 def test_runs_record_their_pad_and_a_bad_pad_names_the_flag(synth, tmp_path):
