@@ -28,15 +28,19 @@ def _synthetic_set(tmp, n, size, workers):
 
 
 def _loader_figures(loader_data, model, batch_size, crop, workers, batches):
+    """The loader as `cpnet train` would use it here: uint8 batches where the model is on a GPU (augmented there),
+    float32 crops on the host."""
     import os
     import tempfile
 
-    from cpnet import bench
+    from cpnet import backend, bench
     from cpnet.errors import CpnetError
+
+    raw = backend.gpu_augment(backend.default_placement(2))
 
     if loader_data:
         path = os.path.join(loader_data, "train.h5") if os.path.isdir(loader_data) else loader_data
-        res = bench.bench_loader(path, batch_size, crop, workers=workers, batches=batches)
+        res = bench.bench_loader(path, batch_size, crop, workers=workers, batches=batches, raw=raw)
         res["synthetic"] = False
         return res
     size = bench.STORED_SIZE[model]
@@ -45,7 +49,7 @@ def _loader_figures(loader_data, model, batch_size, crop, workers, batches):
             path = _synthetic_set(tmp, batch_size * (batches + 2), size, workers)
         except (CpnetError, ImportError) as e:
             return {"error": f"could not make a synthetic dataset: {e}"}
-        res = bench.bench_loader(path, batch_size, crop, workers=workers, batches=batches)
+        res = bench.bench_loader(path, batch_size, crop, workers=workers, batches=batches, raw=raw)
     res.update(synthetic=True, stored_size=size, path=None)
     return res
 
@@ -173,7 +177,9 @@ def command(model, batch_size, steps, warmup, as_json, loader_data, loader_worke
         click.echo(f"loader: not measured ({ld['error']})")
     else:
         src = f"synthetic {ld['stored_size']}px" if ld.get("synthetic") else ld["path"]
-        click.echo(f"loader: {ld['images_per_s']:.1f} images/s ({ld['workers']} workers, {src}, crop {ld['crop']})")
+        kind = ", uint8 batches augmented on the GPU" if ld.get("raw") else ""
+        click.echo(f"loader: {ld['images_per_s']:.1f} images/s ({ld['workers']} workers, {src}, crop {ld['crop']}"
+                   f"{kind})")
     m = res["memory"]
     gpus = ", ".join(f"{k} pool {_fmt_bytes(v['total'])}" for k, v in m["gpu_pool_bytes"].items())
     click.echo(f"memory: host peak RSS {_fmt_bytes(m['host_peak_rss_bytes'])}" + (f"; {gpus}" if gpus else ""))

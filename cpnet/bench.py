@@ -300,11 +300,12 @@ def allreduce_lines(res: dict) -> list[str]:
 
 
 # ---- the loader, memory, the machine -------------------------------------------------------------------------------
-def bench_loader(path, batch_size, crop, workers=0, batches=8, seed=0) -> dict:
-    """Images/s of `TrainLoader` over `batches` batches after one warm-up batch (epochs wrap as needed)."""
+def bench_loader(path, batch_size, crop, workers=0, batches=8, seed=0, raw=False) -> dict:
+    """Images/s of `TrainLoader` over `batches` batches after one warm-up batch (epochs wrap as needed); `raw`:
+    the uint8 batches a model on a GPU takes (backend.gpu_augment), which leave the augmentation to the GPU."""
     from cpnet.data import TrainLoader
 
-    with TrainLoader(path, batch_size, crop, seed=seed, workers=workers) as loader:
+    with TrainLoader(path, batch_size, crop, seed=seed, workers=workers, raw=raw) as loader:
         def stream():
             e = 0
             while True:
@@ -320,7 +321,7 @@ def bench_loader(path, batch_size, crop, workers=0, batches=8, seed=0) -> dict:
             n += len(xb)
         dt = time.perf_counter() - t0
     return {"path": os.fspath(path), "workers": int(workers), "batch_size": int(batch_size), "crop": int(crop),
-            "batches": int(batches), "images_per_s": n / dt}
+            "batches": int(batches), "images_per_s": n / dt, "raw": bool(raw)}
 
 
 def memory() -> dict:

@@ -73,6 +73,10 @@ def test_bench_loader_data(tmp_path):
     assert r.exit_code == 0, r.output
     ld = json.loads(r.output)["loader"]
     assert ld["synthetic"] is False and ld["path"].endswith("train.h5") and ld["images_per_s"] > 0
+    assert ld["raw"] is False                       # the host model takes float32 crops
+    from cpnet.bench import bench_loader            # what a model on a GPU takes: uint8 batches
+    raw = bench_loader(str(tmp_path / "train.h5"), 4, 15, batches=2, raw=True)
+    assert raw["raw"] is True and raw["images_per_s"] > 0
 
 
 @pytest.mark.parametrize("args, words", [
