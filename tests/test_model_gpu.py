@@ -23,6 +23,19 @@ def _step(model, x, y, opt=None):
     return float(loss), backend.to_host(logits), grads
 
 
+def _host_and_gpu_steps(host, dev, steps=3):
+    """Per SGD step of both models on the same random batch (16 crops of 32 px, 10 classes): (the host's _step,
+    the GPU's _step)."""
+    oh, od = MomentumSGD(host, lr=0.01), MomentumSGD(dev, lr=0.01)
+    rng = np.random.default_rng(1)
+    for i in range(steps):
+        x = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
+        y = rng.integers(0, 10, 16)
+        host.set_step(i)
+        dev.set_step(i)
+        yield _step(host, x, y, oh), _step(dev, x, y, od)
+
+
 @pytest.mark.parametrize("gpus,fuse", [(1, None), (1, False), (2, None)])
 def test_gpu_towers_equal_the_host_in_float64(gpus, fuse, monkeypatch):
     """One GPU: the fused default and the two-tower path; two GPUs: a tower on each, exchanging activations."""
@@ -54,15 +67,7 @@ def test_gpu_training_steps_follow_the_host_in_float32():
     cfg = make_config("alexnet-small", 10, 32, seed=2)
     host = build_model(cfg, placement=[backend.HOST, backend.HOST])
     dev = build_model(cfg, placement=[backend.Device("gpu", 0)] * 2)
-    oh, od = MomentumSGD(host, lr=0.01), MomentumSGD(dev, lr=0.01)
-    rng = np.random.default_rng(1)
-    for i in range(3):
-        x = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
-        y = rng.integers(0, 10, 16)
-        host.set_step(i)
-        dev.set_step(i)
-        lh, _, _ = _step(host, x, y, oh)
-        ld, _, _ = _step(dev, x, y, od)
+    for (lh, _, _), (ld, _, _) in _host_and_gpu_steps(host, dev):
         assert abs(lh - ld) < 1e-3 * max(1.0, abs(lh))
     ph, pd = host.host_params(), dev.host_params()
     for k in ph:
@@ -97,15 +102,7 @@ def test_gpu_bf16_step_follows_the_host_emulation(fuse, monkeypatch):
     cfg = make_config("alexnet-small", 10, 32, seed=2)
     host = build_model(cfg, placement=[backend.HOST, backend.HOST], precision="bf16")
     dev = build_model(cfg, placement=[backend.Device("gpu", 0)] * 2, precision="bf16", fuse=fuse)
-    oh, od = MomentumSGD(host, lr=0.01), MomentumSGD(dev, lr=0.01)
-    rng = np.random.default_rng(1)
-    for i in range(3):
-        x = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
-        y = rng.integers(0, 10, 16)
-        host.set_step(i)
-        dev.set_step(i)
-        lh, zh, gh = _step(host, x, y, oh)
-        ld, zd, gd = _step(dev, x, y, od)
+    for (lh, zh, gh), (ld, zd, gd) in _host_and_gpu_steps(host, dev):
         assert zd.dtype == np.float32 and abs(lh - ld) < 1e-2 * max(1.0, abs(lh))
         assert np.abs(zd - zh).max() < 3e-2 * np.abs(zh).max()
         vh, vd = (np.concatenate([g[k].ravel() for k in sorted(g)]) for g in (gh, gd))
