@@ -191,13 +191,24 @@ def test_transfers_count_bytes_only_between_distinct_devices():
 
 # ---- whole-network gradient check ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("conventions, winograd", [("paper", False), ("caffe", False), ("paper", True)])
-def test_whole_network_gradient_check_float64(conventions, winograd, monkeypatch):
-    """Central differences through both towers and every exchange, dropout on (masks fixed by the step); with
-    winograd, every convolution of alexnet-tiny (3x3, stride 1) through the host's Winograd path."""
-    monkeypatch.setattr(conv_mod, "WINOGRAD_TILES", {3: 2} if winograd else {})
+def _host_algorithm(monkeypatch, algorithm):
+    """The host's stride-1 convolutions all through im2col, Winograd's transforms or the DFT, whatever the
+    layer's size."""
+    monkeypatch.setattr(conv_mod, "WINOGRAD_TILES", {3: 2} if algorithm == "winograd" else {})
     monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_PIXELS", 0)
     monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_CHANNELS", 0)
+    monkeypatch.setattr(conv_mod, "FOURIER", algorithm == "fourier")
+    monkeypatch.setattr(conv_mod, "FOURIER_MIN_CHANNELS", 0)
+    monkeypatch.setattr(conv_mod, "FOURIER_MAX_FILTERS_PER_IMAGE", 10**9)
+
+
+@pytest.mark.parametrize("conventions, algorithm", [("paper", "im2col"), ("caffe", "im2col"), ("paper", "winograd"),
+                                                    ("paper", "fourier")])
+def test_whole_network_gradient_check_float64(conventions, algorithm, monkeypatch):
+    """Central differences through both towers and every exchange, dropout on (masks fixed by the step); with
+    winograd or fourier, every convolution of alexnet-tiny (3x3, stride 1) through the host's Winograd or DFT
+    path."""
+    _host_algorithm(monkeypatch, algorithm)
     cfg = make_config("alexnet-tiny", 5, 15, conventions=conventions, init="he", seed=1)
     m = build_model(cfg, dtype=np.float64)
     m.set_step(7)
@@ -282,13 +293,12 @@ def test_input_shape_error_names_the_expected_shape():
         m.forward(np.zeros((2, 3, 16, 16), np.float32))
 
 
-@pytest.mark.parametrize("winograd", [False, True])
-def test_host_towers_in_two_threads_give_bitwise_the_same_result(monkeypatch, winograd):
-    """With conv3-5 through im2col and through Winograd's transforms (whatever the batch's size)."""
+@pytest.mark.parametrize("algorithm", ["im2col", "winograd", "fourier"])
+def test_host_towers_in_two_threads_give_bitwise_the_same_result(monkeypatch, algorithm):
+    """With conv2-5 through im2col, conv3-5 through Winograd's transforms, conv2-5 through the DFT (whatever the
+    batch's size)."""
     monkeypatch.delenv("CPNET_FUSE_TOWERS", raising=False)
-    monkeypatch.setattr(conv_mod, "WINOGRAD_TILES", {3: 2} if winograd else {})
-    monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_PIXELS", 0)
-    monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_CHANNELS", 0)
+    _host_algorithm(monkeypatch, algorithm)
     cfg = make_config("alexnet-small", 7, 32, seed=2)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((6, 3, 32, 32)).astype(np.float32)

@@ -5,7 +5,7 @@ import naive
 from cpnet.backend import to_host
 from cpnet.errors import CpnetError
 from cpnet.ops import conv as conv_mod
-from cpnet.ops import conv2d_backward, conv2d_forward, winograd
+from cpnet.ops import conv2d_backward, conv2d_forward, fourier, winograd
 from cpnet.ops.conv import col2im_cpu, im2col_cpu
 from gradcheck import numerical_grad, projected, rel_error
 
@@ -15,14 +15,18 @@ EPS = 1e-3
 WINO = {"winograd": {3: 2, 5: 2, 2: 2}, "winograd-large": {3: 4, 5: 3, 2: 5}}
 
 
-@pytest.fixture(autouse=True, params=["image-major", "batch-inner", "winograd", "winograd-large"])
+@pytest.fixture(autouse=True, params=["image-major", "batch-inner", "winograd", "winograd-large", "fourier"])
 def host_order(request, monkeypatch):
-    """Every test runs with the host's column matrix in each order (the threshold decides per layer), and with
-    the stride-1 square kernels through Winograd's transforms (im2col otherwise)."""
+    """Every test runs with the host's column matrix in each order (the threshold decides per layer), with
+    the stride-1 square kernels through Winograd's transforms (im2col otherwise), and with every stride-1 layer
+    through the DFT (fourier)."""
     monkeypatch.setattr(conv_mod, "BATCH_INNER_MAX_HW", 0 if request.param == "image-major" else 10**9)
     monkeypatch.setattr(conv_mod, "WINOGRAD_TILES", WINO.get(request.param, {}))
     monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_PIXELS", 0)
     monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_CHANNELS", 0)
+    monkeypatch.setattr(conv_mod, "FOURIER", request.param == "fourier")
+    monkeypatch.setattr(conv_mod, "FOURIER_MIN_CHANNELS", 0)
+    monkeypatch.setattr(conv_mod, "FOURIER_MAX_FILTERS_PER_IMAGE", 10**9)
     return request.param
 
 # (N, C, H, W, F, kh, kw, stride, pad, groups)
@@ -102,11 +106,35 @@ def test_gradients_stride_one(xp, host_order, case):
     x, W, b, kw = _arrays(xp, case, seed=9)
     y, cache = conv2d_forward(x, W, b, **kw)
     assert isinstance(cache, winograd.Cache) == (host_order.startswith("winograd") and xp is np)
+    assert isinstance(cache, fourier.Cache) == (host_order == "fourier" and xp is np)
     dy = xp.asarray(np.random.default_rng(10).standard_normal(y.shape))
     dx, dW, db = conv2d_backward(dy, cache)
     f = projected(xp, lambda: conv2d_forward(x, W, b, **kw)[0], dy)
     for a, p in ((dx, x), (dW, W), (db, b)):
         assert rel_error(a, numerical_grad(f, p, EPS)) < 1e-6
+
+
+def _against_im2col(monkeypatch, case, cache_type, seed):
+    """(float64 results, float32 results, im2col's float64 results) of y, dx, dW, db for `case`, the first two
+    through the host order's algorithm (its cache a `cache_type`), and max |a - e| / max |e|."""
+    got = {}
+    for dtype in (np.float64, np.float32):
+        x, W, b, kw = _arrays(np, case, dtype=dtype, seed=seed)
+        y, cache = conv2d_forward(x, W, b, **kw)
+        assert isinstance(cache, cache_type) and y.dtype == dtype and y.flags.c_contiguous
+        dy = np.random.default_rng(seed + 1).standard_normal(y.shape).astype(dtype)
+        got[dtype] = (y,) + conv2d_backward(dy, cache)
+        assert all(a.dtype == dtype for a in got[dtype])
+    monkeypatch.setattr(conv_mod, "WINOGRAD_TILES", {})
+    monkeypatch.setattr(conv_mod, "FOURIER", False)
+    x, W, b, kw = _arrays(np, case, seed=seed)
+    y, cache = conv2d_forward(x, W, b, **kw)
+    assert not isinstance(cache, (winograd.Cache, fourier.Cache))
+    ref = (y,) + conv2d_backward(np.random.default_rng(seed + 1).standard_normal(y.shape), cache)
+    rel = lambda a, e: float(np.abs(a - e).max() / np.abs(e).max())
+    for a, e in zip(got[np.float64], ref):
+        assert a.shape == e.shape
+    return got[np.float64], got[np.float32], ref, rel
 
 
 @pytest.mark.parametrize("case", [CASES[7], CASES[9], (3, 8, 13, 13, 6, 3, 3, 1, 1, 2)])
@@ -115,23 +143,12 @@ def test_winograd_equals_im2col(host_order, monkeypatch, case):
     F(2x2, 3x3) (im2col's own float32 error on these maps: about 4e-7)."""
     if not host_order.startswith("winograd"):
         pytest.skip("compares the winograd orders with im2col")
-    rel = lambda a, e: float(np.abs(a - e).max() / np.abs(e).max())
-    got = {}
-    for dtype in (np.float64, np.float32):
-        x, W, b, kw = _arrays(np, case, dtype=dtype, seed=11)
-        y, cache = conv2d_forward(x, W, b, **kw)
-        assert isinstance(cache, winograd.Cache) and y.dtype == dtype
-        dy = np.random.default_rng(12).standard_normal(y.shape).astype(dtype)
-        got[dtype] = (y,) + conv2d_backward(dy, cache)
-    monkeypatch.setattr(conv_mod, "WINOGRAD_TILES", {})
-    x, W, b, kw = _arrays(np, case, seed=11)
-    y, cache = conv2d_forward(x, W, b, **kw)
-    ref = (y,) + conv2d_backward(np.random.default_rng(12).standard_normal(y.shape), cache)
-    for a, e in zip(got[np.float64], ref):
+    got64, got32, ref, rel = _against_im2col(monkeypatch, case, winograd.Cache, 11)
+    for a, e in zip(got64, ref):
         assert rel(a, e) < 1e-12
     if host_order == "winograd" and case[5] == 3:
-        for a, e in zip(got[np.float32], ref):
-            assert a.dtype == np.float32 and rel(a, e) < 2e-6
+        for a, e in zip(got32, ref):
+            assert rel(a, e) < 2e-6
 
 
 @pytest.mark.parametrize("m, r", [(2, 3), (4, 3), (2, 5), (3, 2), (6, 3)])
@@ -158,6 +175,7 @@ def test_winograd_only_where_it_pays(monkeypatch):
     """The defaults send a stride-1 square kernel through Winograd only with enough output pixels over the batch
     and enough input channels per group; the result is the same either way."""
     monkeypatch.setattr(conv_mod, "WINOGRAD_TILES", {3: 2})
+    monkeypatch.setattr(conv_mod, "FOURIER", False)
     monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_PIXELS", 1024)
     monkeypatch.setattr(conv_mod, "WINOGRAD_MIN_CHANNELS", 16)
     r = np.random.default_rng(14)
@@ -180,11 +198,11 @@ def test_winograd_setting_parses_and_names_the_variable():
 
 
 def test_winograd_workspace_changes_no_result(host_order):
-    """With a workspace the Winograd path reuses its buffers (forward's and backward's share some) from call to
-    call: every result equals the one without it, a second backward on the same cache gives the same gradients,
-    and a new batch size replaces the buffers."""
-    if not host_order.startswith("winograd"):
-        pytest.skip("the winograd orders' buffers")
+    """With a workspace the Winograd and DFT paths reuse their buffers (forward's and backward's share some) from
+    call to call: every result equals the one without it, a second backward on the same cache gives the same
+    gradients, and a new batch size replaces the buffers."""
+    if not host_order.startswith("winograd") and host_order != "fourier":
+        pytest.skip("the winograd and fourier orders' buffers")
     r = np.random.default_rng(13)
     W, b = r.standard_normal((6, 2, 3, 3)), r.standard_normal(6)
     ws = {}
@@ -198,6 +216,9 @@ def test_winograd_workspace_changes_no_result(host_order):
         for a, a2, e in zip(got, again, conv2d_backward(dy, c0)):
             np.testing.assert_array_equal(a, e)
             np.testing.assert_array_equal(a2, e)
+    if host_order == "fourier":  # x's width transform: (N*C*H, 2 Kv) on planes of 8 x 6 (Kv = 4), N = 2
+        assert ws["fx_a"].shape == (2 * 4 * 7, 2 * 4)
+        return
     m = WINO[host_order][3]
     assert ws["wino_V"].size == (m + 2) ** 2 * -(-7 // m) * -(-5 // m) * 2 * 4  # n^2 * tiles * N * C, N = 2
 
@@ -274,6 +295,7 @@ def test_host_order_follows_the_output_size(host_order, monkeypatch):
     x, W, b = r.standard_normal((2, 3, 6, 6)), r.standard_normal((4, 3, 3, 3)), r.standard_normal(4)
     monkeypatch.setattr(conv_mod, "BATCH_INNER_MAX_HW", 16)
     monkeypatch.setattr(conv_mod, "WINOGRAD_TILES", {})
+    monkeypatch.setattr(conv_mod, "FOURIER", False)
     small = conv2d_forward(x, W, b, pad=0)  # 4x4 output: batch-inner
     big = conv2d_forward(x, W, b, pad=1)  # 6x6 output: image-major
     assert small[1][-1] is True and big[1][-1] is False
@@ -334,3 +356,73 @@ def test_host_workspace_reuses_the_column_buffers_and_changes_no_result():
             assert before[0] is first[0] and before[1] is first[1] and ws["dcol"] is first[1]
         first = (ws["col"], ws["dcol"])
     assert ws["col"].shape[1] == 2 * 4 * 3
+
+
+FOURIER_CASES = [
+    (3, 32, 15, 15, 16, 5, 5, 1, 2, 1),  # alexnet-small's conv2 (fewer filters)
+    (3, 48, 7, 7, 24, 3, 3, 1, 1, 2),  # conv4-like, grouped
+    (2, 16, 9, 6, 8, 4, 2, 1, (2, 0), 1),  # rectangular, an even kernel, padding beyond half the kernel
+    (2, 16, 1, 3, 4, 5, 3, 1, (2, 1), 1),  # a kernel taller than the map: its taps wrap the plane but for S >= k
+]
+
+
+@pytest.mark.parametrize("case", FOURIER_CASES)
+def test_fourier_equals_im2col_and_float32_stays_within_im2cols_rounding(host_order, monkeypatch, case):
+    """float64: the DFT's y, dx, dW, db equal im2col's to 1e-12 relative; float32: within 1e-6 of float64
+    (im2col's own float32 error on these maps is 2e-7 to 5e-7; Winograd's F(2x2, 5x5) reaches 3e-6 on conv2's)."""
+    if host_order != "fourier":
+        pytest.skip("compares the fourier order with im2col")
+    got64, got32, ref, rel = _against_im2col(monkeypatch, case, fourier.Cache, 21)
+    for a, e in zip(got64, ref):
+        assert rel(a, e) < 1e-12
+    for a, e in zip(got32, ref):
+        assert rel(a, e) < 1e-6
+
+
+def test_fourier_without_dx_and_with_relu(host_order):
+    """need_dx=False gives no dx and the same dW, db; relu=True the same bits as a separate ReLU."""
+    if host_order != "fourier":
+        pytest.skip("the fourier order")
+    x, W, b, kw = _arrays(np, FOURIER_CASES[0], seed=23)
+    y, cache = conv2d_forward(x, W, b, **kw)
+    yr, cache_r = conv2d_forward(x, W, b, relu=True, **kw)
+    np.testing.assert_array_equal(yr, np.maximum(y, 0))
+    dy = np.random.default_rng(24).standard_normal(y.shape)
+    dx, dW, db = conv2d_backward(dy, cache)
+    none, dW2, db2 = conv2d_backward(dy, cache, need_dx=False)
+    assert none is None
+    np.testing.assert_array_equal(dW, dW2)
+    np.testing.assert_array_equal(db, db2)
+    dxr, dWr, dbr = conv2d_backward(dy, cache_r)
+    dxm, dWm, dbm = conv2d_backward(dy * (yr > 0), cache)
+    for a, e in ((dxr, dxm), (dWr, dWm), (dbr, dbm)):
+        np.testing.assert_array_equal(a, e)
+    with pytest.raises(ValueError, match="dy must have the forward input's dtype float64"):
+        conv2d_backward(dy.astype(np.float32), cache)
+
+
+def test_fourier_only_where_it_pays(monkeypatch):
+    """The defaults send a stride-1 layer through the DFT only with at least 16 input channels per group and at
+    most 1024 filters a group per image; the result is the same either way, and CPNET_FOURIER=0 turns it off."""
+    monkeypatch.setattr(conv_mod, "FOURIER", True)
+    monkeypatch.setattr(conv_mod, "FOURIER_MIN_CHANNELS", 16)
+    monkeypatch.setattr(conv_mod, "FOURIER_MAX_FILTERS_PER_IMAGE", 1024)
+    monkeypatch.setattr(conv_mod, "WINOGRAD_TILES", {})
+    r = np.random.default_rng(25)
+    # (images, channels, filters, groups): filters per group Fg * Cg against 1024 per image
+    for n, c, f, groups, expect in ((2, 32, 64, 1, True), (1, 32, 64, 1, False), (1, 32, 32, 1, True),
+                                    (2, 16, 64, 1, True), (2, 8, 64, 1, False), (2, 32, 64, 4, False)):
+        x, W = r.standard_normal((n, c, 6, 6)), r.standard_normal((f, c // groups, 3, 3))
+        y, cache = conv2d_forward(x, W, None, pad=1, groups=groups)
+        assert isinstance(cache, fourier.Cache) == expect, (n, c, f, groups)
+        np.testing.assert_allclose(y, naive.conv2d(x, W, None, (1, 1), (1, 1), groups), rtol=1e-10, atol=1e-10)
+    x, W = r.standard_normal((4, 32, 6, 6)), r.standard_normal((8, 32, 3, 3))
+    assert not isinstance(conv2d_forward(x, W, None, stride=2, pad=1)[1], fourier.Cache)
+    for env, on in (("0", False), ("1", True), ("", True)):
+        monkeypatch.setattr(conv_mod, "FOURIER", None)
+        monkeypatch.setenv("CPNET_FOURIER", env)
+        assert isinstance(conv2d_forward(x, W, None, pad=1)[1], fourier.Cache) == on
+    monkeypatch.setattr(conv_mod, "FOURIER", None)
+    monkeypatch.setenv("CPNET_FOURIER", "yes")
+    with pytest.raises(CpnetError, match=r"CPNET_FOURIER='yes': expected 0 \(off\) or 1"):
+        conv2d_forward(x, W, None, pad=1)

@@ -24,10 +24,14 @@ For alexnet-small's conv2-conv5 at batch 128 this took im2col + col2im + both tr
 (conv2) and from 20 to 8 ms (conv3) per tower (docs/PERFORMANCE.md, CPU section). Large maps (conv1) keep the
 image-major order: there the transposes of the 32x32 maps cost more than the short rows.
 
-On the host, stride-1 layers with square kernels listed in WINOGRAD_TILES (by default the 3x3 ones) skip im2col
-and run Winograd's minimal filtering F(2x2, 3x3) instead (cpnet/ops/winograd.py): 16 products over channels,
-one per entry of the 4x4 transform domain, 4 multiplies per output pixel where im2col does 9. Their cache is a
-winograd.Cache, which conv2d_backward recognises. The GPU path and bf16 keep im2col.
+On the host, stride-1 layers with enough channels and images (FOURIER_MIN_CHANNELS and
+FOURIER_MAX_FILTERS_PER_IMAGE: alexnet-small's conv2-conv5, alexnet's conv2) skip im2col and multiply in the
+frequency domain instead (cpnet/ops/fourier.py): the DFTs as small GEMMs, one complex product over channels per
+frequency bin; their cache is a fourier.Cache. Of the other stride-1 layers, those with square kernels listed in
+WINOGRAD_TILES (by default the 3x3 ones) skip im2col and run Winograd's minimal filtering F(2x2, 3x3) instead
+(cpnet/ops/winograd.py): 16 products over channels, one per entry of the 4x4 transform domain, 4 multiplies per
+output pixel where im2col does 9; their cache is a winograd.Cache. conv2d_backward recognises both caches. The
+GPU path and bf16 keep im2col.
 
 bf16 (cpnet.precision): x, y, dy, dx and the column matrices are bf16, W and b float32 (the master weights). W is
 rounded to bf16 once per forward (the cache keeps that copy for backward), every product takes bf16 inputs and
@@ -46,7 +50,8 @@ from cpnet.backend import get_array_module
 from cpnet.errors import CpnetError
 from cpnet.shapes import window_out
 
-from . import _check, winograd
+from . import _check, fourier, winograd
+from ._host import buffer as _buffer
 from .activations import relu_backward, relu_forward
 
 OP_F = "conv2d_forward"
@@ -77,6 +82,32 @@ WINOGRAD_DEFAULT = {3: 2}
 # conv3-5 at batch 32: 1568 pixels; its conv1, 5x5 on 3 channels, took 72 -> 196 ms through F(2x2, 5x5)).
 WINOGRAD_MIN_PIXELS = 1024
 WINOGRAD_MIN_CHANNELS = 16
+
+
+# Host stride-1 convolutions through the DFT (cpnet/ops/fourier.py) where it pays: at least this many input
+# channels per group (alexnet-small's conv1, 3 channels, is faster through im2col: 9.5 against 12.2 ms at batch
+# 32), and no more filters per group (Fg * Cg) than this many per image in the batch, since the filters'
+# spectra (bins x Fg x Cg) grow with the channels and the products' rows with the images (alexnet's conv3-5 at
+# batch 16, 12 to 49 thousand filters a group, are faster through Winograd). Measured in docs/PERFORMANCE.md.
+# None: from CPNET_FOURIER ("0" turns it off) at the first host convolution; tests set True or False.
+FOURIER = None
+FOURIER_MIN_CHANNELS = 16
+FOURIER_MAX_FILTERS_PER_IMAGE = 1024
+
+
+def fourier_on():
+    """Whether the host's DFT path is on (CPNET_FOURIER unless set)."""
+    global FOURIER
+    if FOURIER is None:
+        text = os.environ.get("CPNET_FOURIER", "").strip()
+        if text not in ("", "0", "1"):
+            raise CpnetError(f"CPNET_FOURIER={text!r}: expected 0 (off) or 1 (on, the default)")
+        FOURIER = text != "0"
+    return FOURIER
+
+
+def _fourier_pays(N, Cg, Fg):
+    return fourier_on() and Cg >= FOURIER_MIN_CHANNELS and Fg * Cg <= FOURIER_MAX_FILTERS_PER_IMAGE * N
 
 
 def winograd_tiles():
@@ -160,19 +191,6 @@ def col2im_cpu(col, x_shape, kh, kw, sy, sx, ph, pw, batch_inner=False):
     if batch_inner:
         return np.ascontiguousarray(xt[:, ph : ph + H, pw : pw + W, :].transpose(3, 0, 1, 2))
     return np.ascontiguousarray(xt[:, :, ph : ph + H, pw : pw + W].transpose(1, 0, 2, 3))
-
-
-def _buffer(workspace, name, shape, dtype):
-    """A host array of this shape and dtype kept in `workspace` (a dict the caller owns) from one call to the
-    next, or a fresh one when workspace is None. Arrays above glibc's 32 MB mmap limit come fresh from the OS
-    on every allocation, and touching their pages the first time cost as much as filling them twice
-    (alexnet-small's conv2 columns: 92 MB per tower, 30-80 ms fresh against 11-19 ms reused)."""
-    if workspace is None:
-        return np.empty(shape, dtype=dtype)
-    a = workspace.get(name)
-    if a is None or a.shape != tuple(shape) or a.dtype != dtype:
-        a = workspace[name] = np.empty(shape, dtype=dtype)
-    return a
 
 
 def _im2col(x, *geom, workspace=None, batch_inner=False):
@@ -263,6 +281,8 @@ def conv2d_forward(x, W, b, stride=1, pad=0, groups=1, workspace=None, relu=Fals
     Wo = _check.out_size(OP_F, Wd, kw, sx, pw, "width")
 
     bf16 = precision.is_bf16(x)
+    if xp is np and not bf16 and sy == sx == 1 and _fourier_pays(N, Cg, F // G):
+        return fourier.forward(x, W, b, (ph, pw), G, workspace=workspace, relu=relu)
     if (xp is np and not bf16 and sy == sx == 1 and kh == kw and kh in winograd_tiles()
             and N * Ho * Wo >= WINOGRAD_MIN_PIXELS and Cg >= WINOGRAD_MIN_CHANNELS):
         return winograd.forward(x, W, b, (ph, pw), G, winograd_tiles()[kh], workspace=workspace, relu=relu)
@@ -299,6 +319,10 @@ def conv2d_backward(dy, cache, need_dx=True, workspace=None):
         _check.same_shape(OP_B, "dy", dy, cache.y_shape, f"the forward output's shape {cache.y_shape}")
         _check.same_dtype(OP_B, "dy", dy, cache.V, "the forward input")
         return winograd.backward(dy, cache, need_dx=need_dx, workspace=workspace)
+    if isinstance(cache, fourier.Cache):
+        _check.same_shape(OP_B, "dy", dy, cache.y_shape, f"the forward output's shape {cache.y_shape}")
+        _check.same_dtype(OP_B, "dy", dy, cache, "the forward input")  # the cache's .dtype: the input's
+        return fourier.backward(dy, cache, need_dx=need_dx, workspace=workspace)
     col, Wm, x_shape, W_shape, y_shape, has_b, geom, y_relu, bi = cache
     _check.same_shape(OP_B, "dy", dy, y_shape, f"the forward output's shape {y_shape}")
     _check.same_dtype(OP_B, "dy", dy, col, "the forward input")
