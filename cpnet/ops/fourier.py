@@ -27,6 +27,10 @@ dW to the kernel's taps (the latter with the shift).
 
 float32 through complex64: the errors measured against float64 are below im2col's (the DFT's points, the roots
 of unity, make the best-conditioned transform; Winograd's real points do not), see docs/PERFORMANCE.md.
+
+A NaN or infinity in an input plane reaches every output of that image (each bin mixes every pixel), where
+im2col's reaches the outputs whose windows hold it; either way the image's loss, and every gradient summed over
+the batch, is NaN. With a workspace the spectra that the cache keeps live in it, as im2col's columns do.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ def _spectrum(a, S, shifts, sign, workspace, name):
     np.matmul(a.reshape(R * Q * Ly, Lx), ma, out=sa)
     st = _buffer(workspace, name + "_t", (Ly, kv, R * Q), cdt)
     st[...] = sa.view(cdt).reshape(R * Q, Ly, kv).transpose(1, 2, 0)
-    out = np.empty((Sy, kv * R * Q), dtype=cdt)
+    out = _buffer(workspace, name + "_s", (Sy, kv * R * Q), cdt)  # the cache refers to it, as to im2col's columns
     np.matmul(mb, st.reshape(Ly, kv * R * Q), out=out)
     return out.reshape(Sy * kv, R, Q)
 
