@@ -70,7 +70,6 @@ class LazyGroup(click.Group):
         """Under an MPI launcher every rank parses the same flags: rank 0 alone shows a usage error (the others
         exit with its status, silently). Errors after start-up are the commands' own (cpnet.dist names the rank);
         a rank killed outright is named by the process that waits for it (cpnet.dist.supervise)."""
-        import os
         import sys
 
         from cpnet import dist
@@ -80,12 +79,11 @@ class LazyGroup(click.Group):
             ended = dist.supervise()  # several ranks: this process waits for its rank, which goes on below
         except CpnetError:  # a bad CPNET_MPI: the command reports it
             rank, ended = 0, None
-        if ended is not None:
-            code, line = ended
-            if line:
-                sys.stderr.write(f"Error: {line}\n")
-                sys.stderr.flush()
-            os._exit(code)
+        if ended is not None:  # the rank has ended: this process ends as it did (a signal: the same signal)
+            if ended.line:
+                sys.stderr.write(f"Error: {ended.line}\n")
+            sys.stderr.flush()
+            dist.exit_like(ended)
         if rank == 0 or kwargs.get("standalone_mode") is False:
             return super().main(*args, **kwargs)
         try:

@@ -25,18 +25,30 @@ Python's own traceback, which nothing above it gets to print.) A process killed 
 out-of-memory killer, a segmentation fault) has no last words, so `supervise` splits each launched process in
 two: a small parent that never touches MPI and a child that is the rank. The parent waits for the child and
 passes on the signals it gets; when the child dies of a signal it did not pass on, the parent hands its caller
-the line naming the rank and exits, and the launcher, seeing a process end badly, ends the others (MPICH's hydra
-within a second; srun with --kill-on-bad-exit).
+the line naming the rank, and the caller ends the parent the way the rank ended (`exit_like`): killed by the same
+signal, not exit(128 + n). The launcher, seeing a process killed, ends the others (MPICH's hydra within a second;
+srun with --kill-on-bad-exit).
+
+Why the signal and not exit(137): hydra's proxy ends the job when it reaps a process that died of a signal, or when
+a process's PMI socket closes while the proxy does not know yet how it ended. The parent holds a copy of that socket
+(inherited at the fork), so it closes at the parent's exit. If the proxy reads the parent's line and only then finds
+the parent already reaped (waitpid), an exit(137) is an ordinary exit to it, the socket's closing is then ignored,
+and the other ranks wait forever in their next sum for the dead one (about 1 run in 3 to 60 on a loaded 2-core
+machine; every run with the proxy's waitpid delayed by strace). A death by a signal ends the job on either path,
+and across nodes too: mpiexec ends the other nodes' ranks only when a proxy reports a process that did not exit
+normally (hydra's pmip.c, pmip_cb.c, pmiserv_cb.c).
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import sys
 import time
 import zlib
+from typing import NamedTuple
 
 import numpy as np
 
@@ -104,12 +116,44 @@ def _parent_name() -> str:
         return ""
 
 
+class Ended(NamedTuple):
+    """How the rank (the supervising parent's child) ended: `code`, a shell's exit status for it (its exit code, or
+    128 + the signal); `line`, the line that names the rank where it died of a signal nobody sent through the parent
+    (else None); `signal`, the signal it died of (0: it exited)."""
+
+    code: int
+    line: str | None
+    signal: int = 0
+
+
+def exit_like(ended: Ended):
+    """End this process (the supervising parent) as its rank ended: os._exit with its exit code, or killed by the
+    same signal, as the launcher would have seen the rank end without the parent (hydra ends the job reliably only
+    on a death by a signal: see the module's notes). No core file of the parent (the rank left its own, if any).
+    Never returns."""
+    sig = ended.signal
+    if sig:
+        try:
+            resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+        except (ValueError, OSError):
+            pass
+        try:
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+        except (ValueError, OSError):  # not the main thread, or not a signal Python knows: SIGKILL below
+            pass
+        os.kill(os.getpid(), sig)
+        os.kill(os.getpid(), signal.SIGKILL)  # only if `sig` did not end this process
+    os._exit(ended.code)
+
+
 def supervise():
     """Under a launcher that started several processes: fork. The child returns None and goes on to be the rank
     (MPI, training). The parent never touches MPI: it waits for the child, passes on to it the signals it gets
-    (Ctrl-C and SIGTERM, which the launcher sends), and returns (exit status, line): the child's status, and when
-    the child died of a signal the parent did not get too, the line that names the rank (its caller prints it and
-    exits; the launcher then ends the job).
+    (Ctrl-C and SIGTERM, which the launcher sends), and returns how the child ended (`Ended`): its exit status and,
+    when the child died of a signal the parent did not get too, the line that names the rank. Its caller prints the
+    line and calls `exit_like`, which ends the parent by the rank's signal; the launcher then ends the job.
 
     Each signal must reach the rank once. MPICH's hydra signals the process group of each process it started,
     other launchers (Open MPI) the process: so the child runs in its own process group and gets them through the
@@ -151,14 +195,14 @@ def supervise():
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         if sig in received:
-            return 128 + sig, None
+            return Ended(128 + sig, None, sig)
         try:
             name = signal.Signals(sig).name
         except ValueError:
             name = f"signal {sig}"
-        return 128 + sig, (f"rank {rank} of {size} (pid {pid} on {socket.gethostname()}) was killed by {name}; "
-                           "the job ends")
-    return os.waitstatus_to_exitcode(status), None
+        return Ended(128 + sig, f"rank {rank} of {size} (pid {pid} on {socket.gethostname()}) was killed by {name}; "
+                     "the job ends", sig)
+    return Ended(os.waitstatus_to_exitcode(status), None)
 
 
 def world() -> "World":
@@ -612,4 +656,4 @@ def _nccl_comm(w: World, mod, device) -> _NcclComm:
 
 
 __all__ = ["World", "MPIWorld", "Replicas", "default_overlap", "world", "replica_placement", "shard_rows", "checksum", "check_same",
-           "launched_size", "launched_rank", "supervise"]
+           "launched_size", "launched_rank", "supervise", "Ended", "exit_like"]

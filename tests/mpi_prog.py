@@ -185,8 +185,8 @@ def main(argv):
 if __name__ == "__main__":
     ended = dist.supervise()  # as the CLI does: a rank killed outright is named by the process waiting for it
     if ended is not None:
-        if ended[1]:
-            sys.stderr.write(f"Error: {ended[1]}\n")
+        if ended.line:
+            sys.stderr.write(f"Error: {ended.line}\n")
         sys.stderr.flush()
-        os._exit(ended[0])
+        dist.exit_like(ended)
     sys.exit(main(sys.argv[1:]))
