@@ -27,14 +27,15 @@ two: a small parent that never touches MPI and a child that is the rank. The par
 passes on the signals it gets; when the child dies of a signal it did not pass on, the parent hands its caller
 the line naming the rank, and the caller ends the parent the way the rank ended (`exit_like`): killed by the same
 signal, not exit(128 + n). The launcher, seeing a process killed, ends the others (MPICH's hydra within a second;
-srun with --kill-on-bad-exit).
+srun with --kill-on-bad-exit). A rank dead of a signal the parent passed on (the launcher's Ctrl-C or SIGTERM: it
+is ending the job already) still makes the parent exit with 128 + n, so that the others may finish their step.
 
 Why the signal and not exit(137): hydra's proxy ends the job when it reaps a process that died of a signal, or when
 a process's PMI socket closes while the proxy does not know yet how it ended. The parent holds a copy of that socket
 (inherited at the fork), so it closes at the parent's exit. If the proxy reads the parent's line and only then finds
 the parent already reaped (waitpid), an exit(137) is an ordinary exit to it, the socket's closing is then ignored,
-and the other ranks wait forever in their next sum for the dead one (about 1 run in 3 to 60 on a loaded 2-core
-machine; every run with the proxy's waitpid delayed by strace). A death by a signal ends the job on either path,
+and the other ranks wait forever in their next sum for the dead one (1 run in 3 to 22 on a loaded 2-core machine,
+fewer at other times; every run with the proxy's waitpid delayed by strace). A death by a signal ends the job on either path,
 and across nodes too: mpiexec ends the other nodes' ranks only when a proxy reports a process that did not exit
 normally (hydra's pmip.c, pmip_cb.c, pmiserv_cb.c).
 """
@@ -118,8 +119,8 @@ def _parent_name() -> str:
 
 class Ended(NamedTuple):
     """How the rank (the supervising parent's child) ended: `code`, a shell's exit status for it (its exit code, or
-    128 + the signal); `line`, the line that names the rank where it died of a signal nobody sent through the parent
-    (else None); `signal`, the signal it died of (0: it exited)."""
+    128 + the signal); where it died of a signal nobody sent through the parent, `line`, the line that names the
+    rank, and `signal`, that signal, which the parent then dies of too (`exit_like`); else None and 0."""
 
     code: int
     line: str | None
@@ -127,10 +128,9 @@ class Ended(NamedTuple):
 
 
 def exit_like(ended: Ended):
-    """End this process (the supervising parent) as its rank ended: os._exit with its exit code, or killed by the
-    same signal, as the launcher would have seen the rank end without the parent (hydra ends the job reliably only
-    on a death by a signal: see the module's notes). No core file of the parent (the rank left its own, if any).
-    Never returns."""
+    """End this process (the supervising parent) as its rank ended: killed by `ended.signal`, as the launcher would
+    have seen the rank die without the parent (hydra ends the job reliably only on a death by a signal: see the
+    module's notes), without a core file of the parent; else os._exit with `ended.code`. Never returns."""
     sig = ended.signal
     if sig:
         try:
@@ -194,8 +194,8 @@ def supervise():
             signal.signal(sig, handler)
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        if sig in received:
-            return Ended(128 + sig, None, sig)
+        if sig in received:  # the launcher's (Ctrl-C, SIGTERM): it ends the job itself, and dying of the signal
+            return Ended(128 + sig, None)  # would make hydra SIGKILL the others, rank 0 perhaps in its last save
         try:
             name = signal.Signals(sig).name
         except ValueError:

@@ -307,7 +307,7 @@ def test_supervise_names_a_killed_rank_and_passes_signals_on(monkeypatch, tmp_pa
     """The supervising parent: the line for a child killed outright; the child's own exit status; a signal the
     parent gets passed on to the child, which lives in its own process group (so a signal the launcher sends to
     the parent's group reaches it once, through the parent), and its death from that signal no fault of the rank
-    (no line); under Slurm's slurmstepd the child stays in the group and nothing is passed on."""
+    (no line, and exit status 128 + n for the parent, not a death by the signal); under Slurm's slurmstepd the child stays in the group and nothing is passed on."""
     code, line, sig = _supervised(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGKILL))
     assert code == 128 + 9 and sig == signal.SIGKILL and line.startswith("rank 1 of 2 (pid ") and \
         line.endswith("killed by SIGKILL; the job ends")
@@ -344,7 +344,7 @@ def test_supervise_names_a_killed_rank_and_passes_signals_on(monkeypatch, tmp_pa
         finally:
             sender.join()
         assert got.read_text() == ("0 0" if slurm else "1 1") and \
-            ended == (128 + signal.SIGTERM, None, signal.SIGTERM), slurm
+            ended == (128 + signal.SIGTERM, None, 0), slurm  # the launcher's signal: exit 143, not a death by it
 
 
 def test_the_parent_ends_as_its_rank_did(tmp_path):
