@@ -42,6 +42,9 @@ def _top5(ctx, value):
 @click.option("--patience", type=int, default=D["patience"], help="plateau: epochs without improvement before dividing the lr by 10 [default: an epoch per ten of --epochs, at least 1].")
 @click.option("--step-epochs", default=D["step_epochs"], show_default=True, help="step: divide the lr by 10 every N epochs.")
 @click.option("--lighting", default=D["lighting"], show_default=True, help="PCA lighting sigma (0 disables).")
+@click.option("--erase", type=float, default=D["erase"], show_default=True,
+              help="Random erasing (Zhong et al. 2017, not the paper's): the probability that a training crop gets "
+                   "a mean-coloured rectangle of 2-40% of its area, aspect 0.3-3.3 (0 disables).")
 @click.option("--dropout", type=float, default=D["dropout"],
               help="Probability of dropping a unit of fc6 and fc7 while training (0 disables) [default: 0.5, the "
                    "paper's; 0 for whole small images (see --crop), measured on Fashion-MNIST].")

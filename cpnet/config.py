@@ -38,6 +38,7 @@ class TrainConfig:
     pool: list = field(default_factory=lambda: [3, 2])
     dropout: float = 0.5
     lighting: float = 0.1
+    erase: float = 0.0  # random erasing: the probability of a crop getting a mean-coloured box (runs before it: 0)
     scale: float | None = None  # None: 1/std of the mean-subtracted pixels for --init he, else 1 (0-255 inputs)
     resume: bool = False
     validate: bool = True

@@ -361,6 +361,8 @@ def check_options(cfg: TrainConfig) -> DataFiles:
         raise CpnetError(f"--batch-size {cfg.batch_size}: expected at least 1")
     if not (cfg.lighting >= 0 and math.isfinite(cfg.lighting)):
         raise CpnetError(f"--lighting {cfg.lighting}: expected a standard deviation >= 0 (finite)")
+    if not 0 <= cfg.erase <= 1:
+        raise CpnetError(f"--erase {cfg.erase}: expected a probability in [0, 1]")
     if cfg.crop is not None and cfg.crop < 1:
         raise CpnetError(f"--crop {cfg.crop}: expected a crop size of at least 1 pixel (leave it out for the "
                          "default)")
@@ -512,7 +514,7 @@ def build_loaders(cfg: TrainConfig, net_cfg, data: DataFiles, part=(0, 1), raw=F
     from cpnet.data import EvalLoader, TrainLoader
 
     loader = TrainLoader(data.train, cfg.batch_size, net_cfg.crop, seed=cfg.seed, workers=cfg.workers,
-                         lighting=cfg.lighting, scale=cfg.scale, part=part, pad=cfg.pad, raw=raw)
+                         lighting=cfg.lighting, scale=cfg.scale, part=part, pad=cfg.pad, raw=raw, erase=cfg.erase)
     val_loader = EvalLoader(data.val, cfg.batch_size, net_cfg.crop, views="center", workers=cfg.workers,
                             scale=cfg.scale, part=part, pad=cfg.pad, raw=raw) if (data.val and cfg.validate) else None
     return loader, val_loader

@@ -11,8 +11,12 @@ generators from `np.random.SeedSequence`, so a batch is the same whichever proce
 
 import numpy as np
 
-# SeedSequence tags that keep the shuffle stream and the augmentation stream apart
-_SHUFFLE, _AUGMENT = 1, 2
+# SeedSequence tags that keep the shuffle, augmentation and erasing streams apart
+_SHUFFLE, _AUGMENT, _ERASE = 1, 2, 3
+
+# Random erasing (Zhong et al. 2017): the rectangle's share of the crop's area and its aspect ratio h/w
+ERASE_AREA = (0.02, 0.4)
+ERASE_ASPECT = (0.3, 1 / 0.3)
 
 VIEWS = {"center": 1, "ten": 10}
 TEN_VIEW_ORDER = ("center", "top-left", "top-right", "bottom-left", "bottom-right",
@@ -45,6 +49,38 @@ def train_params(seed, epoch, batch_index, b, size, crop, lighting=0.1, flip=Tru
     if not flip:
         fl[:] = False
     return oy, ox, fl, alpha
+
+
+def erase_boxes(seed, epoch, batch_index, b, crop, p):
+    """Random erasing's rectangles for one training batch of b crops, int32 (b, 4): y0, x0, y1, x1 in the crop's
+    own (output, after the flip) coordinates, set to the mean colour (0 after subtraction); an empty box (all 0)
+    where an image is left whole.
+
+    Each image is erased with probability p; the rectangle covers a uniform share of ERASE_AREA of the crop with a
+    log-uniform aspect ratio (height / width) in ERASE_ASPECT, cut to the crop, at a uniform position where it fits.
+    Its own stream (seed, _ERASE, epoch, batch_index): p = 0 draws nothing and leaves every other choice as it was.
+    """
+    boxes = np.zeros((b, 4), np.int32)
+    if not p > 0:
+        return boxes
+    rng = _rng(seed, _ERASE, epoch, batch_index)
+    on = rng.random(b) < p
+    area = rng.uniform(*ERASE_AREA, size=b) * crop * crop
+    aspect = np.exp(rng.uniform(np.log(ERASE_ASPECT[0]), np.log(ERASE_ASPECT[1]), size=b))
+    uy, ux = rng.random(b), rng.random(b)
+    h = np.clip(np.rint(np.sqrt(area * aspect)), 1, crop).astype(np.int64)
+    w = np.clip(np.rint(np.sqrt(area / aspect)), 1, crop).astype(np.int64)
+    y0 = np.minimum((uy * (crop - h + 1)).astype(np.int64), crop - h)
+    x0 = np.minimum((ux * (crop - w + 1)).astype(np.int64), crop - w)
+    boxes[on] = np.stack([y0, x0, y0 + h, x0 + w], axis=1)[on]
+    return boxes
+
+
+def erase_into(out, boxes):
+    """Set out[k, :, y0:y1, x0:x1] = 0 for each crop k's box (boxes from erase_boxes; empty boxes change nothing)."""
+    for k, (y0, x0, y1, x1) in enumerate(np.asarray(boxes)):
+        out[k, :, y0:y1, x0:x1] = 0
+    return out
 
 
 def lighting_shift(alpha, eigval, eigvec):
@@ -100,13 +136,14 @@ def crop_into(out, image, mean_chw, oy, ox, flip, shift=None, scale=1.0):
     return out
 
 
-def train_batch_into(out, images, rows, params, mean_chw, eigval, eigvec, scale=1.0):
-    """Fill out (b, 3, C, C) from images[rows[k]] with the choices `params` = train_params(...)."""
+def train_batch_into(out, images, rows, params, mean_chw, eigval, eigvec, scale=1.0, boxes=None):
+    """Fill out (b, 3, C, C) from images[rows[k]] with the choices `params` = train_params(...), then erase
+    `boxes` (erase_boxes(...), or None: nothing erased)."""
     oy, ox, fl, alpha = params
     shift = lighting_shift(alpha, eigval, eigvec)
     for k in range(out.shape[0]):
         crop_into(out[k], images[rows[k]], mean_chw, oy[k], ox[k], fl[k], shift[k], scale)
-    return out
+    return out if boxes is None else erase_into(out, boxes)
 
 
 def eval_batch_into(out, images, rows, offsets, mean_chw, scale=1.0):
@@ -125,14 +162,15 @@ def eval_batch_into(out, images, rows, offsets, mean_chw, scale=1.0):
 #
 # One flat uint8 buffer holds a batch, so it crosses processes (the loader's shared-memory slots) and reaches the
 # GPU in one pinned transfer:
-#   table   int32 (crops, 4)    per crop: m (the pixel image it reads), oy, ox, flip
+#   table   int32 (crops, 8)    per crop: m (the pixel image it reads), oy, ox, flip, and the erased box y0, x0,
+#                               y1, x1 in output coordinates (erase_boxes; all 0: none)
 #   shift   float32 (crops, 3)  per crop: the lighting's RGB shift (lighting_shift; 0 for evaluation)
 #   pixels  uint8 (images, R, R, 3), HWC as stored: windowed, each crop's own window cut at (oy, ox) (R = crop,
 #           0 outside the stored image, never read); or whole stored images (R = S), which the views share.
 # A loader picks whichever has fewer pixel bytes: for training and centre crops the windows where crop <= S (the
 # whole images for a crop beyond S, a canvas); for ten views the whole image once unless 10 crop^2 <= S^2.
 
-TABLE_COLUMNS = 4
+TABLE_COLUMNS = 8
 
 
 class RawLayout:
@@ -179,12 +217,13 @@ def cut_window(dst, image, oy, ox):
     return dst
 
 
-def _fill_raw(buf, layout, images, rows, oy, ox, fl, shift):
+def _fill_raw(buf, layout, images, rows, oy, ox, fl, shift, boxes=None):
     """Fill the raw buffer `buf` for len(rows) images, crop j = k * views + v of image images[rows[k]]."""
     k, v = len(rows), layout.views
     table, sh, pixels = layout.parts(buf[:layout.used_bytes(k)])
     n = k * v
     table[:n, 1], table[:n, 2], table[:n, 3] = oy, ox, fl
+    table[:n, 4:] = 0 if boxes is None else boxes
     table[:n, 0] = np.arange(n) if layout.windowed else np.repeat(np.arange(k), v)
     sh[:n] = shift
     for j in range(k):
@@ -196,11 +235,12 @@ def _fill_raw(buf, layout, images, rows, oy, ox, fl, shift):
     return k
 
 
-def train_raw_into(buf, layout, images, rows, params, eigval, eigvec):
-    """The raw form of train_batch_into: the same crops, flips and lighting, as table, shift and pixels."""
+def train_raw_into(buf, layout, images, rows, params, eigval, eigvec, boxes=None):
+    """The raw form of train_batch_into: the same crops, flips, lighting and erased boxes, as table, shift and
+    pixels."""
     oy, ox, fl, alpha = params
     shift = lighting_shift(alpha, eigval, eigvec).astype(np.float32)
-    return _fill_raw(buf, layout, images, rows, oy, ox, fl, shift)
+    return _fill_raw(buf, layout, images, rows, oy, ox, fl, shift, boxes)
 
 
 def eval_raw_into(buf, layout, images, rows, offsets):
@@ -271,4 +311,7 @@ class RawBatch:
         out -= self.mean_chw[:, syc[:, :, None], sxc[:, None, :]].transpose(1, 0, 2, 3)
         out *= np.float32(self.scale)
         out[np.broadcast_to(~inside[:, None], out.shape)] = 0
+        y0, x0, y1, x1 = (table[rows, i].astype(np.int64)[:, None] for i in range(4, 8))
+        erased = ((a >= y0) & (a < y1))[:, :, None] & ((a >= x0) & (a < x1))[:, None, :]
+        out[np.broadcast_to(erased[:, None], out.shape)] = 0
         return out if self._flat else out.reshape(self.shape)

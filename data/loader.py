@@ -30,8 +30,9 @@ class _Spec:
     """What a process needs to make any batch of one loader (small and picklable)."""
 
     def __init__(self, path, kind, batch_size, crop, seed=0, lighting=0.0, flip=False, scale=1.0, views="center",
-                 mean=None, rows=None, span=None, pad=0, layout=None):
+                 mean=None, rows=None, span=None, pad=0, layout=None, erase=0.0):
         self.path, self.kind, self.batch_size, self.crop, self.pad = path, kind, batch_size, crop, pad
+        self.erase = erase  # training: the probability of random erasing's box in a crop
         self.seed, self.lighting, self.flip, self.scale, self.views = seed, lighting, flip, scale, views
         self.mean = mean  # (S, S, 3) float32 to subtract instead of the file's own, or None
         # training: (first, count) rows of each global batch this loader makes (a replica's share), or all of them
@@ -92,11 +93,13 @@ class _Maker:
             first = s.rows[0]
             params = tuple(p[first:first + k] for p in augment.train_params(
                 s.seed, key[0], key[1], s.batch_size, self.ds.size, s.crop, s.lighting, s.flip, s.pad))
+            boxes = (augment.erase_boxes(s.seed, key[0], key[1], s.batch_size, s.crop, s.erase)[first:first + k]
+                     if s.erase > 0 else None)
             if s.layout is not None:
-                augment.train_raw_into(x, s.layout, self.buf, rows, params, self.ds.eigval, self.ds.eigvec)
+                augment.train_raw_into(x, s.layout, self.buf, rows, params, self.ds.eigval, self.ds.eigvec, boxes)
             else:
                 augment.train_batch_into(x[:k], self.buf, rows, params, self.mean_chw, self.ds.eigval,
-                                         self.ds.eigvec, s.scale)
+                                         self.ds.eigvec, s.scale, boxes)
         elif s.layout is not None:
             augment.eval_raw_into(x, s.layout, self.buf, rows, self.offsets)
         else:
@@ -419,7 +422,8 @@ class TrainLoader(_Loader):
     """Shuffled, augmented training batches: (x float32 (B, 3, crop, crop), y int64 (B,)).
 
     Each epoch visits a permutation of the file drawn from (seed, epoch); the incomplete last batch is dropped.
-    Crop position, flip and lighting of batch i of epoch e come from (seed, e, i) alone, so `epoch(e, start=k)`
+    Crop position, flip, lighting and erased box of batch i of epoch e come from (seed, e, i) alone, so
+    `epoch(e, start=k)`
     yields exactly batches k.. of `epoch(e)`, for any number of workers. See `data.augment` for the maths.
 
     `part=(r, n)`: this loader is replica r of n and yields rows [r*B/n, (r+1)*B/n) of each global batch of B
@@ -432,22 +436,24 @@ class TrainLoader(_Loader):
     """
 
     def __init__(self, path, batch_size, crop, seed=0, workers=0, lighting=0.1, flip=True, prefetch=4, scale=1.0,
-                 part=(0, 1), pad=0, raw=False):
+                 part=(0, 1), pad=0, raw=False, erase=0.0):
         if int(seed) < 0:
             raise CpnetError(f"seed must be 0 or more, got {seed}")
         if not 0 <= int(pad) < int(crop):
             raise CpnetError(f"pad must be in [0, crop={crop}), got {pad}")
         if int(prefetch) < 1:
             raise CpnetError(f"prefetch must be at least 1, got {prefetch}")
+        if not 0 <= float(erase) <= 1:
+            raise CpnetError(f"erase must be a probability in [0, 1], got {erase}")
         r, n = _check_part(part)
         if int(batch_size) % n:
             raise CpnetError(f"batch size {batch_size} does not split into {n} equal parts")
         rows = int(batch_size) // n
         self.first_row, self.rows = r * rows, rows
         spec = _Spec(os.fspath(path), "train", int(batch_size), int(crop), int(seed), float(lighting), bool(flip),
-                     float(scale), rows=(self.first_row, rows), pad=int(pad))
+                     float(scale), rows=(self.first_row, rows), pad=int(pad), erase=float(erase))
         self.seed, self.lighting, self.flip, self.scale = int(seed), float(lighting), bool(flip), float(scale)
-        self.pad = int(pad)
+        self.pad, self.erase = int(pad), float(erase)
         self._setup(path, batch_size, crop, workers, spec, int(prefetch), (rows, 3, int(crop), int(crop)),
                     beyond=2 * self.pad, raw=raw)
         if self.n < self.batch_size:

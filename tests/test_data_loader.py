@@ -170,6 +170,50 @@ def test_padded_crops_leave_the_image_over_mean_coloured_borders(tmp_path, crop)
         TrainLoader(path, 8, 6, pad=6)
 
 
+def test_erase_boxes_follow_their_distribution():
+    """Random erasing's boxes: inside the crop, the drawn share of images (p), areas in ERASE_AREA of the crop and
+    aspect ratios in ERASE_ASPECT (up to the rounding to whole pixels and the cut to the crop), all positions."""
+    c, b = 32, 4000
+    boxes = augment.erase_boxes(5, 0, 0, b, c, 0.5)
+    assert boxes.dtype == np.int32 and boxes.shape == (b, 4)
+    h, w = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    on = h > 0
+    assert (w[on] > 0).all() and not boxes[~on].any()            # left whole: the empty box
+    assert abs(on.mean() - 0.5) < 0.03
+    assert (boxes >= 0).all() and (boxes[:, 2:] <= c).all()
+    share = h[on] * w[on] / c ** 2
+    lo, hi = augment.ERASE_AREA
+    assert share.min() >= lo * 0.5 and share.max() <= hi * 1.25 and abs(np.median(share) - (lo + hi) / 2) < 0.03
+    ratio = h[on] / w[on]
+    assert ratio.min() >= augment.ERASE_ASPECT[0] * 0.7 and ratio.max() <= augment.ERASE_ASPECT[1] * 1.4
+    assert 0 < (ratio > 1).mean() < 1 and boxes[on, 0].min() == 0 and boxes[on, 2].max() == c
+    assert np.array_equal(augment.erase_boxes(5, 0, 0, b, c, 0.5), boxes)        # a function of its arguments
+    assert not np.array_equal(augment.erase_boxes(5, 0, 1, b, c, 0.5), boxes)
+    assert not augment.erase_boxes(5, 0, 0, b, c, 0.0).any()
+
+
+@pytest.mark.parametrize("part", [(0, 1), (1, 2)])
+def test_erasing_zeroes_its_boxes_and_changes_nothing_else(coded, part):
+    """--erase: the same batches as without it (order, crops, flips) but for each crop's box, which is 0 (the
+    mean colour); a replica's rows get the boxes those rows have in the global batch."""
+    path, _ = coded
+    with TrainLoader(path, 8, 9, seed=3, lighting=0.0, part=part) as plain, \
+            TrainLoader(path, 8, 9, seed=3, lighting=0.0, part=part, erase=0.7) as erased:
+        n_boxes = 0
+        for bi, ((x, y), (xe, ye)) in enumerate(zip(plain.epoch(1), erased.epoch(1), strict=True)):
+            np.testing.assert_array_equal(y, ye)
+            boxes = augment.erase_boxes(3, 1, bi, 8, 9, 0.7)[plain.first_row:plain.first_row + plain.rows]
+            keep = np.ones(x.shape, bool)
+            for k, (y0, x0, y1, x1) in enumerate(boxes):
+                keep[k, :, y0:y1, x0:x1] = False
+                n_boxes += y1 > y0
+            np.testing.assert_array_equal(xe[keep], x[keep])
+            assert not xe[~keep].any() and x[~keep].any()
+        assert n_boxes > 0
+    with pytest.raises(CpnetError, match="erase must be a probability"):
+        TrainLoader(path, 8, 9, erase=1.5)
+
+
 def test_lighting_formula(tmp_path):
     rng = np.random.default_rng(1)
     q, _ = np.linalg.qr(rng.normal(size=(3, 3)))

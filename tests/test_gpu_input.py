@@ -27,12 +27,13 @@ def _expand(x):
     return x.expand()
 
 
-@pytest.mark.parametrize("workers, crop", [(0, 13), (1, 13), (0, 20)])  # 20: beyond the 17 px stored images
-def test_raw_training_batches_are_the_float_batches(data_dir, workers, crop):
+@pytest.mark.parametrize("workers, crop, erase", [(0, 13, 0.0), (1, 13, 0.5), (0, 20, 0.5)])  # 20: beyond 17 px
+def test_raw_training_batches_are_the_float_batches(data_dir, workers, crop, erase):
     """Batch for batch, a raw loader's RawBatch expands to the float32 loader's batch, bit for bit (crops with a
-    --pad border, flips, lighting, input scale; in-process and through worker processes' shared slots)."""
+    --pad border, flips, lighting, input scale, random erasing; in-process and through worker processes' shared
+    slots)."""
     path = os.path.join(data_dir, "train.h5")
-    kw = dict(seed=4, lighting=0.1, scale=1 / 64, pad=3, workers=workers)
+    kw = dict(seed=4, lighting=0.1, scale=1 / 64, pad=3, workers=workers, erase=erase)
     with TrainLoader(path, 5, crop, **kw) as plain, TrainLoader(path, 5, crop, raw=True, **kw) as raw:
         assert raw.raw and not plain.raw
         for epoch in (0, 1):
@@ -42,8 +43,9 @@ def test_raw_training_batches_are_the_float_batches(data_dir, workers, crop):
                 assert getattr(r, "raw_batch", False) and r.shape == x.shape == (5, 3, crop, crop)
                 np.testing.assert_array_equal(ry, y)
                 np.testing.assert_array_equal(float_bits(_expand(r)), float_bits(x))
-                # the crop windows (or the whole images, when smaller) and 28 bytes of choices an image
-                assert r.nbytes == 5 * (min(crop, 17) ** 2 * 3 + 28)
+                # the crop windows (or the whole images, when smaller) and 44 bytes of choices an image (a table
+                # row of 8 int32, 3 float32 of lighting shift)
+                assert r.nbytes == 5 * (min(crop, 17) ** 2 * 3 + 44)
             del pairs, x, r
 
 

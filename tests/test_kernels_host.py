@@ -886,10 +886,12 @@ def _expected_input(want, dtype):
 
 
 @pytest.mark.parametrize("dtype", BUILDS)
+@pytest.mark.parametrize("erase", [0.0, 1.0])
 @pytest.mark.parametrize("case", AUGMENT_CASES, ids=str)
-def test_augment(shim, case, dtype):
+def test_augment(shim, case, dtype, erase):
     """augment.cu against data/augment.py: the training batch from the raw form (windows, and whole images) is
-    the float32 loader's batch bit for bit (widened for float64, rounded as to_bf16 rounds it for bf16)."""
+    the float32 loader's batch bit for bit (widened for float64, rounded as to_bf16 rounds it for bf16), with
+    random erasing's boxes (erase 1: one in every crop) or without."""
     from cpnet.data import augment
 
     S, C, pad, flip, lighting, scale = case
@@ -897,12 +899,17 @@ def test_augment(shim, case, dtype):
     images, mean_chw, eigval, eigvec, rows = _augment_data(S, B, seed=S + C)
     params = augment.train_params(3, 1, 2, B, S, C, lighting, flip, pad)
     assert (params[0] < 0).any() or pad == 0  # the cases do reach the border
+    boxes = augment.erase_boxes(3, 1, 2, B, C, erase) if erase else None
     want = augment.train_batch_into(np.empty((B, 3, C, C), np.float32), images, rows, params, mean_chw, eigval,
-                                    eigvec, scale)
+                                    eigvec, scale, boxes)
+    if erase:  # every crop has a box, and it is the mean colour, 0
+        assert ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()
+        for k, (y0, x0, y1, x1) in enumerate(boxes):
+            assert not want[k, :, y0:y1, x0:x1].any()
     for windowed in (True, False):
         lay = augment.RawLayout(B, 1, C, S, windowed)
         buf = np.full(lay.nbytes, 77, np.uint8)  # what the raw form does not write must not matter
-        augment.train_raw_into(buf, lay, images, rows, params, eigval, eigvec)
+        augment.train_raw_into(buf, lay, images, rows, params, eigval, eigvec, boxes)
         table, shift, pixels = lay.parts(buf)
         got = shim.augment_host(pixels, table, shift, mean_chw, dtype, C, windowed, scale)
         assert got.dtype == np.dtype(dtype) and got.shape == (B, 3, C, C)

@@ -198,6 +198,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["--dropout", "1.0"], r"--dropout 1.0: expected a probability in \[0, 1\)"),
     (["--dropout", "-0.5"], r"--dropout -0.5: expected a probability"),
     (["--lighting", "-1"], "--lighting -1.0: expected a standard deviation"),
+    (["--erase", "1.5"], r"--erase 1.5: expected a probability in \[0, 1\]"),
+    (["--erase", "nan"], r"--erase nan: expected a probability"),
     (["--lr", "0"], "--lr 0.0: expected a positive number"),
     (["--seed", "-1"], "--seed -1: expected 0 or more"),
 ])

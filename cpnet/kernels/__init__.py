@@ -600,7 +600,7 @@ def _conv_layout_backward(run, xp, dy, y, G, relu=True, check=True):
 
 def _augment(run, xp, src, table, shift, mean, dtype, crop, windowed, scale, first=0, n=None, check=True):
     """-> out (n, 3, crop, crop) of `dtype` (float32, float64 or BF16) from crops first .. first+n-1 of `table`
-    (int32 (crops, 4): src image, oy, ox, flip) and `shift` (float32 (crops, 3)); src uint8 (images, R, R, 3)
+    (int32 (crops, 8): src image, oy, ox, flip, erased box y0, x0, y1, x1) and `shift` (float32 (crops, 3)); src uint8 (images, R, R, 3)
     (R = crop: windows cut at each crop's offset, windowed=1; R = S: whole images, windowed=0), mean float32
     (3, S, S). n defaults to the table's crops from `first` on. See augment.cu and data/augment.py's RawBatch."""
     n = int(table.shape[0]) - int(first) if n is None else int(n)
@@ -620,8 +620,8 @@ def _augment(run, xp, src, table, shift, mean, dtype, crop, windowed, scale, fir
         if region != (crop if windowed else size):
             raise ValueError(f"augment: src images of {region} px, expected {crop if windowed else size} "
                              f"({'crop windows' if windowed else 'whole images'})")
-        if tuple(table.shape[1:]) != (4,) or tuple(shift.shape) != (table.shape[0], 3):
-            raise ValueError(f"augment: expected table (crops, 4) and shift (crops, 3), got {tuple(table.shape)} "
+        if tuple(table.shape[1:]) != (8,) or tuple(shift.shape) != (table.shape[0], 3):
+            raise ValueError(f"augment: expected table (crops, 8) and shift (crops, 3), got {tuple(table.shape)} "
                              f"and {tuple(shift.shape)}")
         if not (0 <= int(first) and n >= 0 and int(first) + n <= table.shape[0]):
             raise ValueError(f"augment: crops {first}..{int(first) + n - 1} outside the table's {table.shape[0]}")
