@@ -42,6 +42,7 @@ normally (hydra's pmip.c, pmip_cb.c, pmiserv_cb.c).
 
 from __future__ import annotations
 
+import atexit
 import os
 import resource
 import signal
@@ -205,6 +206,23 @@ def supervise():
     return Ended(os.waitstatus_to_exitcode(status), None)
 
 
+def _deaf_at_exit():
+    """At a rank's exit: ignore the launcher's stop signals (those the parent passes on) from here to the end.
+
+    Python resets its signal handlers to the default after the atexit functions, and only then does mpi4py call
+    MPI_Finalize, which waits for the other ranks (rank 0 may still be writing last.h5). A Ctrl-C or SIGTERM that
+    reaches a rank there (late: the ranks had stopped together on an earlier one's news) killed it in MPI_Finalize,
+    silently; hydra then either saw its PMI socket close and SIGKILLed the others, rank 0 in its save, or, having
+    reaped the parent first, left them waiting in MPI_Finalize forever (the Ctrl-C test: 1 run in 25 under load;
+    2 of 3 with the parent's pass-on delayed 0.5 s). A rank stuck in MPI_Finalize still ends by SIGKILL (hydra's
+    second Ctrl-C)."""
+    for sig in FORWARDED:
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except (ValueError, OSError):  # not the main thread
+            pass
+
+
 def world() -> "World":
     """The world of this process, made once: MPI when a launcher started several processes, else a world of one."""
     global _world
@@ -294,6 +312,7 @@ class MPIWorld(World):
         except ImportError as e:
             raise CpnetError(f"started by a launcher as {launched} processes, but mpi4py cannot be imported ({e}); "
                              f"install it with pip install 'cpnet[dist]' (or run one process, or set CPNET_MPI=0)")
+        atexit.register(_deaf_at_exit)  # before MPI_Finalize, which mpi4py runs after every atexit function
         return cls(MPI, MPI.COMM_WORLD)
 
     def _install_excepthook(self):

@@ -8,6 +8,9 @@
     python tests/mpi_prog.py broadcast                        the same, after Replicas.start()
     python tests/mpi_prog.py raise RANK                       RANK raises after the start; the job must end
     python tests/mpi_prog.py kill RANK                        RANK is killed (SIGKILL) after the start
+    python tests/mpi_prog.py late-signal FLAG                 rank 1 exits at once; once it is in MPI_Finalize
+                                                              (FLAG written after cpnet's atexit function), rank 0
+                                                              sends it SIGINT, then exits too
     python tests/mpi_prog.py train DATA OUT [options]         cpnet.train.run on each replica (see `train`)
 """
 import ctypes
@@ -131,6 +134,10 @@ def main(argv):
     what = argv[0]
     if what == "train":
         return train(argv[1:])
+    if what == "late-signal":  # registered before the world's: atexit runs it after cpnet's
+        import atexit
+
+        atexit.register(lambda: dist.launched_rank() == 1 and open(argv[1], "w").close())
     w = dist.world()
     if what == "reduce":
         standin = "nccl-standin" in argv[2:]
@@ -172,6 +179,15 @@ def main(argv):
             assert np.array_equal(model.host_params()["t1.fc7.W"], tiny(seed=0).host_params()["t1.fc7.W"])
         dist.check_same(w, "start parameters", dist.checksum(model.params().values()))
         print(f"rank {w.rank}: same")
+    elif what == "late-signal":
+        w.barrier()
+        if w.rank == 0:
+            t = time.monotonic()
+            while not os.path.exists(argv[1]) and time.monotonic() - t < 60:
+                time.sleep(0.01)
+            time.sleep(0.5)  # rank 1 is now in MPI_Finalize, waiting for this rank
+            os.kill(w.pids[1][0], signal.SIGINT)  # as the launcher's Ctrl-C would, late
+            time.sleep(0.5)
     elif what in ("raise", "kill"):
         w.barrier()
         if w.rank == int(argv[1]):

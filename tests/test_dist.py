@@ -285,6 +285,15 @@ def test_a_killed_rank_ends_the_job_naming_itself():
         errors[0].endswith("was killed by SIGKILL; the job ends"), r.stdout + r.stderr
 
 
+def test_a_late_ctrl_c_does_not_kill_a_rank_in_mpi_finalize(tmp_path):
+    """A SIGINT that reaches a rank in MPI_Finalize (after Python has put the default handlers back) must not kill
+    it: it would never finish the finalize barrier, and the launcher would SIGKILL the others or leave them waiting
+    there forever. Both ranks exit 0 and nobody is named."""
+    r = mpirun(2, [PROG, "late-signal", str(tmp_path / "exiting")], timeout=60)
+    assert (tmp_path / "exiting").exists(), r.stdout + r.stderr
+    assert r.returncode == 0 and "Error:" not in r.stderr, r.stdout + r.stderr
+
+
 def _supervised(monkeypatch, then):
     """dist.supervise in this process, as rank 1 of 2 of a launcher; the child does `then()` and never returns."""
     monkeypatch.setenv("PMI_SIZE", "2")
