@@ -238,6 +238,21 @@ def test_resume_refuses_changed_settings_and_keeps_its_own(synth, tmp_path):
     assert r.exit_code != 0 and "--pad 2 differs from the saved run's 0" in r.output, r.output
 
 
+def test_erase_reaches_the_training_and_the_checkpoint_and_resume_keeps_it(synth, tmp_path):
+    """--erase: the training batches change (the same seed without it trains on whole crops), the checkpoint
+    records it, and a resumed run refuses another value."""
+    losses = {}
+    for p in (0.0, 1.0):
+        out = tmp_path / f"e{p}"
+        run(tiny_cfg(synth, out, epochs=1, erase=p, workers=0))
+        losses[p] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
+        assert checkpoint.load(out / "last.h5").train["erase"] == p
+    assert losses[0.0] != losses[1.0]
+    r = CliRunner().invoke(cli, ["train", "--data", str(synth), "--out", str(tmp_path / "e1.0"), "--epochs", "2",
+                                 "--resume", "--erase", "0.5"])
+    assert r.exit_code != 0 and "--erase 0.5 differs from the saved run's 1.0" in r.output, r.output
+
+
 def test_eval_refuses_data_stored_at_another_size(synth, tmp_path):
     out = tmp_path / "r"
     run(tiny_cfg(synth, out, epochs=1))
