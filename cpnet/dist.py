@@ -38,16 +38,26 @@ and the other ranks wait forever in their next sum for the dead one (1 run in 3 
 fewer at other times; every run with the proxy's waitpid delayed by strace). A death by a signal ends the job on either path,
 and across nodes too: mpiexec ends the other nodes' ranks only when a proxy reports a process that did not exit
 normally (hydra's pmip.c, pmip_cb.c, pmiserv_cb.c).
+
+Where the launcher does not end the job (srun without --kill-on-bad-exit; a rank alive but stuck), the others would
+wait for it forever, spinning in MPI over shared memory or the network (MPI itself does not notice a peer that is
+gone). So a watchdog thread gives every collective operation here a deadline, `peer_timeout()` (CPNET_PEER_TIMEOUT,
+600 s by default; 0: none): the rank waits in MPI's own blocking call, at full speed, and a rank that has waited
+that long in one sum, broadcast or barrier ends the job through `fail`, naming itself and what it waited in. The
+NCCL sums on GPUs are not covered (NCCL waits on the device).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import math
 import os
 import resource
 import signal
 import socket
 import sys
+import threading
 import time
 import zlib
 from typing import NamedTuple
@@ -61,6 +71,7 @@ from .errors import CpnetError
 # Environment variables through which common launchers announce how many processes they started.
 _SIZE_VARS = ("PMI_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
 
+PEER_TIMEOUT = 600.0  # seconds a rank waits in one collective operation for the others (CPNET_PEER_TIMEOUT)
 BUCKET_BYTES = 32 << 20  # a flat buffer closes once it holds this much: 3 for alexnet (244 MB), 1 for alexnet-small
 
 _world = None
@@ -93,6 +104,24 @@ def launched_rank() -> int:
         if v.isdigit():
             return int(v)
     return 0
+
+
+def peer_timeout() -> float:
+    """How many seconds a rank waits in one collective operation (a sum, a broadcast, a barrier) for the other ranks
+    before it ends the job: CPNET_PEER_TIMEOUT (0: forever), else PEER_TIMEOUT. Long enough for what one rank does
+    while the others wait (rank 0's checkpoints at an epoch's end, a first step's kernel builds); short next to
+    forever, which is what a job whose peer is gone would otherwise cost."""
+    flag = os.environ.get("CPNET_PEER_TIMEOUT", "").strip()
+    if flag == "":
+        return PEER_TIMEOUT
+    try:
+        value = float(flag)
+    except ValueError:
+        value = math.nan
+    if not (0 <= value < math.inf):
+        raise CpnetError(f"CPNET_PEER_TIMEOUT={flag!r}: expected a number of seconds >= 0 (0: no deadline; unset: "
+                         f"{PEER_TIMEOUT:g})")
+    return value
 
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -295,8 +324,11 @@ class MPIWorld(World):
 
     kind = "mpi"
 
-    def __init__(self, MPI, comm):
+    def __init__(self, MPI, comm, timeout=0.0):
         self.MPI, self.comm = MPI, comm
+        # the watchdog calls MPI Abort while this thread waits in MPI: only at MPI_THREAD_MULTIPLE (mpi4py's default)
+        multiple = MPI.Query_thread() == MPI.THREAD_MULTIPLE
+        self._deadline = _Watchdog(self, timeout) if timeout and multiple else contextlib.nullcontext
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
@@ -312,8 +344,9 @@ class MPIWorld(World):
         except ImportError as e:
             raise CpnetError(f"started by a launcher as {launched} processes, but mpi4py cannot be imported ({e}); "
                              f"install it with pip install 'cpnet[dist]' (or run one process, or set CPNET_MPI=0)")
+        timeout = peer_timeout()
         atexit.register(_deaf_at_exit)  # before MPI_Finalize, which mpi4py runs after every atexit function
-        return cls(MPI, MPI.COMM_WORLD)
+        return cls(MPI, MPI.COMM_WORLD, timeout)
 
     def _install_excepthook(self):
         """An uncaught exception on any rank ends the job (instead of a hang in MPI_Finalize or a collective)."""
@@ -328,7 +361,8 @@ class MPIWorld(World):
         sys.excepthook = hook
 
     def sum(self, buf):
-        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        with self._deadline("a sum"):
+            self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         return buf
 
     def sum_start(self, buf):
@@ -337,7 +371,8 @@ class MPIWorld(World):
     def wait(self, handles):
         handles = [h for h in handles if h is not None]
         if handles:
-            self.MPI.Request.Waitall(handles)
+            with self._deadline("a sum"):
+                self.MPI.Request.Waitall(handles)
 
     def test(self, handles):
         handles = [h for h in handles if h is not None]
@@ -345,17 +380,21 @@ class MPIWorld(World):
             self.MPI.Request.Testall(handles)
 
     def bcast(self, obj, root=0):
-        return self.comm.bcast(obj, root=root)
+        with self._deadline("a broadcast"):
+            return self.comm.bcast(obj, root=root)
 
     def bcast_array(self, a, root=0):
-        self.comm.Bcast(a, root=root)
+        with self._deadline("a broadcast"):
+            self.comm.Bcast(a, root=root)
         return a
 
     def gather(self, obj) -> list:
-        return self.comm.allgather(obj)
+        with self._deadline("a gather"):
+            return self.comm.allgather(obj)
 
     def barrier(self):
-        self.comm.Barrier()
+        with self._deadline("a barrier"):
+            self.comm.Barrier()
 
     def describe(self) -> str:
         where = ", ".join(f"{r}:{pid}" for r, (pid, _) in enumerate(self.pids))
@@ -386,6 +425,36 @@ class MPIWorld(World):
         time.sleep(0.5)
         self.comm.Abort(code)
         os._exit(code)  # Abort returns while the launcher tears the job down
+
+
+class _Watchdog:
+    """The deadline of a world's collective operations: `with watchdog(what):` around a blocking MPI call. A daemon
+    thread looks at the call under way every `period` seconds (at most 1 s); when one has outlasted `timeout` it
+    ends the job (`world.fail`: the line naming this rank and `what`, then MPI Abort) while the rank still waits.
+    Arming is two attribute stores, no lock and no wake-up: a woken thread would make every small sum wait for it
+    and the GIL (0.6-0.8 ms instead of 15-30 us, measured)."""
+
+    def __init__(self, world, timeout):
+        self.world, self.timeout = world, timeout
+        self.period = min(1.0, timeout / 4)
+        self._armed = None  # (deadline, what) of the call under way
+        threading.Thread(target=self._watch, name="cpnet-peer-timeout", daemon=True).start()
+
+    @contextlib.contextmanager
+    def __call__(self, what):
+        self._armed = (time.monotonic() + self.timeout, what)
+        try:
+            yield
+        finally:
+            self._armed = None
+
+    def _watch(self):
+        while True:
+            time.sleep(self.period)
+            armed = self._armed
+            if armed is not None and time.monotonic() > armed[0]:
+                self.world.fail(f"{armed[1]} waited {self.timeout:g} s for the other ranks: one of them is gone or "
+                                f"stuck (CPNET_PEER_TIMEOUT sets the limit; 0: none)")
 
 
 # ---- where a replica's towers live ---------------------------------------------------------------------------
@@ -675,4 +744,4 @@ def _nccl_comm(w: World, mod, device) -> _NcclComm:
 
 
 __all__ = ["World", "MPIWorld", "Replicas", "default_overlap", "world", "replica_placement", "shard_rows", "checksum", "check_same",
-           "launched_size", "launched_rank", "supervise", "Ended", "exit_like"]
+           "launched_size", "launched_rank", "supervise", "Ended", "exit_like", "peer_timeout", "PEER_TIMEOUT"]

@@ -11,6 +11,8 @@
     python tests/mpi_prog.py late-signal FLAG                 rank 1 exits at once; once it is in MPI_Finalize
                                                               (FLAG written after cpnet's atexit function), rank 0
                                                               sends it SIGINT, then exits too
+    python tests/mpi_prog.py stall RANK WHAT                  RANK sleeps 30 s, alive, while the others wait in
+                                                              WHAT (sum, bcast, gather, barrier); then all finish
     python tests/mpi_prog.py train DATA OUT [options]         cpnet.train.run on each replica (see `train`)
 """
 import ctypes
@@ -188,6 +190,20 @@ def main(argv):
             time.sleep(0.5)  # rank 1 is now in MPI_Finalize, waiting for this rank
             os.kill(w.pids[1][0], signal.SIGINT)  # as the launcher's Ctrl-C would, late
             time.sleep(0.5)
+    elif what == "stall":
+        w.barrier()
+        if w.rank == int(argv[1]):
+            time.sleep(30)  # the others give up first when CPNET_PEER_TIMEOUT is shorter
+        op = argv[2]
+        if op == "sum":
+            assert w.sum(np.ones(3))[0] == w.size
+        elif op == "bcast":
+            assert w.bcast({"rank": w.rank}, root=1) == {"rank": 1}
+        elif op == "gather":
+            assert w.gather(("r", w.rank)) == [("r", r) for r in range(w.size)]
+        else:
+            w.barrier()
+        print(f"rank {w.rank}: {op} done")
     elif what in ("raise", "kill"):
         w.barrier()
         if w.rank == int(argv[1]):

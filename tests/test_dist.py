@@ -294,6 +294,35 @@ def test_a_late_ctrl_c_does_not_kill_a_rank_in_mpi_finalize(tmp_path):
     assert r.returncode == 0 and "Error:" not in r.stderr, r.stdout + r.stderr
 
 
+@pytest.mark.parametrize("op", ["sum", "bcast", "gather", "barrier"])
+def test_a_rank_that_never_comes_ends_the_job_after_the_peer_timeout(op):
+    """A rank alive but absent (stuck, or gone where the launcher does not end the job): the others wait in their
+    collective CPNET_PEER_TIMEOUT seconds, then one line names the waiting rank and the job ends; without the
+    deadline the stalled rank comes back after 30 s and every rank finishes normally."""
+    r = mpirun(2, [PROG, "stall", "1", op], timeout=120, env={"CPNET_PEER_TIMEOUT": "2"})
+    assert r.returncode != 0, r.stdout + r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith("Error: rank 0 of 2: a") and \
+        "waited 2 s for the other ranks" in errors[0] and "CPNET_PEER_TIMEOUT" in errors[0], r.stdout + r.stderr
+    assert "rank 0: " + op + " done" not in r.stdout
+
+
+def test_collectives_without_a_deadline_and_a_bad_peer_timeout(monkeypatch):
+    """CPNET_PEER_TIMEOUT=0: no watchdog (the collectives as ever: a gather of objects); a value that is not a
+    number of seconds >= 0 is one line naming the variable."""
+    r = mpirun(2, [PROG, "stall", "-1", "gather"], env={"CPNET_PEER_TIMEOUT": "0"})
+    assert r.returncode == 0 and "rank 0: gather done" in r.stdout and "rank 1: gather done" in r.stdout, \
+        r.stdout + r.stderr
+    for bad in ("soon", "-1", "inf", "nan"):
+        monkeypatch.setenv("CPNET_PEER_TIMEOUT", bad)
+        with pytest.raises(CpnetError, match=r"CPNET_PEER_TIMEOUT=.*expected a number of seconds >= 0"):
+            dist.peer_timeout()
+    monkeypatch.setenv("CPNET_PEER_TIMEOUT", "2.5")
+    assert dist.peer_timeout() == 2.5
+    monkeypatch.delenv("CPNET_PEER_TIMEOUT")
+    assert dist.peer_timeout() == dist.PEER_TIMEOUT
+
+
 def _supervised(monkeypatch, then):
     """dist.supervise in this process, as rank 1 of 2 of a launcher; the child does `then()` and never returns."""
     monkeypatch.setenv("PMI_SIZE", "2")
