@@ -26,7 +26,11 @@ same domain: dX[b] = dY[b] @ W[b], conj(dW^)[b] = dY[b]^T @ conj(X)[b], and the 
 dW to the kernel's taps (the latter with the shift).
 
 float32 through complex64: the errors measured against float64 are below im2col's (the DFT's points, the roots
-of unity, make the best-conditioned transform; Winograd's real points do not), see docs/PERFORMANCE.md.
+of unity, make the best-conditioned transform; Winograd's real points do not), see docs/PERFORMANCE.md. They are
+errors relative to the image's whole output (rms over the plane), not to each value: every bin mixes every pixel,
+so an output near 0 beside a very large input value (a lone pixel 1e4 times the rest) is off by the large
+value's rounding, up to tens of per cent of that small output, where im2col's error follows each window's own
+values.
 
 A NaN or infinity in an input plane reaches every output of that image (each bin mixes every pixel), where
 im2col's reaches the outputs whose windows hold it; either way the image's loss, and every gradient summed over
