@@ -310,8 +310,7 @@ class RawBatch:
         syc, sxc = np.clip(sy, 0, size - 1), np.clip(sx, 0, size - 1)
         out -= self.mean_chw[:, syc[:, :, None], sxc[:, None, :]].transpose(1, 0, 2, 3)
         out *= np.float32(self.scale)
-        out[np.broadcast_to(~inside[:, None], out.shape)] = 0
         y0, x0, y1, x1 = (table[rows, i].astype(np.int64)[:, None] for i in range(4, 8))
         erased = ((a >= y0) & (a < y1))[:, :, None] & ((a >= x0) & (a < x1))[:, None, :]
-        out[np.broadcast_to(erased[:, None], out.shape)] = 0
+        out[np.broadcast_to((~inside | erased)[:, None], out.shape)] = 0  # a --pad border, or random erasing's box
         return out if self._flat else out.reshape(self.shape)
