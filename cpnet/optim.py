@@ -190,12 +190,15 @@ class Schedule:
     plateau  divide by `factor` when the validation error has not improved for `patience` epochs, at most
              `max_drops` times (the paper: divide by 10 when the validation error stopped improving, three times)
     step     divide by `factor` every `step_epochs` epochs
+    cosine   epoch e of E runs at base·(1 + cos(π·e/E))/2: from the starting rate to nearly 0 along half a cosine
+             (Loshchilov & Hutter 2017, without restarts; not the paper's), so it needs `total` (E) and `base`
     constant never change
     """
 
-    KINDS = ("plateau", "step", "constant")
+    KINDS = ("plateau", "step", "cosine", "constant")
 
-    def __init__(self, kind="plateau", factor=10.0, patience=1, max_drops=3, step_epochs=10, min_delta=1e-4):
+    def __init__(self, kind="plateau", factor=10.0, patience=1, max_drops=3, step_epochs=10, min_delta=1e-4,
+                 total=None, base=None):
         if kind not in self.KINDS:
             raise OptionError("schedule", repr(kind), f"expected one of {', '.join(self.KINDS)}")
         if int(step_epochs) < 1:
@@ -206,6 +209,10 @@ class Schedule:
             raise CpnetError(f"schedule factor {factor}: expected a number above 1")
         self.kind, self.factor, self.patience, self.max_drops, self.step_epochs, self.min_delta = \
             kind, float(factor), int(patience), int(max_drops), int(step_epochs), float(min_delta)
+        if kind == "cosine" and not (total is not None and int(total) >= 1 and base is not None and base > 0):
+            raise CpnetError(f"cosine schedule: expected total epochs >= 1 and a positive base rate, got "
+                             f"{total}, {base}")
+        self.total, self.base = (int(total) if total is not None else None), base
         self.best = math.inf
         self.bad_epochs = 0
         self.drops = 0
@@ -214,6 +221,8 @@ class Schedule:
     def update(self, lr: float, val_error: float | None) -> float:
         """The learning rate for the next epoch."""
         self.epochs += 1
+        if self.kind == "cosine":
+            return self.cosine_lr(self.epochs)
         if self.kind == "step":
             if self.epochs % self.step_epochs == 0:
                 self.drops += 1
@@ -230,13 +239,19 @@ class Schedule:
                     return lr / self.factor
         return lr
 
+    def cosine_lr(self, epoch: int) -> float:
+        """The cosine schedule's rate for (0-based) `epoch`; 0 from the last epoch's end on."""
+        return self.base * 0.5 * (1.0 + math.cos(math.pi * min(epoch, self.total) / self.total))
+
     def state(self) -> dict:
         return dict(kind=self.kind, factor=self.factor, patience=self.patience, max_drops=self.max_drops,
                     step_epochs=self.step_epochs, min_delta=self.min_delta, best=self.best,
-                    bad_epochs=self.bad_epochs, drops=self.drops, epochs=self.epochs)
+                    bad_epochs=self.bad_epochs, drops=self.drops, epochs=self.epochs, total=self.total,
+                    base=self.base)
 
     @classmethod
     def from_state(cls, s: dict) -> "Schedule":
-        sch = cls(s["kind"], s["factor"], s["patience"], s["max_drops"], s["step_epochs"], s["min_delta"])
+        sch = cls(s["kind"], s["factor"], s["patience"], s["max_drops"], s["step_epochs"], s["min_delta"],
+                  s.get("total"), s.get("base"))
         sch.best, sch.bad_epochs, sch.drops, sch.epochs = s["best"], s["bad_epochs"], s["drops"], s["epochs"]
         return sch

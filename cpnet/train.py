@@ -446,7 +446,8 @@ def _start(cfg: TrainConfig, data: DataFiles, notices):
     if not (cfg.scale > 0 and math.isfinite(cfg.scale)):
         raise CpnetError(f"--scale {cfg.scale}: expected a positive number")
     state = dict(epoch=0, pos=0, iteration=0, lr=cfg.lr, schedule=Schedule(
-        cfg.schedule, patience=cfg.patience, step_epochs=cfg.step_epochs).state(), best_val=None,
+        cfg.schedule, patience=cfg.patience, step_epochs=cfg.step_epochs, total=cfg.epochs, base=cfg.lr).state(),
+        best_val=None,
         sums=None, history=[])
     return cfg, net_cfg, state
 
@@ -470,8 +471,16 @@ def _resume(cfg: TrainConfig, data: DataFiles, last: str, explicit, notices):
                          + (" and part of the next" if ck.state.get("pos") else "")
                          + (f" (give more than {done} to extend it)" if done >= was else
                             f" (leave --epochs out to finish its {was}, or give more than {done})"))
+    state = ck.state
     if epochs > was:
         notices.append(f"extending the run from {was} to {epochs} epochs")
+        if state["schedule"]["kind"] == "cosine":
+            # the half cosine is stretched over the new total: the rate rises again, to where it would be now
+            sch = Schedule.from_state(state["schedule"])
+            sch.total = epochs
+            state = {**state, "schedule": sch.state(), "lr": sch.cosine_lr(done)}
+            notices.append(f"the cosine schedule now spans {epochs} epochs: epoch {done + 1} runs at lr "
+                           f"{state['lr']:.3g}")
     elif epochs == done:
         notices.append(f"the run in {cfg.out} is finished ({done} of {epochs} epochs); --epochs N with N > {done} "
                        "trains it further")
@@ -488,7 +497,7 @@ def _resume(cfg: TrainConfig, data: DataFiles, last: str, explicit, notices):
             raise CpnetError(f"--resume: --{name.replace('_', '-')} {getattr(cfg, name)} differs from the saved "
                              f"run's {was}; a resumed run keeps its settings (drop the flag, or start a new run "
                              f"in another --out)")
-    return saved, net_cfg, ck.state, ck
+    return saved, net_cfg, state, ck
 
 
 def build_model_and_optimizer(cfg: TrainConfig, net_cfg, state: dict, ck=None, placement=None, tower_threads=None):

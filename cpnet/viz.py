@@ -484,11 +484,12 @@ def chart(series, size=(460, 320), title="", xlabel="", ylabel="", xlim=None, yl
 
 
 def lr_drops(rows):
-    """[(epoch, new lr)] where the learning rate fell: row i's lr is the one used during epoch i, so a drop
-    between rows i-1 and i took effect right after epoch rows[i-1]['epoch']."""
+    """[(epoch, new lr)] where the learning rate fell at least fivefold at once (a division of a plateau or step
+    schedule, not the cosine schedule's glide): row i's lr is the one used during epoch i, so a drop between rows
+    i-1 and i took effect right after epoch rows[i-1]['epoch']."""
     out = []
     for a, b in zip(rows, rows[1:]):
-        if _finite(a.get("lr")) and _finite(b.get("lr")) and b["lr"] < a["lr"]:
+        if _finite(a.get("lr")) and _finite(b.get("lr")) and 5 * b["lr"] <= a["lr"]:
             out.append((a["epoch"], b["lr"]))
     return out
 

@@ -195,6 +195,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags,message", [
     (["--schedule", "step", "--step-epochs", "0"], "--step-epochs 0: expected at least 1"),
     (["--patience", "-1"], "--patience -1: expected at least 1"),
+    (["--schedule", "cosin"], "--schedule 'cosin': expected one of plateau, step, cosine, constant"),
     (["--dropout", "1.0"], r"--dropout 1.0: expected a probability in \[0, 1\)"),
     (["--dropout", "-0.5"], r"--dropout -0.5: expected a probability"),
     (["--lighting", "-1"], "--lighting -1.0: expected a standard deviation"),
@@ -251,6 +252,41 @@ def test_erase_reaches_the_training_and_the_checkpoint_and_resume_keeps_it(synth
     r = CliRunner().invoke(cli, ["train", "--data", str(synth), "--out", str(tmp_path / "e1.0"), "--epochs", "2",
                                  "--resume", "--erase", "0.5"])
     assert r.exit_code != 0 and "--erase 0.5 differs from the saved run's 1.0" in r.output, r.output
+
+
+def test_cosine_schedule_values_state_and_errors():
+    from cpnet.optim import Schedule
+
+    sch = Schedule("cosine", total=4, base=0.02)
+    lrs = [0.02] + [sch.update(None, None) for _ in range(4)]  # the rate of epochs 1-4, then after the last
+    assert np.allclose(lrs, [0.02, 0.02 * (1 + np.cos(np.pi / 4)) / 2, 0.01, 0.02 * (1 - np.cos(np.pi / 4)) / 2, 0])
+    again = Schedule.from_state(json.loads(json.dumps(Schedule("cosine", total=4, base=0.02).state())))
+    again.update(0.02, 0.5)
+    assert again.update(0.017, 0.4) == pytest.approx(0.01)  # the validation error plays no part
+    old = Schedule("plateau").state()  # a checkpoint from before the cosine schedule has no total / base
+    del old["total"], old["base"]
+    assert Schedule.from_state(old).kind == "plateau"
+    for total, base in ((None, 0.01), (0, 0.01), (5, None), (5, 0.0)):
+        with pytest.raises(CpnetError, match="cosine schedule: expected total epochs"):
+            Schedule("cosine", total=total, base=base)
+
+
+def test_cosine_training_follows_the_curve_and_an_extension_stretches_it(synth, tmp_path):
+    out = tmp_path / "c"
+    run(tiny_cfg(synth, out, epochs=3, schedule="cosine", lr=0.02, workers=0))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert np.allclose([r["lr"] for r in rows], [0.02, 0.015, 0.005])
+    assert checkpoint.load(out / "last.h5").state["lr"] == pytest.approx(0)
+    r = CliRunner().invoke(cli, ["train", "--data", str(synth), "--out", str(out), "--resume", "--epochs", "4",
+                                 "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    assert "the cosine schedule now spans 4 epochs: epoch 4 runs at lr 0.00293" in r.output, r.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[3]["lr"] == pytest.approx(0.02 * (1 - np.cos(np.pi / 4)) / 2)
+    from cpnet import viz
+
+    assert viz.lr_drops(rows) == []  # a glide, not a division: no dashed marks on the curves
 
 
 def test_eval_refuses_data_stored_at_another_size(synth, tmp_path):
