@@ -201,7 +201,10 @@ def supervise():
     def forward(signum, frame):
         received.append(signum)
         if child and passes_on:
-            os.kill(child[0], signum)
+            try:
+                os.kill(child[0], signum)
+            except ProcessLookupError:  # it came as waitpid reaped the rank: there is nothing left to pass it to
+                pass
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}  # before the fork: no signal is lost
     pid = os.fork()

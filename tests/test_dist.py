@@ -385,6 +385,22 @@ def test_supervise_names_a_killed_rank_and_passes_signals_on(monkeypatch, tmp_pa
             ended == (128 + signal.SIGTERM, None, 0), slurm  # the launcher's signal: exit 143, not a death by it
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="supervise needs Linux (PR_SET_PDEATHSIG)")
+def test_a_signal_that_comes_as_the_rank_is_reaped_is_no_traceback(monkeypatch):
+    """The launcher's SIGTERM can reach the parent just after waitpid reaped the rank and before Python ran the
+    handler (seen once under heavy load): the pass-on finds no process and must not raise."""
+    real = os.waitpid
+
+    def reaped_then_signalled(pid, options):
+        out = real(pid, options)
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, with the rank already gone
+        return out
+
+    monkeypatch.setattr(os, "waitpid", reaped_then_signalled)
+    monkeypatch.setattr(dist, "_parent_name", lambda: "hydra_pmi_proxy")
+    assert _supervised(monkeypatch, lambda: os._exit(5)) == (5, None, 0)
+
+
 def test_the_parent_ends_as_its_rank_did(tmp_path):
     """dist.exit_like: an exit code passes through; a rank killed by a signal makes the parent die of that signal
     (what the launcher would have seen of the rank alone; MPICH's hydra ends the job reliably only on a death by a
