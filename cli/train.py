@@ -38,7 +38,7 @@ def _top5(ctx, value):
 @click.option("--weight-decay", default=D["weight_decay"], show_default=True,
               help="L2 weight decay (the paper: 0.0005).")
 @click.option("--decay-biases", is_flag=True, default=D["decay_biases"], help="Apply weight decay to biases too.")
-@click.option("--schedule", default=D["schedule"], show_default=True, help="plateau | step | cosine | constant (cosine: from --lr to nearly 0 along half a cosine over --epochs).")
+@click.option("--schedule", default=D["schedule"], show_default=True, help="plateau | step | cosine | constant (cosine: from --lr towards 0 along half a cosine over --epochs; resuming with another --epochs refits the curve).")
 @click.option("--patience", type=int, default=D["patience"], help="plateau: epochs without improvement before dividing the lr by 10 [default: an epoch per ten of --epochs, at least 1].")
 @click.option("--step-epochs", default=D["step_epochs"], show_default=True, help="step: divide the lr by 10 every N epochs.")
 @click.option("--lighting", default=D["lighting"], show_default=True, help="PCA lighting sigma (0 disables).")

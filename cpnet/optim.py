@@ -190,8 +190,9 @@ class Schedule:
     plateau  divide by `factor` when the validation error has not improved for `patience` epochs, at most
              `max_drops` times (the paper: divide by 10 when the validation error stopped improving, three times)
     step     divide by `factor` every `step_epochs` epochs
-    cosine   epoch e of E runs at base·(1 + cos(π·e/E))/2: from the starting rate to nearly 0 along half a cosine
-             (Loshchilov & Hutter 2017, without restarts; not the paper's), so it needs `total` (E) and `base`
+    cosine   0-based epoch e of E runs at base·(1 + cos(π·e/E))/2: from the starting rate towards 0 along half a
+             cosine, the last epoch at base·(1 − cos(π/E))/2 (Loshchilov & Hutter 2017, without restarts; not the
+             paper's), so it needs `total` (E) and `base`; only it stores them
     constant never change
     """
 
@@ -240,8 +241,9 @@ class Schedule:
         return lr
 
     def cosine_lr(self, epoch: int) -> float:
-        """The cosine schedule's rate for (0-based) `epoch`; 0 from the last epoch's end on."""
-        return self.base * 0.5 * (1.0 + math.cos(math.pi * min(epoch, self.total) / self.total))
+        """The cosine schedule's rate for (0-based) `epoch`; past the last epoch, the last epoch's (a finished
+        run's checkpoint keeps a rate the optimizer accepts; the curve's end, 0, is never used)."""
+        return self.base * 0.5 * (1.0 + math.cos(math.pi * min(epoch, self.total - 1) / self.total))
 
     def state(self) -> dict:
         return dict(kind=self.kind, factor=self.factor, patience=self.patience, max_drops=self.max_drops,

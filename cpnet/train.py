@@ -359,6 +359,8 @@ def check_options(cfg: TrainConfig) -> DataFiles:
         raise CpnetError(f"--epochs {cfg.epochs}: expected at least 1")
     if cfg.batch_size < 1:
         raise CpnetError(f"--batch-size {cfg.batch_size}: expected at least 1")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise CpnetError(f"--lr {cfg.lr}: expected a positive number")
     if not (cfg.lighting >= 0 and math.isfinite(cfg.lighting)):
         raise CpnetError(f"--lighting {cfg.lighting}: expected a standard deviation >= 0 (finite)")
     if not 0 <= cfg.erase <= 1:
@@ -445,9 +447,10 @@ def _start(cfg: TrainConfig, data: DataFiles, notices):
         cfg = replace(cfg, scale=input_scale(data.train) if net_cfg.init == "he" else 1.0)
     if not (cfg.scale > 0 and math.isfinite(cfg.scale)):
         raise CpnetError(f"--scale {cfg.scale}: expected a positive number")
+    cosine = cfg.schedule == "cosine"  # the only schedule that needs the run's length and starting rate
     state = dict(epoch=0, pos=0, iteration=0, lr=cfg.lr, schedule=Schedule(
-        cfg.schedule, patience=cfg.patience, step_epochs=cfg.step_epochs, total=cfg.epochs, base=cfg.lr).state(),
-        best_val=None,
+        cfg.schedule, patience=cfg.patience, step_epochs=cfg.step_epochs, total=cfg.epochs if cosine else None,
+        base=cfg.lr if cosine else None).state(), best_val=None,
         sums=None, history=[])
     return cfg, net_cfg, state
 
@@ -474,13 +477,13 @@ def _resume(cfg: TrainConfig, data: DataFiles, last: str, explicit, notices):
     state = ck.state
     if epochs > was:
         notices.append(f"extending the run from {was} to {epochs} epochs")
-        if state["schedule"]["kind"] == "cosine":
-            # the half cosine is stretched over the new total: the rate rises again, to where it would be now
-            sch = Schedule.from_state(state["schedule"])
-            sch.total = epochs
-            state = {**state, "schedule": sch.state(), "lr": sch.cosine_lr(done)}
-            notices.append(f"the cosine schedule now spans {epochs} epochs: epoch {done + 1} runs at lr "
-                           f"{state['lr']:.3g}")
+    if epochs != was and state["schedule"]["kind"] == "cosine":
+        # the half cosine is stretched (or squeezed) over the new total: the rate moves to where it would be now
+        sch = Schedule.from_state(state["schedule"])
+        sch.total = epochs
+        state = {**state, "schedule": sch.state(), "lr": sch.cosine_lr(done)}
+        notices.append(f"the cosine schedule now spans {epochs} epochs: epoch {done + 1} runs at lr "
+                       f"{state['lr']:.3g}")
     elif epochs == done:
         notices.append(f"the run in {cfg.out} is finished ({done} of {epochs} epochs); --epochs N with N > {done} "
                        "trains it further")

@@ -202,6 +202,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["--erase", "1.5"], r"--erase 1.5: expected a probability in \[0, 1\]"),
     (["--erase", "nan"], r"--erase nan: expected a probability"),
     (["--lr", "0"], "--lr 0.0: expected a positive number"),
+    (["--lr", "nan", "--schedule", "cosine"], "--lr nan: expected a positive number"),
     (["--seed", "-1"], "--seed -1: expected 0 or more"),
 ])
 def test_bad_flags_are_one_line_errors(synth, tmp_path, flags, message):
@@ -259,7 +260,14 @@ def test_cosine_schedule_values_state_and_errors():
 
     sch = Schedule("cosine", total=4, base=0.02)
     lrs = [0.02] + [sch.update(None, None) for _ in range(4)]  # the rate of epochs 1-4, then after the last
-    assert np.allclose(lrs, [0.02, 0.02 * (1 + np.cos(np.pi / 4)) / 2, 0.01, 0.02 * (1 - np.cos(np.pi / 4)) / 2, 0])
+    last = 0.02 * (1 - np.cos(np.pi / 4)) / 2
+    assert np.allclose(lrs, [0.02, 0.02 * (1 + np.cos(np.pi / 4)) / 2, 0.01, last, last])
+    from cpnet import viz
+
+    for total in (1, 2, 3, 7, 20, 200, 5000):  # a glide is never marked as a division, however long
+        sch = Schedule("cosine", total=total, base=1.0)
+        rows = [dict(epoch=e + 1, lr=sch.cosine_lr(e)) for e in range(total)]
+        assert viz.lr_drops(rows) == [], total
     again = Schedule.from_state(json.loads(json.dumps(Schedule("cosine", total=4, base=0.02).state())))
     again.update(0.02, 0.5)
     assert again.update(0.017, 0.4) == pytest.approx(0.01)  # the validation error plays no part
@@ -276,7 +284,9 @@ def test_cosine_training_follows_the_curve_and_an_extension_stretches_it(synth, 
     run(tiny_cfg(synth, out, epochs=3, schedule="cosine", lr=0.02, workers=0))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert np.allclose([r["lr"] for r in rows], [0.02, 0.015, 0.005])
-    assert checkpoint.load(out / "last.h5").state["lr"] == pytest.approx(0)
+    assert checkpoint.load(out / "last.h5").state["lr"] == pytest.approx(0.005)  # the last epoch's, never 0
+    r = CliRunner().invoke(cli, ["train", "--data", str(synth), "--out", str(out), "--resume", "--workers", "0"])
+    assert r.exit_code == 0 and "is finished (3 of 3 epochs)" in r.output, r.output
     r = CliRunner().invoke(cli, ["train", "--data", str(synth), "--out", str(out), "--resume", "--epochs", "4",
                                  "--workers", "0"])
     assert r.exit_code == 0, r.output
@@ -287,6 +297,14 @@ def test_cosine_training_follows_the_curve_and_an_extension_stretches_it(synth, 
     from cpnet import viz
 
     assert viz.lr_drops(rows) == []  # a glide, not a division: no dashed marks on the curves
+    # an unfinished run resumed with fewer epochs: the curve is squeezed to them and still ends low
+    short = tmp_path / "s"
+    with pytest.raises(TrainingInterrupted):
+        run(tiny_cfg(synth, short, epochs=10, schedule="cosine", lr=0.02, workers=0, max_iterations=12))
+    r = CliRunner().invoke(cli, ["train", "--data", str(synth), "--out", str(short), "--resume", "--epochs", "3",
+                                 "--workers", "0"])
+    assert r.exit_code == 0 and "the cosine schedule now spans 3 epochs" in r.output, r.output
+    assert json.loads((short / "metrics.jsonl").read_text().splitlines()[-1])["lr"] == pytest.approx(0.005)
 
 
 def test_eval_refuses_data_stored_at_another_size(synth, tmp_path):
