@@ -121,17 +121,17 @@ def _signal(spec, S, L, shifts, sign, out, workspace, name):
     return out
 
 
-def _products(a, b, groups, out, transpose_b):
-    """out[bin] = a[bin] @ b[bin] (b[bin].T when transpose_b) per group of a's columns / out's columns."""
+def _products(a, b, groups, out):
+    """out[bin] = a[bin] @ b[bin].T per group of a's columns / out's columns (b: the filters' spectra, one row
+    per output channel)."""
     G = groups
     if G == 1:
-        np.matmul(a, b.transpose(0, 2, 1) if transpose_b else b, out=out)
+        np.matmul(a, b.transpose(0, 2, 1), out=out)
         return out
     ka, ko = a.shape[2] // G, out.shape[2] // G
     for g in range(G):
-        ag = a[:, :, g * ka : (g + 1) * ka]
-        bg = b[:, g * ko : (g + 1) * ko] if transpose_b else b[:, g * ka : (g + 1) * ka]
-        out[:, :, g * ko : (g + 1) * ko] = np.matmul(ag, bg.transpose(0, 2, 1) if transpose_b else bg)
+        out[:, :, g * ko : (g + 1) * ko] = np.matmul(a[:, :, g * ka : (g + 1) * ka],
+                                                     b[:, g * ko : (g + 1) * ko].transpose(0, 2, 1))
     return out
 
 
@@ -155,7 +155,7 @@ def forward(x, W, b, pad, groups, workspace=None, relu=False):
     Xc = _spectrum(x, S, (0, 0), +1, workspace, "fx")  # conj(X): (bins, N, C)
     # W's spectrum as (bins, F, Cg): the filters' taps i at i - ph on the plane
     Wf = _spectrum(W.reshape(1, F * Cg, kh, kw), S, (-ph, -pw), -1, workspace, "fw").reshape(-1, F, Cg)
-    Yc = _products(Xc, Wf, groups, _buffer(workspace, "fy", (Xc.shape[0], N, F), Xc.dtype), transpose_b=True)
+    Yc = _products(Xc, Wf, groups, _buffer(workspace, "fy", (Xc.shape[0], N, F), Xc.dtype))
     y = _signal(Yc, S, (Ho, Wo), (0, 0), -1, np.empty((N, F, Ho, Wo), dtype=x.dtype), workspace, "iy")
     if b is not None:
         y += b[None, :, None, None]
