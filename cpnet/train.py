@@ -474,19 +474,20 @@ def _resume(cfg: TrainConfig, data: DataFiles, last: str, explicit, notices):
                          + (" and part of the next" if ck.state.get("pos") else "")
                          + (f" (give more than {done} to extend it)" if done >= was else
                             f" (leave --epochs out to finish its {was}, or give more than {done})"))
-    state = ck.state
     if epochs > was:
         notices.append(f"extending the run from {was} to {epochs} epochs")
+    elif epochs == done:
+        notices.append(f"the run in {cfg.out} is finished ({done} of {epochs} epochs); --epochs N with N > {done} "
+                       "trains it further")
+    state = ck.state
     if epochs != was and state["schedule"]["kind"] == "cosine":
         # the half cosine is stretched (or squeezed) over the new total: the rate moves to where it would be now
         sch = Schedule.from_state(state["schedule"])
         sch.total = epochs
         state = {**state, "schedule": sch.state(), "lr": sch.cosine_lr(done)}
-        notices.append(f"the cosine schedule now spans {epochs} epochs: epoch {done + 1} runs at lr "
-                       f"{state['lr']:.3g}")
-    elif epochs == done:
-        notices.append(f"the run in {cfg.out} is finished ({done} of {epochs} epochs); --epochs N with N > {done} "
-                       "trains it further")
+        if epochs > done:
+            notices.append(f"the cosine schedule now spans {epochs} epochs: epoch {done + 1} runs at lr "
+                           f"{state['lr']:.3g}")
     cfg = replace(cfg, epochs=epochs)
     saved = TrainConfig(**{**ck.train, **{k: getattr(cfg, k) for k in RESUMABLE}})
     resolved = {"crop": net_cfg.crop, "init": net_cfg.init}  # what a run that left these out actually used

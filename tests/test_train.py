@@ -305,6 +305,15 @@ def test_cosine_training_follows_the_curve_and_an_extension_stretches_it(synth, 
                                  "--workers", "0"])
     assert r.exit_code == 0 and "the cosine schedule now spans 3 epochs" in r.output, r.output
     assert json.loads((short / "metrics.jsonl").read_text().splitlines()[-1])["lr"] == pytest.approx(0.005)
+    # a run cut short exactly at an epoch's end (10 planned, 3 done) and resumed with --epochs 3: it is finished,
+    # and the notices say so, not which rate an epoch that will not run would have
+    ck = checkpoint.load(out / "last.h5")
+    ck.train["epochs"], ck.state["epoch"] = 10, 3
+    checkpoint.save(out / "last.h5", ck)
+    r = CliRunner().invoke(cli, ["train", "--data", str(synth), "--out", str(out), "--resume", "--epochs", "3",
+                                 "--workers", "0"])
+    assert r.exit_code == 0 and "is finished (3 of 3 epochs)" in r.output, r.output
+    assert "cosine schedule now spans" not in r.output, r.output
 
 
 def test_eval_refuses_data_stored_at_another_size(synth, tmp_path):
