@@ -71,6 +71,8 @@ def _loader_figures(loader_data, model, batch_size, crop, workers, batches):
 @click.option("--classes", type=click.IntRange(2), default=None,
               help="Output classes [default: 1000 for alexnet, 10 for the small presets].")
 @click.option("--crop", type=int, default=None, help="Input size [default: the preset's].")
+@click.option("--width", type=float, default=1.0, show_default=True,
+              help="Multiply the preset's kernels and fc units by this, as `cpnet train --width` does.")
 @click.option("--threads", type=int, default=None, help="Host BLAS threads [default: as `cpnet train` picks them].")
 @click.option("--allreduce", is_flag=True,
               help="Instead: the gradient reduction of data-parallel replicas and their step (run it under "
@@ -83,8 +85,8 @@ def _loader_figures(loader_data, model, batch_size, crop, workers, batches):
 @click.option("--gpus-per-replica", type=click.IntRange(1, 2), default=None,
               help="With --allreduce: GPUs per replica, as `cpnet train --gpus-per-replica`.")
 @precision_options
-def command(model, batch_size, steps, warmup, as_json, loader_data, loader_workers, no_loader, classes, crop, threads,
-            allreduce, overlap, bucket_mb, gpus_per_replica, precision, tf32):
+def command(model, batch_size, steps, warmup, as_json, loader_data, loader_workers, no_loader, classes, crop, width,
+            threads, allreduce, overlap, bucket_mb, gpus_per_replica, precision, tf32):
     """Time the training step, layer by layer (like `caffe time`), and the loader beside it.
 
     Per layer: mean forward and backward milliseconds over --steps iterations after --warmup, both towers
@@ -111,7 +113,8 @@ def command(model, batch_size, steps, warmup, as_json, loader_data, loader_worke
     if allreduce:
         from cpnet import dist
 
-        unused = [f for f, v in (("--loader-data", loader_data), ("--crop", crop), ("--threads", threads)) if v]
+        unused = [f for f, v in (("--loader-data", loader_data), ("--crop", crop), ("--threads", threads),
+                                 ("--width", width != 1.0)) if v]
         if unused:
             raise click.UsageError(f"{', '.join(unused)}: not used by --allreduce (it times the replicas' step at "
                                    "the preset's crop, with each rank's share of the CPUs)")
@@ -126,12 +129,12 @@ def command(model, batch_size, steps, warmup, as_json, loader_data, loader_worke
     if no_loader and loader_data:
         raise click.UsageError("--no-loader and --loader-data contradict each other")
     num_classes = classes or (1000 if model == "alexnet" else 10)
-    cfg = make_config(model, num_classes=num_classes, crop=crop)
+    cfg = make_config(model, num_classes=num_classes, crop=crop, width=width)
 
     threads = threads if threads is not None else backend.default_host_threads()
     with backend.host_threads(threads):
         res = bench.bench_model(model, batch_size=batch_size, steps=steps, warmup=warmup, num_classes=num_classes,
-                                crop=cfg.crop, precision=precision)
+                                crop=cfg.crop, precision=precision, width=width)
         dev = backend.default_placement(2)[0]
         gemm = bench.gemm_gflops(dev, n=512 if model == "alexnet-tiny" else 2048)
     res["host_threads"] = threads
@@ -160,7 +163,8 @@ def command(model, batch_size, steps, warmup, as_json, loader_data, loader_worke
     devs = list(dict.fromkeys(res["devices"]))
     where = "the host" if devs == ["host"] else ", ".join(devs)
     lib = {"numpy": "NumPy", "cupy": "CuPy"}.get(res["machine"]["backend"], res["machine"]["backend"])
-    click.echo(f"Timing {c['model']} ({c['params']:,} parameters) at batch {c['batch_size']} and crop {c['crop']}: "
+    wide = f" at --width {c['width']:g}" if c.get("width", 1.0) != 1.0 else ""
+    click.echo(f"Timing {c['model']}{wide} ({c['params']:,} parameters) at batch {c['batch_size']} and crop {c['crop']}: "
                f"the mean of {_plural(c['steps'], 'step')} after {_plural(c['warmup'], 'warm-up step')}, {lib} on "
                f"{where} with {_plural(threads, 'BLAS thread')}, precision {precision}.")
     click.echo(f"{'layer':<10}{'forward ms':>12}{'backward ms':>13}   (both towers)")

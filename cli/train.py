@@ -19,6 +19,9 @@ def _top5(ctx, value):
               help="The folder `cpnet prep` wrote (train.h5, and val.h5 for validation), or its train.h5 "
                    "[required; with --resume: the run's].")
 @click.option("--model", default=D["model"], show_default=True, help="alexnet | alexnet-small | alexnet-tiny")
+@click.option("--width", type=float, default=D["width"], show_default=True,
+              help="Multiply the preset's kernels per layer and fc units by this (1.5: half as many again, about "
+                   "twice the compute; rounded, at least 1 per tower).")
 @click.option("--epochs", default=D["epochs"], show_default=True,
               help="Total epochs; with --resume: the run's unless given, more than the run's extends it.")
 @click.option("--batch-size", default=D["batch_size"], show_default=True, help="Images per SGD step (the paper: 128).")

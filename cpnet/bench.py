@@ -129,7 +129,7 @@ def _batch(cfg, batch_size, device, seed=0):
 
 
 def bench_model(preset="alexnet", batch_size=128, steps=10, warmup=2, num_classes=None, crop=None, placement=None,
-                lr=0.01, seed=0, precision="fp32") -> dict:
+                lr=0.01, seed=0, precision="fp32", width=1.0) -> dict:
     """Per-layer forward/backward times and the whole training step on random batches.
 
     Returns {'config', 'devices', 'layers': [{'name', 'forward_ms', 'backward_ms'}], 'layers_total', 'update_ms',
@@ -139,7 +139,7 @@ def bench_model(preset="alexnet", batch_size=128, steps=10, warmup=2, num_classe
     """
     if num_classes is None:
         num_classes = 1000 if preset == "alexnet" else 10
-    cfg = make_config(preset, num_classes=num_classes, crop=crop, seed=seed)
+    cfg = make_config(preset, num_classes=num_classes, crop=crop, seed=seed, width=width)
     model = build_model(cfg, placement=placement, precision=precision)
     devs = model.devices
     opt = MomentumSGD(model, lr=lr)
@@ -175,7 +175,7 @@ def bench_model(preset="alexnet", batch_size=128, steps=10, warmup=2, num_classe
     mean_ms = float(np.mean(times))
     return {
         "config": {"model": preset, "batch_size": int(batch_size), "crop": cfg.crop, "num_classes": num_classes,
-                   "steps": int(steps), "warmup": int(warmup), "conventions": cfg.conventions,
+                   "steps": int(steps), "warmup": int(warmup), "conventions": cfg.conventions, "width": float(width),
                    "dropout": cfg.dropout, "params": model.num_params()},
         "devices": [str(d) for d in devs],
         "fused": bool(model.fused),  # towers sharing a device as one grouped layer each (no exchange row)

@@ -18,6 +18,7 @@ class TrainConfig:
     data: str
     out: str
     model: str = "alexnet-small"
+    width: float = 1.0  # multiplies the preset's kernels per layer and fc units (runs before it: 1)
     epochs: int = 10
     batch_size: int = 128
     lr: float = 0.01

@@ -20,6 +20,7 @@ and its gradient are float32; the gradient is rounded to bf16 on its way into fc
 from __future__ import annotations
 
 import json
+import math
 import os
 from concurrent.futures import wait
 from dataclasses import asdict, dataclass, field
@@ -101,8 +102,9 @@ class NetConfig:
 
 
 def make_config(preset="alexnet", num_classes=1000, crop=None, conventions="paper", init=None, activation="relu",
-                lrn=True, pool=(3, 2), dropout=0.5, seed=0) -> NetConfig:
-    """A checked NetConfig for a preset: the conventions' LRN, and `init` (default DEFAULT_INIT)."""
+                lrn=True, pool=(3, 2), dropout=0.5, seed=0, width=1.0) -> NetConfig:
+    """A checked NetConfig for a preset: the conventions' LRN, and `init` (default DEFAULT_INIT); `width`
+    multiplies every layer's kernels and fc units (rounded, at least 1 per tower)."""
     if preset not in PRESETS:
         raise OptionError("model", repr(preset), f"expected one of {', '.join(PRESETS)}")
     if conventions not in CONVENTIONS:
@@ -120,18 +122,26 @@ def make_config(preset="alexnet", num_classes=1000, crop=None, conventions="pape
         raise CpnetError(f"pool {pool}: expected (ksize, stride) of positive integers")
     if num_classes < 2:
         raise CpnetError(f"the dataset has {num_classes} class(es); a classifier needs at least 2")
+    if not (width > 0 and math.isfinite(width)):
+        raise OptionError("width", width, "expected a positive number (1: the preset's widths)")
     p = PRESETS[preset]
     crop = int(crop or p["crop"])
-    conv = [list(c) for c in p["conv"]]
+    conv = [[scaled_width(c[0], width), *c[1:]] for c in p["conv"]]
     if preset == "alexnet" and crop == 224:
         conv[0][3] = 2  # 224 crops with conv1 padding 2 give the same 55x55 maps as 227 crops without
-    cfg = NetConfig(preset=preset, num_classes=int(num_classes), crop=crop, conv=conv, fc=list(p["fc"]),
+    cfg = NetConfig(preset=preset, num_classes=int(num_classes), crop=crop, conv=conv,
+                    fc=[scaled_width(f, width) for f in p["fc"]],
                     conventions=conventions, init=init,
                     lrn=dict(CONVENTIONS[conventions]["lrn"]) if lrn else None,
                     lrn_position=CONVENTIONS[conventions]["lrn_position"], pool=list(pool),
                     activation=activation, dropout=float(dropout), seed=int(seed))
     check_crop(cfg)
     return cfg
+
+
+def scaled_width(units: int, width: float) -> int:
+    """A preset's kernels (or fc units) per tower times --width, rounded half up, at least 1."""
+    return max(1, int(math.floor(units * float(width) + 0.5)))
 
 
 def feature_shapes(cfg: NetConfig, crop=None) -> dict:

@@ -361,6 +361,8 @@ def check_options(cfg: TrainConfig) -> DataFiles:
         raise CpnetError(f"--batch-size {cfg.batch_size}: expected at least 1")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise CpnetError(f"--lr {cfg.lr}: expected a positive number")
+    if not (cfg.width > 0 and math.isfinite(cfg.width)):
+        raise CpnetError(f"--width {cfg.width}: expected a positive number (1: the preset's widths)")
     if not (cfg.lighting >= 0 and math.isfinite(cfg.lighting)):
         raise CpnetError(f"--lighting {cfg.lighting}: expected a standard deviation >= 0 (finite)")
     if not 0 <= cfg.erase <= 1:
@@ -440,7 +442,7 @@ def _start(cfg: TrainConfig, data: DataFiles, notices):
                        f"its crop is {crop} and fc6 grows with it, slow on a CPU (prepare with --size 64, or use "
                        "--model alexnet)")
     net_cfg = make_config(cfg.model, len(data.classes), crop, cfg.conventions, cfg.init, cfg.activation, cfg.lrn,
-                          cfg.pool, cfg.dropout, cfg.seed)
+                          cfg.pool, cfg.dropout, cfg.seed, cfg.width)
     if not 0 <= cfg.pad < crop:
         raise CpnetError(f"--pad {cfg.pad}: expected 0 <= pad < the crop ({crop})")
     if cfg.scale is None:

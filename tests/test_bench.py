@@ -65,6 +65,22 @@ def test_bench_table_output():
     assert "loader:" not in r.output
 
 
+def test_bench_width_times_and_counts_the_wider_net(tiny_json):
+    r = _run(["--model", "alexnet-tiny", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--no-loader",
+              "--width", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    wide = make_config("alexnet-tiny", 10, width=2.0)
+    assert d["config"]["width"] == 2.0 and d["config"]["params"] > 3 * tiny_json["config"]["params"]
+    assert d["flops"]["forward_macs_per_image"] == bench.forward_macs(wide)["total"]
+    assert tiny_json["config"]["width"] == 1.0
+    r = _run(["--model", "alexnet-tiny", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--no-loader",
+              "--width", "2"])
+    assert r.exit_code == 0 and "Timing alexnet-tiny at --width 2 (" in r.output, r.output
+    r = CliRunner().invoke(cli, ["bench", "--model", "alexnet-tiny", "--width", "-1"])
+    assert r.exit_code != 0 and "Error: --width -1.0: expected a positive number" in r.output, r.output
+
+
 def test_bench_loader_data(tmp_path):
     r = CliRunner().invoke(cli, ["prep", "synthetic", "--out", str(tmp_path), "--n", "24", "--size", "17", "--quiet"])
     assert r.exit_code == 0, r.output

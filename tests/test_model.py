@@ -58,6 +58,31 @@ def test_small_preset_shapes_and_crop_limits():
     make_config("alexnet-small", 10, 40)  # larger crops work: the fc fan-in follows
 
 
+def test_width_scales_every_layers_kernels_and_units_and_the_wider_net_runs():
+    base, wide = make_config("alexnet-small", 10), make_config("alexnet-small", 10, width=1.5)
+    assert [c[0] for c in wide.conv] == [48, 96, 144, 144, 96] and wide.fc == [384, 384]
+    assert [c[1:] for c in wide.conv] == [c[1:] for c in base.conv]  # kernels, strides and pads as the preset's
+    assert fc6_fan_in(wide) == 2 * 96 * 3 * 3 and feature_shapes(wide)["conv3"] == (288, 7, 7)
+    assert make_config("alexnet-small", 10, width=1.0) == base
+    # rounded half up, at least one kernel or unit per tower
+    assert [c[0] for c in tiny(width=0.5).conv] == [2, 2, 2, 2, 2] and tiny(width=0.5).fc == [3, 3]
+    assert [c[0] for c in tiny(width=0.01).conv] == [1] * 5 and tiny(width=0.01).fc == [1, 1]
+    m1, m2 = build_model(tiny(width=1.0)), build_model(tiny(width=2.0))
+    assert m2.num_params() > 3 * m1.num_params()
+    x = np.random.default_rng(0).standard_normal((3, 3, 15, 15)).astype(np.float32)
+    loss, logits = m2.loss(x, np.array([0, 1, 2]))
+    assert np.isfinite(float(loss)) and logits.shape == (3, 5)
+    m2.loss_backward()
+    params, grads = m2.params(), m2.grads()
+    assert params.keys() == grads.keys()
+    assert all(grads[k].shape == params[k].shape and np.isfinite(backend.to_host(grads[k])).all() for k in params)
+    assert params["t0.conv1.W"].shape == (6, 3, 3, 3) and params["t1.conv2.W"].shape == (8, 6, 3, 3)
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(CpnetError, match="^width .*: expected a positive number") as e:
+            make_config("alexnet-tiny", 10, width=bad)
+        assert str(e.value.flagged()).startswith("--width ")
+
+
 def test_bad_names_are_clear_errors():
     """The model names the setting; the option checks above it (CLI, train.run) name the flag."""
     with pytest.raises(CpnetError, match="^model 'vgg': expected one of alexnet, ") as e:

@@ -204,6 +204,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["--lr", "0"], "--lr 0.0: expected a positive number"),
     (["--lr", "nan", "--schedule", "cosine"], "--lr nan: expected a positive number"),
     (["--seed", "-1"], "--seed -1: expected 0 or more"),
+    (["--width", "0"], r"--width 0.0: expected a positive number \(1: the preset's widths\)"),
+    (["--width", "inf"], "--width inf: expected a positive number"),
 ])
 def test_bad_flags_are_one_line_errors(synth, tmp_path, flags, message):
     import re
@@ -253,6 +255,32 @@ def test_erase_reaches_the_training_and_the_checkpoint_and_resume_keeps_it(synth
     r = CliRunner().invoke(cli, ["train", "--data", str(synth), "--out", str(tmp_path / "e1.0"), "--epochs", "2",
                                  "--resume", "--erase", "0.5"])
     assert r.exit_code != 0 and "--erase 0.5 differs from the saved run's 1.0" in r.output, r.output
+
+
+def test_width_trains_a_wider_net_that_eval_loads_and_resume_keeps(synth, tmp_path):
+    """--width 2: twice the kernels and units in every layer, recorded in the checkpoint's net config and train
+    record; eval rebuilds it from the file; a resumed run refuses another width and keeps its own."""
+    out = tmp_path / "w"
+    base = ["train", "--data", str(synth), "--model", "alexnet-tiny", "--batch-size", "16", "--crop", "15",
+            "--schedule", "constant", "--out", str(out)]
+    r = CliRunner().invoke(cli, base + ["--epochs", "1", "--width", "2"])
+    assert r.exit_code == 0, r.output
+    from cpnet.model import build_model, make_config
+
+    wide = build_model(make_config("alexnet-tiny", 4, 15, width=2.0)).num_params()
+    assert f"model alexnet-tiny ({wide:,} parameters)" in r.output, r.output
+    ck = checkpoint.load(out / "last.h5")
+    assert [c[0] for c in ck.config.conv] == [6, 8, 8, 8, 6] and ck.config.fc == [12, 12]
+    assert ck.train["width"] == 2.0 and ck.params["t0.conv2.W"].shape == (8, 6, 3, 3)
+    r = CliRunner().invoke(cli, ["eval", str(out / "best.h5"), "--data", str(synth / "val.h5"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["n"] > 0 and 0 <= json.loads(r.output)["top1"] <= 1
+    r = CliRunner().invoke(cli, base + ["--epochs", "2", "--resume", "--width", "1"])
+    assert r.exit_code != 0 and "--width 1.0 differs from the saved run's 2.0" in r.output, r.output
+    r = CliRunner().invoke(cli, ["train", "--data", str(synth), "--out", str(out), "--epochs", "2", "--resume"])
+    assert r.exit_code == 0, r.output
+    ck = checkpoint.load(out / "last.h5")
+    assert ck.state["epoch"] == 2 and [c[0] for c in ck.config.conv] == [6, 8, 8, 8, 6]
 
 
 def test_cosine_schedule_values_state_and_errors():
