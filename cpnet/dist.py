@@ -196,15 +196,19 @@ def supervise():
         return None
     rank, size, parent = launched_rank(), launched_size(), os.getpid()
     passes_on = _parent_name() != "slurmstepd"
-    received, child = [], []
+    received, child, unsent = [], [], []
 
     def forward(signum, frame):
         received.append(signum)
-        if child and passes_on:
-            try:
-                os.kill(child[0], signum)
-            except ProcessLookupError:  # it came as waitpid reaped the rank: there is nothing left to pass it to
-                pass
+        if not passes_on:
+            return
+        if not child:  # before the fork's pid is known: sent once it is (each signal once: none is sent twice)
+            unsent.append(signum)
+            return
+        try:
+            os.kill(child[0], signum)
+        except ProcessLookupError:  # kept as a guard only: the rank is never reaped while child holds its pid
+            pass
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}  # before the fork: no signal is lost
     pid = os.fork()
@@ -217,11 +221,15 @@ def supervise():
         if passes_on:
             os.setpgid(0, 0)
         return None
-    child.append(pid)
-    for sig in received if passes_on else ():  # a signal that came during the fork
-        os.kill(pid, sig)
+    child.append(pid)  # from here the handler passes each signal on itself
+    while unsent:  # those that came during the fork
+        os.kill(pid, unsent.pop(0))
     try:
-        _, status = os.waitpid(pid, 0)  # retried after each signal (PEP 475)
+        # wait for the rank's end without reaping it (retried after each signal, PEP 475): until waitpid below
+        # its pid stays a zombie's, so a pass-on cannot reach another process that the system gave the pid to
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        child.clear()  # from here a signal is recorded only
+        _, status = os.waitpid(pid, 0)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

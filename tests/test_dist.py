@@ -401,6 +401,62 @@ def test_a_signal_that_comes_as_the_rank_is_reaped_is_no_traceback(monkeypatch):
     assert _supervised(monkeypatch, lambda: os._exit(5)) == (5, None, 0)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="supervise needs Linux (PR_SET_PDEATHSIG)")
+def test_after_the_reap_no_signal_is_passed_to_the_ranks_old_pid(monkeypatch):
+    """Once waitpid has reaped the rank, the system may give its pid to another process: a signal that comes then
+    is recorded, never sent to that pid."""
+    real_waitpid, real_kill, sent, reaped = os.waitpid, os.kill, [], []
+
+    def reaped_then_signalled(pid, options):
+        out = real_waitpid(pid, options)
+        reaped.append(pid)
+        signal.raise_signal(signal.SIGTERM)  # the handler runs here, the pid free for reuse
+        return out
+
+    def kill(pid, sig):
+        if reaped and pid == reaped[0]:
+            sent.append((pid, sig))
+        return real_kill(pid, sig)
+
+    monkeypatch.setattr(os, "waitpid", reaped_then_signalled)
+    monkeypatch.setattr(os, "kill", kill)
+    monkeypatch.setattr(dist, "_parent_name", lambda: "hydra_pmi_proxy")
+    assert _supervised(monkeypatch, lambda: os._exit(5)) == (5, None, 0)
+    assert reaped and sent == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="supervise needs Linux (PR_SET_PDEATHSIG)")
+def test_signals_around_the_fork_reach_the_rank_once_each(monkeypatch):
+    """A signal that comes during the fork is sent once the pid is known; one that comes while those are being
+    sent is passed on by the handler itself, and not sent a second time."""
+    real_fork, real_kill, sent = os.fork, os.kill, []
+
+    def fork():
+        pid = real_fork()
+        if pid:
+            signal.raise_signal(signal.SIGINT)  # the parent gets it before it has noted the child's pid
+        return pid
+
+    def kill(pid, sig):
+        if pid != os.getpid():
+            sent.append(sig)
+            if len(sent) == 1:
+                signal.raise_signal(signal.SIGTERM)  # comes while the parent sends the first one on
+        return real_kill(pid, sig)
+
+    monkeypatch.setattr(os, "fork", fork)
+    monkeypatch.setattr(os, "kill", kill)
+    monkeypatch.setattr(dist, "_parent_name", lambda: "hydra_pmi_proxy")
+    # the rank gets back the handlers from before: ignoring both, it ends by itself wherever the signals find it
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert _supervised(monkeypatch, lambda: os._exit(7)) == (7, None, 0)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    assert sorted(sent) == sorted([signal.SIGINT, signal.SIGTERM]), sent
+
+
 def test_the_parent_ends_as_its_rank_did(tmp_path):
     """dist.exit_like: an exit code passes through; a rank killed by a signal makes the parent die of that signal
     (what the launcher would have seen of the rank alone; MPICH's hydra ends the job reliably only on a death by a
