@@ -98,7 +98,8 @@ def command(precision, tf32, find_lr, find_lr_steps, **options):
         m, c = info["model"], info["config"]
         ctx.update(info)
         devs = ", ".join(f"tower {t}: {d}" for t, d in enumerate(m.devices))
-        click.echo(f"model {c.preset} ({m.num_params():,} parameters), crop {c.crop}, {c.num_classes} classes, "
+        wide = f" at --width {info['train'].width:g}" if info["train"].width != 1 else ""
+        click.echo(f"model {c.preset}{wide} ({m.num_params():,} parameters), crop {c.crop}, {c.num_classes} classes, "
                    f"conventions {c.conventions}, init {c.init}, input scale {info['train'].scale:.4g}, precision "
                    f"{precision}; {devs}")
         for notice in info.get("notices", ()):
@@ -204,7 +205,8 @@ def _find_lr(cfg, steps, explicit=None):
     os.makedirs(cfg.out, exist_ok=True)
     png, js = os.path.join(cfg.out, "lr_find.png"), os.path.join(cfg.out, "lr_find.json")
     c = r["config"]
-    title = f"lr range test: {c.model}, batch {c.batch_size}, {len(r['lrs'])} batches"
+    wide = f" width {c.width:g}" if c.width != 1 else ""
+    title = f"lr range test: {c.model}{wide}, batch {c.batch_size}, {len(r['lrs'])} batches"
     with checkpoint.atomic_path(png) as tmp:
         lrfind.figure(r, title=title).save(tmp, format="PNG")
     with checkpoint.atomic_path(js) as tmp, open(tmp, "w") as f:

@@ -268,7 +268,7 @@ def test_width_trains_a_wider_net_that_eval_loads_and_resume_keeps(synth, tmp_pa
     from cpnet.model import build_model, make_config
 
     wide = build_model(make_config("alexnet-tiny", 4, 15, width=2.0)).num_params()
-    assert f"model alexnet-tiny ({wide:,} parameters)" in r.output, r.output
+    assert f"model alexnet-tiny at --width 2 ({wide:,} parameters)" in r.output, r.output
     ck = checkpoint.load(out / "last.h5")
     assert [c[0] for c in ck.config.conv] == [6, 8, 8, 8, 6] and ck.config.fc == [12, 12]
     assert ck.train["width"] == 2.0 and ck.params["t0.conv2.W"].shape == (8, 6, 3, 3)
@@ -281,6 +281,9 @@ def test_width_trains_a_wider_net_that_eval_loads_and_resume_keeps(synth, tmp_pa
     assert r.exit_code == 0, r.output
     ck = checkpoint.load(out / "last.h5")
     assert ck.state["epoch"] == 2 and [c[0] for c in ck.config.conv] == [6, 8, 8, 8, 6]
+    from cpnet.cli.show import _run_settings
+
+    assert _run_settings(str(out)).startswith("alexnet-tiny width 2, batch 16")  # the curves' title
 
 
 def test_cosine_schedule_values_state_and_errors():
