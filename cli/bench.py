@@ -164,7 +164,8 @@ def command(model, batch_size, steps, warmup, as_json, loader_data, loader_worke
     where = "the host" if devs == ["host"] else ", ".join(devs)
     lib = {"numpy": "NumPy", "cupy": "CuPy"}.get(res["machine"]["backend"], res["machine"]["backend"])
     wide = f" at --width {c['width']:g}" if c.get("width", 1.0) != 1.0 else ""
-    click.echo(f"Timing {c['model']}{wide} ({c['params']:,} parameters) at batch {c['batch_size']} and crop {c['crop']}: "
+    click.echo(f"Timing {c['model']}{wide} ({c['params']:,} parameters) at batch {c['batch_size']} and crop "
+               f"{c['crop']}: "
                f"the mean of {_plural(c['steps'], 'step')} after {_plural(c['warmup'], 'warm-up step')}, {lib} on "
                f"{where} with {_plural(threads, 'BLAS thread')}, precision {precision}.")
     click.echo(f"{'layer':<10}{'forward ms':>12}{'backward ms':>13}   (both towers)")

@@ -137,7 +137,8 @@ def _run_settings(folder):
     except CpnetError:
         return ""
     wide = t.get("width", 1.0) != 1.0  # runs from before --width: 1
-    parts = [t.get("model") and t["model"] + (f" width {t['width']:g}" if wide else ""), t.get("batch_size") and f"batch {t['batch_size']}",
+    parts = [t.get("model") and t["model"] + (f" width {t['width']:g}" if wide else ""),
+             t.get("batch_size") and f"batch {t['batch_size']}",
              t.get("lr") and f"lr {t['lr']:g}" + (f" ({t['schedule']})" if t.get("schedule") else ""),
              t.get("init") and f"init {t['init']}", t.get("epochs") and f"{t['epochs']} epochs",
              t.get("data") and f"data {t['data']}"]

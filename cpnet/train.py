@@ -361,8 +361,6 @@ def check_options(cfg: TrainConfig) -> DataFiles:
         raise CpnetError(f"--batch-size {cfg.batch_size}: expected at least 1")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise CpnetError(f"--lr {cfg.lr}: expected a positive number")
-    if not (cfg.width > 0 and math.isfinite(cfg.width)):
-        raise CpnetError(f"--width {cfg.width}: expected a positive number (1: the preset's widths)")
     if not (cfg.lighting >= 0 and math.isfinite(cfg.lighting)):
         raise CpnetError(f"--lighting {cfg.lighting}: expected a standard deviation >= 0 (finite)")
     if not 0 <= cfg.erase <= 1:
